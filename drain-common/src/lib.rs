@@ -1,0 +1,86 @@
+//! Types and names shared by the kernel programs (drain-ebpf) and the CLI (drain-user).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding, so both sides agree on the
+//! layout byte for byte; the `user` feature adds the aya `Pod` impls (and bytemuck's,
+//! which refuse to compile if a padding byte is left implicit).
+#![no_std]
+
+/// Program names, as they appear in the ELF object and in `bpftool prog`.
+pub mod prog {
+    /// XDP gate.
+    pub const XDP: &str = "drain_xdp";
+    /// TC (TCX on kernel >= 6.6) gate: same verdicts as the XDP one.
+    pub const TC: &str = "drain_tc";
+}
+
+/// Map names (at most 15 bytes: BPF_OBJ_NAME_LEN - 1). User code only uses these constants;
+/// a test loads the object and checks that each one resolves.
+pub mod map {
+    /// Array[1] of [`GateConfig`](crate::GateConfig). Written by `gate on/off`, read per SYN.
+    pub const CONFIG: &str = "DRAIN_CONFIG";
+    /// Array[65536] of u32 indexed by local TCP port (host order): 0 = not gated,
+    /// otherwise the 1-based slot of the port in [`STATS`]. Written by `gate on`.
+    pub const PORTS: &str = "DRAIN_PORTS";
+    /// PerCpuArray[MAX_GATED_PORTS + 1] of [`PortStats`](crate::PortStats), indexed by slot.
+    /// Written by the gate programs, summed over CPUs by `status`.
+    pub const STATS: &str = "DRAIN_STATS";
+    /// LPM trie, key 4 address bytes (network order), value u8: IPv4 sources whose SYNs pass
+    /// while the gate is on. Written by `gate on --allow`.
+    pub const ALLOW4: &str = "DRAIN_ALLOW4";
+    /// LPM trie, key 16 address bytes (network order), value u8: same for IPv6 sources.
+    pub const ALLOW6: &str = "DRAIN_ALLOW6";
+
+    /// Every map the object defines, for the test that checks each resolves.
+    pub const ALL: &[&str] = &[CONFIG, PORTS, STATS, ALLOW4, ALLOW6];
+}
+
+/// How many distinct ports one gate can hold (slots 1..=MAX_GATED_PORTS in the stats map).
+pub const MAX_GATED_PORTS: u32 = 64;
+/// Entries in each allowlist trie.
+pub const MAX_ALLOW_PREFIXES: u32 = 1024;
+
+/// `GateConfig::enabled` values.
+pub const GATE_OFF: u32 = 0;
+pub const GATE_ON: u32 = 1;
+
+/// `GateConfig::policy` values: how a refused SYN is answered.
+pub const POLICY_DROP: u32 = 0;
+
+/// The one global switch of a gate. One map write turns a gate on or off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct GateConfig {
+    /// [`GATE_ON`] or [`GATE_OFF`].
+    pub enabled: u32,
+    /// [`POLICY_DROP`].
+    pub policy: u32,
+    /// CLOCK_BOOTTIME (`bpf_ktime_get_boot_ns`) deadline in ns after which the programs stop
+    /// refusing by themselves; 0 = no deadline.
+    pub deadline_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<GateConfig>() == 16);
+
+/// Per-port counters, one copy per CPU (no atomics on the packet path); user space sums them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PortStats {
+    /// Connection requests refused because the gate was on.
+    pub syns_refused: u64,
+    /// Connection requests let through (gate off, deadline passed, or allowlisted source).
+    pub syns_passed: u64,
+    /// Of `syns_passed`: let through because the source was on the allowlist.
+    pub syns_allowed: u64,
+    /// Of `syns_passed`: let through because the deadline (`--ttl`) had passed.
+    pub syns_expired: u64,
+}
+const _: () = assert!(core::mem::size_of::<PortStats>() == 32);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)], only integer fields, no implicit padding (bytemuck::Pod derives
+    // above prove it at compile time).
+    unsafe impl aya::Pod for super::GateConfig {}
+    unsafe impl aya::Pod for super::PortStats {}
+}

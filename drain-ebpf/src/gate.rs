@@ -1,0 +1,82 @@
+//! The gate verdict and the maps it reads. See drain-common for each map's contract.
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_boot_ns,
+    macros::map,
+    maps::{
+        Array, LpmTrie, PerCpuArray,
+        lpm_trie::Key,
+    },
+};
+use drain_common::{GATE_ON, GateConfig, MAX_ALLOW_PREFIXES, MAX_GATED_PORTS, PortStats};
+
+use crate::parse::{self, Source};
+
+/// Array[1] of GateConfig: the global switch, written by `drain-user gate on|off`.
+#[map(name = "DRAIN_CONFIG")]
+static CONFIG: Array<GateConfig> = Array::pinned(1, 0);
+
+/// Array[65536] of u32 by local port: 0 = not gated, else the port's stats slot.
+/// Written by `drain-user gate on`.
+#[map(name = "DRAIN_PORTS")]
+static PORTS: Array<u32> = Array::pinned(65536, 0);
+
+/// PerCpuArray of PortStats by slot; written here, summed by `drain-user status`.
+#[map(name = "DRAIN_STATS")]
+static STATS: PerCpuArray<PortStats> = PerCpuArray::pinned(MAX_GATED_PORTS + 1, 0);
+
+/// IPv4 sources allowed through a closed gate; written by `drain-user gate on --allow`.
+#[map(name = "DRAIN_ALLOW4")]
+static ALLOW4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
+
+/// IPv6 sources allowed through a closed gate; written by `drain-user gate on --allow`.
+#[map(name = "DRAIN_ALLOW6")]
+static ALLOW6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
+
+pub enum Verdict {
+    Pass,
+    Refuse,
+}
+
+/// Decides one frame. Only a connection request to a gated port reaches past the first
+/// array lookup, so everything else costs a parse and one inlined array read.
+#[inline(always)]
+pub fn verdict(start: usize, end: usize) -> Verdict {
+    let Ok(Some(req)) = parse::connection_request(start, end) else {
+        return Verdict::Pass;
+    };
+    let slot = match PORTS.get(req.dport as u32) {
+        Some(&slot) if slot != 0 => slot,
+        _ => return Verdict::Pass,
+    };
+    let Some(stats) = STATS.get_ptr_mut(slot) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: a per-CPU slot is only touched by this CPU while this program runs.
+    let stats = unsafe { &mut *stats };
+    let Some(cfg) = CONFIG.get(0) else {
+        stats.syns_passed += 1;
+        return Verdict::Pass;
+    };
+    if cfg.enabled != GATE_ON {
+        stats.syns_passed += 1;
+        return Verdict::Pass;
+    }
+    // The deadline is what makes a forgotten gate open by itself, with no process alive.
+    if cfg.deadline_ns != 0 && unsafe { bpf_ktime_get_boot_ns() } >= cfg.deadline_ns {
+        stats.syns_passed += 1;
+        stats.syns_expired += 1;
+        return Verdict::Pass;
+    }
+    let allowed = match req.source {
+        Source::V4(a) => ALLOW4.get(Key::new(32, a)).is_some(),
+        Source::V6(a) => ALLOW6.get(Key::new(128, a)).is_some(),
+    };
+    if allowed {
+        stats.syns_passed += 1;
+        stats.syns_allowed += 1;
+        return Verdict::Pass;
+    }
+    stats.syns_refused += 1;
+    Verdict::Refuse
+}

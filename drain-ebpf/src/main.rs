@@ -1,0 +1,56 @@
+//! drain's kernel programs: the gate that refuses new TCP connections on chosen ports.
+//!
+//! - `parse.rs`: the packet parser (Ethernet, 802.1Q/QinQ, IPv4 with options, IPv6 with
+//!   extension headers, TCP) that finds connection requests.
+//! - `gate.rs`: the verdict (gated port? gate on? deadline? allowlisted source?) and its maps.
+//! - this file: the two thin entry points, XDP and TC, mapping the verdict to return codes.
+//!
+//! Fail open: any packet the parser cannot read to the end of the TCP flags passes.
+#![no_std]
+#![no_main]
+
+mod gate;
+mod parse;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, tcx_action_base::TCX_NEXT, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+use crate::gate::Verdict;
+
+/// XDP gate. Runs in the driver (native) or, where the driver has no XDP support such as
+/// `lo`, in generic mode; either way before the stack and netfilter see the packet.
+#[xdp]
+pub fn drain_xdp(ctx: XdpContext) -> u32 {
+    match gate::verdict(ctx.data(), ctx.data_end()) {
+        Verdict::Refuse => xdp_action::XDP_DROP,
+        Verdict::Pass => xdp_action::XDP_PASS,
+    }
+}
+
+/// TC ingress gate (TCX on kernels >= 6.6, clsact before). Returns TCX_NEXT (-1, the same
+/// value as TC_ACT_UNSPEC) for packets it lets go, so programs after it in the chain still
+/// run; TC_ACT_OK would end the chain.
+#[classifier]
+pub fn drain_tc(ctx: TcContext) -> i32 {
+    // Headers of a SYN are nearly always in the linear part of the skb; pull them in when
+    // they are not, so a split frame is still judged (a failed pull leaves data as is, and
+    // the parser then lets the packet pass).
+    let want = core::cmp::min(ctx.len(), parse::MAX_HEADERS);
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        let _ = ctx.pull_data(want);
+    }
+    match gate::verdict(ctx.data(), ctx.data_end()) {
+        Verdict::Refuse => TC_ACT_SHOT as i32,
+        Verdict::Pass => TCX_NEXT,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this: there is no panic at run time.
+    loop {}
+}

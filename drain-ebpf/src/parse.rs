@@ -1,0 +1,163 @@
+//! Finds connection requests: TCP segments with SYN set and ACK, RST, FIN clear.
+//!
+//! Every read goes through [`ptr_at`], which checks the bound the verifier needs. Any frame
+//! this parser does not understand, or that ends early, is `Err` / `None`: the caller lets it
+//! pass (fail open).
+
+use core::mem::size_of;
+
+/// Bytes of headers the parser may read at most; the TC program pulls this much into the
+/// linear part of the skb.
+pub const MAX_HEADERS: u32 = 256;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const IPPROTO_TCP: u8 = 6;
+
+// IPv6 extension headers walked to reach TCP (RFC 8200 section 4).
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+/// Chained extension headers followed at most; more than this passes.
+const MAX_EXT_HEADERS: usize = 6;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// Source address of a connection request, network byte order.
+pub enum Source {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+/// A connection request: destination port (host order) and source address.
+pub struct Request {
+    pub dport: u16,
+    pub source: Source,
+}
+
+/// Bounds-checked pointer to a `T` at `off` bytes into the packet `[start, end)`.
+#[inline(always)]
+fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, ()> {
+    if start + off + size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + off) as *const T)
+}
+
+#[inline(always)]
+fn u8_at(start: usize, end: usize, off: usize) -> Result<u8, ()> {
+    // SAFETY: ptr_at checked that the byte lies inside the packet.
+    Ok(unsafe { *ptr_at::<u8>(start, end, off)? })
+}
+
+#[inline(always)]
+fn be16_at(start: usize, end: usize, off: usize) -> Result<u16, ()> {
+    // SAFETY: ptr_at checked both bytes; packet data has no alignment guarantee, so read
+    // unaligned.
+    Ok(u16::from_be(unsafe {
+        ptr_at::<u16>(start, end, off)?.read_unaligned()
+    }))
+}
+
+/// `Ok(Some(request))` for a connection request, `Ok(None)` for any other frame that was
+/// understood (other protocols, other TCP segments, non-first fragments), `Err` for a frame
+/// cut short.
+#[inline(always)]
+pub fn connection_request(start: usize, end: usize) -> Result<Option<Request>, ()> {
+    let mut off = ETH_HLEN;
+    let mut proto = be16_at(start, end, 12)?;
+    // 802.1ad outer tag and/or 802.1Q tag(s): two levels cover QinQ.
+    for _ in 0..2 {
+        if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+            // TCI (2 bytes), then the encapsulated EtherType.
+            proto = be16_at(start, end, off + 2)?;
+            off += 4;
+        }
+    }
+    match proto {
+        ETH_P_IP => ipv4(start, end, off),
+        ETH_P_IPV6 => ipv6(start, end, off),
+        _ => Ok(None),
+    }
+}
+
+#[inline(always)]
+fn ipv4(start: usize, end: usize, off: usize) -> Result<Option<Request>, ()> {
+    let ver_ihl = u8_at(start, end, off)?;
+    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+    if ver_ihl >> 4 != 4 || ihl < 20 {
+        return Ok(None);
+    }
+    // Fragment offset (low 13 bits of bytes 6..8): a non-first fragment has no TCP header.
+    if be16_at(start, end, off + 6)? & 0x1fff != 0 {
+        return Ok(None);
+    }
+    if u8_at(start, end, off + 9)? != IPPROTO_TCP {
+        return Ok(None);
+    }
+    // SAFETY: ptr_at checked the 4 bytes of the source address (header bytes 12..16).
+    let saddr = unsafe { *ptr_at::<[u8; 4]>(start, end, off + 12)? };
+    tcp(start, end, off + ihl, Source::V4(saddr))
+}
+
+#[inline(always)]
+fn ipv6(start: usize, end: usize, off: usize) -> Result<Option<Request>, ()> {
+    if u8_at(start, end, off)? >> 4 != 6 {
+        return Ok(None);
+    }
+    let mut next = u8_at(start, end, off + 6)?;
+    // SAFETY: ptr_at checked the 16 bytes of the source address (header bytes 8..24).
+    let saddr = unsafe { *ptr_at::<[u8; 16]>(start, end, off + 8)? };
+    let mut off = off + 40;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            IPPROTO_TCP => return tcp(start, end, off, Source::V6(saddr)),
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                // Next header, then length in 8-octet units not counting the first 8.
+                let len = u8_at(start, end, off + 1)? as usize;
+                next = u8_at(start, end, off)?;
+                off += (len + 1) * 8;
+            }
+            NEXTHDR_FRAGMENT => {
+                // Fragment offset is the high 13 bits of bytes 2..4.
+                if be16_at(start, end, off + 2)? >> 3 != 0 {
+                    return Ok(None);
+                }
+                next = u8_at(start, end, off)?;
+                off += 8;
+            }
+            NEXTHDR_AUTH => {
+                // RFC 4302: payload length in 4-octet units, minus 2.
+                let len = u8_at(start, end, off + 1)? as usize;
+                next = u8_at(start, end, off)?;
+                off += (len + 2) * 4;
+            }
+            _ => return Ok(None),
+        }
+    }
+    // Deeper chains than MAX_EXT_HEADERS: not understood, let it pass.
+    Ok(None)
+}
+
+#[inline(always)]
+fn tcp(start: usize, end: usize, off: usize, source: Source) -> Result<Option<Request>, ()> {
+    // Require the whole fixed header (20 bytes): a shorter segment is not a valid SYN.
+    ptr_at::<[u8; 20]>(start, end, off)?;
+    let flags = u8_at(start, end, off + 13)?;
+    // ECN bits (CWR, ECE) may be set on a SYN (flags 0xC2): test only the four that matter.
+    if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
+        return Ok(None);
+    }
+    Ok(Some(Request {
+        dport: be16_at(start, end, off + 2)?,
+        source,
+    }))
+}

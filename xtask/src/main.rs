@@ -1,0 +1,167 @@
+//! `cargo xtask <task>`: build, test, lint, demo and bench drain. Run `cargo xtask --help`.
+
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "drain's build, test and lint tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the eBPF build needs (nightly rust-src, LLVM 22, bpf-linker) if missing,
+    /// then build the kernel programs for bpfel-unknown-none.
+    BuildEbpf,
+    /// build-ebpf, then the drain-user binary (which embeds the object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build everything and run the whole test suite, root-only tests included (needs root).
+    Test {
+        /// Extra arguments passed to `cargo test` after `--` (a test name filter, ...).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// cargo fmt --check, and clippy -D warnings on the user crates and on the eBPF crate.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    match run_task(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(task: Task) -> Result<()> {
+    match task {
+        Task::BuildEbpf => build_ebpf(),
+        Task::Build { release } => build(release),
+        Task::Test { args } => test(&args),
+        Task::Lint => lint(),
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// The eBPF build: nightly for -Z build-std=core, BTF emitted by bpf-linker (`--btf`) so
+/// the loader can relocate struct accesses.
+fn ebpf_cargo(subcommand: &str) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root())
+        .arg(format!("+{}", toolchain::NIGHTLY))
+        .args([
+            subcommand,
+            "--package",
+            "drain-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        // aya-ebpf needs to know the target's kernel arch for its bindings.
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+        );
+    // A toolchain picked by the caller's environment (rustup proxies set these) must not
+    // override the +nightly above.
+    for var in ["RUSTC", "RUSTC_WORKSPACE_WRAPPER", "RUSTUP_TOOLCHAIN", "CARGO_BUILD_RUSTC"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn build_ebpf() -> Result<()> {
+    toolchain::ensure()?;
+    run(&mut ebpf_cargo("build")).context("building the eBPF programs failed")
+}
+
+fn build(release: bool) -> Result<()> {
+    build_ebpf()?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root()).args(["build", "--package", "drain-user"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    build(false)?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the integration tests load BPF programs and create network namespaces: run `sudo cargo xtask test`");
+    }
+    ensure_bpffs()?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root())
+        .args(["test", "--workspace", "--", "--include-ignored"])
+        .args(args);
+    run(&mut cmd).context("tests failed")
+}
+
+fn lint() -> Result<()> {
+    build_ebpf()?;
+    let root = workspace_root();
+    run(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--check"]))
+        .context("cargo fmt --check failed: run `cargo fmt --all`")?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy (user crates) failed")?;
+    run(ebpf_cargo("clippy").args(["--", "-D", "warnings"])).context("clippy (eBPF crate) failed")
+}
+
+/// bpffs at /sys/fs/bpf: drain-user mounts it by itself, but the tests that load programs
+/// without the CLI need it too.
+fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
+        return Ok(());
+    }
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"])).context("mounting bpffs at /sys/fs/bpf failed")
+}
+
+/// Runs a command, inheriting stdio; fails with the command line when it exits non-zero.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} exited with {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout; fails when it cannot start or exits non-zero.
+pub fn capture(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("could not start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
