@@ -66,6 +66,10 @@ const _: () = assert!(core::mem::size_of::<GateConfig>() == 16);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct PortStats {
+    /// The port this slot counts for (host order), written by user space into every CPU's
+    /// copy when it assigns the slot; 0 = slot free. The kernel never writes it.
+    pub port: u32,
+    pub _pad: u32,
     /// Connection requests refused because the gate was on.
     pub syns_refused: u64,
     /// Connection requests let through (gate off, deadline passed, or allowlisted source).
@@ -75,7 +79,7 @@ pub struct PortStats {
     /// Of `syns_passed`: let through because the deadline (`--ttl`) had passed.
     pub syns_expired: u64,
 }
-const _: () = assert!(core::mem::size_of::<PortStats>() == 32);
+const _: () = assert!(core::mem::size_of::<PortStats>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -3,12 +3,9 @@
 use aya_ebpf::{
     helpers::bpf_ktime_get_boot_ns,
     macros::map,
-    maps::{
-        Array, LpmTrie, PerCpuArray,
-        lpm_trie::Key,
-    },
+    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray},
 };
-use drain_common::{GATE_ON, GateConfig, MAX_ALLOW_PREFIXES, MAX_GATED_PORTS, PortStats};
+use drain_common::{GateConfig, PortStats, GATE_ON, MAX_ALLOW_PREFIXES, MAX_GATED_PORTS};
 
 use crate::parse::{self, Source};
 

@@ -13,7 +13,7 @@ mod gate;
 mod parse;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, tcx_action_base::TCX_NEXT, xdp_action},
+    bindings::{tcx_action_base::TCX_NEXT, xdp_action, TC_ACT_SHOT},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };

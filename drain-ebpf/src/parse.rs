@@ -52,19 +52,18 @@ fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, ()> {
     Ok((start + off) as *const T)
 }
 
+/// Copies `N` bytes at `off` out of the packet, after one bounds check. Reading a whole
+/// header through one checked pointer keeps the verifier's range tracking simple (separate
+/// checks per field at a variable offset get split across registers and rejected).
 #[inline(always)]
-fn u8_at(start: usize, end: usize, off: usize) -> Result<u8, ()> {
-    // SAFETY: ptr_at checked that the byte lies inside the packet.
-    Ok(unsafe { *ptr_at::<u8>(start, end, off)? })
+fn bytes_at<const N: usize>(start: usize, end: usize, off: usize) -> Result<[u8; N], ()> {
+    // SAFETY: ptr_at checked that all N bytes lie inside the packet; [u8; N] has alignment 1.
+    Ok(unsafe { *ptr_at::<[u8; N]>(start, end, off)? })
 }
 
 #[inline(always)]
-fn be16_at(start: usize, end: usize, off: usize) -> Result<u16, ()> {
-    // SAFETY: ptr_at checked both bytes; packet data has no alignment guarantee, so read
-    // unaligned.
-    Ok(u16::from_be(unsafe {
-        ptr_at::<u16>(start, end, off)?.read_unaligned()
-    }))
+fn be16(b0: u8, b1: u8) -> u16 {
+    u16::from_be_bytes([b0, b1])
 }
 
 /// `Ok(Some(request))` for a connection request, `Ok(None)` for any other frame that was
@@ -73,12 +72,14 @@ fn be16_at(start: usize, end: usize, off: usize) -> Result<u16, ()> {
 #[inline(always)]
 pub fn connection_request(start: usize, end: usize) -> Result<Option<Request>, ()> {
     let mut off = ETH_HLEN;
-    let mut proto = be16_at(start, end, 12)?;
+    let eth = bytes_at::<ETH_HLEN>(start, end, 0)?;
+    let mut proto = be16(eth[12], eth[13]);
     // 802.1ad outer tag and/or 802.1Q tag(s): two levels cover QinQ.
     for _ in 0..2 {
         if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
             // TCI (2 bytes), then the encapsulated EtherType.
-            proto = be16_at(start, end, off + 2)?;
+            let tag = bytes_at::<4>(start, end, off)?;
+            proto = be16(tag[2], tag[3]);
             off += 4;
         }
     }
@@ -91,54 +92,55 @@ pub fn connection_request(start: usize, end: usize) -> Result<Option<Request>, (
 
 #[inline(always)]
 fn ipv4(start: usize, end: usize, off: usize) -> Result<Option<Request>, ()> {
-    let ver_ihl = u8_at(start, end, off)?;
-    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
-    if ver_ihl >> 4 != 4 || ihl < 20 {
+    // The fixed 20 bytes; options, if any, are skipped by the IHL below.
+    let h = bytes_at::<20>(start, end, off)?;
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    if h[0] >> 4 != 4 || ihl < 20 {
         return Ok(None);
     }
     // Fragment offset (low 13 bits of bytes 6..8): a non-first fragment has no TCP header.
-    if be16_at(start, end, off + 6)? & 0x1fff != 0 {
+    if be16(h[6], h[7]) & 0x1fff != 0 {
         return Ok(None);
     }
-    if u8_at(start, end, off + 9)? != IPPROTO_TCP {
+    if h[9] != IPPROTO_TCP {
         return Ok(None);
     }
-    // SAFETY: ptr_at checked the 4 bytes of the source address (header bytes 12..16).
-    let saddr = unsafe { *ptr_at::<[u8; 4]>(start, end, off + 12)? };
+    let saddr = [h[12], h[13], h[14], h[15]];
     tcp(start, end, off + ihl, Source::V4(saddr))
 }
 
 #[inline(always)]
 fn ipv6(start: usize, end: usize, off: usize) -> Result<Option<Request>, ()> {
-    if u8_at(start, end, off)? >> 4 != 6 {
+    let h = bytes_at::<8>(start, end, off)?;
+    if h[0] >> 4 != 6 {
         return Ok(None);
     }
-    let mut next = u8_at(start, end, off + 6)?;
-    // SAFETY: ptr_at checked the 16 bytes of the source address (header bytes 8..24).
-    let saddr = unsafe { *ptr_at::<[u8; 16]>(start, end, off + 8)? };
+    let mut next = h[6];
+    let saddr = bytes_at::<16>(start, end, off + 8)?;
     let mut off = off + 40;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             IPPROTO_TCP => return tcp(start, end, off, Source::V6(saddr)),
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
                 // Next header, then length in 8-octet units not counting the first 8.
-                let len = u8_at(start, end, off + 1)? as usize;
-                next = u8_at(start, end, off)?;
-                off += (len + 1) * 8;
+                let x = bytes_at::<2>(start, end, off)?;
+                next = x[0];
+                off += (x[1] as usize + 1) * 8;
             }
             NEXTHDR_FRAGMENT => {
                 // Fragment offset is the high 13 bits of bytes 2..4.
-                if be16_at(start, end, off + 2)? >> 3 != 0 {
+                let x = bytes_at::<4>(start, end, off)?;
+                if be16(x[2], x[3]) >> 3 != 0 {
                     return Ok(None);
                 }
-                next = u8_at(start, end, off)?;
+                next = x[0];
                 off += 8;
             }
             NEXTHDR_AUTH => {
                 // RFC 4302: payload length in 4-octet units, minus 2.
-                let len = u8_at(start, end, off + 1)? as usize;
-                next = u8_at(start, end, off)?;
-                off += (len + 2) * 4;
+                let x = bytes_at::<2>(start, end, off)?;
+                next = x[0];
+                off += (x[1] as usize + 2) * 4;
             }
             _ => return Ok(None),
         }
@@ -150,14 +152,13 @@ fn ipv6(start: usize, end: usize, off: usize) -> Result<Option<Request>, ()> {
 #[inline(always)]
 fn tcp(start: usize, end: usize, off: usize, source: Source) -> Result<Option<Request>, ()> {
     // Require the whole fixed header (20 bytes): a shorter segment is not a valid SYN.
-    ptr_at::<[u8; 20]>(start, end, off)?;
-    let flags = u8_at(start, end, off + 13)?;
+    let h = bytes_at::<20>(start, end, off)?;
     // ECN bits (CWR, ECE) may be set on a SYN (flags 0xC2): test only the four that matter.
-    if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
+    if h[13] & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) != TCP_SYN {
         return Ok(None);
     }
     Ok(Some(Request {
-        dport: be16_at(start, end, off + 2)?,
+        dport: be16(h[2], h[3]),
         source,
     }))
 }

@@ -1,1 +1,204 @@
-fn main(){}
+//! drain-user: take a server out of service without failing an in-flight request.
+//!
+//! Layout: `gate.rs` (attach/detach, on/off), `state.rs` (the pinned maps), `pins.rs` (pin
+//! paths, bpffs, lock), `netlink.rs` (interfaces), `status.rs` (status output).
+
+mod gate;
+mod netlink;
+mod pins;
+mod state;
+mod status;
+
+use std::{collections::BTreeSet, fmt, process::ExitCode, time::Duration};
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use ipnet::IpNet;
+
+use crate::gate::AttachChoice;
+
+/// Refuse new TCP connections on chosen ports while established ones finish, then restore.
+///
+/// State lives in pinned BPF objects (/sys/fs/bpf/drain/<netns>), one gate per network
+/// namespace; no daemon runs. Exit codes: 0 ok, 1 error, 2 bad usage.
+#[derive(Parser)]
+#[command(name = "drain-user", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Turn the gate on or off.
+    Gate {
+        #[command(subcommand)]
+        action: GateAction,
+    },
+    /// Show the gate, its interfaces and per-port counters.
+    ///
+    /// Example: drain-user status --json
+    Status {
+        /// One JSON object: {"gate", "expired", "ttl_remaining_ms", "interfaces", "ports", "allow"}.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GateAction {
+    /// Refuse new connections (SYNs) to PORTs; established connections keep flowing.
+    ///
+    /// Attaches where needed, sets the ports, turns the gate on and exits; the gate stays on
+    /// after the process is gone, until `gate off` or the TTL runs out. Running it again
+    /// replaces the port set, allowlist and TTL.
+    ///
+    /// Example: drain-user gate on --port 80,443 --ttl 15m
+    On {
+        /// Local TCP port to gate (repeat, or comma-separate: --port 80,443).
+        #[arg(long = "port", short = 'p', required = true, value_delimiter = ',',
+              value_parser = clap::value_parser!(u16).range(1..))]
+        ports: Vec<u16>,
+        /// Interface to gate (repeatable). Default: every interface that is up, lo included.
+        #[arg(long = "iface", short = 'i')]
+        ifaces: Vec<String>,
+        /// Hook: xdp (fastest; refuses if another XDP program holds the interface), tc
+        /// (TCX ingress, alongside other programs), auto (xdp where free, tc elsewhere).
+        #[arg(long, value_enum, default_value_t = AttachChoice::Xdp)]
+        attach: AttachChoice,
+        /// The kernel opens the gate by itself after this long, even if nothing is left
+        /// running to call `gate off` (e.g. 90s, 15m, 2h). `none` disables the safety net.
+        #[arg(long, default_value = "10m", value_parser = parse_ttl)]
+        ttl: Ttl,
+        /// Source prefix whose connections still pass while the gate is on (repeatable;
+        /// IPv4 or IPv6 CIDR, e.g. 10.0.0.0/8, fd00::/8).
+        #[arg(long = "allow", value_delimiter = ',')]
+        allow: Vec<IpNet>,
+    },
+    /// Open the gate, detach from every interface and remove every pin.
+    ///
+    /// Example: drain-user gate off
+    Off,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Ttl(Option<Duration>);
+
+fn parse_ttl(s: &str) -> Result<Ttl, String> {
+    if s == "none" {
+        return Ok(Ttl(None));
+    }
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 15m, 2h, none)"))?;
+    if d.is_zero() {
+        return Err("a TTL of zero would open the gate at once; use `none` for no TTL".into());
+    }
+    Ok(Ttl(Some(d)))
+}
+
+/// A usage error found after argument parsing (unknown interface, ...): exit code 2.
+#[derive(Debug)]
+pub struct UsageError(String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+pub fn usage(msg: String) -> anyhow::Error {
+    UsageError(msg).into()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("drain-user: error: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    require_privileges()?;
+    match cli.command {
+        Command::Gate {
+            action:
+                GateAction::On {
+                    ports,
+                    ifaces,
+                    attach,
+                    ttl,
+                    allow,
+                },
+        } => {
+            let args = gate::OnArgs {
+                ports: ports.into_iter().collect::<BTreeSet<_>>(),
+                ifaces,
+                attach,
+                ttl: ttl.0,
+                allow,
+            };
+            let targets = gate::resolve_ifaces(&args.ifaces)?;
+            if targets.is_empty() {
+                bail!("no interface is up in this network namespace: name one with --iface");
+            }
+            let report = gate::on(&args, &targets)?;
+            let ports: Vec<String> = args.ports.iter().map(u16::to_string).collect();
+            let ttl = match args.ttl {
+                Some(t) => format!("the TTL ({}) runs out", humantime::format_duration(t)),
+                None => "forever (no TTL)".into(),
+            };
+            println!(
+                "gate on: new connections to port {} are refused on {}; until `drain-user gate off` or {ttl}",
+                ports.join(","),
+                report.join(", ")
+            );
+        }
+        Command::Gate {
+            action: GateAction::Off,
+        } => {
+            if gate::off()? {
+                println!("gate off: detached and unpinned; new connections are accepted");
+            } else {
+                println!("gate off: no gate in this network namespace (already off)");
+            }
+        }
+        Command::Status { json } => {
+            let st = status::collect()?;
+            if json {
+                println!("{}", serde_json::to_string(&st)?);
+            } else {
+                status::print_human(&st);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One clear line instead of a cascade of EPERMs: loading BPF and attaching to interfaces
+/// need CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN.
+fn require_privileges() -> Result<()> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |c: u32| eff & (1 << c) != 0;
+    if !(has(CAP_NET_ADMIN) && (has(CAP_BPF) || has(CAP_SYS_ADMIN))) {
+        bail!("drain-user needs root (or CAP_BPF and CAP_NET_ADMIN): rerun it with sudo");
+    }
+    Ok(())
+}

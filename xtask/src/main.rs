@@ -7,7 +7,7 @@ use std::{
     process::{Command, ExitCode},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -82,11 +82,21 @@ fn ebpf_cargo(subcommand: &str) -> Command {
         // aya-ebpf needs to know the target's kernel arch for its bindings.
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
-            ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+            [
+                "--cfg=bpf_target_arch=\"x86_64\"",
+                "-Cdebuginfo=2",
+                "-Clink-arg=--btf",
+            ]
+            .join("\x1f"),
         );
     // A toolchain picked by the caller's environment (rustup proxies set these) must not
     // override the +nightly above.
-    for var in ["RUSTC", "RUSTC_WORKSPACE_WRAPPER", "RUSTUP_TOOLCHAIN", "CARGO_BUILD_RUSTC"] {
+    for var in [
+        "RUSTC",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_BUILD_RUSTC",
+    ] {
         cmd.env_remove(var);
     }
     cmd
@@ -100,7 +110,8 @@ fn build_ebpf() -> Result<()> {
 fn build(release: bool) -> Result<()> {
     build_ebpf()?;
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(workspace_root()).args(["build", "--package", "drain-user"]);
+    cmd.current_dir(workspace_root())
+        .args(["build", "--package", "drain-user"]);
     if release {
         cmd.arg("--release");
     }
@@ -124,8 +135,10 @@ fn test(args: &[String]) -> Result<()> {
 fn lint() -> Result<()> {
     build_ebpf()?;
     let root = workspace_root();
-    run(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--check"]))
-        .context("cargo fmt --check failed: run `cargo fmt --all`")?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["fmt", "--all", "--check"]))
+    .context("cargo fmt --check failed: run `cargo fmt --all`")?;
     run(Command::new("cargo").current_dir(&root).args([
         "clippy",
         "--workspace",
@@ -142,15 +155,21 @@ fn lint() -> Result<()> {
 /// without the CLI need it too.
 fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
         return Ok(());
     }
-    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"])).context("mounting bpffs at /sys/fs/bpf failed")
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+        .context("mounting bpffs at /sys/fs/bpf failed")
 }
 
 /// Runs a command, inheriting stdio; fails with the command line when it exits non-zero.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("could not start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} exited with {status}");
     }
@@ -159,9 +178,15 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Runs a command and returns its stdout; fails when it cannot start or exits non-zero.
 pub fn capture(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("could not start {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} exited with {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

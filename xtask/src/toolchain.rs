@@ -3,7 +3,7 @@
 
 use std::{path::Path, process::Command};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 
 use crate::{capture, run};
 
@@ -22,7 +22,13 @@ fn ensure_nightly() -> Result<()> {
         .context("rustup not found: install it from https://rustup.rs")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         eprintln!("xtask: installing the nightly toolchain");
-        run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let components = capture(Command::new("rustup").args([
         "component",

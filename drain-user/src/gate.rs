@@ -1,0 +1,292 @@
+//! `gate on` and `gate off`: attaching, pinning, and tearing down.
+//!
+//! Order matters for fail-open: `on` attaches with the switch still off, fills the ports, and
+//! turns the switch on last; `off` turns the switch off first (one map write, no window),
+//! then detaches and unpins. A failure in the middle of `on` rolls back what that call did.
+
+use std::{
+    collections::BTreeSet,
+    fs, io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::TcAttachOptions,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use drain_common::{prog, GateConfig, GATE_OFF, GATE_ON, POLICY_DROP};
+use ipnet::IpNet;
+
+use crate::{
+    netlink::{self, Iface},
+    pins::{self, Attach},
+    state,
+};
+
+/// The kernel programs, built by `cargo xtask build-ebpf` and embedded at compile time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drain.bpf.o"));
+
+/// How `gate on` may attach where it has to attach anew.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachChoice {
+    /// XDP (native where the driver supports it, generic otherwise); refuse interfaces
+    /// where another XDP program is attached.
+    Xdp,
+    /// TC ingress via TCX (kernel >= 6.6): runs first, alongside other TC programs.
+    Tc,
+    /// XDP where the XDP hook is free, TC where another XDP program holds it.
+    Auto,
+}
+
+pub struct OnArgs {
+    pub ports: BTreeSet<u16>,
+    /// Interfaces by name; empty = every interface that is up.
+    pub ifaces: Vec<String>,
+    pub attach: AttachChoice,
+    pub ttl: Option<Duration>,
+    pub allow: Vec<IpNet>,
+}
+
+/// The interfaces `gate on` is about: the named ones (each must exist), or all that are up.
+/// Checked before anything changes, so a typo changes nothing on the host.
+pub fn resolve_ifaces(names: &[String]) -> Result<Vec<Iface>> {
+    let all = netlink::interfaces()?;
+    if names.is_empty() {
+        return Ok(all.into_iter().filter(|i| i.up).collect());
+    }
+    let mut out: Vec<Iface> = Vec::new();
+    for name in names {
+        let Some(i) = all.iter().find(|i| &i.name == name) else {
+            let known: Vec<_> = all.iter().map(|i| i.name.as_str()).collect();
+            return Err(crate::usage(format!(
+                "no interface named {name:?} in this network namespace (interfaces: {})",
+                known.join(", ")
+            )));
+        };
+        if !out.iter().any(|o| o.index == i.index) {
+            out.push(i.clone());
+        }
+    }
+    Ok(out)
+}
+
+pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
+    pins::ensure_bpffs()?;
+    let _lock = pins::lock()?;
+    let dir = pins::state_dir()?;
+    let fresh = !dir.exists();
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut created: Vec<PathBuf> = Vec::new();
+    let result = on_locked(args, targets, &dir, &mut created);
+    if result.is_err() {
+        // Roll back this call's attachments; a gate that existed before keeps its state.
+        if fresh {
+            let _ = teardown(&dir);
+        } else {
+            for pin in &created {
+                let _ = unpin_link(pin);
+            }
+        }
+    }
+    result
+}
+
+fn on_locked(
+    args: &OnArgs,
+    targets: &[Iface],
+    dir: &Path,
+    created: &mut Vec<PathBuf>,
+) -> Result<Vec<String>> {
+    // Loading the object creates the maps, or reuses the pinned ones of an existing gate.
+    let mut bpf = EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(OBJECT)
+        .context("loading the drain eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
+    let existing = pins::links(dir)?;
+    let mut report = Vec::new();
+    for iface in targets {
+        if let Some((mode, _, _)) = existing.iter().find(|(_, idx, _)| *idx == iface.index) {
+            report.push(format!(
+                "{} ({}, already attached)",
+                iface.name,
+                mode.as_str()
+            ));
+            continue;
+        }
+        let mode = match (args.attach, iface.xdp) {
+            (AttachChoice::Tc, _) => Attach::Tc,
+            (AttachChoice::Auto, Some(_)) => Attach::Tc,
+            (AttachChoice::Xdp | AttachChoice::Auto, None) => Attach::Xdp,
+            (AttachChoice::Xdp, Some((id, _))) => bail!(
+                "another XDP program ({}) is attached to {}: drain does not replace it; \
+                 rerun with --attach tc (or --attach auto) to gate at TC ingress beside it",
+                program_name(id),
+                iface.name
+            ),
+        };
+        let pin = pins::link_pin(dir, mode, iface.index);
+        let link = match mode {
+            Attach::Xdp => attach_xdp(&mut bpf, iface)?,
+            Attach::Tc => attach_tc(&mut bpf, iface)?,
+        };
+        link.pin(&pin)
+            .with_context(|| format!("pinning the link at {}", pin.display()))?;
+        created.push(pin);
+        report.push(format!("{} ({})", iface.name, describe(mode, iface.index)));
+    }
+    state::set_ports(dir, &args.ports)?;
+    state::set_allow(dir, &args.allow)?;
+    let deadline_ns = match args.ttl {
+        Some(ttl) => state::boottime_ns().saturating_add(ttl.as_nanos() as u64),
+        None => 0,
+    };
+    // Last: the single write that turns the gate on.
+    state::write_config(
+        dir,
+        GateConfig {
+            enabled: GATE_ON,
+            policy: POLICY_DROP,
+            deadline_ns,
+        },
+    )?;
+    Ok(report)
+}
+
+/// XDP mode as the kernel reports it after attaching: "xdp native" or "xdp generic".
+pub fn describe(mode: Attach, ifindex: u32) -> String {
+    if mode == Attach::Tc {
+        return "tc".into();
+    }
+    let m = netlink::interfaces()
+        .ok()
+        .and_then(|all| all.into_iter().find(|i| i.index == ifindex))
+        .and_then(|i| i.xdp)
+        .map_or("?", |(_, m)| m.as_str());
+    format!("xdp {m}")
+}
+
+fn attach_xdp(bpf: &mut Ebpf, iface: &Iface) -> Result<FdLink> {
+    let prog: &mut Xdp = bpf
+        .program_mut(prog::XDP)
+        .context("the eBPF object has no XDP program")?
+        .try_into()?;
+    if prog.fd().is_err() {
+        prog.load().context("the kernel rejected the XDP program")?;
+    }
+    // Flags 0: the kernel picks native mode where the driver has it, generic elsewhere (lo).
+    let id = prog
+        .attach_to_if_index(iface.index, AyaXdpMode::Default)
+        .with_context(|| format!("attaching XDP to {}", iface.name))?;
+    let link = prog.take_link(id)?;
+    // A netlink attach (kernels without XDP bpf_link) cannot be pinned: it would vanish with
+    // this process. Refuse it rather than pretend the gate persists.
+    FdLink::try_from(link).map_err(|_| {
+        anyhow!(
+            "the kernel attached XDP to {} without a bpf_link, which cannot persist: \
+             use --attach tc",
+            iface.name
+        )
+    })
+}
+
+fn attach_tc(bpf: &mut Ebpf, iface: &Iface) -> Result<FdLink> {
+    let prog: &mut SchedClassifier = bpf
+        .program_mut(prog::TC)
+        .context("the eBPF object has no TC program")?
+        .try_into()?;
+    if prog.fd().is_err() {
+        prog.load().context("the kernel rejected the TC program")?;
+    }
+    // First in the TCX chain: a program before it could redirect a SYN past the gate.
+    // Ours returns TCX_NEXT for everything it lets through, so the others still run.
+    let id = prog
+        .attach_with_options(
+            &iface.name,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
+        )
+        .with_context(|| {
+            format!(
+                "attaching at TC ingress (TCX, needs kernel >= 6.6) to {}",
+                iface.name
+            )
+        })?;
+    let link = prog.take_link(id)?;
+    FdLink::try_from(link).map_err(|_| {
+        anyhow!(
+            "the kernel attached TC to {} without TCX, which cannot persist (needs kernel >= 6.6)",
+            iface.name
+        )
+    })
+}
+
+fn unpin_link(pin: &Path) -> Result<()> {
+    // Removing the last reference (the pin; our fd closes at drop) detaches the program.
+    let link = PinnedLink::from_pin(pin)
+        .with_context(|| format!("opening the pinned link {}", pin.display()))?;
+    drop(link.unpin()?);
+    Ok(())
+}
+
+/// Detaches every link and removes every pin of a gate, then its directory.
+fn teardown(dir: &Path) -> Result<()> {
+    let mut first_err = None;
+    for (_, _, pin) in pins::links(dir)? {
+        if let Err(e) = unpin_link(&pin) {
+            first_err.get_or_insert(e);
+        }
+    }
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if let Err(e) = fs::remove_file(&path) {
+            first_err.get_or_insert(anyhow!(e).context(format!("removing {}", path.display())));
+        }
+    }
+    if let Err(e) = fs::remove_dir(dir) {
+        if e.kind() != io::ErrorKind::NotFound {
+            first_err.get_or_insert(anyhow!(e).context(format!("removing {}", dir.display())));
+        }
+    }
+    // The parent /sys/fs/bpf/drain goes too once no namespace has a gate.
+    if let Some(parent) = dir.parent() {
+        let _ = fs::remove_dir(parent);
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// `gate off`. Returns false when there was no gate.
+pub fn off() -> Result<bool> {
+    if !pins::bpffs_mounted()? {
+        return Ok(false);
+    }
+    let _lock = pins::lock()?;
+    let dir = pins::state_dir()?;
+    if !dir.exists() {
+        return Ok(false);
+    }
+    // One write opens the gate on every interface at once; detaching comes after.
+    if let Err(e) = state::write_config(&dir, GateConfig::default()) {
+        eprintln!("drain-user: warning: could not clear the gate switch ({e:#}); detaching anyway");
+    }
+    debug_assert_eq!(GateConfig::default().enabled, GATE_OFF);
+    teardown(&dir)?;
+    Ok(true)
+}
+
+/// "name (id N)" of a program by id, for messages about programs drain does not own.
+pub fn program_name(id: u32) -> String {
+    let name = aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_owned));
+    match name {
+        Some(n) if !n.is_empty() => format!("{n}, id {id}"),
+        _ => format!("id {id}"),
+    }
+}
