@@ -11,6 +11,8 @@ pub mod prog {
     pub const XDP: &str = "drain_xdp";
     /// TC (TCX on kernel >= 6.6) gate: same verdicts as the XDP one.
     pub const TC: &str = "drain_tc";
+    /// tp_btf/inet_sock_set_state: keeps the live-connection counts.
+    pub const TRACK: &str = "drain_track";
 }
 
 /// Map names (at most 15 bytes: BPF_OBJ_NAME_LEN - 1). User code only uses these constants;
@@ -30,8 +32,24 @@ pub mod map {
     /// LPM trie, key 16 address bytes (network order), value u8: same for IPv6 sources.
     pub const ALLOW6: &str = "DRAIN_ALLOW6";
 
+    /// Array[1] of [`TrackConfig`](crate::TrackConfig): the namespace to count in and the
+    /// kernel struct offsets read from BTF. Written by user space before the tracker attaches.
+    pub const TRACK: &str = "DRAIN_TRACK";
+    /// Hash u64 socket cookie -> u32 local port: the set of live passive connections.
+    /// Inserted (BPF_NOEXIST) by the tracker on SYN_RECV -> ESTABLISHED and by user space
+    /// when seeding; deleted by whoever sees the connection leave the live states.
+    pub const SOCKS: &str = "DRAIN_SOCKS";
+    /// Array[65536] of i64 by local port, BPF_F_MMAPABLE: live connections per port. Changed
+    /// with atomic adds only, and only by whoever won the SOCKS insert/delete, by the tracker
+    /// and by user space (through mmap) alike.
+    pub const LIVE: &str = "DRAIN_LIVE";
+    /// PerCpuArray[1] of [`TrackStats`](crate::TrackStats), written by the tracker.
+    pub const TSTATS: &str = "DRAIN_TSTATS";
+
     /// Every map the object defines, for the test that checks each resolves.
-    pub const ALL: &[&str] = &[CONFIG, PORTS, STATS, ALLOW4, ALLOW6];
+    pub const ALL: &[&str] = &[
+        CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS,
+    ];
 }
 
 /// How many distinct ports one gate can hold (slots 1..=MAX_GATED_PORTS in the stats map).
@@ -58,8 +76,60 @@ pub struct GateConfig {
     /// CLOCK_BOOTTIME (`bpf_ktime_get_boot_ns`) deadline in ns after which the programs stop
     /// refusing by themselves; 0 = no deadline.
     pub deadline_ns: u64,
+    /// The TTL the deadline was set from, so `wait` can renew it; the kernel ignores it.
+    pub ttl_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<GateConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<GateConfig>() == 24);
+
+/// Entries in the live-connection set (BPF_F_NO_PREALLOC: memory follows use).
+pub const MAX_TRACKED_SOCKS: u32 = 1 << 20;
+
+/// TCP states (include/net/tcp_states.h).
+pub const TCP_ESTABLISHED: i32 = 1;
+pub const TCP_SYN_RECV: i32 = 3;
+pub const TCP_CLOSE_WAIT: i32 = 8;
+
+/// The states drain counts as live: the application still owns the connection and may
+/// still send or receive on it. (FIN_WAIT*, LAST_ACK, CLOSING and TIME_WAIT belong to the
+/// kernel once the application has closed; stopping the server cannot cut them short.)
+#[inline(always)]
+pub fn is_live(state: i32) -> bool {
+    state == TCP_ESTABLISHED || state == TCP_CLOSE_WAIT
+}
+
+/// What the tracker needs to know, written once by user space before it attaches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct TrackConfig {
+    /// Inode of the network namespace to count in (`stat -L -c %i /proc/self/ns/net`);
+    /// 0 = not configured, count nothing.
+    pub netns_inum: u32,
+    /// Byte offset of `sock.__sk_common.skc_num` (local port, host order u16).
+    pub off_num: u32,
+    /// Byte offset of `sock.__sk_common.skc_net` (a `struct net *`).
+    pub off_net: u32,
+    /// Byte offset of `net.ns.inum` (u32).
+    pub off_inum: u32,
+}
+const _: () = assert!(core::mem::size_of::<TrackConfig>() == 16);
+
+/// Tracker counters, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct TrackStats {
+    /// Passive opens added to the live set.
+    pub added: u64,
+    /// Connections removed from the live set.
+    pub removed: u64,
+    /// Inserts that failed for a reason other than "already there" (set full): while
+    /// non-zero the counts may be low, and `wait` refuses to call the ports drained.
+    pub insert_failed: u64,
+    /// Kernel reads (bpf_probe_read_kernel) that failed: same consequence.
+    pub read_failed: u64,
+}
+const _: () = assert!(core::mem::size_of::<TrackStats>() == 32);
 
 /// Per-port counters, one copy per CPU (no atomics on the packet path); user space sums them.
 #[repr(C)]
@@ -87,4 +157,6 @@ mod pod {
     // above prove it at compile time).
     unsafe impl aya::Pod for super::GateConfig {}
     unsafe impl aya::Pod for super::PortStats {}
+    unsafe impl aya::Pod for super::TrackConfig {}
+    unsafe impl aya::Pod for super::TrackStats {}
 }

@@ -3,14 +3,19 @@
 //! - `parse.rs`: the packet parser (Ethernet, 802.1Q/QinQ, IPv4 with options, IPv6 with
 //!   extension headers, TCP) that finds connection requests.
 //! - `gate.rs`: the verdict (gated port? gate on? deadline? allowlisted source?) and its maps.
-//! - this file: the two thin entry points, XDP and TC, mapping the verdict to return codes.
+//! - `track.rs`: the connection tracker (live connections per local port).
+//! - this file: the two thin gate entry points, XDP and TC, mapping the verdict to return codes.
 //!
 //! Fail open: any packet the parser cannot read to the end of the TCP flags passes.
 #![no_std]
 #![no_main]
+// atomic_xadd: the BPF target lacks CAS, so core's atomics offer no fetch_add (track.rs).
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core_intrinsics, for atomic add on BPF")]
 
 mod gate;
 mod parse;
+mod track;
 
 use aya_ebpf::{
     bindings::{tcx_action_base::TCX_NEXT, xdp_action, TC_ACT_SHOT},

@@ -14,9 +14,8 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     programs::{
-        links::{FdLink, PinnedLink},
-        tc::TcAttachOptions,
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
+        links::FdLink, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType, Xdp,
+        XdpMode as AyaXdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -26,7 +25,7 @@ use ipnet::IpNet;
 use crate::{
     netlink::{self, Iface},
     pins::{self, Attach},
-    state,
+    state, track,
 };
 
 /// The kernel programs, built by `cargo xtask build-ebpf` and embedded at compile time.
@@ -90,7 +89,7 @@ pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
             let _ = teardown(&dir);
         } else {
             for pin in &created {
-                let _ = unpin_link(pin);
+                let _ = fs::remove_file(pin);
             }
         }
     }
@@ -108,6 +107,16 @@ fn on_locked(
         .default_map_pin_directory(dir)
         .load(OBJECT)
         .context("loading the drain eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
+    // The tracker first, so connections opened from here on are counted; then the seed
+    // adds those that predate it. A gate that already has a tracker keeps it (and its counts).
+    let track_pin = pins::track_pin(dir);
+    if !track_pin.exists() {
+        let link = track::attach(&mut bpf)?;
+        link.pin(&track_pin)
+            .with_context(|| format!("pinning the tracker link at {}", track_pin.display()))?;
+        created.push(track_pin);
+        track::seed(dir)?;
+    }
     let existing = pins::links(dir)?;
     let mut report = Vec::new();
     for iface in targets {
@@ -153,6 +162,7 @@ fn on_locked(
             enabled: GATE_ON,
             policy: POLICY_DROP,
             deadline_ns,
+            ttl_ns: args.ttl.map_or(0, |t| t.as_nanos() as u64),
         },
     )?;
     Ok(report)
@@ -226,20 +236,15 @@ fn attach_tc(bpf: &mut Ebpf, iface: &Iface) -> Result<FdLink> {
     })
 }
 
-fn unpin_link(pin: &Path) -> Result<()> {
-    // Removing the last reference (the pin; our fd closes at drop) detaches the program.
-    let link = PinnedLink::from_pin(pin)
-        .with_context(|| format!("opening the pinned link {}", pin.display()))?;
-    drop(link.unpin()?);
-    Ok(())
-}
-
-/// Detaches every link and removes every pin of a gate, then its directory.
-fn teardown(dir: &Path) -> Result<()> {
+/// Detaches every link and removes every pin of a gate, then its directory. Removing a
+/// link's pin drops its last reference, which detaches the program; removing a map's pin
+/// frees the map once no program uses it.
+pub fn teardown(dir: &Path) -> Result<()> {
     let mut first_err = None;
+    // Interface links first: the gate is gone from the data path before anything else.
     for (_, _, pin) in pins::links(dir)? {
-        if let Err(e) = unpin_link(&pin) {
-            first_err.get_or_insert(e);
+        if let Err(e) = fs::remove_file(&pin) {
+            first_err.get_or_insert(anyhow!(e).context(format!("removing {}", pin.display())));
         }
     }
     for entry in fs::read_dir(dir)? {

@@ -3,11 +3,14 @@
 //! Layout: `gate.rs` (attach/detach, on/off), `state.rs` (the pinned maps), `pins.rs` (pin
 //! paths, bpffs, lock), `netlink.rs` (interfaces), `status.rs` (status output).
 
+mod btf;
+mod diag;
 mod gate;
 mod netlink;
 mod pins;
 mod state;
 mod status;
+mod track;
 
 use std::{collections::BTreeSet, fmt, process::ExitCode, time::Duration};
 

@@ -48,6 +48,11 @@ impl Attach {
     }
 }
 
+/// The tracker's link (tp_btf/inet_sock_set_state).
+pub fn track_pin(dir: &Path) -> PathBuf {
+    dir.join("link-track")
+}
+
 pub fn link_pin(dir: &Path, attach: Attach, ifindex: u32) -> PathBuf {
     dir.join(format!("link-{}-{ifindex}", attach.as_str()))
 }

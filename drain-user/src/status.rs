@@ -15,7 +15,7 @@ use crate::{
     gate::program_name,
     netlink,
     pins::{self, Attach},
-    state,
+    state, track,
 };
 
 #[derive(Serialize)]
@@ -47,6 +47,8 @@ pub struct IfaceStatus {
 #[derive(Serialize)]
 pub struct PortStatus {
     pub port: u16,
+    /// Connections accepted on this port that are ESTABLISHED or CLOSE_WAIT right now.
+    pub live_connections: i64,
     pub syns_refused: u64,
     pub syns_passed: u64,
     pub syns_allowed: u64,
@@ -79,10 +81,12 @@ pub fn collect() -> Result<Status> {
         st.gate = "on";
     }
     st.interfaces = interfaces(&dir)?;
+    let live = track::Live::open(&dir)?;
     st.ports = state::ports(&dir)?
         .into_iter()
         .map(|(_, c)| PortStatus {
             port: c.port,
+            live_connections: live.get(c.port),
             syns_refused: c.syns_refused,
             syns_passed: c.syns_passed,
             syns_allowed: c.syns_allowed,
@@ -159,13 +163,18 @@ pub fn print_human(st: &Status) {
     }
     println!("ports:");
     println!(
-        "  {:>5}  {:>12}  {:>12}  {:>12}  {:>12}",
-        "PORT", "REFUSED", "PASSED", "ALLOWED", "AFTER-TTL"
+        "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}",
+        "PORT", "LIVE", "REFUSED", "PASSED", "ALLOWED", "AFTER-TTL"
     );
     for p in &st.ports {
         println!(
-            "  {:>5}  {:>12}  {:>12}  {:>12}  {:>12}",
-            p.port, p.syns_refused, p.syns_passed, p.syns_allowed, p.syns_expired
+            "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}",
+            p.port,
+            p.live_connections,
+            p.syns_refused,
+            p.syns_passed,
+            p.syns_allowed,
+            p.syns_expired
         );
     }
     if !st.allow.is_empty() {

@@ -1,0 +1,129 @@
+//! The connection tracker: exact live-connection counts per local port, kept by the kernel.
+//!
+//! tp_btf/inet_sock_set_state sees every TCP state change, of sockets that existed before
+//! it was loaded too. Set semantics keep the counts from drifting: a connection is in the
+//! live set (SOCKS, keyed by socket cookie) or not; a port's count (LIVE) moves only when an
+//! insert (BPF_NOEXIST) or a delete on that set succeeded, so a duplicate or missed event
+//! cannot double-count, and the count can never go below the set's true size. User space
+//! seeds the connections that predate the tracker with the same rule.
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel},
+    macros::{btf_tracepoint, map},
+    maps::{Array, HashMap, PerCpuArray},
+    programs::BtfTracePointContext,
+};
+use drain_common::{
+    is_live, TrackConfig, TrackStats, MAX_TRACKED_SOCKS, TCP_ESTABLISHED, TCP_SYN_RECV,
+};
+
+/// Array[1] of TrackConfig; written by user space before attaching.
+#[map(name = "DRAIN_TRACK")]
+static TRACK: Array<TrackConfig> = Array::pinned(1, 0);
+
+/// Live passive connections: socket cookie -> local port.
+#[map(name = "DRAIN_SOCKS")]
+static SOCKS: HashMap<u64, u32> = HashMap::pinned(MAX_TRACKED_SOCKS, BPF_F_NO_PREALLOC);
+
+/// Live connections per local port; mmapped by user space, which adds seeds atomically.
+#[map(name = "DRAIN_LIVE")]
+static LIVE: Array<i64> = Array::pinned(65536, BPF_F_MMAPABLE);
+
+/// Tracker counters.
+#[map(name = "DRAIN_TSTATS")]
+static TSTATS: PerCpuArray<TrackStats> = PerCpuArray::pinned(1, 0);
+
+const EEXIST: i32 = 17;
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn drain_track(ctx: BtfTracePointContext) -> i32 {
+    // Nothing to fail open here: an error leaves the counts untouched and is counted.
+    if try_track(&ctx).is_err() {
+        if let Some(s) = TSTATS.get_ptr_mut(0) {
+            // SAFETY: per-CPU value, only this CPU touches it now.
+            unsafe { (*s).read_failed += 1 };
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn add(port: u32, delta: i64) {
+    if let Some(p) = LIVE.get_ptr_mut(port) {
+        // SAFETY: a valid, 8-byte aligned map value. Atomic because other CPUs and user
+        // space (through mmap) add to the same counter. The BPF target has no CAS, so
+        // AtomicI64::fetch_add does not exist there; this intrinsic lowers to BPF's atomic
+        // add (lock xadd), which the verifier accepts on map values.
+        unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(p, delta) };
+    }
+}
+
+#[inline(always)]
+fn bump(f: impl FnOnce(&mut TrackStats)) {
+    if let Some(s) = TSTATS.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, only this CPU touches it now.
+        f(unsafe { &mut *s });
+    }
+}
+
+fn try_track(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
+    let sk: *const u8 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    // Only passive opens enter: a child socket goes SYN_RECV -> ESTABLISHED. An outbound
+    // connection (SYN_SENT -> ESTABLISHED) never does, even when its ephemeral port equals
+    // a gated port.
+    let entering = old == TCP_SYN_RECV && new == TCP_ESTABLISHED;
+    let leaving = is_live(old) && !is_live(new);
+    if !entering && !leaving {
+        return Ok(());
+    }
+    let Some(cfg) = TRACK.get(0) else {
+        return Ok(());
+    };
+    if cfg.netns_inum == 0 {
+        return Ok(());
+    }
+    // The tracepoint fires for every namespace: count only the one this gate serves.
+    // SAFETY: bpf_probe_read_kernel checks the address; offsets come from the kernel's BTF.
+    let net: *const u8 =
+        unsafe { bpf_probe_read_kernel(sk.add(cfg.off_net as usize) as *const *const u8) }
+            .map_err(|e| e as i64)?;
+    let inum: u32 = unsafe { bpf_probe_read_kernel(net.add(cfg.off_inum as usize) as *const u32) }
+        .map_err(|e| e as i64)?;
+    if inum != cfg.netns_inum {
+        return Ok(());
+    }
+    // SAFETY: sk is the tracepoint's struct sock pointer, which this helper accepts.
+    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut _) };
+    if entering {
+        // The local port: a child socket has it from creation (its remote port may not be
+        // filled in at SYN_RECV, hence keying by local port at ESTABLISHED).
+        let port: u16 =
+            unsafe { bpf_probe_read_kernel(sk.add(cfg.off_num as usize) as *const u16) }
+                .map_err(|e| e as i64)?;
+        let port = port as u32;
+        match SOCKS.insert(&cookie, &port, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                add(port, 1);
+                bump(|s| s.added += 1);
+            }
+            Err(e) if e == -EEXIST => {}
+            Err(_) => bump(|s| s.insert_failed += 1),
+        }
+    } else {
+        // SAFETY: the value is copied out before the delete below.
+        let Some(&port) = (unsafe { SOCKS.get(&cookie) }) else {
+            return Ok(());
+        };
+        if SOCKS.remove(&cookie).is_ok() {
+            add(port, -1);
+            bump(|s| s.removed += 1);
+        }
+    }
+    Ok(())
+}
