@@ -145,7 +145,11 @@ fn ipv6(start: usize, end: usize, off: usize) -> Result<Option<Request>, ()> {
             _ => return Ok(None),
         }
     }
-    // Deeper chains than MAX_EXT_HEADERS: not understood, let it pass.
+    // The last extension header allowed may be followed by TCP; anything deeper is not
+    // understood and passes.
+    if next == IPPROTO_TCP {
+        return tcp(start, end, off, Source::V6(saddr));
+    }
     Ok(None)
 }
 

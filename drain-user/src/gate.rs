@@ -29,7 +29,7 @@ use crate::{
 };
 
 /// The kernel programs, built by `cargo xtask build-ebpf` and embedded at compile time.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drain.bpf.o"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drain.bpf.o"));
 
 /// How `gate on` may attach where it has to attach anew.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -11,6 +11,7 @@ mod pins;
 mod state;
 mod status;
 mod track;
+mod wait;
 
 use std::{collections::BTreeSet, fmt, process::ExitCode, time::Duration};
 
@@ -43,6 +44,29 @@ enum Command {
     /// Example: drain-user status --json
     Status {
         /// One JSON object: {"gate", "expired", "ttl_remaining_ms", "interfaces", "ports", "allow"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Block until no connection is left on the ports (exit 0), or the timeout passes
+    /// (exit 3, listing what is left).
+    ///
+    /// Live means ESTABLISHED or CLOSE_WAIT: the server still owns the connection. Counts
+    /// come from the kernel (exact, event-driven); the last close is noticed within ~10 ms.
+    ///
+    /// Example: drain-user wait --timeout 5m --idle 2s
+    Wait {
+        /// Port to wait for (repeatable or comma-separated). Default: the gated ports.
+        #[arg(long = "port", short = 'p', value_delimiter = ',',
+              value_parser = clap::value_parser!(u16).range(1..))]
+        ports: Vec<u16>,
+        /// Give up after this long (e.g. 500ms, 30s, 5m): exit 3 and list the leftovers.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// Also done when every connection left has no unread, unsent or unacknowledged
+        /// bytes and has carried no data for this long (pooled keep-alive connections).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        idle: Option<Duration>,
+        /// One JSON object per change on stdout: {"event": "progress"|"drained"|"idle"|"timeout", ...}.
         #[arg(long)]
         json: bool,
     },
@@ -174,6 +198,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("gate off: no gate in this network namespace (already off)");
             }
+        }
+        Command::Wait {
+            ports,
+            timeout,
+            idle,
+            json,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            return rt.block_on(wait::wait(wait::WaitArgs {
+                ports,
+                timeout,
+                idle,
+                json,
+            }));
         }
         Command::Status { json } => {
             let st = status::collect()?;

@@ -1,1 +1,71 @@
+//! Helpers for drain's integration tests (tests/tests/*.rs).
+//!
+//! - [`object`]: where the kernel object is, bpffs, and a pin directory per test (RAII).
+//! - [`testrun`]: BPF_PROG_TEST_RUN on a program fd.
+//! - [`frames`]: a frame builder with one comment per header field.
+//! - [`classify`]: an independent reference classifier (written from the RFCs, not from
+//!   drain-ebpf/src/parse.rs) that the kernel programs' verdicts are checked against.
+//! - [`netns`]: a pair of network namespaces joined by a veth pair (RAII).
+//! - [`cli`]: running drain-user inside a test namespace.
+//! - [`traffic`]: servers and clients for connection-count tests.
+//!
+//! Everything here panics on error rather than returning `Result`: a failing helper is a
+//! failing test, and the panic message says what was being done.
 
+pub mod classify;
+pub mod cli;
+pub mod frames;
+pub mod netns;
+pub mod object;
+pub mod testrun;
+pub mod traffic;
+
+/// The drain-user binary under test: `$DRAIN_USER`, else the workspace's debug build
+/// (`cargo xtask test` builds it first).
+pub fn drain_user_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("DRAIN_USER") {
+        return p.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        std::path::PathBuf::from,
+    );
+    let p = target.join("debug/drain-user");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo xtask build` (or set DRAIN_USER)",
+        p.display()
+    );
+    p
+}
+
+/// Panics with a clear message unless the process runs as root (loading BPF programs,
+/// pinning maps and creating network namespaces all need it).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "this test needs root (euid is {euid}): it loads BPF programs, pins maps under \
+         /sys/fs/bpf and creates network namespaces; run `sudo cargo xtask test`"
+    );
+}
+
+/// A name part that differs between processes and between calls in one process: pid, a
+/// per-process counter and the low bits of the wall clock (so a crashed earlier process with
+/// the same pid cannot collide with leftovers). Hex, at most 6 + 1 + 4 + 1 + 3 characters.
+pub(crate) fn unique_suffix() -> (u32, u32, String) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (
+        pid,
+        n,
+        format!("{pid:x}x{:x}x{:03x}", n & 0xffff, (nanos >> 10) & 0xfff),
+    )
+}

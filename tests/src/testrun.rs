@@ -1,0 +1,85 @@
+//! BPF_PROG_TEST_RUN: run a loaded program once on a frame and get its return value and the
+//! frame as the program left it.
+//!
+//! aya 0.14 has a `TestRun` trait on program objects; this takes a bare fd instead, so a
+//! test can keep the fd while it mutates the object's maps, and so it works for any program
+//! type the kernel can test-run (XDP and SCHED_CLS here).
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+/// `enum bpf_cmd` value of BPF_PROG_TEST_RUN (include/uapi/linux/bpf.h).
+const BPF_PROG_TEST_RUN: libc::c_int = 10;
+
+/// The `test` member of `union bpf_attr` (include/uapi/linux/bpf.h), up to `batch_size`,
+/// padded to the 8-byte alignment of its u64 members.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    /// Out: the program's return value.
+    retval: u32,
+    data_size_in: u32,
+    /// In: room in `data_out`; out: bytes the kernel wrote there.
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<TestRunAttr>() == 80);
+
+/// Room left after the input for programs that grow the frame (bpf_xdp_adjust_tail & co).
+const OUT_SLACK: usize = 512;
+
+/// Runs the program once on `data`; returns (return value, output frame), or the error of the
+/// bpf(2) call. The kernel refuses frames shorter than an Ethernet header (14 bytes) with
+/// EINVAL (`bpf_test_init` in net/bpf/test_run.c).
+pub fn try_test_run(prog_fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<(i32, Vec<u8>)> {
+    let mut out = vec![0u8; data.len() + OUT_SLACK];
+    let mut attr = TestRunAttr {
+        prog_fd: prog_fd.as_raw_fd() as u32,
+        data_size_in: data.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: data.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    // SAFETY: attr is a valid, fully initialised bpf_attr prefix of the size passed; data_in
+    // and data_out point to buffers of the sizes given, alive for the duration of the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            std::mem::size_of::<TestRunAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    out.truncate(attr.data_size_out as usize);
+    Ok((attr.retval as i32, out))
+}
+
+/// [`try_test_run`], panicking with the frame length and errno on failure.
+pub fn test_run(prog_fd: BorrowedFd<'_>, data: &[u8]) -> (i32, Vec<u8>) {
+    try_test_run(prog_fd, data).unwrap_or_else(|e| {
+        panic!(
+            "BPF_PROG_TEST_RUN on a {}-byte frame failed: {e} \
+             (EINVAL: frame shorter than 14 bytes or program not loaded; EPERM: needs root)",
+            data.len()
+        )
+    })
+}

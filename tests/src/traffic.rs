@@ -1,0 +1,1 @@
+//! Servers and clients that hold, churn and close TCP connections (tracker tests).
