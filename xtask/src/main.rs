@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: build, test, lint, demo and bench drain. Run `cargo xtask --help`.
 
+mod demo;
 mod toolchain;
 
 use std::{
@@ -35,6 +36,8 @@ enum Task {
     },
     /// cargo fmt --check, and clippy -D warnings on the user crates and on the eBPF crate.
     Lint,
+    /// Show drain working in throwaway network namespaces (needs root).
+    Demo,
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,11 @@ fn run_task(task: Task) -> Result<()> {
         Task::Build { release } => build(release),
         Task::Test { args } => test(&args),
         Task::Lint => lint(),
+        Task::Demo => {
+            build(false)?;
+            ensure_bpffs()?;
+            demo::run(&workspace_root().join("target/debug/drain-user"))
+        }
     }
 }
 
@@ -125,6 +133,7 @@ fn test(args: &[String]) -> Result<()> {
         bail!("the integration tests load BPF programs and create network namespaces: run `sudo cargo xtask test`");
     }
     ensure_bpffs()?;
+    ensure_test_packages()?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
         .args(["test", "--workspace", "--", "--include-ignored"])
@@ -163,6 +172,45 @@ fn ensure_bpffs() -> Result<()> {
     }
     run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
         .context("mounting bpffs at /sys/fs/bpf failed")
+}
+
+/// The programs the integration tests drive besides drain itself: nginx and wrk for the
+/// end-to-end drain under load, ss/ip (iproute2), nsenter/setpriv (util-linux), bpftool to
+/// look at attached programs. Installed with apt when missing (CI machines start bare).
+fn ensure_test_packages() -> Result<()> {
+    let wanted = [
+        ("nginx", "nginx"),
+        ("wrk", "wrk"),
+        ("ss", "iproute2"),
+        ("nsenter", "util-linux"),
+        ("bpftool", "bpftool"),
+    ];
+    let have = |bin: &str| {
+        ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(bin).exists())
+    };
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing test packages: {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("installing {} failed", missing.join(" ")))?;
+    // Debian starts nginx on install; the tests run their own instances in namespaces.
+    let _ = Command::new("systemctl")
+        .args(["disable", "--now", "nginx"])
+        .output();
+    let _ = Command::new("nginx").args(["-s", "quit"]).output();
+    Ok(())
 }
 
 /// Runs a command, inheriting stdio; fails with the command line when it exits non-zero.
