@@ -45,6 +45,9 @@ pub mod map {
     pub const LIVE: &str = "DRAIN_LIVE";
     /// PerCpuArray[1] of [`TrackStats`](crate::TrackStats), written by the tracker.
     pub const TSTATS: &str = "DRAIN_TSTATS";
+    /// PerCpuArray[1] of u64: the RST rate limiter's next allowed time (GCRA), per CPU.
+    /// Written by the gate programs only.
+    pub const RST_RL: &str = "DRAIN_RST_RL";
 
     /// Every map the object defines, for the test that checks each resolves.
     pub const ALL: &[&str] = &[
@@ -62,7 +65,10 @@ pub const GATE_OFF: u32 = 0;
 pub const GATE_ON: u32 = 1;
 
 /// `GateConfig::policy` values: how a refused SYN is answered.
+/// Drop it: the client retransmits (1, 2, 3... s) and eventually times out.
 pub const POLICY_DROP: u32 = 0;
+/// Answer it with RST|ACK (XDP_TX), rate-limited: the client gets ECONNREFUSED at once.
+pub const POLICY_RESET: u32 = 1;
 
 /// The one global switch of a gate. One map write turns a gate on or off.
 #[repr(C)]
@@ -78,8 +84,12 @@ pub struct GateConfig {
     pub deadline_ns: u64,
     /// The TTL the deadline was set from, so `wait` can renew it; the kernel ignores it.
     pub ttl_ns: u64,
+    /// [`POLICY_RESET`]: each CPU sends at most one RST per `rst_interval_ns` on average...
+    pub rst_interval_ns: u64,
+    /// ...with bursts of up to this many; beyond that refusals are dropped and counted.
+    pub rst_burst: u64,
 }
-const _: () = assert!(core::mem::size_of::<GateConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<GateConfig>() == 40);
 
 /// Entries in the live-connection set (BPF_F_NO_PREALLOC: memory follows use).
 pub const MAX_TRACKED_SOCKS: u32 = 1 << 20;
@@ -148,8 +158,12 @@ pub struct PortStats {
     pub syns_allowed: u64,
     /// Of `syns_passed`: let through because the deadline (`--ttl`) had passed.
     pub syns_expired: u64,
+    /// Of `syns_refused`: answered with a RST (policy reset).
+    pub rst_sent: u64,
+    /// Of `syns_refused`: dropped instead of reset because the RST rate limit was reached.
+    pub rst_limited: u64,
 }
-const _: () = assert!(core::mem::size_of::<PortStats>() == 40);
+const _: () = assert!(core::mem::size_of::<PortStats>() == 56);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -5,9 +5,11 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray},
 };
-use drain_common::{GateConfig, PortStats, GATE_ON, MAX_ALLOW_PREFIXES, MAX_GATED_PORTS};
+use drain_common::{
+    GateConfig, PortStats, GATE_ON, MAX_ALLOW_PREFIXES, MAX_GATED_PORTS, POLICY_RESET,
+};
 
-use crate::parse::{self, Source};
+use crate::parse::{self, Request, Source};
 
 /// Array[1] of GateConfig: the global switch, written by `drain-user gate on|off`.
 #[map(name = "DRAIN_CONFIG")]
@@ -30,9 +32,47 @@ static ALLOW4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
 #[map(name = "DRAIN_ALLOW6")]
 static ALLOW6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
 
+/// Per-CPU RST limiter state: the earliest time (CLOCK_BOOTTIME ns) the next RST may go
+/// (GCRA). Per CPU so the packet path needs no atomics; the user side divides the rate.
+#[map(name = "DRAIN_RST_RL")]
+static RST_RL: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
 pub enum Verdict {
     Pass,
     Refuse,
+    /// Refuse, and answer with a RST built from this request (the caller counts
+    /// `rst_sent` in this slot once the RST is built).
+    Reset(Request, u32),
+}
+
+/// Counts one more RST sent from `slot`.
+#[inline(always)]
+pub fn count_rst(slot: u32) {
+    if let Some(s) = STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU touches it while this program runs.
+        unsafe { (*s).rst_sent += 1 };
+    }
+}
+
+/// GCRA: one RST per `interval` on average, `burst` at once. True = send.
+#[inline(always)]
+fn rst_allowed(now: u64, interval: u64, burst: u64) -> bool {
+    let Some(next) = RST_RL.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU value, only this CPU touches it while this program runs.
+    let next = unsafe { &mut *next };
+    // Plain multiply: user space keeps interval * burst far below 2^64 (a checked one
+    // would need 128-bit arithmetic, which BPF lacks).
+    let floor = now.saturating_sub(interval.wrapping_mul(burst));
+    if *next < floor {
+        *next = floor;
+    }
+    if *next > now {
+        return false;
+    }
+    *next += interval;
+    true
 }
 
 /// Decides one frame. Only a connection request to a gated port reaches past the first
@@ -60,14 +100,15 @@ pub fn verdict(start: usize, end: usize) -> Verdict {
         return Verdict::Pass;
     }
     // The deadline is what makes a forgotten gate open by itself, with no process alive.
-    if cfg.deadline_ns != 0 && unsafe { bpf_ktime_get_boot_ns() } >= cfg.deadline_ns {
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if cfg.deadline_ns != 0 && now >= cfg.deadline_ns {
         stats.syns_passed += 1;
         stats.syns_expired += 1;
         return Verdict::Pass;
     }
-    let allowed = match req.source {
-        Source::V4(a) => ALLOW4.get(Key::new(32, a)).is_some(),
-        Source::V6(a) => ALLOW6.get(Key::new(128, a)).is_some(),
+    let allowed = match &req.source {
+        Source::V4(a) => ALLOW4.get(Key::new(32, *a)).is_some(),
+        Source::V6(a) => ALLOW6.get(Key::new(128, *a)).is_some(),
     };
     if allowed {
         stats.syns_passed += 1;
@@ -75,5 +116,11 @@ pub fn verdict(start: usize, end: usize) -> Verdict {
         return Verdict::Pass;
     }
     stats.syns_refused += 1;
+    if cfg.policy == POLICY_RESET {
+        if rst_allowed(now, cfg.rst_interval_ns, cfg.rst_burst) {
+            return Verdict::Reset(req, slot);
+        }
+        stats.rst_limited += 1;
+    }
     Verdict::Refuse
 }

@@ -3,6 +3,7 @@
 //! - `parse.rs`: the packet parser (Ethernet, 802.1Q/QinQ, IPv4 with options, IPv6 with
 //!   extension headers, TCP) that finds connection requests.
 //! - `gate.rs`: the verdict (gated port? gate on? deadline? allowlisted source?) and its maps.
+//! - `reset.rs`: turning a refused SYN into its RST|ACK answer (policy reset).
 //! - `track.rs`: the connection tracker (live connections per local port).
 //! - this file: the two thin gate entry points, XDP and TC, mapping the verdict to return codes.
 //!
@@ -15,6 +16,7 @@
 
 mod gate;
 mod parse;
+mod reset;
 mod track;
 
 use aya_ebpf::{
@@ -30,8 +32,16 @@ use crate::gate::Verdict;
 #[xdp]
 pub fn drain_xdp(ctx: XdpContext) -> u32 {
     match gate::verdict(ctx.data(), ctx.data_end()) {
-        Verdict::Refuse => xdp_action::XDP_DROP,
         Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Refuse => xdp_action::XDP_DROP,
+        Verdict::Reset(req, slot) => match reset::xdp(&ctx, &req) {
+            Ok(()) => {
+                gate::count_rst(slot);
+                xdp_action::XDP_TX
+            }
+            // Not turned around (IP options, IPv6 extension headers): still refused.
+            Err(()) => xdp_action::XDP_DROP,
+        },
     }
 }
 
@@ -48,8 +58,9 @@ pub fn drain_tc(ctx: TcContext) -> i32 {
         let _ = ctx.pull_data(want);
     }
     match gate::verdict(ctx.data(), ctx.data_end()) {
-        Verdict::Refuse => TC_ACT_SHOT as i32,
         Verdict::Pass => TCX_NEXT,
+        // The TC gate refuses by dropping: policy reset answers with RSTs from XDP only.
+        Verdict::Refuse | Verdict::Reset(..) => TC_ACT_SHOT as i32,
     }
 }
 

@@ -37,15 +37,20 @@ pub enum Source {
     V6([u8; 16]),
 }
 
-/// A connection request: destination port (host order) and source address.
+/// A connection request: destination port (host order), source address, and where its
+/// headers are, for answering it with a RST.
 pub struct Request {
     pub dport: u16,
     pub source: Source,
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the TCP header.
+    pub l4: usize,
 }
 
 /// Bounds-checked pointer to a `T` at `off` bytes into the packet `[start, end)`.
 #[inline(always)]
-fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, ()> {
+pub fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, ()> {
     if start + off + size_of::<T>() > end {
         return Err(());
     }
@@ -56,7 +61,7 @@ fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, ()> {
 /// header through one checked pointer keeps the verifier's range tracking simple (separate
 /// checks per field at a variable offset get split across registers and rejected).
 #[inline(always)]
-fn bytes_at<const N: usize>(start: usize, end: usize, off: usize) -> Result<[u8; N], ()> {
+pub fn bytes_at<const N: usize>(start: usize, end: usize, off: usize) -> Result<[u8; N], ()> {
     // SAFETY: ptr_at checked that all N bytes lie inside the packet; [u8; N] has alignment 1.
     Ok(unsafe { *ptr_at::<[u8; N]>(start, end, off)? })
 }
@@ -106,7 +111,7 @@ fn ipv4(start: usize, end: usize, off: usize) -> Result<Option<Request>, ()> {
         return Ok(None);
     }
     let saddr = [h[12], h[13], h[14], h[15]];
-    tcp(start, end, off + ihl, Source::V4(saddr))
+    tcp(start, end, off, off + ihl, Source::V4(saddr))
 }
 
 #[inline(always)]
@@ -117,10 +122,11 @@ fn ipv6(start: usize, end: usize, off: usize) -> Result<Option<Request>, ()> {
     }
     let mut next = h[6];
     let saddr = bytes_at::<16>(start, end, off + 8)?;
+    let l3 = off;
     let mut off = off + 40;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
-            IPPROTO_TCP => return tcp(start, end, off, Source::V6(saddr)),
+            IPPROTO_TCP => return tcp(start, end, l3, off, Source::V6(saddr)),
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
                 // Next header, then length in 8-octet units not counting the first 8.
                 let x = bytes_at::<2>(start, end, off)?;
@@ -148,13 +154,19 @@ fn ipv6(start: usize, end: usize, off: usize) -> Result<Option<Request>, ()> {
     // The last extension header allowed may be followed by TCP; anything deeper is not
     // understood and passes.
     if next == IPPROTO_TCP {
-        return tcp(start, end, off, Source::V6(saddr));
+        return tcp(start, end, l3, off, Source::V6(saddr));
     }
     Ok(None)
 }
 
 #[inline(always)]
-fn tcp(start: usize, end: usize, off: usize, source: Source) -> Result<Option<Request>, ()> {
+fn tcp(
+    start: usize,
+    end: usize,
+    l3: usize,
+    off: usize,
+    source: Source,
+) -> Result<Option<Request>, ()> {
     // Require the whole fixed header (20 bytes): a shorter segment is not a valid SYN.
     let h = bytes_at::<20>(start, end, off)?;
     // ECN bits (CWR, ECE) may be set on a SYN (flags 0xC2): test only the four that matter.
@@ -164,5 +176,7 @@ fn tcp(start: usize, end: usize, off: usize, source: Source) -> Result<Option<Re
     Ok(Some(Request {
         dport: be16(h[2], h[3]),
         source,
+        l3,
+        l4: off,
     }))
 }

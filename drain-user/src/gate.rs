@@ -19,7 +19,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use drain_common::{prog, GateConfig, GATE_OFF, GATE_ON, POLICY_DROP};
+use drain_common::{prog, GateConfig, GATE_OFF, GATE_ON, POLICY_DROP, POLICY_RESET};
 use ipnet::IpNet;
 
 use crate::{
@@ -43,6 +43,16 @@ pub enum AttachChoice {
     Auto,
 }
 
+/// How refused connection requests are answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// Drop the SYN: the client retries for a while (Linux: ~130 s) before giving up.
+    Drop,
+    /// Answer with RST|ACK from XDP: the client sees ECONNREFUSED at once and a load
+    /// balancer retries elsewhere. Rate-limited; TC attachments drop instead.
+    Reset,
+}
+
 pub struct OnArgs {
     pub ports: BTreeSet<u16>,
     /// Interfaces by name; empty = every interface that is up.
@@ -50,6 +60,9 @@ pub struct OnArgs {
     pub attach: AttachChoice,
     pub ttl: Option<Duration>,
     pub allow: Vec<IpNet>,
+    pub policy: Policy,
+    /// RSTs per second, all CPUs together (policy reset).
+    pub rst_rate: u32,
 }
 
 /// The interfaces `gate on` is about: the named ones (each must exist), or all that are up.
@@ -155,14 +168,25 @@ fn on_locked(
         Some(ttl) => state::boottime_ns().saturating_add(ttl.as_nanos() as u64),
         None => 0,
     };
+    // The limiter is per CPU (no atomics on the packet path): split the rate between CPUs,
+    // with a burst of a tenth of a second's worth.
+    let ncpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u64;
+    let per_cpu = (u64::from(args.rst_rate.max(1)) / ncpus).max(1);
+    let rst_interval_ns = 1_000_000_000 / per_cpu;
+    let rst_burst = (per_cpu / 10).max(1);
     // Last: the single write that turns the gate on.
     state::write_config(
         dir,
         GateConfig {
             enabled: GATE_ON,
-            policy: POLICY_DROP,
+            policy: match args.policy {
+                Policy::Drop => POLICY_DROP,
+                Policy::Reset => POLICY_RESET,
+            },
             deadline_ns,
             ttl_ns: args.ttl.map_or(0, |t| t.as_nanos() as u64),
+            rst_interval_ns,
+            rst_burst,
         },
     )?;
     Ok(report)

@@ -19,7 +19,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use ipnet::IpNet;
 
-use crate::gate::AttachChoice;
+use crate::gate::{AttachChoice, Policy};
 
 /// Refuse new TCP connections on chosen ports while established ones finish, then restore.
 ///
@@ -101,6 +101,14 @@ enum GateAction {
         /// IPv4 or IPv6 CIDR, e.g. 10.0.0.0/8, fd00::/8).
         #[arg(long = "allow", value_delimiter = ',')]
         allow: Vec<IpNet>,
+        /// How a refused connection request is answered: drop (client times out) or reset
+        /// (RST|ACK from XDP: ECONNREFUSED at once, rate-limited by --rst-rate).
+        #[arg(long, value_enum, default_value_t = Policy::Drop)]
+        policy: Policy,
+        /// Most RSTs sent per second (all CPUs together); refusals beyond it are dropped
+        /// and counted, so spoofed SYNs cannot turn the host into a reflector.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+        rst_rate: u32,
     },
     /// Open the gate, detach from every interface and remove every pin.
     ///
@@ -165,6 +173,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     attach,
                     ttl,
                     allow,
+                    policy,
+                    rst_rate,
                 },
         } => {
             let args = gate::OnArgs {
@@ -173,6 +183,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 attach,
                 ttl: ttl.0,
                 allow,
+                policy,
+                rst_rate,
             };
             let targets = gate::resolve_ifaces(&args.ifaces)?;
             if targets.is_empty() {

@@ -40,6 +40,8 @@ pub struct PortCounters {
     pub syns_passed: u64,
     pub syns_allowed: u64,
     pub syns_expired: u64,
+    pub rst_sent: u64,
+    pub rst_limited: u64,
 }
 
 /// The gated ports and their counters, as (slot, counters), ordered by port.
@@ -62,6 +64,8 @@ pub fn ports(dir: &Path) -> Result<Vec<(u32, PortCounters)>> {
             c.syns_passed += s.syns_passed;
             c.syns_allowed += s.syns_allowed;
             c.syns_expired += s.syns_expired;
+            c.rst_sent += s.rst_sent;
+            c.rst_limited += s.rst_limited;
         }
         out.push((slot, c));
     }

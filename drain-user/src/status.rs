@@ -23,6 +23,8 @@ pub struct Status {
     /// "on" while SYNs to gated ports are refused; "off" otherwise (no gate, switched off,
     /// or the TTL has run out).
     pub gate: &'static str,
+    /// "drop" or "reset": how refused connection requests are answered.
+    pub policy: &'static str,
     /// True when a gate is installed but its TTL has run out.
     pub expired: bool,
     /// Milliseconds until the TTL opens the gate; null when there is no deadline.
@@ -53,11 +55,16 @@ pub struct PortStatus {
     pub syns_passed: u64,
     pub syns_allowed: u64,
     pub syns_expired: u64,
+    /// Refused SYNs answered with a RST (policy reset).
+    pub rst_sent: u64,
+    /// Refused SYNs dropped instead of reset: RST rate limit reached.
+    pub rst_limited: u64,
 }
 
 pub fn collect() -> Result<Status> {
     let mut st = Status {
         gate: "off",
+        policy: "drop",
         expired: false,
         ttl_remaining_ms: None,
         interfaces: vec![],
@@ -77,6 +84,9 @@ pub fn collect() -> Result<Status> {
     if cfg.deadline_ns != 0 {
         st.ttl_remaining_ms = Some(cfg.deadline_ns.saturating_sub(now) / 1_000_000);
     }
+    if cfg.policy == drain_common::POLICY_RESET {
+        st.policy = "reset";
+    }
     if cfg.enabled == GATE_ON && !st.expired {
         st.gate = "on";
     }
@@ -91,6 +101,8 @@ pub fn collect() -> Result<Status> {
             syns_passed: c.syns_passed,
             syns_allowed: c.syns_allowed,
             syns_expired: c.syns_expired,
+            rst_sent: c.rst_sent,
+            rst_limited: c.rst_limited,
         })
         .collect();
     st.allow = state::allow(&dir)?.iter().map(IpNet::to_string).collect();
@@ -146,6 +158,9 @@ pub fn print_human(st: &Status) {
         (false, None) => String::new(),
     };
     println!("gate: {}{ttl}", st.gate);
+    if st.gate == "on" {
+        println!("policy: {}", st.policy);
+    }
     if st.interfaces.is_empty() && st.ports.is_empty() {
         return;
     }
@@ -163,15 +178,16 @@ pub fn print_human(st: &Status) {
     }
     println!("ports:");
     println!(
-        "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}",
-        "PORT", "LIVE", "REFUSED", "PASSED", "ALLOWED", "AFTER-TTL"
+        "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
+        "PORT", "LIVE", "REFUSED", "RST-SENT", "PASSED", "ALLOWED", "AFTER-TTL"
     );
     for p in &st.ports {
         println!(
-            "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}",
+            "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
             p.port,
             p.live_connections,
             p.syns_refused,
+            p.rst_sent,
             p.syns_passed,
             p.syns_allowed,
             p.syns_expired
