@@ -88,8 +88,16 @@ pub struct GateConfig {
     pub rst_interval_ns: u64,
     /// ...with bursts of up to this many; beyond that refusals are dropped and counted.
     pub rst_burst: u64,
+    /// [`ALLOW_V4`] | [`ALLOW_V6`]: which allowlist has entries, so a refused SYN costs no
+    /// trie lookup when there is none (an empty LPM lookup still costs ~25 ns).
+    pub allow: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<GateConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<GateConfig>() == 48);
+
+/// `GateConfig::allow` bits.
+pub const ALLOW_V4: u32 = 1;
+pub const ALLOW_V6: u32 = 2;
 
 /// Entries in the live-connection set (BPF_F_NO_PREALLOC: memory follows use).
 pub const MAX_TRACKED_SOCKS: u32 = 1 << 20;

@@ -6,7 +6,8 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray},
 };
 use drain_common::{
-    GateConfig, PortStats, GATE_ON, MAX_ALLOW_PREFIXES, MAX_GATED_PORTS, POLICY_RESET,
+    GateConfig, PortStats, ALLOW_V4, ALLOW_V6, GATE_ON, MAX_ALLOW_PREFIXES, MAX_GATED_PORTS,
+    POLICY_RESET,
 };
 
 use crate::parse::{self, Request, Source};
@@ -100,15 +101,20 @@ pub fn verdict(start: usize, end: usize) -> Verdict {
         return Verdict::Pass;
     }
     // The deadline is what makes a forgotten gate open by itself, with no process alive.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // The clock is read only when something needs it (a deadline, or the RST limiter).
+    let now = if cfg.deadline_ns != 0 || cfg.policy == POLICY_RESET {
+        unsafe { bpf_ktime_get_boot_ns() }
+    } else {
+        0
+    };
     if cfg.deadline_ns != 0 && now >= cfg.deadline_ns {
         stats.syns_passed += 1;
         stats.syns_expired += 1;
         return Verdict::Pass;
     }
     let allowed = match &req.source {
-        Source::V4(a) => ALLOW4.get(Key::new(32, *a)).is_some(),
-        Source::V6(a) => ALLOW6.get(Key::new(128, *a)).is_some(),
+        Source::V4(a) => cfg.allow & ALLOW_V4 != 0 && ALLOW4.get(Key::new(32, *a)).is_some(),
+        Source::V6(a) => cfg.allow & ALLOW_V6 != 0 && ALLOW6.get(Key::new(128, *a)).is_some(),
     };
     if allowed {
         stats.syns_passed += 1;

@@ -19,7 +19,9 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use drain_common::{prog, GateConfig, GATE_OFF, GATE_ON, POLICY_DROP, POLICY_RESET};
+use drain_common::{
+    prog, GateConfig, ALLOW_V4, ALLOW_V6, GATE_OFF, GATE_ON, POLICY_DROP, POLICY_RESET,
+};
 use ipnet::IpNet;
 
 use crate::{
@@ -187,6 +189,13 @@ fn on_locked(
             ttl_ns: args.ttl.map_or(0, |t| t.as_nanos() as u64),
             rst_interval_ns,
             rst_burst,
+            allow: args.allow.iter().fold(0, |m, n| {
+                m | match n {
+                    IpNet::V4(_) => ALLOW_V4,
+                    IpNet::V6(_) => ALLOW_V6,
+                }
+            }),
+            _pad: 0,
         },
     )?;
     Ok(report)

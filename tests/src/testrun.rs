@@ -83,3 +83,82 @@ pub fn test_run(prog_fd: BorrowedFd<'_>, data: &[u8]) -> (i32, Vec<u8>) {
         )
     })
 }
+
+/// Runs the program `repeat` times on `data` inside the kernel and returns the mean
+/// nanoseconds per run that the kernel measured (includes the test-run loop itself; compare
+/// against a baseline program in the same run).
+pub fn mean_ns(prog_fd: BorrowedFd<'_>, data: &[u8], repeat: u32) -> io::Result<u32> {
+    let mut out = vec![0u8; data.len() + OUT_SLACK];
+    let mut attr = TestRunAttr {
+        prog_fd: prog_fd.as_raw_fd() as u32,
+        data_size_in: data.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: data.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat,
+        ..Default::default()
+    };
+    // SAFETY: as in try_test_run.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            std::mem::size_of::<TestRunAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(attr.duration)
+}
+
+/// Loads the smallest XDP program there is (`r0 = XDP_PASS; exit`) straight through
+/// bpf(BPF_PROG_LOAD): the baseline that benchmarks subtract, measured in the same run.
+pub fn load_xdp_pass() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // BPF_MOV64_IMM(BPF_REG_0, XDP_PASS), BPF_EXIT_INSN()
+    let insns: [u64; 2] = [0x0000_0002_0000_00b7, 0x0000_0000_0000_0095];
+    let license = c"GPL";
+    #[repr(C)]
+    #[derive(Default)]
+    struct LoadAttr {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    let mut name = [0u8; 16];
+    name[..10].copy_from_slice(b"bench_pass");
+    let attr = LoadAttr {
+        prog_type: 6, // BPF_PROG_TYPE_XDP
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name: name,
+        expected_attach_type: 37, // BPF_XDP
+        ..Default::default()
+    };
+    // SAFETY: a valid bpf_attr prefix for BPF_PROG_LOAD (5); pointers live across the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            5,
+            &attr as *const LoadAttr,
+            std::mem::size_of::<LoadAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd the kernel just returned, owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}

@@ -17,7 +17,9 @@ use aya::{
     maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray},
     programs::ProgramFd,
 };
-use drain_common::{map, prog, GateConfig, PortStats, GATE_OFF, GATE_ON, POLICY_DROP};
+use drain_common::{
+    map, prog, GateConfig, PortStats, ALLOW_V4, ALLOW_V6, GATE_OFF, GATE_ON, POLICY_DROP,
+};
 use drain_tests::{
     classify::{classify, NotRequest},
     frames::*,
@@ -182,6 +184,8 @@ impl Gate {
             enabled,
             policy: POLICY_DROP,
             deadline_ns,
+            // Consult both allowlists (user space sets these bits when a list has entries).
+            allow: ALLOW_V4 | ALLOW_V6,
             ..Default::default()
         };
         let mut a: Array<_, GateConfig> =

@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: build, test, lint, demo and bench drain. Run `cargo xtask --help`.
 
+mod bench;
 mod demo;
 mod toolchain;
 
@@ -38,6 +39,8 @@ enum Task {
     Lint,
     /// Show drain working in throwaway network namespaces (needs root).
     Demo,
+    /// Per-packet cost, kernel memory and drain-notice latency, as side-by-side ratios.
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -56,6 +59,11 @@ fn run_task(task: Task) -> Result<()> {
         Task::Build { release } => build(release),
         Task::Test { args } => test(&args),
         Task::Lint => lint(),
+        Task::Bench => {
+            build(false)?;
+            ensure_bpffs()?;
+            bench::run(&workspace_root().join("target/debug/drain-user"))
+        }
         Task::Demo => {
             build(false)?;
             ensure_bpffs()?;

@@ -1,0 +1,297 @@
+//! `cargo xtask bench`: what drain costs, as ratios measured side by side in one run.
+//!
+//! 1. Per-packet cost of the gate (BPF_PROG_TEST_RUN, in-kernel timing), next to the
+//!    smallest possible XDP program measured in the same rounds: the difference is drain's.
+//! 2. Memory the kernel holds for a gate (memlock of each map, from fdinfo).
+//! 3. How soon the end of a drain is noticed: `drain-user wait` against the usual shell
+//!    loop that polls `ss` once a second, both watching the same connections close.
+//!
+//! Shared machines are noisy: each figure is the median of several interleaved rounds,
+//! and only ratios within this run mean anything.
+
+use std::{
+    io::Read,
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsFd,
+    path::Path,
+    process::Stdio,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{Array, PerCpuArray, PerCpuValues};
+use drain_common::{map, prog, GateConfig, PortStats, GATE_ON, POLICY_DROP};
+use drain_tests::{
+    frames::{Ipv4, Ipv6, Packet, Tcp, TCP_ACK},
+    netns::NetNsPair,
+    object::Loaded,
+    testrun::{load_xdp_pass, mean_ns},
+};
+
+const REPEAT: u32 = 1_000_000;
+const ROUNDS: usize = 7;
+
+fn median(mut v: Vec<u32>) -> u32 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+fn per_packet() -> Result<()> {
+    println!(
+        "\n== per-packet cost (BPF_PROG_TEST_RUN, {REPEAT} runs x {ROUNDS} rounds, median ns/run)"
+    );
+    let mut obj = Loaded::open();
+    let xdp = obj.load_xdp(prog::XDP);
+    let tc = obj.load_tc(prog::TC);
+    {
+        let mut ports: Array<_, u32> = Array::try_from(obj.bpf.map_mut(map::PORTS).unwrap())?;
+        ports.set(80, 1, 0)?;
+    }
+    {
+        let n = aya::util::nr_cpus().map_err(|(w, e)| anyhow::anyhow!("{w}: {e}"))?;
+        let mut stats: PerCpuArray<_, PortStats> =
+            PerCpuArray::try_from(obj.bpf.map_mut(map::STATS).unwrap())?;
+        let v = PortStats {
+            port: 80,
+            ..Default::default()
+        };
+        stats.set(1, PerCpuValues::try_from(vec![v; n])?, 0)?;
+    }
+    {
+        let mut cfg: Array<_, GateConfig> = Array::try_from(obj.bpf.map_mut(map::CONFIG).unwrap())?;
+        cfg.set(
+            0,
+            GateConfig {
+                enabled: GATE_ON,
+                policy: POLICY_DROP,
+                ..Default::default()
+            },
+            0,
+        )?;
+    }
+    let baseline = load_xdp_pass().context("loading the baseline XDP program")?;
+    let v4 = || Ipv4::new(Ipv4Addr::new(198, 18, 0, 2), Ipv4Addr::new(198, 18, 0, 1));
+    let v6 = || Ipv6::new("fd00::2".parse().unwrap(), "fd00::1".parse().unwrap());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "IPv4 ACK, gated port (established traffic)",
+            Packet::eth()
+                .ipv4(v4())
+                .tcp(Tcp::new(40000, 80, TCP_ACK))
+                .payload(&[0; 64])
+                .build()
+                .bytes,
+        ),
+        (
+            "IPv6 ACK, gated port (established traffic)",
+            Packet::eth()
+                .ipv6(v6())
+                .tcp(Tcp::new(40000, 80, TCP_ACK))
+                .payload(&[0; 64])
+                .build()
+                .bytes,
+        ),
+        (
+            "IPv4 SYN, other port (passes)",
+            Packet::eth()
+                .ipv4(v4())
+                .tcp(Tcp::syn(40000, 443))
+                .build()
+                .bytes,
+        ),
+        (
+            "IPv4 SYN, gated port (refused)",
+            Packet::eth()
+                .ipv4(v4())
+                .tcp(Tcp::syn(40000, 80))
+                .build()
+                .bytes,
+        ),
+        (
+            "IPv6 SYN, gated port (refused)",
+            Packet::eth()
+                .ipv6(v6())
+                .tcp(Tcp::syn(40000, 80))
+                .build()
+                .bytes,
+        ),
+        (
+            "802.1Q IPv4 SYN, gated port (refused)",
+            Packet::eth()
+                .vlan(0x8100, 7)
+                .ipv4(v4())
+                .tcp(Tcp::syn(40000, 80))
+                .build()
+                .bytes,
+        ),
+    ];
+    let mut base = Vec::new();
+    let mut xdp_ns = vec![Vec::new(); cases.len()];
+    let mut tc_ns = vec![Vec::new(); cases.len()];
+    for _ in 0..ROUNDS {
+        base.push(mean_ns(baseline.as_fd(), &cases[0].1, REPEAT)?);
+        for (i, (_, frame)) in cases.iter().enumerate() {
+            xdp_ns[i].push(mean_ns(xdp.as_fd(), frame, REPEAT)?);
+            tc_ns[i].push(mean_ns(tc.as_fd(), frame, REPEAT)?);
+        }
+    }
+    let b = median(base);
+    println!(
+        "  {:<44} {:>6} ns",
+        "baseline: XDP program `return XDP_PASS`", b
+    );
+    println!(
+        "  {:<44} {:>9} {:>9} {:>9}",
+        "frame", "xdp ns", "xdp-base", "tc ns"
+    );
+    for (i, (name, _)) in cases.iter().enumerate() {
+        let x = median(xdp_ns[i].clone());
+        let t = median(tc_ns[i].clone());
+        println!(
+            "  {:<44} {:>9} {:>+9} {:>9}",
+            name,
+            x,
+            i64::from(x) - i64::from(b),
+            t
+        );
+    }
+    println!(
+        "  (tc runs on an skb, so its test-run loop costs more; compare xdp with the baseline)"
+    );
+
+    println!("\n== kernel memory of one gate (memlock from /proc/self/fdinfo)");
+    let mut total = 0u64;
+    for (name, m) in obj.bpf.maps() {
+        let fd = match m {
+            aya::maps::Map::Array(d)
+            | aya::maps::Map::PerCpuArray(d)
+            | aya::maps::Map::HashMap(d)
+            | aya::maps::Map::LpmTrie(d) => d.fd(),
+            _ => continue,
+        };
+        use std::os::fd::AsRawFd;
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd()))?;
+        let kb = info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        total += kb;
+        println!("  {name:<14} {:>8} KiB", kb / 1024);
+    }
+    println!(
+        "  {:<14} {:>8} KiB (DRAIN_SOCKS and the allowlists grow with use: no prealloc)",
+        "total",
+        total / 1024
+    );
+    Ok(())
+}
+
+/// Time from the last close to the moment each watcher reports the port drained.
+fn drain_notice(bin: &Path) -> Result<()> {
+    const CONNS: usize = 20;
+    const ROUNDS: usize = 5;
+    println!(
+        "\n== noticing the end of a drain ({CONNS} connections closed at once, {ROUNDS} rounds)"
+    );
+    let mut wait_ms = Vec::new();
+    let mut ss_ms = Vec::new();
+    for round in 0..ROUNDS {
+        let pair = NetNsPair::new();
+        let port = 8080;
+        let server = SocketAddr::new(pair.a_v4.into(), port);
+        let listener = pair.in_ns(&pair.a, move || TcpListener::bind(server))?;
+        let accepted = thread::spawn(move || {
+            (0..CONNS)
+                .map(|_| listener.accept().map(|(s, _)| s))
+                .collect::<std::io::Result<Vec<_>>>()
+        });
+        let clients: Vec<TcpStream> = pair.in_ns(&pair.b, move || {
+            (0..CONNS)
+                .map(|_| TcpStream::connect(server))
+                .collect::<std::io::Result<Vec<_>>>()
+        })?;
+        let accepted = accepted.join().expect("accept thread")?;
+        let out = pair
+            .cmd(&pair.a, bin.to_str().unwrap())
+            .args(["gate", "on", "--port", "8080", "--ttl", "5m"])
+            .output()?;
+        if !out.status.success() {
+            bail!("gate on failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut wait = pair
+            .cmd(&pair.a, bin.to_str().unwrap())
+            .args(["wait", "--json", "--timeout", "60s"])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        // The folk answer: poll ss once a second until no connection is left.
+        let script = format!(
+            "while [ -n \"$(ss -Htn state established state close-wait '( sport = :{port} )')\" ]; do sleep 1; done"
+        );
+        let mut ss = pair.cmd(&pair.a, "sh").args(["-c", &script]).spawn()?;
+        // Let both settle into their loops (the ss loop's phase is random, as in real life).
+        thread::sleep(Duration::from_millis(300 + 137 * round as u64));
+        let t0 = Instant::now();
+        drop(clients);
+        drop(accepted);
+        let mut ss_done = None;
+        let mut wait_done = None;
+        while ss_done.is_none() || wait_done.is_none() {
+            if wait_done.is_none() && wait.try_wait()?.is_some() {
+                wait_done = Some(t0.elapsed());
+            }
+            if ss_done.is_none() && ss.try_wait()?.is_some() {
+                ss_done = Some(t0.elapsed());
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("a watcher did not finish within 30 s");
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        let mut s = String::new();
+        wait.stdout.take().unwrap().read_to_string(&mut s)?;
+        if !s.contains("\"drained\"") {
+            bail!("wait did not report drained: {s}");
+        }
+        let _ = pair
+            .cmd(&pair.a, bin.to_str().unwrap())
+            .args(["gate", "off"])
+            .output();
+        wait_ms.push(wait_done.unwrap().as_secs_f64() * 1e3);
+        ss_ms.push(ss_done.unwrap().as_secs_f64() * 1e3);
+    }
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (w, s) = (med(wait_ms.clone()), med(ss_ms.clone()));
+    println!(
+        "  drain-user wait      median {w:>8.1} ms   (rounds: {})",
+        fmt(&wait_ms)
+    );
+    println!(
+        "  ss poll every 1 s    median {s:>8.1} ms   (rounds: {})",
+        fmt(&ss_ms)
+    );
+    println!("  ratio ss/wait: {:.0}x sooner", s / w.max(0.001));
+    Ok(())
+}
+
+fn fmt(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn run(bin: &Path) -> Result<()> {
+    println!("drain benchmarks (kernel.bpf_stats_enabled must be off: it adds ~70 ns per run)");
+    if std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() != "0")
+    {
+        println!("  warning: kernel.bpf_stats_enabled is on; numbers include its overhead");
+    }
+    per_packet()?;
+    drain_notice(bin)
+}
