@@ -60,7 +60,7 @@ pub fn drain_tc(ctx: TcContext) -> i32 {
     match gate::verdict(ctx.data(), ctx.data_end()) {
         Verdict::Pass => TCX_NEXT,
         // The TC gate refuses by dropping: policy reset answers with RSTs from XDP only.
-        Verdict::Refuse | Verdict::Reset(..) => TC_ACT_SHOT as i32,
+        Verdict::Refuse | Verdict::Reset(..) => TC_ACT_SHOT,
     }
 }
 

@@ -107,7 +107,7 @@ fn try_track(ctx: &BtfTracePointContext) -> Result<(), i64> {
             unsafe { bpf_probe_read_kernel(sk.add(cfg.off_num as usize) as *const u16) }
                 .map_err(|e| e as i64)?;
         let port = port as u32;
-        match SOCKS.insert(&cookie, &port, BPF_NOEXIST as u64) {
+        match SOCKS.insert(cookie, port, BPF_NOEXIST as u64) {
             Ok(()) => {
                 add(port, 1);
                 bump(|s| s.added += 1);
@@ -117,10 +117,10 @@ fn try_track(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
     } else {
         // SAFETY: the value is copied out before the delete below.
-        let Some(&port) = (unsafe { SOCKS.get(&cookie) }) else {
+        let Some(&port) = (unsafe { SOCKS.get(cookie) }) else {
             return Ok(());
         };
-        if SOCKS.remove(&cookie).is_ok() {
+        if SOCKS.remove(cookie).is_ok() {
             add(port, -1);
             bump(|s| s.removed += 1);
         }

@@ -144,7 +144,15 @@ fn test(args: &[String]) -> Result<()> {
     ensure_test_packages()?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
-        .args(["test", "--workspace", "--", "--include-ignored"])
+        // drain-ebpf only builds for the BPF target (build-ebpf did that above).
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "drain-ebpf",
+            "--",
+            "--include-ignored",
+        ])
         .args(args);
     run(&mut cmd).context("tests failed")
 }
@@ -159,6 +167,8 @@ fn lint() -> Result<()> {
     run(Command::new("cargo").current_dir(&root).args([
         "clippy",
         "--workspace",
+        "--exclude",
+        "drain-ebpf",
         "--all-targets",
         "--",
         "-D",
