@@ -51,7 +51,7 @@ pub mod map {
 
     /// Every map the object defines, for the test that checks each resolves.
     pub const ALL: &[&str] = &[
-        CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS,
+        CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS, RST_RL,
     ];
 }
 

@@ -56,6 +56,8 @@ pub fn count_rst(slot: u32) {
 }
 
 /// GCRA: one RST per `interval` on average, `burst` at once. True = send.
+/// `next` is the earliest time of the next RST; holding it no lower than
+/// `now - interval * (burst - 1)` caps what an idle bucket saves up at `burst` sends.
 #[inline(always)]
 fn rst_allowed(now: u64, interval: u64, burst: u64) -> bool {
     let Some(next) = RST_RL.get_ptr_mut(0) else {
@@ -65,7 +67,7 @@ fn rst_allowed(now: u64, interval: u64, burst: u64) -> bool {
     let next = unsafe { &mut *next };
     // Plain multiply: user space keeps interval * burst far below 2^64 (a checked one
     // would need 128-bit arithmetic, which BPF lacks).
-    let floor = now.saturating_sub(interval.wrapping_mul(burst));
+    let floor = now.saturating_sub(interval.wrapping_mul(burst.saturating_sub(1)));
     if *next < floor {
         *next = floor;
     }
@@ -79,7 +81,7 @@ fn rst_allowed(now: u64, interval: u64, burst: u64) -> bool {
 /// Decides one frame. Only a connection request to a gated port reaches past the first
 /// array lookup, so everything else costs a parse and one inlined array read.
 #[inline(always)]
-pub fn verdict(start: usize, end: usize) -> Verdict {
+pub fn verdict(start: usize, end: usize, can_reset: bool) -> Verdict {
     let Ok(Some(req)) = parse::connection_request(start, end) else {
         return Verdict::Pass;
     };
@@ -122,7 +124,9 @@ pub fn verdict(start: usize, end: usize) -> Verdict {
         return Verdict::Pass;
     }
     stats.syns_refused += 1;
-    if cfg.policy == POLICY_RESET {
+    // Only a refusal that would really be answered spends the RST budget (or counts as
+    // limited): not on TC, not with IPv4 options or IPv6 extension headers.
+    if cfg.policy == POLICY_RESET && can_reset && req.plain_headers() {
         if rst_allowed(now, cfg.rst_interval_ns, cfg.rst_burst) {
             return Verdict::Reset(req, slot);
         }

@@ -31,7 +31,7 @@ use crate::gate::Verdict;
 /// `lo`, in generic mode; either way before the stack and netfilter see the packet.
 #[xdp]
 pub fn drain_xdp(ctx: XdpContext) -> u32 {
-    match gate::verdict(ctx.data(), ctx.data_end()) {
+    match gate::verdict(ctx.data(), ctx.data_end(), true) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Refuse => xdp_action::XDP_DROP,
         Verdict::Reset(req, slot) => match reset::xdp(&ctx, &req) {
@@ -57,7 +57,7 @@ pub fn drain_tc(ctx: TcContext) -> i32 {
     if ((ctx.data_end() - ctx.data()) as u32) < want {
         let _ = ctx.pull_data(want);
     }
-    match gate::verdict(ctx.data(), ctx.data_end()) {
+    match gate::verdict(ctx.data(), ctx.data_end(), false) {
         Verdict::Pass => TCX_NEXT,
         // The TC gate refuses by dropping: policy reset answers with RSTs from XDP only.
         Verdict::Refuse | Verdict::Reset(..) => TC_ACT_SHOT,

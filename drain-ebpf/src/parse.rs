@@ -48,6 +48,19 @@ pub struct Request {
     pub l4: usize,
 }
 
+impl Request {
+    /// IPv4 without options or IPv6 without extension headers, at most two VLAN tags in:
+    /// the headers `reset::xdp` can turn around.
+    #[inline(always)]
+    pub fn plain_headers(&self) -> bool {
+        let ip = match self.source {
+            Source::V4(_) => 20,
+            Source::V6(_) => 40,
+        };
+        self.l3 <= ETH_HLEN + 8 && self.l4 == self.l3 + ip
+    }
+}
+
 /// Bounds-checked pointer to a `T` at `off` bytes into the packet `[start, end)`.
 #[inline(always)]
 pub fn ptr_at<T>(start: usize, end: usize, off: usize) -> Result<*const T, ()> {

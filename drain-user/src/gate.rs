@@ -173,9 +173,11 @@ fn on_locked(
     // The limiter is per CPU (no atomics on the packet path): split the rate between CPUs,
     // with a burst of a tenth of a second's worth.
     let ncpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u64;
-    let per_cpu = (u64::from(args.rst_rate.max(1)) / ncpus).max(1);
-    let rst_interval_ns = 1_000_000_000 / per_cpu;
-    let rst_burst = (per_cpu / 10).max(1);
+    // interval = ncpus / rate seconds, so the CPUs together stay within the rate even when
+    // it is below the number of CPUs (rate / ncpus would round to 0 and then up to 1 each).
+    let rate = u64::from(args.rst_rate.max(1));
+    let rst_interval_ns = (1_000_000_000 * ncpus).div_ceil(rate);
+    let rst_burst = (rate / ncpus / 10).max(1);
     // Last: the single write that turns the gate on.
     state::write_config(
         dir,

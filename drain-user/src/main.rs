@@ -125,6 +125,12 @@ fn parse_ttl(s: &str) -> Result<Ttl, String> {
     }
     let d =
         humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 15m, 2h, none)"))?;
+    // The deadline is boot time + TTL in u64 nanoseconds (~584 years): a longer TTL would
+    // wrap around into a short one.
+    const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);
+    if d > MAX_TTL {
+        return Err("a TTL over 100 years cannot be kept; use `none` for no TTL".into());
+    }
     if d.is_zero() {
         return Err("a TTL of zero would open the gate at once; use `none` for no TTL".into());
     }

@@ -165,7 +165,7 @@ fn renew_ttl(dir: &Path) -> Result<()> {
     }
     let mut cfg = state::read_config(dir)?;
     if cfg.enabled == GATE_ON {
-        cfg.deadline_ns = state::boottime_ns() + cfg.ttl_ns;
+        cfg.deadline_ns = state::boottime_ns().saturating_add(cfg.ttl_ns);
         state::write_config(dir, cfg)?;
     }
     Ok(())

@@ -1,0 +1,1943 @@
+//! Safety and policy: `gate on --policy reset [--rst-rate N]`, `--ttl`, `--allow`.
+//!
+//! - [`reset_answers_refused_syns_with_a_valid_rst_ack`]: BPF_PROG_TEST_RUN of the XDP gate
+//!   under policy reset, every output frame checked field by field against RFC 9293 / 791 /
+//!   8200 with a checksum written here (RFC 1071), not the one in drain-ebpf; frames it must
+//!   not turn around (IP options, IPv6 extension headers) are dropped; the TC gate drops.
+//! - [`rst_rate_limit_is_exact_per_cpu`]: the per-CPU GCRA limiter, exactly (2000 test runs
+//!   pinned to each CPU in turn, 10 s interval, burst 5).
+//! - [`rst_rate_limit_holds_under_a_real_flood`]: `--rst-rate 100` through the CLI, with a
+//!   real SYN flood (AF_PACKET) over a veth pair; [`rst_budget_is_spent_only_on_rsts_sent`]
+//!   and [`rst_rate_is_a_total_over_all_cpus`] pin down what the budget means; and
+//!   [`every_map_of_the_object_is_in_map_all`] covers the limiter's map.
+//! - [`reset_gives_real_clients_econnrefused_at_once`]: real sockets over veth and lo get
+//!   ECONNREFUSED within milliseconds; with policy drop the same connect times out.
+//! - [`ttl_opens_the_gate_by_itself`]: `--ttl`, with no process left running; and
+//!   [`ttl_too_long_to_represent_is_not_cut_short`].
+//! - [`allowlisted_sources_pass_a_closed_gate`]: `--allow` for IPv4 and IPv6 sources.
+//!
+//! The helpers at the top (CLI runner with a `gate off` guard, connect with a bound source,
+//! AF_PACKET flood, a small JSON reader) are local to this file on purpose.
+//!
+//! A veth fact these tests depend on (measured on 6.18): a frame sent back with XDP_TX by a
+//! native-XDP veth only reaches the peer when the peer runs an XDP program too (which gives
+//! it NAPI); so every test that expects RSTs on a real socket attaches a pass-through XDP
+//! program ([`PeerNapi`]) to namespace b's veth end.
+
+use std::{
+    io,
+    mem::{size_of, zeroed},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+    path::Path,
+    process::{Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{Array, Map, MapData, PerCpuArray},
+    programs::{ProgramFd, Xdp, XdpMode},
+};
+use drain_common::{map, prog, GateConfig, PortStats, GATE_ON, POLICY_RESET};
+use drain_tests::{drain_user_bin, frames::*, netns::NetNsPair, object::Loaded, testrun::test_run};
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+/// XDP return codes (include/uapi/linux/bpf.h, enum xdp_action).
+const XDP_DROP: i32 = 1;
+const XDP_TX: i32 = 3;
+/// TC_ACT_SHOT (include/uapi/linux/pkt_cls.h).
+const TC_ACT_SHOT: i32 = 2;
+
+/// Longest one drain-user call may take.
+const CLI_DEADLINE: Duration = Duration::from_secs(30);
+
+/// RFC 1071 Internet checksum over `chunks` taken as one byte string (each chunk here has
+/// an even length except possibly the last): the one's-complement of the one's-complement
+/// sum of 16-bit big-endian words, an odd last byte padded with zero. A header that
+/// carries a correct checksum sums to 0 over itself (plus pseudo-header).
+fn inet_checksum(chunks: &[&[u8]]) -> u16 {
+    let bytes: Vec<u8> = chunks.concat();
+    let mut sum: u64 = 0;
+    let mut words = bytes.chunks_exact(2);
+    for w in &mut words {
+        sum += u64::from(w[0]) << 8 | u64::from(w[1]);
+    }
+    if let [last] = words.remainder() {
+        sum += u64::from(*last) << 8;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn be16(b: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([b[off], b[off + 1]])
+}
+
+fn be32(b: &[u8], off: usize) -> u32 {
+    u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Number of CPUs as drain-user counts them when it splits `--rst-rate` (possible CPUs).
+fn nr_cpus() -> u64 {
+    aya::util::nr_cpus().expect("number of possible CPUs") as u64
+}
+
+/// Runs `f` on a thread bound to `cpu` (BPF_PROG_TEST_RUN runs the program on the calling
+/// CPU, so per-CPU maps are then touched on that CPU only).
+fn on_cpu<R: Send>(cpu: u32, f: impl FnOnce() -> R + Send) -> R {
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: cpu_set_t is plain data; CPU_SET stays inside it for cpu < 1024.
+            let rc = unsafe {
+                let mut set: libc::cpu_set_t = zeroed();
+                libc::CPU_SET(cpu as usize, &mut set);
+                libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+            };
+            assert_eq!(
+                rc,
+                0,
+                "sched_setaffinity(cpu {cpu}): {}",
+                io::Error::last_os_error()
+            );
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// DRAIN_STATS slot `slot` of a loaded object, summed over CPUs.
+fn stats_sum(obj: &Loaded, slot: u32) -> PortStats {
+    let a: PerCpuArray<_, PortStats> =
+        PerCpuArray::try_from(obj.bpf.map(map::STATS).expect("DRAIN_STATS")).unwrap();
+    a.get(&slot, 0)
+        .expect("reading DRAIN_STATS")
+        .iter()
+        .fold(PortStats::default(), |mut acc, s| {
+            acc.syns_refused += s.syns_refused;
+            acc.syns_passed += s.syns_passed;
+            acc.syns_allowed += s.syns_allowed;
+            acc.syns_expired += s.syns_expired;
+            acc.rst_sent += s.rst_sent;
+            acc.rst_limited += s.rst_limited;
+            acc
+        })
+}
+
+/// Gates `port` in stats slot 1 of a loaded object and writes `cfg` (what `gate on` does,
+/// without the CLI).
+fn configure(obj: &mut Loaded, port: u16, cfg: GateConfig) {
+    let mut ports: Array<_, u32> =
+        Array::try_from(obj.bpf.map_mut(map::PORTS).expect("DRAIN_PORTS")).unwrap();
+    ports.set(u32::from(port), 1, 0).expect("DRAIN_PORTS[port]");
+    let mut c: Array<_, GateConfig> =
+        Array::try_from(obj.bpf.map_mut(map::CONFIG).expect("DRAIN_CONFIG")).unwrap();
+    c.set(0, cfg, 0).expect("DRAIN_CONFIG[0]");
+}
+
+/// One drain-user call in a namespace (nsenter --net, so its pins persist between calls).
+fn drain_user(pair: &NetNsPair, ns: &str, args: &[&str]) -> Output {
+    let line = format!("drain-user {} (in {ns})", args.join(" "));
+    let mut cmd = pair.cmd(ns, &drain_user_bin().to_string_lossy());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting `{line}`: {e}"));
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(CLI_DEADLINE) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("waiting for `{line}`: {e}")),
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of the child this function started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("`{line}` still running after {CLI_DEADLINE:?}: killed");
+        }
+    }
+}
+
+#[track_caller]
+fn expect_ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The CLI in one namespace of a pair; dropping it runs `gate off` there, so a failing test
+/// leaves no gate behind (the pair's own drop then deletes the namespaces).
+struct Gate<'p> {
+    pair: &'p NetNsPair,
+    ns: String,
+}
+
+impl<'p> Gate<'p> {
+    fn new(pair: &'p NetNsPair, ns: &str) -> Self {
+        drain_tests::require_root();
+        drain_tests::object::ensure_bpffs();
+        let _ = drain_user_bin(); // fails early, with a build hint, when missing
+        Self {
+            pair,
+            ns: ns.to_owned(),
+        }
+    }
+
+    #[track_caller]
+    fn on(&self, args: &[&str]) -> String {
+        let mut all = vec!["gate", "on"];
+        all.extend_from_slice(args);
+        expect_ok(
+            &drain_user(self.pair, &self.ns, &all),
+            &format!("gate on {}", args.join(" ")),
+        )
+    }
+
+    #[track_caller]
+    fn status(&self) -> Json {
+        let out = expect_ok(
+            &drain_user(self.pair, &self.ns, &["status", "--json"]),
+            "status --json",
+        );
+        Json::parse(out.trim())
+    }
+
+    /// Counters of `port` in `status --json`; panics when the port is not listed.
+    #[track_caller]
+    fn port(&self, port: u16) -> (Json, Json) {
+        let st = self.status();
+        let p = st["ports"]
+            .arr()
+            .iter()
+            .find(|p| p["port"].u64() == port as u64)
+            .unwrap_or_else(|| panic!("port {port} not in status: {st}"))
+            .clone();
+        (st, p)
+    }
+
+    /// The gate's pinned DRAIN_CONFIG, read directly.
+    fn config(&self) -> GateConfig {
+        let dir = Path::new("/sys/fs/bpf/drain").join(self.pair.netns_inode(&self.ns).to_string());
+        let data = MapData::from_pin(dir.join(map::CONFIG))
+            .unwrap_or_else(|e| panic!("opening {}/{}: {e}", dir.display(), map::CONFIG));
+        let a: Array<MapData, GateConfig> = Array::try_from(Map::Array(data)).unwrap();
+        a.get(&0, 0).expect("reading the pinned DRAIN_CONFIG")
+    }
+}
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        let out = self
+            .pair
+            .cmd(&self.ns, &drain_user_bin().to_string_lossy())
+            .args(["gate", "off"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "cleanup: gate off in {}: {}: {}",
+                self.ns,
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => eprintln!("cleanup: gate off in {}: {e}", self.ns),
+        }
+    }
+}
+
+/// A pass-through XDP program on namespace b's veth end, so XDP_TX frames from a reach b
+/// (see the module comment): drain's own XDP program from a private copy of the object
+/// with no port gated, which passes every frame. Detached when dropped.
+struct PeerNapi {
+    _obj: Loaded,
+}
+
+impl PeerNapi {
+    fn attach(pair: &NetNsPair) -> Self {
+        let mut obj = Loaded::open();
+        let _ = obj.load_xdp(prog::XDP);
+        let xdp: &mut Xdp = obj
+            .bpf
+            .program_mut(prog::XDP)
+            .expect("XDP program")
+            .try_into()
+            .expect("an XDP program");
+        let dev = pair.veth_b.clone();
+        pair.in_ns(&pair.b, || xdp.attach(&dev, XdpMode::Default))
+            .unwrap_or_else(|e| panic!("attaching the pass-through XDP program to {dev}: {e}"));
+        Self { _obj: obj }
+    }
+}
+
+/// How a connect ended, and how long it took.
+enum Conn {
+    Connected(Duration),
+    Refused(Duration),
+    TimedOut,
+    Failed(io::Error),
+}
+
+impl Conn {
+    fn is_connected(&self) -> bool {
+        matches!(self, Conn::Connected(_))
+    }
+    fn is_timed_out(&self) -> bool {
+        matches!(self, Conn::TimedOut)
+    }
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Conn::Connected(t) => write!(f, "connected after {t:?}"),
+            Conn::Refused(t) => write!(f, "ECONNREFUSED after {t:?}"),
+            Conn::TimedOut => f.write_str("timed out"),
+            Conn::Failed(e) => write!(f, "failed: {e}"),
+        }
+    }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data, large and aligned enough for both families.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// A TCP connect from the calling thread's namespace to `to`, from source address `from`
+/// when given (std's TcpStream cannot bind before connecting), waiting at most `timeout`.
+fn try_connect(from: Option<IpAddr>, to: SocketAddr, timeout: Duration) -> Conn {
+    let family = if to.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+    // SAFETY: a fresh fd we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Some(src) = from {
+        let (sa, len) = sockaddr(SocketAddr::new(src, 0));
+        // SAFETY: sa is a valid sockaddr of length len.
+        let rc = unsafe { libc::bind(sock.as_raw_fd(), &sa as *const _ as *const _, len) };
+        assert_eq!(rc, 0, "bind {src}: {}", io::Error::last_os_error());
+    }
+    let (sa, len) = sockaddr(to);
+    let start = Instant::now();
+    // SAFETY: sa is a valid sockaddr of length len.
+    let rc = unsafe { libc::connect(sock.as_raw_fd(), &sa as *const _ as *const _, len) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return classify_err(e, start);
+        }
+    }
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Conn::TimedOut;
+        }
+        let mut pfd = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Conn::Failed(e);
+        }
+        if n == 0 {
+            continue;
+        }
+        let mut err: libc::c_int = 0;
+        let mut l = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: err and l are valid out pointers of the sizes given.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                &mut err as *mut _ as *mut _,
+                &mut l,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt SO_ERROR");
+        if err == 0 {
+            return Conn::Connected(start.elapsed());
+        }
+        return classify_err(io::Error::from_raw_os_error(err), start);
+    }
+}
+
+fn classify_err(e: io::Error, start: Instant) -> Conn {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => Conn::Refused(start.elapsed()),
+        io::ErrorKind::TimedOut => Conn::TimedOut,
+        _ => Conn::Failed(e),
+    }
+}
+
+/// [`try_connect`] from inside namespace `ns`.
+fn connect_in(
+    pair: &NetNsPair,
+    ns: &str,
+    from: Option<IpAddr>,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Conn {
+    pair.in_ns(ns, || try_connect(from, to, timeout))
+}
+
+/// Several connects from `ns` at once (so their timeouts overlap), results in order.
+fn connect_all(
+    pair: &NetNsPair,
+    ns: &str,
+    probes: &[(Option<IpAddr>, SocketAddr)],
+    timeout: Duration,
+) -> Vec<Conn> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = probes
+            .iter()
+            .map(|&(from, to)| s.spawn(move || connect_in(pair, ns, from, to, timeout)))
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
+/// A dual-stack listener on [::]:port in `ns` (bindv6only is 0 in a new namespace, so IPv4
+/// clients reach it too, as ::ffff:a.b.c.d). Connections are left in its accept queue.
+fn listen(pair: &NetNsPair, ns: &str, port: u16) -> TcpListener {
+    let l = pair.in_ns(ns, || {
+        TcpListener::bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port))
+            .unwrap_or_else(|e| panic!("binding [::]:{port} in {ns}: {e}"))
+    });
+    l.set_nonblocking(true).expect("nonblocking listener");
+    l
+}
+
+/// Accepts (and closes) whatever is queued; returns how many.
+fn accept_queued(l: &TcpListener) -> usize {
+    let mut n = 0;
+    loop {
+        match l.accept() {
+            Ok(_) => n += 1,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return n,
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// `ip args...`, panicking with stderr on failure; returns stdout.
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running ip {}: {e}", args.join(" ")));
+    assert!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// MAC address of `dev` in `ns`.
+fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
+    let out = ip(&["-n", ns, "-o", "link", "show", "dev", dev]);
+    let text = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no link/ether in: {out}"));
+    let mut mac = [0u8; 6];
+    for (m, h) in mac.iter_mut().zip(text.split(':')) {
+        *m = u8::from_str_radix(h, 16).expect("hex MAC byte");
+    }
+    mac
+}
+
+/// A raw AF_PACKET socket bound to `ifindex` of the calling thread's namespace. `rx`:
+/// receives IPv4 frames arriving on the interface (PACKET_IGNORE_OUTGOING); otherwise a
+/// send-only socket (protocol 0 receives nothing).
+fn packet_socket(ifindex: u32, rx: bool) -> OwnedFd {
+    let proto: u16 = if rx { ETH_P_IPV4 } else { 0 };
+    // SAFETY: plain socket(2).
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(proto.to_be()),
+        )
+    };
+    assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+    // SAFETY: a fresh fd we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data.
+    let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto.to_be();
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: a valid sockaddr_ll of the size given.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            &sll as *const _ as *const libc::sockaddr,
+            size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "bind AF_PACKET: {}", io::Error::last_os_error());
+    if rx {
+        setsockopt_int(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_IGNORE_OUTGOING,
+            1,
+        );
+        setsockopt_int(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20);
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 50_000,
+        };
+        // SAFETY: a valid timeval of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const _,
+                size_of::<libc::timeval>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVTIMEO");
+    }
+    sock
+}
+
+fn setsockopt_int(fd: RawFd, level: i32, name: i32, v: i32) {
+    // SAFETY: a valid int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &v as *const _ as *const _,
+            size_of::<i32>() as u32,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt({level}, {name}): {}",
+        io::Error::last_os_error()
+    );
+}
+
+/// A small JSON reader for `status --json` (the tests crate has no serde_json). Numbers
+/// keep their text so u64 counters stay exact; a missing key or index reads as Null.
+#[derive(Clone, Debug, PartialEq)]
+enum Json {
+    Null,
+    Bool(bool),
+    Num(String),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, Json)>),
+}
+
+static NULL: Json = Json::Null;
+
+impl Json {
+    #[track_caller]
+    fn parse(text: &str) -> Json {
+        let mut p = JsonParser {
+            s: text.as_bytes(),
+            i: 0,
+        };
+        let v = p.value();
+        p.ws();
+        assert_eq!(p.i, p.s.len(), "trailing bytes after JSON: {text}");
+        v
+    }
+
+    #[track_caller]
+    fn u64(&self) -> u64 {
+        match self {
+            Json::Num(n) => n.parse().unwrap_or_else(|_| panic!("not a u64: {n}")),
+            other => panic!("not a number: {other}"),
+        }
+    }
+
+    #[track_caller]
+    fn bool(&self) -> bool {
+        match self {
+            Json::Bool(b) => *b,
+            other => panic!("not a bool: {other}"),
+        }
+    }
+
+    #[track_caller]
+    fn str(&self) -> &str {
+        match self {
+            Json::Str(s) => s,
+            other => panic!("not a string: {other}"),
+        }
+    }
+
+    #[track_caller]
+    fn arr(&self) -> &[Json] {
+        match self {
+            Json::Arr(a) => a,
+            other => panic!("not an array: {other}"),
+        }
+    }
+}
+
+impl std::ops::Index<&str> for Json {
+    type Output = Json;
+    fn index(&self, key: &str) -> &Json {
+        match self {
+            Json::Obj(kv) => kv.iter().find(|(k, _)| k == key).map_or(&NULL, |(_, v)| v),
+            _ => &NULL,
+        }
+    }
+}
+
+impl std::fmt::Display for Json {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Json::Null => f.write_str("null"),
+            Json::Bool(b) => write!(f, "{b}"),
+            Json::Num(n) => f.write_str(n),
+            Json::Str(s) => write!(f, "{s:?}"),
+            Json::Arr(a) => {
+                f.write_str("[")?;
+                for (i, v) in a.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{v}")?;
+                }
+                f.write_str("]")
+            }
+            Json::Obj(kv) => {
+                f.write_str("{")?;
+                for (i, (k, v)) in kv.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{k:?}:{v}")?;
+                }
+                f.write_str("}")
+            }
+        }
+    }
+}
+
+struct JsonParser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl JsonParser<'_> {
+    fn ws(&mut self) {
+        while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&self) -> u8 {
+        *self.s.get(self.i).expect("JSON ends early")
+    }
+
+    fn eat(&mut self, c: u8) {
+        self.ws();
+        assert_eq!(
+            self.peek(),
+            c,
+            "JSON: expected {:?} at {}",
+            c as char,
+            self.i
+        );
+        self.i += 1;
+    }
+
+    fn value(&mut self) -> Json {
+        self.ws();
+        match self.peek() {
+            b'{' => {
+                self.i += 1;
+                let mut kv = Vec::new();
+                self.ws();
+                if self.peek() == b'}' {
+                    self.i += 1;
+                    return Json::Obj(kv);
+                }
+                loop {
+                    self.ws();
+                    let k = self.string();
+                    self.eat(b':');
+                    kv.push((k, self.value()));
+                    self.ws();
+                    match self.peek() {
+                        b',' => self.i += 1,
+                        b'}' => {
+                            self.i += 1;
+                            return Json::Obj(kv);
+                        }
+                        c => panic!("JSON: unexpected {:?} in object", c as char),
+                    }
+                }
+            }
+            b'[' => {
+                self.i += 1;
+                let mut a = Vec::new();
+                self.ws();
+                if self.peek() == b']' {
+                    self.i += 1;
+                    return Json::Arr(a);
+                }
+                loop {
+                    a.push(self.value());
+                    self.ws();
+                    match self.peek() {
+                        b',' => self.i += 1,
+                        b']' => {
+                            self.i += 1;
+                            return Json::Arr(a);
+                        }
+                        c => panic!("JSON: unexpected {:?} in array", c as char),
+                    }
+                }
+            }
+            b'"' => Json::Str(self.string()),
+            b't' => self.literal("true", Json::Bool(true)),
+            b'f' => self.literal("false", Json::Bool(false)),
+            b'n' => self.literal("null", Json::Null),
+            _ => {
+                let start = self.i;
+                while self.i < self.s.len()
+                    && matches!(
+                        self.s[self.i],
+                        b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'
+                    )
+                {
+                    self.i += 1;
+                }
+                assert!(self.i > start, "JSON: unexpected byte at {start}");
+                Json::Num(String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
+            }
+        }
+    }
+
+    fn literal(&mut self, word: &str, v: Json) -> Json {
+        assert!(
+            self.s[self.i..].starts_with(word.as_bytes()),
+            "JSON: bad literal at {}",
+            self.i
+        );
+        self.i += word.len();
+        v
+    }
+
+    fn string(&mut self) -> String {
+        assert_eq!(self.peek(), b'"', "JSON: expected a string at {}", self.i);
+        self.i += 1;
+        let mut out = Vec::new();
+        loop {
+            let c = self.peek();
+            self.i += 1;
+            match c {
+                b'"' => return String::from_utf8(out).expect("UTF-8 string"),
+                b'\\' => {
+                    let e = self.peek();
+                    self.i += 1;
+                    match e {
+                        b'n' => out.push(b'\n'),
+                        b't' => out.push(b'\t'),
+                        b'r' => out.push(b'\r'),
+                        b'b' => out.push(8),
+                        b'f' => out.push(12),
+                        b'u' => {
+                            let h = std::str::from_utf8(&self.s[self.i..self.i + 4]).unwrap();
+                            let c = char::from_u32(u32::from_str_radix(h, 16).unwrap())
+                                .unwrap_or('\u{fffd}');
+                            self.i += 4;
+                            out.extend_from_slice(c.to_string().as_bytes());
+                        }
+                        other => out.push(other),
+                    }
+                }
+                _ => out.push(c),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. The RST|ACK built in XDP, checked field by field
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+enum Addrs {
+    V4(Ipv4Addr, Ipv4Addr),
+    V6(Ipv6Addr, Ipv6Addr),
+}
+
+/// One refused SYN and what the test knows about it (from how it was built, not parsed).
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    /// VLAN tags between the MACs and the IP header.
+    tags: usize,
+    addrs: Addrs,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    /// TCP payload bytes (SEG.LEN counts them, plus one for the SYN).
+    data_len: u32,
+}
+
+const GATED_PORT: u16 = 443;
+
+/// Addresses whose 16-bit sums carry, so a checksum that forgets the end-around carry shows.
+fn v4_addrs() -> Addrs {
+    Addrs::V4(
+        Ipv4Addr::new(203, 0, 255, 254),
+        Ipv4Addr::new(198, 18, 255, 255),
+    )
+}
+fn v6_addrs() -> Addrs {
+    Addrs::V6(
+        "fd00:ffff:fffe:1::ffff".parse().unwrap(),
+        "fd00:6472:ffff::8001".parse().unwrap(),
+    )
+}
+
+fn case(
+    name: &'static str,
+    tags: &[(u16, u16)],
+    addrs: Addrs,
+    tcp: Tcp,
+    payload: &[u8],
+    trailer: usize,
+) -> Case {
+    let mut p = Packet::eth();
+    for &(tpid, vid) in tags {
+        p = p.vlan(tpid, vid);
+    }
+    p = match addrs {
+        Addrs::V4(s, d) => {
+            let mut h = Ipv4::new(s, d);
+            // Fields the RST must not copy: it writes its own TOS 0, TTL 64, DF.
+            h.tos = 0xb8;
+            h.ttl = 3;
+            h.id = 0xbeef;
+            p.ipv4(h)
+        }
+        Addrs::V6(s, d) => {
+            let mut h = Ipv6::new(s, d);
+            h.traffic_class = 0xb8;
+            h.flow_label = 0xabcde;
+            h.hop_limit = 3;
+            p.ipv6(h)
+        }
+    };
+    let (sport, dport, seq) = (tcp.sport, tcp.dport, tcp.seq);
+    p = p.tcp(tcp);
+    if !payload.is_empty() {
+        p = p.payload(payload);
+    }
+    let mut frame = p.build().bytes;
+    // Ethernet trailer (padding to the 60-byte minimum, FCS-less): after the IP datagram,
+    // so it is not part of SEG.LEN.
+    frame.resize(frame.len() + trailer, 0);
+    Case {
+        name,
+        frame,
+        tags: tags.len(),
+        addrs,
+        sport,
+        dport,
+        seq,
+        data_len: payload.len() as u32,
+    }
+}
+
+/// Checks `out` is the RST|ACK answer to `c` (RFC 9293 3.10.7.1: <SEQ=0><ACK=SEG.SEQ+SEG.LEN>
+/// <CTL=RST,ACK>), with the header rules drain documents.
+fn check_rst(c: &Case, out: &[u8]) {
+    let ctx = || format!("{}: output {}", c.name, hex(out));
+    let l3 = 14 + 4 * c.tags;
+    let iphl = match c.addrs {
+        Addrs::V4(..) => 20,
+        Addrs::V6(..) => 40,
+    };
+    let l4 = l3 + iphl;
+    // Trimmed to headers: no TCP options, no payload, no trailer.
+    assert_eq!(out.len(), l4 + 20, "frame length: {}", ctx());
+    // Ethernet: MACs swapped; VLAN tags and the EtherTypes kept as they were.
+    assert_eq!(out[0..6], c.frame[6..12], "destination MAC: {}", ctx());
+    assert_eq!(out[6..12], c.frame[0..6], "source MAC: {}", ctx());
+    assert_eq!(
+        out[12..l3],
+        c.frame[12..l3],
+        "EtherType / VLAN tags: {}",
+        ctx()
+    );
+    let ip = &out[l3..l4];
+    let pseudo: Vec<u8> = match c.addrs {
+        Addrs::V4(src, dst) => {
+            assert_eq!(ip[0], 0x45, "IPv4 version 4, IHL 5: {}", ctx());
+            assert_eq!(be16(ip, 2), 40, "IPv4 total length: {}", ctx());
+            assert_eq!(be16(ip, 6), 0x4000, "IPv4 flags DF, offset 0: {}", ctx());
+            assert_eq!(ip[8], 64, "IPv4 TTL: {}", ctx());
+            assert_eq!(ip[9], IPPROTO_TCP, "IPv4 protocol: {}", ctx());
+            assert_eq!(ip[12..16], dst.octets(), "IPv4 source: {}", ctx());
+            assert_eq!(ip[16..20], src.octets(), "IPv4 destination: {}", ctx());
+            assert_eq!(inet_checksum(&[ip]), 0, "IPv4 header checksum: {}", ctx());
+            // Source, destination, zero, protocol, TCP length (RFC 9293 3.1).
+            [&ip[12..20], &[0, IPPROTO_TCP, 0, 20]].concat()
+        }
+        Addrs::V6(src, dst) => {
+            let first = be32(ip, 0);
+            assert_eq!(first >> 28, 6, "IPv6 version: {}", ctx());
+            assert_eq!(first & 0xf_ffff, 0, "IPv6 flow label: {}", ctx());
+            assert_eq!(be16(ip, 4), 20, "IPv6 payload length: {}", ctx());
+            assert_eq!(ip[6], IPPROTO_TCP, "IPv6 next header: {}", ctx());
+            assert_eq!(ip[7], 64, "IPv6 hop limit: {}", ctx());
+            assert_eq!(ip[8..24], dst.octets(), "IPv6 source: {}", ctx());
+            assert_eq!(ip[24..40], src.octets(), "IPv6 destination: {}", ctx());
+            // Source, destination, 32-bit upper-layer length, 3 zero bytes, next header
+            // (RFC 8200 8.1).
+            [&ip[8..40], &[0, 0, 0, 20, 0, 0, 0, IPPROTO_TCP]].concat()
+        }
+    };
+    let tcp = &out[l4..];
+    assert_eq!(be16(tcp, 0), c.dport, "TCP source port: {}", ctx());
+    assert_eq!(be16(tcp, 2), c.sport, "TCP destination port: {}", ctx());
+    assert_eq!(be32(tcp, 4), 0, "TCP seq: {}", ctx());
+    let want_ack = c.seq.wrapping_add(1).wrapping_add(c.data_len);
+    assert_eq!(
+        be32(tcp, 8),
+        want_ack,
+        "TCP ack = seq + 1 + payload: {}",
+        ctx()
+    );
+    assert_eq!(tcp[12], 5 << 4, "TCP data offset 5, reserved 0: {}", ctx());
+    assert_eq!(tcp[13], TCP_RST | TCP_ACK, "TCP flags RST|ACK: {}", ctx());
+    assert_eq!(be16(tcp, 14), 0, "TCP window: {}", ctx());
+    assert_eq!(be16(tcp, 18), 0, "TCP urgent pointer: {}", ctx());
+    assert_eq!(
+        inet_checksum(&[&pseudo, tcp]),
+        0,
+        "TCP checksum over the pseudo-header: {}",
+        ctx()
+    );
+}
+
+/// A gate with policy reset and a limiter that never limits in these tests (1 ns interval,
+/// burst 10^6).
+fn reset_gate() -> (Loaded, ProgramFd, ProgramFd) {
+    let mut obj = Loaded::open();
+    let xdp = obj.load_xdp(prog::XDP);
+    let tc = obj.load_tc(prog::TC);
+    configure(
+        &mut obj,
+        GATED_PORT,
+        GateConfig {
+            enabled: GATE_ON,
+            policy: POLICY_RESET,
+            rst_interval_ns: 1,
+            rst_burst: 1_000_000,
+            ..Default::default()
+        },
+    );
+    (obj, xdp, tc)
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn reset_answers_refused_syns_with_a_valid_rst_ack() {
+    let (obj, xdp, tc) = reset_gate();
+    let q = ETH_P_8021Q;
+    // Linux-like SYN options: MSS, SACK permitted, timestamps, NOP, window scale (20 bytes).
+    let full_opts = vec![
+        2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0x12, 0x34, 0x56, 0x78, 0, 0, 0, 0, 1, 3, 3, 7,
+    ];
+    let syn = |sport, seq| Tcp {
+        seq,
+        ..Tcp::new(sport, GATED_PORT, TCP_SYN)
+    };
+    let cases = vec![
+        case("IPv4", &[], v4_addrs(), syn(65535, 0x89ab_cdef), &[], 0),
+        case("IPv6", &[], v6_addrs(), syn(40000, 0x0000_0001), &[], 0),
+        case("IPv4 802.1Q", &[(q, 100)], v4_addrs(), syn(1, 7), &[], 0),
+        case(
+            "IPv6 QinQ",
+            &[(ETH_P_8021AD, 10), (q, 4094)],
+            v6_addrs(),
+            syn(50001, 0xdead_beef),
+            &[],
+            0,
+        ),
+        case(
+            "IPv4 SYN with 17 bytes of data",
+            &[],
+            v4_addrs(),
+            syn(40001, 1000),
+            &[0x5a; 17],
+            0,
+        ),
+        case(
+            "IPv6 QinQ SYN with options and 33 bytes of data",
+            &[(ETH_P_8021AD, 1), (q, 2)],
+            v6_addrs(),
+            Tcp {
+                options: full_opts.clone(),
+                ..syn(40002, 0xffff_fff0)
+            },
+            &[0xa5; 33],
+            0,
+        ),
+        case(
+            "IPv4 SYN with 20 bytes of TCP options",
+            &[],
+            v4_addrs(),
+            Tcp {
+                options: full_opts.clone(),
+                ..syn(40003, 0x1234_5678)
+            },
+            &[],
+            0,
+        ),
+        case(
+            "IPv6 SYN with TCP options (MSS)",
+            &[],
+            v6_addrs(),
+            Tcp::syn(40004, GATED_PORT),
+            &[],
+            0,
+        ),
+        case(
+            "IPv4 802.1Q SYN with seq 0xffffffff (ack wraps to 0)",
+            &[(q, 5)],
+            v4_addrs(),
+            syn(40005, u32::MAX),
+            &[],
+            0,
+        ),
+        case(
+            "IPv4 ECN SYN (flags 0xC2)",
+            &[],
+            v4_addrs(),
+            syn(40006, 77).flags(TCP_SYN | TCP_ECE | TCP_CWR),
+            &[],
+            0,
+        ),
+        case(
+            "IPv4 SYN padded to 60 bytes (trailer is not data)",
+            &[],
+            v4_addrs(),
+            syn(40007, 5),
+            &[],
+            6,
+        ),
+        case(
+            "IPv6 SYN with 1 byte of data and a trailer",
+            &[],
+            v6_addrs(),
+            syn(40008, 9),
+            &[0xff],
+            5,
+        ),
+    ];
+    let mut sent = 0;
+    for c in &cases {
+        let before = stats_sum(&obj, 1);
+        let (ret, out) = test_run(xdp.as_fd(), &c.frame);
+        assert_eq!(
+            ret,
+            XDP_TX,
+            "{}: want XDP_TX, frame {}",
+            c.name,
+            hex(&c.frame)
+        );
+        check_rst(c, &out);
+        sent += 1;
+        let after = stats_sum(&obj, 1);
+        assert_eq!(after.syns_refused, before.syns_refused + 1, "{}", c.name);
+        assert_eq!(after.rst_sent, before.rst_sent + 1, "{}", c.name);
+        assert_eq!(after.rst_limited, before.rst_limited, "{}", c.name);
+        assert_eq!(after.syns_passed, before.syns_passed, "{}", c.name);
+    }
+
+    // Not turned around: IPv4 with options, IPv6 with an extension header. Still refused
+    // (dropped), no RST counted.
+    let ra = IPOPT_ROUTER_ALERT;
+    let (s4, d4) = (Ipv4Addr::new(198, 18, 1, 1), Ipv4Addr::new(198, 18, 1, 2));
+    let (s6, d6): (Ipv6Addr, Ipv6Addr) = ("fd00::1".parse().unwrap(), "fd00::2".parse().unwrap());
+    let dropped: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "IPv4 with Router Alert option",
+            Packet::eth()
+                .ipv4(Ipv4::new(s4, d4).options(&ra))
+                .tcp(Tcp::syn(1234, GATED_PORT))
+                .build()
+                .bytes,
+        ),
+        (
+            "IPv4 802.1Q with 40 bytes of options and data",
+            Packet::eth()
+                .vlan(q, 3)
+                .ipv4(Ipv4::new(s4, d4).options(&[IPOPT_NOP; 40]))
+                .tcp(Tcp::syn(1234, GATED_PORT))
+                .payload(b"hello")
+                .build()
+                .bytes,
+        ),
+        (
+            "IPv6 with Hop-by-Hop",
+            Packet::eth()
+                .ipv6(Ipv6::new(s6, d6))
+                .ext(Ext::HopByHop { len: 0 })
+                .tcp(Tcp::syn(1234, GATED_PORT))
+                .build()
+                .bytes,
+        ),
+        (
+            "IPv6 QinQ with Destination Options",
+            Packet::eth()
+                .vlan(ETH_P_8021AD, 1)
+                .vlan(q, 2)
+                .ipv6(Ipv6::new(s6, d6))
+                .ext(Ext::DestOpts { len: 1 })
+                .tcp(Tcp::syn(1234, GATED_PORT))
+                .build()
+                .bytes,
+        ),
+        (
+            "IPv6 with a first-fragment header",
+            Packet::eth()
+                .ipv6(Ipv6::new(s6, d6))
+                .ext(Ext::Fragment {
+                    offset: 0,
+                    more: true,
+                    id: 1,
+                })
+                .tcp(Tcp::syn(1234, GATED_PORT))
+                .build()
+                .bytes,
+        ),
+    ];
+    for (name, frame) in &dropped {
+        let before = stats_sum(&obj, 1);
+        let (ret, _) = test_run(xdp.as_fd(), frame);
+        assert_eq!(ret, XDP_DROP, "{name}: want XDP_DROP, frame {}", hex(frame));
+        let after = stats_sum(&obj, 1);
+        assert_eq!(after.syns_refused, before.syns_refused + 1, "{name}");
+        assert_eq!(after.rst_sent, before.rst_sent, "{name}: no RST counted");
+    }
+
+    // The TC gate refuses by dropping under policy reset too, and leaves the frame alone.
+    for c in &cases {
+        let before = stats_sum(&obj, 1);
+        let (ret, out) = test_run(tc.as_fd(), &c.frame);
+        assert_eq!(ret, TC_ACT_SHOT, "{}: TC under policy reset", c.name);
+        assert_eq!(out, c.frame, "{}: TC must not rewrite the frame", c.name);
+        let after = stats_sum(&obj, 1);
+        assert_eq!(after.syns_refused, before.syns_refused + 1, "{}", c.name);
+        assert_eq!(
+            after.rst_sent, before.rst_sent,
+            "{}: TC sends no RST",
+            c.name
+        );
+    }
+
+    let total = stats_sum(&obj, 1);
+    assert_eq!(total.rst_sent, sent);
+    assert_eq!(total.syns_refused, (2 * cases.len() + dropped.len()) as u64);
+    eprintln!(
+        "reset PROG_TEST_RUN: {} frames turned into valid RST|ACKs, {} dropped; counters {total:?}",
+        cases.len(),
+        dropped.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. The RST rate limit
+// ---------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn rst_rate_limit_is_exact_per_cpu() {
+    // Exact, through PROG_TEST_RUN: interval 10 s, burst 5. Nothing refills during the test, so each CPU's
+    // bucket lets exactly `burst` RSTs go and limits the rest.
+    const BURST: u64 = 5;
+    const RUNS: usize = 2000;
+    let mut obj = Loaded::open();
+    let xdp = obj.load_xdp(prog::XDP);
+    configure(
+        &mut obj,
+        GATED_PORT,
+        GateConfig {
+            enabled: GATE_ON,
+            policy: POLICY_RESET,
+            rst_interval_ns: 10_000_000_000,
+            rst_burst: BURST,
+            ..Default::default()
+        },
+    );
+    let frame = Packet::eth()
+        .ipv4(Ipv4::new(
+            Ipv4Addr::new(198, 18, 0, 9),
+            Ipv4Addr::new(198, 18, 0, 10),
+        ))
+        .tcp(Tcp::syn(40000, GATED_PORT))
+        .build()
+        .bytes;
+    let cpus = aya::util::online_cpus().expect("online CPUs");
+    let run_on = |cpu: u32, n: usize| -> u64 {
+        on_cpu(cpu, || {
+            let mut tx = 0;
+            for _ in 0..n {
+                let (ret, out) = test_run(xdp.as_fd(), &frame);
+                match ret {
+                    XDP_TX => tx += 1,
+                    XDP_DROP => assert_eq!(out, frame, "a limited SYN is dropped unchanged"),
+                    other => panic!("verdict {other} for a gated SYN under policy reset"),
+                }
+            }
+            tx
+        })
+    };
+    // All on the first CPU: exactly one bucket's burst.
+    let first = run_on(cpus[0], RUNS / 2);
+    // Spread over every CPU: each other CPU's bucket adds its burst, the first adds none.
+    let mut spread = 0;
+    for (i, &cpu) in cpus.iter().enumerate() {
+        let n = RUNS / 2 / cpus.len() + usize::from(i < RUNS / 2 % cpus.len());
+        spread += run_on(cpu, n);
+    }
+    let tx = first + spread;
+    let st = stats_sum(&obj, 1);
+    eprintln!(
+        "rate limit (PROG_TEST_RUN, interval 10 s, burst {BURST}, {} CPUs): {first} TX on \
+         CPU {} alone, {tx} TX of {RUNS} in all; counters {st:?}",
+        cpus.len(),
+        cpus[0]
+    );
+    // Counters first: they hold whatever the burst is.
+    assert_eq!(st.syns_refused, RUNS as u64);
+    assert_eq!(st.rst_sent, tx);
+    assert_eq!(st.rst_limited, RUNS as u64 - tx);
+    assert_eq!(
+        first, BURST,
+        "one CPU's bucket let {first} RSTs through at once: the burst is {BURST}"
+    );
+    assert!(
+        (BURST..=BURST * cpus.len() as u64).contains(&tx),
+        "{tx} RSTs for {RUNS} SYNs: per-CPU buckets allow between {BURST} and {}",
+        BURST * cpus.len() as u64
+    );
+    assert_eq!(
+        tx,
+        BURST * cpus.len() as u64,
+        "every CPU's bucket gives its burst"
+    );
+}
+
+/// The same limiter through the CLI and a real flood: raw SYNs from namespace b for ~1 s.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn rst_rate_limit_holds_under_a_real_flood() {
+    const RATE: u64 = 100;
+    const PORT: u16 = 9000;
+    let pair = NetNsPair::new();
+    let gate = Gate::new(&pair, &pair.a);
+    gate.on(&[
+        "--port",
+        &PORT.to_string(),
+        "--iface",
+        &pair.veth_a,
+        "--policy",
+        "reset",
+        "--rst-rate",
+        &RATE.to_string(),
+    ]);
+    // The limiter as documented: all CPUs together send at most RATE per second, each
+    // CPU's bucket holds a tenth of a second of its share, at least 1. (The exact split is
+    // checked in rst_rate_is_a_total_over_all_cpus.)
+    let ncpus = nr_cpus();
+    let cfg = gate.config();
+    assert_eq!(cfg.policy, POLICY_RESET);
+    assert!(
+        ncpus * 1_000_000_000 <= RATE * cfg.rst_interval_ns,
+        "{ncpus} CPUs at one RST per {} ns exceed {RATE}/s: {cfg:?}",
+        cfg.rst_interval_ns
+    );
+    let burst = cfg.rst_burst;
+    assert_eq!(burst, (RATE / ncpus / 10).max(1), "{cfg:?}");
+    let per_cpu = 1_000_000_000 / cfg.rst_interval_ns;
+    let _napi = PeerNapi::attach(&pair);
+
+    let (mac_a, mac_b) = (mac_of(&pair.a, &pair.veth_a), mac_of(&pair.b, &pair.veth_b));
+    let frames: Vec<Vec<u8>> = (0..256u16)
+        .map(|i| {
+            Packet::push(
+                Packet::default(),
+                Layer::Ethernet {
+                    dst: mac_a,
+                    src: mac_b,
+                },
+            )
+            .ipv4(Ipv4::new(pair.b_v4, pair.a_v4))
+            .tcp(Tcp {
+                seq: u32::from(i) * 7919,
+                ..Tcp::syn(20000 + i, PORT)
+            })
+            .build()
+            .bytes
+        })
+        .collect();
+    let ifindex_b = ifindex_in(&pair, &pair.b, &pair.veth_b);
+    let (txs, rxs) = pair.in_ns(&pair.b, || {
+        (
+            packet_socket(ifindex_b, false),
+            packet_socket(ifindex_b, true),
+        )
+    });
+    let done = AtomicBool::new(false);
+    let a_v4 = pair.a_v4.octets();
+    let (sent, flood_time, received) = std::thread::scope(|s| {
+        let counter = s.spawn(|| {
+            let mut buf = vec![0u8; 2048];
+            let mut n = 0u64;
+            loop {
+                // SAFETY: buf is a valid buffer of the length given.
+                let r = unsafe {
+                    libc::recv(rxs.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len(), 0)
+                };
+                if r < 0 {
+                    if done.load(Ordering::Relaxed) {
+                        return n;
+                    }
+                    continue;
+                }
+                let f = &buf[..r as usize];
+                // Untagged IPv4, no options, TCP from a:PORT with RST set.
+                if f.len() >= 54
+                    && be16(f, 12) == ETH_P_IPV4
+                    && f[14] == 0x45
+                    && f[23] == IPPROTO_TCP
+                    && f[26..30] == a_v4
+                    && be16(f, 34) == PORT
+                    && f[47] & TCP_RST != 0
+                {
+                    n += 1;
+                }
+            }
+        });
+        let start = Instant::now();
+        let mut sent = 0u64;
+        // SAFETY: sockaddr_ll is plain data.
+        let mut to: libc::sockaddr_ll = unsafe { zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_protocol = ETH_P_IPV4.to_be();
+        to.sll_ifindex = ifindex_b as i32;
+        while start.elapsed() < Duration::from_secs(1) {
+            for f in &frames {
+                // SAFETY: f and `to` are valid for the lengths given.
+                let r = unsafe {
+                    libc::sendto(
+                        txs.as_raw_fd(),
+                        f.as_ptr() as *const _,
+                        f.len(),
+                        0,
+                        &to as *const _ as *const libc::sockaddr,
+                        size_of::<libc::sockaddr_ll>() as u32,
+                    )
+                };
+                if r == f.len() as isize {
+                    sent += 1;
+                }
+            }
+        }
+        let flood_time = start.elapsed();
+        // Let the last RSTs arrive, then stop the counter.
+        std::thread::sleep(Duration::from_millis(300));
+        done.store(true, Ordering::Relaxed);
+        let received = counter.join().expect("RST counter thread");
+        (sent, flood_time, received)
+    });
+    let (_, p) = gate.port(PORT);
+    let (refused, rst_sent, rst_limited) = (
+        p["syns_refused"].u64(),
+        p["rst_sent"].u64(),
+        p["rst_limited"].u64(),
+    );
+    let secs = flood_time.as_secs_f64();
+    // GCRA bound: each CPU's bucket holds at most `burst` when the flood starts (it is
+    // capped however long the gate was idle), then refills one RST per interval, rounded
+    // up: at most RATE * duration + ncpus * (burst + 1) in all.
+    let bound = (RATE as f64 * (secs + 0.01)).ceil() as u64 + ncpus * (burst + 1);
+    eprintln!(
+        "rate limit (CLI, --rst-rate {RATE}, interval {} ms, burst {burst}): {sent} SYNs sent \
+         in {secs:.3} s, {refused} refused, {rst_sent} RSTs sent, {rst_limited} limited, \
+         {received} RSTs received in b; bound {bound}",
+        cfg.rst_interval_ns / 1_000_000
+    );
+    assert!(sent > 10_000, "the flood sent only {sent} SYNs");
+    assert!(
+        refused <= sent && refused > sent / 2,
+        "{refused} refused of {sent}"
+    );
+    assert_eq!(
+        rst_sent + rst_limited,
+        refused,
+        "every refusal is sent or limited"
+    );
+    assert!(rst_limited > 0, "nothing was rate-limited");
+    assert!(rst_sent <= bound, "{rst_sent} RSTs > {bound}");
+    // The limiter refills: at least half of one CPU's share of the rate over the flood.
+    let floor = burst + (per_cpu as f64 * secs * 0.5) as u64;
+    assert!(rst_sent >= floor, "only {rst_sent} RSTs, want >= {floor}");
+    assert!(
+        received <= rst_sent && received > 0,
+        "{received} RSTs received, {rst_sent} sent"
+    );
+}
+
+/// if_nametoindex inside namespace `ns`.
+fn ifindex_in(pair: &NetNsPair, ns: &str, dev: &str) -> u32 {
+    let name = std::ffi::CString::new(dev).unwrap();
+    // SAFETY: a valid NUL-terminated string.
+    let idx = pair.in_ns(ns, || unsafe { libc::if_nametoindex(name.as_ptr()) });
+    assert!(idx != 0, "no interface {dev} in {ns}");
+    idx
+}
+
+/// The RST budget pays for RSTs only: refused SYNs that get no RST anyway (IPv4 options
+/// and IPv6 extension headers, which XDP drops; anything on a TC attachment, which always
+/// drops) must neither spend a token nor count as `rst_limited` ("dropped instead of reset
+/// because the RST rate limit was reached"). Otherwise a flood of such SYNs, or traffic on a
+/// TC-attached interface, silences the RSTs real clients on an XDP interface should get.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn rst_budget_is_spent_only_on_rsts_sent() {
+    const BURST: u64 = 5;
+    let mut obj = Loaded::open();
+    let xdp = obj.load_xdp(prog::XDP);
+    let tc = obj.load_tc(prog::TC);
+    configure(
+        &mut obj,
+        GATED_PORT,
+        GateConfig {
+            enabled: GATE_ON,
+            policy: POLICY_RESET,
+            rst_interval_ns: 10_000_000_000,
+            rst_burst: BURST,
+            ..Default::default()
+        },
+    );
+    let (s4, d4) = (Ipv4Addr::new(198, 18, 2, 1), Ipv4Addr::new(198, 18, 2, 2));
+    let plain = Packet::eth()
+        .ipv4(Ipv4::new(s4, d4))
+        .tcp(Tcp::syn(1234, GATED_PORT))
+        .build()
+        .bytes;
+    let with_options = Packet::eth()
+        .ipv4(Ipv4::new(s4, d4).options(&IPOPT_ROUTER_ALERT))
+        .tcp(Tcp::syn(1234, GATED_PORT))
+        .build()
+        .bytes;
+    let with_ext = Packet::eth()
+        .ipv6(Ipv6::new(
+            "fd00::1".parse().unwrap(),
+            "fd00::2".parse().unwrap(),
+        ))
+        .ext(Ext::HopByHop { len: 0 })
+        .tcp(Tcp::syn(1234, GATED_PORT))
+        .build()
+        .bytes;
+    let cpu = aya::util::online_cpus().expect("online CPUs")[0];
+    let (first_plain, st) = on_cpu(cpu, || {
+        for _ in 0..2 * BURST {
+            assert_eq!(test_run(xdp.as_fd(), &with_options).0, XDP_DROP);
+            assert_eq!(test_run(xdp.as_fd(), &with_ext).0, XDP_DROP);
+            assert_eq!(test_run(tc.as_fd(), &plain).0, TC_ACT_SHOT);
+        }
+        let st = stats_sum(&obj, 1);
+        (test_run(xdp.as_fd(), &plain).0, st)
+    });
+    eprintln!(
+        "rst budget: after {} unresettable refusals, a plain SYN got verdict {first_plain}; \
+         counters then {st:?}",
+        6 * BURST
+    );
+    assert_eq!(st.syns_refused, 6 * BURST);
+    assert_eq!(st.rst_sent, 0);
+    assert_eq!(
+        st.rst_limited, 0,
+        "refusals that could never be reset were counted as rate-limited"
+    );
+    assert_eq!(
+        first_plain, XDP_TX,
+        "the first resettable SYN found the RST budget spent by SYNs that got no RST"
+    );
+}
+
+/// `--rst-rate N` is "most RSTs sent per second (all CPUs together)": the per-CPU buckets
+/// drain-user writes must add up to at most N per second (and not far below it), with a
+/// burst of at least 1.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn rst_rate_is_a_total_over_all_cpus() {
+    let pair = NetNsPair::new();
+    let gate = Gate::new(&pair, &pair.a);
+    let ncpus = nr_cpus();
+    let mut bad = Vec::new();
+    for rate in [1u64, 3, 7, 100, 1000, 10_000_000] {
+        gate.on(&[
+            "--port",
+            "9001",
+            "--iface",
+            &pair.veth_a,
+            "--policy",
+            "reset",
+            "--rst-rate",
+            &rate.to_string(),
+        ]);
+        let cfg = gate.config();
+        // RSTs per second over all CPUs once every bucket is empty.
+        let total = ncpus as f64 * 1e9 / cfg.rst_interval_ns as f64;
+        eprintln!(
+            "--rst-rate {rate} on {ncpus} CPUs: interval {} ns, burst {} per CPU -> {total:.2}/s",
+            cfg.rst_interval_ns, cfg.rst_burst
+        );
+        assert!(cfg.rst_burst >= 1);
+        // Sub-ppm rounding of the integer interval is not an excess.
+        if total > rate as f64 * (1.0 + 1e-6) || total < rate as f64 * 0.5 {
+            bad.push(format!("--rst-rate {rate}: {total:.2} RSTs/s ({cfg:?})"));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "per-CPU buckets do not add up to the rate on {ncpus} CPUs:\n{}",
+        bad.join("\n")
+    );
+}
+
+/// drain-common promises `map::ALL` is "every map the object defines" (the load test
+/// checks each resolves): the RST limiter's map, added with policy reset, must be in it.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn every_map_of_the_object_is_in_map_all() {
+    let obj = Loaded::open();
+    let names: Vec<&str> = obj.bpf.maps().map(|(n, _)| n).collect();
+    assert!(
+        names.contains(&map::RST_RL),
+        "{} not in the object: {names:?}",
+        map::RST_RL
+    );
+    let missing: Vec<&&str> = names
+        .iter()
+        // Compiler-made sections (.rodata, .bss, ...) are not maps drain names.
+        .filter(|n| !n.starts_with('.') && !map::ALL.contains(n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "maps in the object but not in drain_common::map::ALL: {missing:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Real clients
+// ---------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn reset_gives_real_clients_econnrefused_at_once() {
+    const PORT: u16 = 8080;
+    let pair = NetNsPair::new();
+    let _napi = PeerNapi::attach(&pair);
+    let listener = listen(&pair, &pair.a, PORT);
+    let to4 = SocketAddr::new(pair.a_v4.into(), PORT);
+    let to6 = SocketAddr::new(pair.a_v6.into(), PORT);
+
+    // The listener is there: without the gate, every path connects. (So the refusals below
+    // are the gate's RSTs, not the stack's answer to a closed port.)
+    for (ns, to) in [
+        (&pair.b, to4),
+        (&pair.b, to6),
+        (&pair.a, to4),
+        (&pair.a, to6),
+    ] {
+        let c = connect_in(&pair, ns, None, to, Duration::from_secs(2));
+        assert!(c.is_connected(), "baseline {ns} -> {to}: {c:?}");
+    }
+    assert_eq!(accept_queued(&listener), 4);
+
+    let gate = Gate::new(&pair, &pair.a);
+    // Every interface that is up: veth_a (native XDP) and lo (generic XDP).
+    gate.on(&["--port", &PORT.to_string(), "--policy", "reset"]);
+    let probes = [
+        ("b -> a over veth, IPv4", &pair.b, to4),
+        ("b -> a over veth, IPv6", &pair.b, to6),
+        ("a -> a over lo, IPv4", &pair.a, to4),
+        ("a -> a over lo, IPv6", &pair.a, to6),
+    ];
+    for (what, ns, to) in probes {
+        let c = connect_in(&pair, ns, None, to, Duration::from_secs(3));
+        match c {
+            Conn::Refused(t) => {
+                eprintln!("policy reset: {what}: ECONNREFUSED after {t:?}");
+                assert!(
+                    t < Duration::from_secs(1),
+                    "{what}: refused only after {t:?}"
+                );
+            }
+            other => panic!("{what}: want ECONNREFUSED, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        accept_queued(&listener),
+        0,
+        "a refused SYN reached the listener"
+    );
+    let (st, p) = gate.port(PORT);
+    assert_eq!(st["policy"].str(), "reset", "{st}");
+    assert_eq!(p["syns_refused"].u64(), 4, "{p}");
+    assert_eq!(p["rst_sent"].u64(), 4, "{p}");
+    assert_eq!(p["rst_limited"].u64(), 0, "{p}");
+
+    // Policy drop, for contrast: the same connects get no answer and time out.
+    gate.on(&["--port", &PORT.to_string(), "--policy", "drop"]);
+    let timeout = Duration::from_secs(1);
+    let start = Instant::now();
+    let res = connect_all(&pair, &pair.b, &[(None, to4), (None, to6)], timeout);
+    for (c, to) in res.iter().zip([to4, to6]) {
+        assert!(
+            c.is_timed_out(),
+            "policy drop: b -> {to}: want a timeout, got {c:?}"
+        );
+    }
+    let res = connect_all(&pair, &pair.a, &[(None, to4), (None, to6)], timeout);
+    for (c, to) in res.iter().zip([to4, to6]) {
+        assert!(
+            c.is_timed_out(),
+            "policy drop: a -> {to} (lo): want a timeout, got {c:?}"
+        );
+    }
+    eprintln!(
+        "policy drop: 4 connects timed out after the {timeout:?} connect timeout ({:?} in all)",
+        start.elapsed()
+    );
+    let (st, p) = gate.port(PORT);
+    assert_eq!(st["policy"].str(), "drop", "{st}");
+    assert_eq!(p["rst_sent"].u64(), 4, "no RST under policy drop: {p}");
+    assert!(p["syns_refused"].u64() >= 8, "{p}");
+    assert_eq!(accept_queued(&listener), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. TTL
+// ---------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn ttl_opens_the_gate_by_itself() {
+    const PORT: u16 = 8081;
+    const TTL: Duration = Duration::from_secs(2);
+    let pair = NetNsPair::new();
+    let listener = listen(&pair, &pair.a, PORT);
+    let to4 = SocketAddr::new(pair.a_v4.into(), PORT);
+    let to6 = SocketAddr::new(pair.a_v6.into(), PORT);
+    let gate = Gate::new(&pair, &pair.a);
+
+    let t0 = Instant::now();
+    gate.on(&["--port", &PORT.to_string(), "--ttl", "2s"]);
+    let t1 = Instant::now();
+    let st = gate.status();
+    // The kernel's deadline lies between these two (status measured the remaining time
+    // somewhere between the two instants).
+    let remaining = Duration::from_millis(st["ttl_remaining_ms"].u64());
+    let (earliest, latest) = (t1 + remaining, Instant::now() + remaining);
+    eprintln!(
+        "ttl: gate on took {:?}, status {:?}",
+        t1 - t0,
+        Instant::now() - t1
+    );
+    assert_eq!(st["gate"].str(), "on", "{st}");
+    assert!(!st["expired"].bool(), "{st}");
+    let left = st["ttl_remaining_ms"].u64();
+    assert!(
+        left > 1000 && left <= 2000,
+        "ttl_remaining_ms {left} right after --ttl 2s"
+    );
+
+    // Before the deadline: refused (dropped, so the connect times out).
+    let c = connect_in(&pair, &pair.b, None, to4, Duration::from_millis(500));
+    assert!(c.is_timed_out(), "before the TTL ran out: {c:?}");
+    assert!(
+        Instant::now() < earliest,
+        "the probe ran past the deadline: test too slow"
+    );
+
+    // Past the deadline, with no drain-user process running (every call above has exited):
+    // the kernel lets connections through by itself.
+    std::thread::sleep(
+        (latest + Duration::from_millis(300)).saturating_duration_since(Instant::now()),
+    );
+    assert!(TTL.as_millis() as u64 >= remaining.as_millis() as u64);
+    let res = connect_all(
+        &pair,
+        &pair.b,
+        &[(None, to4), (None, to6)],
+        Duration::from_secs(2),
+    );
+    for (c, to) in res.iter().zip([to4, to6]) {
+        assert!(
+            c.is_connected(),
+            "after the TTL: b -> {to}: {c:?}; status {}",
+            gate.status()
+        );
+    }
+    assert_eq!(accept_queued(&listener), 2);
+    let (st, p) = gate.port(PORT);
+    eprintln!("after the TTL: {st}");
+    assert_eq!(st["gate"].str(), "off", "{st}");
+    assert!(st["expired"].bool(), "{st}");
+    assert_eq!(st["ttl_remaining_ms"].u64(), 0, "{st}");
+    assert_eq!(p["syns_expired"].u64(), 2, "{p}");
+    assert!(p["syns_passed"].u64() >= 2, "{p}");
+    assert!(p["syns_refused"].u64() >= 1, "{p}");
+
+    // `gate on` again renews the deadline: on, not expired, a full TTL left; refused again.
+    gate.on(&["--port", &PORT.to_string(), "--ttl", "2s"]);
+    let st = gate.status();
+    assert_eq!(st["gate"].str(), "on", "{st}");
+    assert!(!st["expired"].bool(), "{st}");
+    let renewed = st["ttl_remaining_ms"].u64();
+    assert!(renewed > 1000, "ttl_remaining_ms {renewed} after renewing");
+    let c = connect_in(&pair, &pair.b, None, to4, Duration::from_millis(500));
+    assert!(c.is_timed_out(), "after renewing: {c:?}");
+    assert_eq!(accept_queued(&listener), 0);
+    eprintln!("ttl: {left} ms left after gate on, 0 after expiry, {renewed} after renewing");
+}
+
+/// A TTL longer than CLOCK_BOOTTIME nanoseconds can hold (2^64 ns is ~584.5 years) must
+/// not wrap around into a short one: `gate on` either refuses it (usage error) or keeps the
+/// gate closed for at least as long as it says.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn ttl_too_long_to_represent_is_not_cut_short() {
+    let pair = NetNsPair::new();
+    let gate = Gate::new(&pair, &pair.a);
+    // 584 y (humantime: 365.25 d) + 17105674 s = 18446744074 s: 0.29 s more than 2^64 ns.
+    for ttl in ["584y 17105674s", "600y"] {
+        let out = drain_user(
+            &pair,
+            &pair.a,
+            &[
+                "gate",
+                "on",
+                "--port",
+                "9002",
+                "--iface",
+                &pair.veth_a,
+                "--ttl",
+                ttl,
+            ],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "--ttl {ttl:?} refused, but not as a usage error: {stderr}"
+            );
+            eprintln!("--ttl {ttl:?}: refused: {}", stderr.trim());
+            continue;
+        }
+        let st = gate.status();
+        eprintln!("--ttl {ttl:?}: {} / status {st}", stdout.trim());
+        assert_eq!(st["gate"].str(), "on", "--ttl {ttl:?}: {st}");
+        let left = &st["ttl_remaining_ms"];
+        // 584 years in ms, give or take the time since boot.
+        let years_584_ms = 584 * 31_557_600 * 1000;
+        assert!(
+            *left == Json::Null || left.u64() >= years_584_ms,
+            "--ttl {ttl:?} accepted, but the gate opens in {left} ms (stdout: {})",
+            stdout.trim()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Allowlist
+// ---------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn allowlisted_sources_pass_a_closed_gate() {
+    const PORT: u16 = 8082;
+    let pair = NetNsPair::new();
+    // A second address of each family on b. IPv6: the next host of the pair's prefix.
+    // IPv4: one outside the pair's /30 (TEST-NET-2), on b's veth, with a route back in a
+    // (b answers a's ARP for it: arp_ignore is 0).
+    let mut o = pair.b_v6.octets();
+    o[15] = o[15].wrapping_add(1);
+    let other6 = Ipv6Addr::from(o);
+    let other4 = Ipv4Addr::new(198, 51, 100, 7);
+    ip(&[
+        "-n",
+        &pair.b,
+        "addr",
+        "add",
+        &format!("{other6}/{}", pair.v6_prefix),
+        "dev",
+        &pair.veth_b,
+        "nodad",
+    ]);
+    ip(&[
+        "-n",
+        &pair.b,
+        "addr",
+        "add",
+        &format!("{other4}/32"),
+        "dev",
+        &pair.veth_b,
+    ]);
+    ip(&[
+        "-n",
+        &pair.a,
+        "route",
+        "add",
+        &format!("{other4}/32"),
+        "dev",
+        &pair.veth_a,
+    ]);
+
+    let listener = listen(&pair, &pair.a, PORT);
+    let to4 = SocketAddr::new(pair.a_v4.into(), PORT);
+    let to6 = SocketAddr::new(pair.a_v6.into(), PORT);
+    let probes = [
+        (Some(IpAddr::from(pair.b_v4)), to4),
+        (Some(IpAddr::from(pair.b_v6)), to6),
+        (Some(IpAddr::from(other4)), to4),
+        (Some(IpAddr::from(other6)), to6),
+    ];
+    // Without the gate every source connects: the routing works both ways.
+    for (c, (from, to)) in connect_all(&pair, &pair.b, &probes, Duration::from_secs(3))
+        .iter()
+        .zip(probes)
+    {
+        assert!(c.is_connected(), "baseline {from:?} -> {to}: {c:?}");
+    }
+    assert_eq!(accept_queued(&listener), 4);
+
+    let gate = Gate::new(&pair, &pair.a);
+    let allow = format!("{}/32,{}/128", pair.b_v4, pair.b_v6);
+    gate.on(&["--port", &PORT.to_string(), "--allow", &allow]);
+    let res = connect_all(&pair, &pair.b, &probes, Duration::from_secs(1));
+    eprintln!("allow {allow}: {res:?}");
+    assert!(
+        res[0].is_connected(),
+        "allowed {} -> {to4}: {:?}",
+        pair.b_v4,
+        res[0]
+    );
+    assert!(
+        res[1].is_connected(),
+        "allowed {} -> {to6}: {:?}",
+        pair.b_v6,
+        res[1]
+    );
+    assert!(
+        res[2].is_timed_out(),
+        "not allowed {other4} -> {to4}: {:?}",
+        res[2]
+    );
+    assert!(
+        res[3].is_timed_out(),
+        "not allowed {other6} -> {to6}: {:?}",
+        res[3]
+    );
+    assert_eq!(accept_queued(&listener), 2);
+
+    let (st, p) = gate.port(PORT);
+    let listed: Vec<&str> = st["allow"].arr().iter().map(Json::str).collect();
+    assert!(
+        listed.contains(&format!("{}/32", pair.b_v4).as_str())
+            && listed.contains(&format!("{}/128", pair.b_v6).as_str()),
+        "status allow: {listed:?}"
+    );
+    assert_eq!(p["syns_allowed"].u64(), 2, "{p}");
+    assert_eq!(p["syns_passed"].u64(), 2, "{p}");
+    assert!(p["syns_refused"].u64() >= 2, "{p}");
+}
