@@ -95,7 +95,16 @@ pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
     let _lock = pins::lock()?;
     let dir = pins::state_dir()?;
     let fresh = !dir.exists();
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A `gate off` in another namespace removes the shared parent when it empties it;
+    // should that land between our two mkdirs, try again.
+    let mut made = fs::create_dir_all(&dir);
+    for _ in 0..3 {
+        if made.is_ok() {
+            break;
+        }
+        made = fs::create_dir_all(&dir);
+    }
+    made.with_context(|| format!("creating {}", dir.display()))?;
     let mut created: Vec<PathBuf> = Vec::new();
     let result = on_locked(args, targets, &dir, &mut created);
     if result.is_err() {
@@ -104,6 +113,7 @@ pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
             let _ = teardown(&dir);
         } else {
             for pin in &created {
+                let _ = detach_link(pin);
                 let _ = fs::remove_file(pin);
             }
         }
@@ -278,6 +288,12 @@ pub fn teardown(dir: &Path) -> Result<()> {
     let mut first_err = None;
     // Interface links first: the gate is gone from the data path before anything else.
     for (_, _, pin) in pins::links(dir)? {
+        // Detach first: the unlink below drops bpffs' reference only later (bpf_free_inode
+        // runs after an RCU grace period, then bpf_link_put defers to a workqueue), and not
+        // at all while another process holds the link (bpftool, an agent, a `status`).
+        if let Err(e) = detach_link(&pin) {
+            first_err.get_or_insert(e.context(format!("detaching {}", pin.display())));
+        }
         if let Err(e) = fs::remove_file(&pin) {
             first_err.get_or_insert(anyhow!(e).context(format!("removing {}", pin.display())));
         }
@@ -298,6 +314,49 @@ pub fn teardown(dir: &Path) -> Result<()> {
         let _ = fs::remove_dir(parent);
     }
     first_err.map_or(Ok(()), Err)
+}
+
+/// BPF_LINK_DETACH on the link pinned at `pin`: its program leaves the hook before this
+/// returns, whoever else still holds the link. aya 0.14 has no detach for a pinned FdLink.
+fn detach_link(pin: &Path) -> Result<()> {
+    use std::os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let bpf = |cmd: libc::c_long, attr: &mut [u64; 8]| {
+        // SAFETY: a zeroed bpf_attr of the size passed; pointers in it outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(attr),
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
+    // union bpf_attr, BPF_OBJ_GET: { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }
+    let mut attr = [0u64; 8];
+    attr[0] = path.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr).context("BPF_OBJ_GET")?;
+    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // union bpf_attr, BPF_LINK_DETACH: { __u32 link_fd; }
+    let mut attr = [0u64; 8];
+    attr[0] = fd.as_raw_fd() as u64;
+    match bpf(BPF_LINK_DETACH, &mut attr) {
+        Ok(_) => Ok(()),
+        // Tracing links (the tracker) cannot be detached; unpinning releases them.
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+        Err(e) => Err(anyhow!(e).context("BPF_LINK_DETACH")),
+    }
 }
 
 /// `gate off`. Returns false when there was no gate.

@@ -154,7 +154,30 @@ pub fn usage(msg: String) -> anyhow::Error {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version, and a bare `drain-user`: clap's own output and exit code.
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        // A usage error is one line, like every other error (clap adds a blank line, tips
+        // and a "For more information" line): its first paragraph, joined.
+        Err(e) => {
+            let text = e.render().to_string();
+            let first: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let msg = first.join(" ");
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+            eprintln!("drain-user: error: {msg} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -192,6 +215,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 policy,
                 rst_rate,
             };
+            if args.ports.len() > drain_common::MAX_GATED_PORTS as usize {
+                return Err(usage(format!(
+                    "{} ports given: a gate holds at most {}",
+                    args.ports.len(),
+                    drain_common::MAX_GATED_PORTS
+                )));
+            }
             let targets = gate::resolve_ifaces(&args.ifaces)?;
             if targets.is_empty() {
                 bail!("no interface is up in this network namespace: name one with --iface");

@@ -1,0 +1,1073 @@
+//! The gate through the CLI, with real sockets: `drain-user gate on|off` and `status`, run in
+//! network namespaces made by each test (never the host's), as separate processes each time
+//! (the state lives in pins, not in a daemon).
+//!
+//! Layout of every test: namespace `a` is the gated host (servers on the gated port P),
+//! namespace `b` is a remote client (or server, for outbound traffic). Every test holds a
+//! [`Drain`] guard that runs `gate off` on drop, before [`NetNsPair`] deletes the namespaces.
+//!
+//! The gate drops a SYN to a gated port, so a connect there *times out* (no RST): connects
+//! that must fail use a 1 s timeout, several at once where possible, to keep the file fast.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use drain_tests::{
+    cli::{
+        bpf_link_exists, bpftool, gated_ports, iface_status, link_xdp, listen, open_pinned_link,
+        pinned_link_id, port_status, probe_all, round_trip, tcp_pair, tcx_ingress, transfer,
+        Connect, Drain, EchoServer, ForeignXdp, Json,
+    },
+    netns::NetNsPair,
+    object::PinDir,
+};
+
+/// The gated port, and another one that is never gated.
+const P: u16 = 8080;
+const Q: u16 = 9090;
+/// A connect that is going to be dropped gives up after this long.
+const SHORT: Duration = Duration::from_secs(1);
+/// A connect that must succeed gets this long.
+const LONG: Duration = Duration::from_secs(5);
+
+fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+/// Asserts each outcome is a completed connect, naming the target otherwise.
+#[track_caller]
+fn assert_all_ok(targets: &[SocketAddr], got: &[Connect]) {
+    for (t, c) in targets.iter().zip(got) {
+        assert!(c.is_ok(), "connect to {t}: expected success, got {c:?}");
+    }
+}
+
+/// Asserts each outcome is a timeout (SYN dropped), naming the target otherwise.
+#[track_caller]
+fn assert_all_dropped(targets: &[SocketAddr], got: &[Connect]) {
+    for (t, c) in targets.iter().zip(got) {
+        assert!(
+            c.is_timed_out(),
+            "connect to {t}: expected a timeout (SYN dropped by the gate), got {c:?}"
+        );
+    }
+}
+
+/// Connects from `ns` to every target and checks each answers an echo round trip.
+#[track_caller]
+fn assert_open(pair: &NetNsPair, ns: &str, targets: &[SocketAddr]) {
+    let got = probe_all(pair, ns, targets, LONG);
+    assert_all_ok(targets, &got);
+    for (t, c) in targets.iter().zip(got) {
+        round_trip(&c.stream(&t.to_string()), 4096, 7);
+    }
+}
+
+/// Connects from `ns` to every target at once and checks each is dropped.
+#[track_caller]
+fn assert_gated(pair: &NetNsPair, ns: &str, targets: &[SocketAddr]) {
+    let got = probe_all(pair, ns, targets, SHORT);
+    assert_all_dropped(targets, &got);
+}
+
+/// The interface lines of the "xdp:" section of `bpftool net show`.
+fn xdp_lines(net: &str) -> Vec<&str> {
+    net.lines()
+        .skip_while(|l| l.trim() != "xdp:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty() && !l.ends_with(':'))
+        .collect()
+}
+
+fn gate_state(st: &Json) -> &str {
+    st["gate"].as_str().expect("schema checked")
+}
+
+/// Link pins a default `gate on` (lo and the veth, XDP) creates in namespace a.
+fn xdp_link_pins(d: &Drain, veth: &str) -> Vec<String> {
+    let mut v = vec![
+        format!("link-xdp-{}", d.ifindex("lo")),
+        format!("link-xdp-{}", d.ifindex(veth)),
+        "link-track".to_owned(),
+    ];
+    v.sort();
+    v
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Established connections keep flowing
+// ---------------------------------------------------------------------------------------
+
+/// Connections to the gated port opened before the gate (IPv4 and IPv6 over the veth from
+/// b, IPv4 and IPv6 over lo inside a) exchange data in both directions at once, 1 MiB each
+/// way so that multi-segment and GSO frames cross the XDP hooks (native on the veth,
+/// generic on lo), before `gate on`, while the gate is on, and after `gate off`; then new
+/// connections succeed again.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn established_connections_keep_flowing_through_gate_on_and_off() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let (lo4, lo6) = (
+        IpAddr::from(Ipv4Addr::LOCALHOST),
+        IpAddr::from(Ipv6Addr::LOCALHOST),
+    );
+    // (listener, where the clients connect from)
+    let listeners = [
+        (listen(&pair, &pair.a, sa(pair.a_v4, P)), &pair.b),
+        (listen(&pair, &pair.a, sa(pair.a_v6, P)), &pair.b),
+        (listen(&pair, &pair.a, sa(lo4, P)), &pair.a),
+        (listen(&pair, &pair.a, sa(lo6, P)), &pair.a),
+    ];
+    let conns: Vec<_> = listeners
+        .iter()
+        .map(|(l, from)| tcp_pair(&pair, l, from))
+        .collect();
+    let exchange = |phase: u8, len: usize| {
+        std::thread::scope(|s| {
+            for (client, server) in &conns {
+                s.spawn(move || transfer(client, server, len, phase));
+                s.spawn(move || transfer(server, client, len, !phase));
+            }
+        });
+    };
+    exchange(1, 1 << 20);
+
+    drain.on(&["--port", &P.to_string()]);
+    // The gate really is closed for new connections on that very port, on every path.
+    assert_eq!(gate_state(&drain.status()), "on");
+    std::thread::scope(|s| {
+        let t = s.spawn(|| assert_gated(&pair, &pair.b, &[sa(pair.a_v4, P), sa(pair.a_v6, P)]));
+        assert_gated(&pair, &pair.a, &[sa(lo4, P), sa(lo6, P)]);
+        t.join().unwrap();
+    });
+    exchange(2, 1 << 20);
+    // Small writes too (one segment each): every one gets through, both ways.
+    for i in 0..20u8 {
+        exchange(i, 100);
+    }
+
+    drain.off();
+    exchange(3, 1 << 20);
+    // New connections are accepted again, and carry data.
+    for (l, from) in &listeners {
+        let (client, server) = tcp_pair(&pair, l, from);
+        transfer(&client, &server, 64 * 1024, 4);
+        transfer(&server, &client, 64 * 1024, 5);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. New connections to the gated port are dropped; other ports stay open
+// ---------------------------------------------------------------------------------------
+
+/// With the gate on for P: connects to P time out over IPv4, IPv6 and loopback (lo is gated
+/// by default), connects to Q on the same addresses succeed; status counts the refused SYNs
+/// under P only; after `gate off` P accepts again.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn new_connections_to_the_gated_port_are_dropped_other_ports_stay_open() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let lo = Ipv4Addr::LOCALHOST;
+    let _servers: Vec<EchoServer> = [
+        sa(pair.a_v4, P),
+        sa(pair.a_v6, P),
+        sa(lo, P),
+        sa(pair.a_v4, Q),
+        sa(pair.a_v6, Q),
+        sa(lo, Q),
+    ]
+    .into_iter()
+    .map(|addr| EchoServer::start(&pair, &pair.a, addr))
+    .collect();
+    let remote_p = [sa(pair.a_v4, P), sa(pair.a_v6, P)];
+    let remote_q = [sa(pair.a_v4, Q), sa(pair.a_v6, Q)];
+    assert_open(&pair, &pair.b, &remote_p);
+    assert_open(&pair, &pair.a, &[sa(lo, P)]);
+
+    drain.on(&["--port", &P.to_string()]);
+    // All refused connects at once, from b and from a itself over lo.
+    let refused = std::thread::scope(|s| {
+        let from_b = s.spawn(|| probe_all(&pair, &pair.b, &remote_p, SHORT));
+        let from_a = probe_all(&pair, &pair.a, &[sa(lo, P)], SHORT);
+        let from_b = from_b.join().unwrap();
+        assert_all_dropped(&remote_p, &from_b);
+        assert_all_dropped(&[sa(lo, P)], &from_a);
+        from_b.len() + from_a.len()
+    });
+    assert_open(&pair, &pair.b, &remote_q);
+    assert_open(&pair, &pair.a, &[sa(lo, Q)]);
+
+    let st = drain.status();
+    assert_eq!(gate_state(&st), "on", "{st}");
+    assert_eq!(gated_ports(&st), vec![P], "only P is gated: {st}");
+    let p = port_status(&st, P).unwrap();
+    let n_refused = p["syns_refused"].as_u64().unwrap();
+    // A connect that times out after 1 s may have retransmitted its SYN once: >=, not ==.
+    assert!(
+        n_refused >= refused as u64,
+        "{refused} connects were dropped but syns_refused is {n_refused}: {st}"
+    );
+    assert_eq!(p["syns_passed"].as_u64(), Some(0), "{st}");
+    assert_eq!(p["syns_allowed"].as_u64(), Some(0), "{st}");
+    assert_eq!(p["syns_expired"].as_u64(), Some(0), "{st}");
+    // The connections of assert_open above were closed: none is live on P.
+    assert_eq!(p["live_connections"].as_i64(), Some(0), "{st}");
+    assert_eq!(st["expired"].as_bool(), Some(false), "{st}");
+    let ttl = st["ttl_remaining_ms"].as_u64().expect("default TTL is 10m");
+    assert!(
+        ttl > 9 * 60 * 1000 && ttl <= 10 * 60 * 1000,
+        "default TTL is 10m, {ttl} ms left: {st}"
+    );
+
+    drain.off();
+    assert_open(&pair, &pair.b, &remote_p);
+    assert_open(&pair, &pair.a, &[sa(lo, P)]);
+}
+
+/// status, per gated port: a connection accepted before the gate counts as live until it
+/// closes, each dropped SYN counts as refused (under its own port only), and `--iface`
+/// limits the interfaces listed.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn status_counts_live_connections_and_refused_syns_per_port() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let server = EchoServer::start(&pair, &pair.a, sa(pair.a_v4, P));
+    let held = drain_tests::cli::connect(&pair, &pair.b, server.addr, LONG).stream("held");
+    round_trip(&held, 10, 1);
+
+    drain.on(&["--port", &format!("{P},{Q}"), "--iface", &pair.veth_a]);
+    let st = drain.status();
+    assert_eq!(gated_ports(&st), vec![P, Q], "{st}");
+    // The connection predates the gate: the tracker's seed counts it.
+    assert_eq!(
+        port_status(&st, P).unwrap()["live_connections"].as_i64(),
+        Some(1),
+        "one connection is open on {P}: {st}"
+    );
+    assert_eq!(
+        port_status(&st, Q).unwrap()["live_connections"].as_i64(),
+        Some(0),
+        "{st}"
+    );
+    let n = 3;
+    assert_gated(&pair, &pair.b, &vec![server.addr; n]);
+    let st = drain.status();
+    let p = port_status(&st, P).unwrap();
+    assert!(
+        p["syns_refused"].as_u64().unwrap() >= n as u64,
+        "{n} connects dropped: {st}"
+    );
+    assert_eq!(
+        port_status(&st, Q).unwrap()["syns_refused"].as_u64(),
+        Some(0),
+        "nothing was sent to {Q}: {st}"
+    );
+    // Only the veth was named: lo is not attached.
+    let ifaces = st["interfaces"].as_array().unwrap();
+    assert_eq!(ifaces.len(), 1, "{st}");
+    assert_eq!(
+        ifaces[0]["name"].as_str(),
+        Some(pair.veth_a.as_str()),
+        "{st}"
+    );
+    assert_eq!(
+        ifaces[0]["ifindex"].as_u64(),
+        Some(drain.ifindex(&pair.veth_a).into()),
+        "{st}"
+    );
+
+    drop(held);
+    // The close reaches the tracker asynchronously (FIN handshake): poll briefly.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let st = drain.status();
+        let live = port_status(&st, P).unwrap()["live_connections"].as_i64();
+        if live == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "closed connection still counted live: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.accepted(), 1, "no dropped connect reached accept()");
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Outbound connections from the gated host
+// ---------------------------------------------------------------------------------------
+
+/// With a's gate on for P, a connects out to servers in b that listen on P (v4 and v6):
+/// the SYN-ACK that comes back from port P must pass (it is not a connection request), and
+/// is not counted as refused.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn outbound_connections_to_the_gated_port_number_work() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let remote = [sa(pair.b_v4, P), sa(pair.b_v6, P)];
+    let _servers: Vec<EchoServer> = remote
+        .iter()
+        .map(|&addr| EchoServer::start(&pair, &pair.b, addr))
+        .collect();
+    let _own = EchoServer::start(&pair, &pair.a, sa(pair.a_v4, P));
+
+    drain.on(&["--port", &P.to_string()]);
+    std::thread::scope(|s| {
+        // Meanwhile: the gate is really on for a's own server on P.
+        let inbound = s.spawn(|| probe_all(&pair, &pair.b, &[sa(pair.a_v4, P)], SHORT));
+        let got = probe_all(&pair, &pair.a, &remote, LONG);
+        assert_all_ok(&remote, &got);
+        for (t, c) in remote.iter().zip(got) {
+            round_trip(&c.stream(&t.to_string()), 256 * 1024, 3);
+        }
+        assert_all_dropped(&[sa(pair.a_v4, P)], &inbound.join().unwrap());
+    });
+    let st = drain.status();
+    let p = port_status(&st, P).unwrap();
+    // Only the inbound probe (plus perhaps its retransmit) was refused.
+    let refused = p["syns_refused"].as_u64().unwrap();
+    assert!((1..=2).contains(&refused), "{st}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. State persists between CLI processes
+// ---------------------------------------------------------------------------------------
+
+/// `gate on` exits; the gate stays on (pins under /sys/fs/bpf/drain/<inode>); `status` in a
+/// later process reports it; `gate off` in a third process opens it.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn gate_on_and_off_in_separate_processes_share_pinned_state() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let server = EchoServer::start(&pair, &pair.a, sa(pair.a_v4, P));
+    assert_eq!(gate_state(&drain.status()), "off");
+    assert!(!drain.state_dir().exists());
+
+    let out = drain.on(&["--port", &P.to_string()]);
+    assert!(out.stdout.contains("gate on"), "{out}");
+    assert!(
+        out.stderr.is_empty(),
+        "a clean gate on prints nothing on stderr: {out}"
+    );
+    // The process is gone (run() waited for it); what it left is pinned.
+    let pins = drain.pins();
+    for m in drain_common::map::ALL {
+        assert!(
+            pins.contains(&m.to_string()),
+            "map {m} not pinned: {pins:?}"
+        );
+    }
+    assert_eq!(drain.link_pins(), xdp_link_pins(&drain, &pair.veth_a));
+    assert_gated(&pair, &pair.b, &[server.addr]);
+
+    let st = drain.status();
+    assert_eq!(gate_state(&st), "on", "{st}");
+    assert_eq!(gated_ports(&st), vec![P], "{st}");
+    let lo = iface_status(&st, "lo").unwrap_or_else(|| panic!("lo: {st}"));
+    assert_eq!(lo["attach"].as_str(), Some("xdp"), "{st}");
+    assert_eq!(
+        lo["mode"].as_str(),
+        Some("generic"),
+        "lo has no native XDP: {st}"
+    );
+    let veth = iface_status(&st, &pair.veth_a).unwrap_or_else(|| panic!("veth: {st}"));
+    assert_eq!(veth["attach"].as_str(), Some("xdp"), "{st}");
+    assert_eq!(
+        veth["mode"].as_str(),
+        Some("native"),
+        "veth has native XDP: {st}"
+    );
+    assert_eq!(st["interfaces"].as_array().unwrap().len(), 2, "{st}");
+    // The human form agrees.
+    let human = drain.run(&["status"]);
+    human.expect_ok();
+    assert!(human.stdout.starts_with("gate: on"), "{human}");
+
+    // Re-running with --ttl none clears the deadline.
+    drain.on(&["--port", &P.to_string(), "--ttl", "none"]);
+    let st = drain.status();
+    assert!(st["ttl_remaining_ms"].is_null(), "--ttl none: {st}");
+    assert_eq!(gate_state(&st), "on", "{st}");
+
+    let out = drain.off();
+    assert!(!out.stdout.contains("already off"), "{out}");
+    let st = drain.status();
+    assert_eq!(gate_state(&st), "off", "{st}");
+    assert!(st["ttl_remaining_ms"].is_null(), "{st}");
+    assert_eq!(st["interfaces"].as_array().map(Vec::len), Some(0), "{st}");
+    assert_eq!(st["ports"].as_array().map(Vec::len), Some(0), "{st}");
+    assert_open(&pair, &pair.b, &[server.addr]);
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Two namespaces, two independent gates
+// ---------------------------------------------------------------------------------------
+
+/// Gate on in pair 1's `a` leaves pair 2's `a` accepting; with both on, gate off in pair 1
+/// leaves pair 2 gated. Each keeps its own pin directory.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn gates_in_two_namespaces_are_independent() {
+    let (p1, p2) = (NetNsPair::new(), NetNsPair::new());
+    let (d1, d2) = (Drain::new(&p1, &p1.a), Drain::new(&p2, &p2.a));
+    let s1 = EchoServer::start(&p1, &p1.a, sa(p1.a_v4, P));
+    let s2 = EchoServer::start(&p2, &p2.a, sa(p2.a_v4, P));
+    assert_ne!(d1.state_dir(), d2.state_dir());
+
+    d1.on(&["--port", &P.to_string()]);
+    assert_open(&p2, &p2.b, &[s2.addr]);
+    assert_eq!(gate_state(&d2.status()), "off");
+    assert!(!d2.state_dir().exists());
+
+    d2.on(&["--port", &P.to_string()]);
+    d1.off();
+    assert!(!d1.state_dir().exists());
+    assert!(
+        d2.state_dir().exists(),
+        "gate off in one namespace removed the other's pins"
+    );
+    assert_eq!(gate_state(&d1.status()), "off");
+    assert_eq!(gate_state(&d2.status()), "on");
+    std::thread::scope(|s| {
+        let gated = s.spawn(|| assert_gated(&p2, &p2.b, &[s2.addr]));
+        assert_open(&p1, &p1.b, &[s1.addr]);
+        gated.join().unwrap();
+    });
+    assert_eq!(
+        d2.link_pins(),
+        xdp_link_pins(&d2, &p2.veth_a),
+        "the other namespace's links are intact"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. gate off leaves nothing behind
+// ---------------------------------------------------------------------------------------
+
+/// After `gate off`: no pin directory, no XDP program on lo or the veth (ip and bpftool
+/// agree), no TC program, none of the gate's bpf_links (interface links and the tracker)
+/// exists any more; a second `gate off` exits 0 saying the gate was already off.
+///
+/// Fails now and then under load until `gate off` detaches synchronously: see
+/// `gate_off_detaches_even_while_another_process_holds_the_links`.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn gate_off_leaves_no_pins_links_or_programs() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    drain.on(&["--port", &P.to_string()]);
+    let dir = drain.state_dir();
+    let link_ids: Vec<(String, u32)> = drain
+        .link_pins()
+        .into_iter()
+        .map(|name| {
+            let id = pinned_link_id(&dir.join(&name));
+            (name, id)
+        })
+        .collect();
+    assert_eq!(link_ids.len(), 3, "lo, veth and the tracker: {link_ids:?}");
+    for dev in ["lo", pair.veth_a.as_str()] {
+        let (_, name) = link_xdp(&pair, &pair.a, dev)
+            .unwrap_or_else(|| panic!("gate on: no XDP program on {dev}"));
+        assert_eq!(name, drain_common::prog::XDP);
+    }
+
+    let out = drain.off();
+    assert!(out.stdout.contains("gate off"), "{out}");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    for dev in ["lo", pair.veth_a.as_str()] {
+        assert_eq!(
+            link_xdp(&pair, &pair.a, dev),
+            None,
+            "an XDP program is still on {dev}"
+        );
+    }
+    let details = drain.sh("ip", &["-d", "link", "show"]);
+    assert!(!details.contains("prog/xdp"), "{details}");
+    if let Some(net) = bpftool(&pair, &pair.a, &["net", "show"]) {
+        assert!(xdp_lines(&net).is_empty(), "bpftool net show: {net}");
+    }
+    for dev in ["lo", pair.veth_a.as_str()] {
+        assert!(tcx_ingress(&pair, &pair.a, dev).is_empty(), "TCX on {dev}");
+    }
+    // The link objects themselves may outlive the call briefly: bpffs drops its reference
+    // after an RCU grace period (bpf_free_inode), and the tracker's tracing link cannot be
+    // detached early. Gone within a few seconds is the requirement here.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for (name, id) in &link_ids {
+        while bpf_link_exists(*id) {
+            assert!(
+                Instant::now() < deadline,
+                "link {name} (id {id}) still exists 5 s after gate off"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    let again = drain.run(&["gate", "off"]);
+    again.expect_ok();
+    assert!(again.stdout.contains("already off"), "{again}");
+    assert!(!dir.exists());
+}
+
+/// `gate off` detaches at once even while another process holds a reference to the gate's
+/// links (bpftool, an inventory agent, a `status` running at that moment: here, this test):
+/// when it returns the XDP and TCX hooks are free, and an immediate `gate on` works.
+///
+/// FAILS until fixed (see the report): teardown only unpins, and a bpf_link leaves its hook
+/// when its last reference goes. The pin's reference itself is dropped late (bpffs puts it
+/// from ->free_inode, after an RCU grace period, and bpf_link_put defers to a workqueue:
+/// kernel/bpf/inode.c, kernel/bpf/syscall.c), which also makes the checks right after
+/// `gate off` in other tests fail now and then under load.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn gate_off_detaches_even_while_another_process_holds_the_links() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let port = P.to_string();
+    for attach in ["xdp", "tc"] {
+        drain.on(&["--port", &port, "--attach", attach]);
+        let held: Vec<_> = drain
+            .link_pins()
+            .iter()
+            .map(|l| open_pinned_link(&drain.state_dir().join(l)))
+            .collect();
+        assert_eq!(held.len(), 3, "{:?}", drain.link_pins());
+        drain.off();
+        assert!(!drain.state_dir().exists());
+        for dev in ["lo", pair.veth_a.as_str()] {
+            assert_eq!(
+                link_xdp(&pair, &pair.a, dev),
+                None,
+                "--attach {attach}: gate off returned with XDP still on {dev}"
+            );
+            let chain = tcx_ingress(&pair, &pair.a, dev);
+            assert!(
+                chain.is_empty(),
+                "--attach {attach}: gate off returned with TCX still on {dev}: {chain:?}"
+            );
+        }
+        // What a deploy script does next: gate on again, at once.
+        drain.on(&["--port", &port, "--attach", attach]);
+        for dev in ["lo", pair.veth_a.as_str()] {
+            let chain = tcx_ingress(&pair, &pair.a, dev);
+            assert!(chain.len() <= 1, "two gates on {dev}: {chain:?}");
+        }
+        drain.off();
+        drop(held);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Bad input and missing privileges
+// ---------------------------------------------------------------------------------------
+
+/// Bad ports, an unknown interface, a bad TTL or hook: exit 2 with the offending value on
+/// stderr, and nothing pinned or attached, whether or not a gate existed before (an
+/// existing gate keeps its ports and links).
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn bad_input_exits_2_and_changes_nothing() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let cases: &[(&[&str], &str)] = &[
+        (&["--port", "0"], "0"),
+        (&["--port", "70000"], "70000"),
+        (&["--port", "abc"], "abc"),
+        (&["--port", "80,0"], "0"),
+        (&["--port", "80", "--iface", "nosuch0"], "nosuch0"),
+        (&["--port", "80", "--ttl", "0"], "0"),
+        (&["--port", "80", "--attach", "bogus"], "bogus"),
+        (&["--port", "80", "--allow", "10.0.0.0/33"], "10.0.0.0/33"),
+    ];
+    let check = |existing: bool| {
+        for (args, bad) in cases {
+            let mut all = vec!["gate", "on"];
+            all.extend_from_slice(args);
+            let out = drain.run(&all);
+            out.expect_code(2);
+            assert!(out.stdout.is_empty(), "{out}");
+            assert!(
+                out.stderr.contains(bad),
+                "stderr should name {bad:?}: {out}"
+            );
+            if !existing {
+                assert!(!drain.state_dir().exists(), "{out}");
+                for dev in ["lo", pair.veth_a.as_str()] {
+                    assert_eq!(link_xdp(&pair, &pair.a, dev), None, "{dev} after {out}");
+                }
+            }
+        }
+    };
+    check(false);
+
+    // More ports than the gate has slots: refused (exit 1 today; see the report), after
+    // attaching, so the rollback must undo the attachments.
+    let too_many: Vec<String> = (1000..1000 + 65).map(|p: u16| p.to_string()).collect();
+    let too_many = too_many.join(",");
+    let out = drain.run(&["gate", "on", "--port", &too_many]);
+    assert!(matches!(out.code, Some(1 | 2)), "{out}");
+    assert!(out.stderr.contains("64"), "says how many ports fit: {out}");
+    assert!(!drain.state_dir().exists(), "not rolled back: {out}");
+    for dev in ["lo", pair.veth_a.as_str()] {
+        assert_eq!(link_xdp(&pair, &pair.a, dev), None, "{dev} after {out}");
+    }
+
+    drain.on(&["--port", &P.to_string()]);
+    let links = drain.link_pins();
+    check(true);
+    let out = drain.run(&["gate", "on", "--port", &too_many]);
+    assert!(matches!(out.code, Some(1 | 2)), "{out}");
+    let st = drain.status();
+    assert_eq!(
+        gated_ports(&st),
+        vec![P],
+        "a rejected call changed the ports: {st}"
+    );
+    assert_eq!(gate_state(&st), "on", "{st}");
+    assert_eq!(drain.link_pins(), links);
+}
+
+/// A usage error is one line on stderr (the contract; scripts log stderr line by line).
+///
+/// FAILS until fixed: clap's own errors (bad --port value, bad --ttl) print a blank line and
+/// "For more information, try '--help'." after the error. See the report.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn usage_errors_are_one_line_on_stderr() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    for args in [
+        &["gate", "on", "--port", "0"][..],
+        &["gate", "on", "--port", "70000"],
+        &["gate", "on", "--port", "abc"],
+        &["gate", "on", "--port", "80", "--iface", "nosuch0"],
+        &["gate", "on"],
+        &["gate", "on", "--port", "80", "--bogus"],
+    ] {
+        let out = drain.run(args);
+        out.expect_code(2);
+        assert_eq!(out.stderr_lines().len(), 1, "one line on stderr: {out}");
+    }
+}
+
+/// Without root (uid 65534, no capabilities) and as root with every capability dropped,
+/// `gate on` and `gate off` exit 1 with one line naming root/capabilities, and change
+/// nothing (an existing gate stays on).
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn without_privileges_exits_1_and_changes_nothing() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let nobody: &[&str] = &[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ];
+    let root_no_caps: &[&str] = &["setpriv", "--inh-caps=-all", "--bounding-set=-all"];
+    let says_why = |out: &drain_tests::cli::CliOutput| {
+        out.expect_code(1);
+        let lines = out.stderr_lines();
+        assert_eq!(lines.len(), 1, "{out}");
+        let l = lines[0].to_lowercase();
+        assert!(l.contains("root") || l.contains("cap_"), "{out}");
+    };
+    let port = P.to_string();
+    for wrapper in [nobody, root_no_caps] {
+        says_why(&drain.run_via(wrapper, &["gate", "on", "--port", &port]));
+        assert!(!drain.state_dir().exists());
+        assert_eq!(link_xdp(&pair, &pair.a, "lo"), None);
+    }
+
+    drain.on(&["--port", &port]);
+    for wrapper in [nobody, root_no_caps] {
+        says_why(&drain.run_via(wrapper, &["gate", "off"]));
+    }
+    assert_eq!(gate_state(&drain.status()), "on");
+    assert_eq!(drain.link_pins(), xdp_link_pins(&drain, &pair.veth_a));
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. --attach tc
+// ---------------------------------------------------------------------------------------
+
+/// The same gate at TC ingress (TCX): established connections flow, new ones to P are
+/// dropped, Q stays open; status says "tc" (mode null); the kernel's TCX chains hold one
+/// drain_tc each and there is no XDP; gate off removes them.
+///
+/// Fails now and then under load until `gate off` detaches synchronously: see
+/// `gate_off_detaches_even_while_another_process_holds_the_links`.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn attach_tc_gates_the_same_way() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let gated = [sa(pair.a_v4, P), sa(pair.a_v6, P)];
+    let open = [sa(pair.a_v4, Q), sa(pair.a_v6, Q)];
+    let _servers: Vec<EchoServer> = gated
+        .iter()
+        .chain(&open)
+        .map(|&a| EchoServer::start(&pair, &pair.a, a))
+        .collect();
+    let held = listen(&pair, &pair.a, sa(pair.a_v4, P + 1));
+    let (client, server) = tcp_pair(&pair, &held, &pair.b);
+
+    let out = drain.on(&["--port", &format!("{P},{}", P + 1), "--attach", "tc"]);
+    assert!(out.stdout.contains("tc"), "{out}");
+    let st = drain.status();
+    let ifaces = st["interfaces"].as_array().unwrap();
+    assert_eq!(ifaces.len(), 2, "lo and the veth: {st}");
+    for i in ifaces {
+        assert_eq!(i["attach"].as_str(), Some("tc"), "{st}");
+        assert!(i["mode"].is_null(), "mode is for xdp only: {st}");
+        assert_eq!(i["others"].as_array().map(Vec::len), Some(0), "{st}");
+    }
+    let mut want = vec![
+        format!("link-tc-{}", drain.ifindex("lo")),
+        format!("link-tc-{}", drain.ifindex(&pair.veth_a)),
+        "link-track".to_owned(),
+    ];
+    want.sort();
+    assert_eq!(drain.link_pins(), want);
+    assert_eq!(link_xdp(&pair, &pair.a, &pair.veth_a), None, "tc, not xdp");
+    for dev in ["lo", pair.veth_a.as_str()] {
+        let chain = tcx_ingress(&pair, &pair.a, dev);
+        assert_eq!(chain.len(), 1, "one TCX program on {dev}: {chain:?}");
+        assert_eq!(chain[0].1, drain_common::prog::TC, "{dev}: {chain:?}");
+    }
+
+    std::thread::scope(|s| {
+        let dropped = s.spawn(|| assert_gated(&pair, &pair.b, &gated));
+        assert_open(&pair, &pair.b, &open);
+        s.spawn(|| transfer(&client, &server, 1 << 20, 5));
+        transfer(&server, &client, 1 << 20, 6);
+        dropped.join().unwrap();
+    });
+    let st = drain.status();
+    assert!(
+        port_status(&st, P).unwrap()["syns_refused"]
+            .as_u64()
+            .unwrap()
+            >= 2,
+        "{st}"
+    );
+
+    drain.off();
+    assert!(!drain.state_dir().exists());
+    for dev in ["lo", pair.veth_a.as_str()] {
+        let chain = tcx_ingress(&pair, &pair.a, dev);
+        assert!(chain.is_empty(), "TCX programs left on {dev}: {chain:?}");
+    }
+    assert_open(&pair, &pair.b, &gated);
+    transfer(&client, &server, 1000, 9);
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. Another tool's XDP program
+// ---------------------------------------------------------------------------------------
+
+/// Another XDP program holds the veth: `gate on` (xdp) refuses with exit 1, naming it and
+/// suggesting --attach tc, and leaves it attached and nothing pinned; `--attach auto` gates
+/// via TC beside it, status lists it under "others"; `gate off` leaves it in place.
+///
+/// Fails now and then under load until `gate off` detaches synchronously: see
+/// `gate_off_detaches_even_while_another_process_holds_the_links`.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn foreign_xdp_program_is_left_alone() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let foreign = ForeignXdp::load();
+    let pins = PinDir::new();
+    let pin = pins.path().join("foreign");
+    foreign.pin(&pin);
+    // Attached the way `ip` and xdp-loader do it (netlink, no bpf_link): it stays attached
+    // when this process lets go, until the namespace is deleted.
+    drain.sh(
+        "ip",
+        &[
+            "link",
+            "set",
+            "dev",
+            &pair.veth_a,
+            "xdp",
+            "pinned",
+            &pin.to_string_lossy(),
+        ],
+    );
+    let theirs = (foreign.id(), ForeignXdp::NAME.to_owned());
+    assert_eq!(link_xdp(&pair, &pair.a, &pair.veth_a), Some(theirs.clone()));
+    let server = EchoServer::start(&pair, &pair.a, sa(pair.a_v4, P));
+    let port = P.to_string();
+
+    let out = drain.run(&["gate", "on", "--port", &port, "--iface", &pair.veth_a]);
+    out.expect_code(1);
+    assert_eq!(out.stderr_lines().len(), 1, "{out}");
+    assert!(
+        out.stderr.contains(ForeignXdp::NAME),
+        "names the program: {out}"
+    );
+    assert!(
+        out.stderr.contains(&pair.veth_a),
+        "names the interface: {out}"
+    );
+    assert!(out.stderr.contains("--attach tc"), "suggests TC: {out}");
+    assert_eq!(link_xdp(&pair, &pair.a, &pair.veth_a), Some(theirs.clone()));
+    assert!(!drain.state_dir().exists(), "refused gate on left pins");
+    // Default interfaces (lo and the veth): the same refusal, and lo is rolled back too.
+    drain.run(&["gate", "on", "--port", &port]).expect_code(1);
+    assert!(!drain.state_dir().exists(), "refused gate on left pins");
+    assert_eq!(
+        link_xdp(&pair, &pair.a, "lo"),
+        None,
+        "lo was not rolled back"
+    );
+
+    // A gate that exists (on lo only) survives a call refused on the veth: same ports,
+    // same link, and the foreign program untouched.
+    drain.on(&["--port", &port, "--iface", "lo"]);
+    let lo_pin = drain
+        .state_dir()
+        .join(format!("link-xdp-{}", drain.ifindex("lo")));
+    let lo_link = pinned_link_id(&lo_pin);
+    let out = drain.run(&["gate", "on", "--port", &Q.to_string()]);
+    out.expect_code(1);
+    assert!(out.stderr.contains(ForeignXdp::NAME), "{out}");
+    let st = drain.status();
+    assert_eq!(gated_ports(&st), vec![P], "{st}");
+    assert_eq!(st["interfaces"].as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(pinned_link_id(&lo_pin), lo_link);
+    assert_eq!(link_xdp(&pair, &pair.a, &pair.veth_a), Some(theirs.clone()));
+    drain.off();
+    assert_eq!(link_xdp(&pair, &pair.a, &pair.veth_a), Some(theirs.clone()));
+
+    drain.on(&["--port", &port, "--iface", &pair.veth_a, "--attach", "auto"]);
+    assert_eq!(link_xdp(&pair, &pair.a, &pair.veth_a), Some(theirs.clone()));
+    let st = drain.status();
+    let veth = iface_status(&st, &pair.veth_a).unwrap_or_else(|| panic!("{st}"));
+    assert_eq!(veth["attach"].as_str(), Some("tc"), "{st}");
+    let others = veth["others"].as_array().unwrap();
+    assert!(
+        others.iter().any(|o| {
+            let o = o.as_str().unwrap();
+            o.contains(ForeignXdp::NAME) && o.contains(&theirs.0.to_string())
+        }),
+        "others should list {} (id {}): {st}",
+        ForeignXdp::NAME,
+        theirs.0
+    );
+    let chain = tcx_ingress(&pair, &pair.a, &pair.veth_a);
+    assert_eq!(chain.len(), 1, "{chain:?}");
+    assert_eq!(chain[0].1, drain_common::prog::TC, "{chain:?}");
+    // Behind the foreign XDP_PASS, TC still drops the SYN.
+    assert_gated(&pair, &pair.b, &[server.addr]);
+
+    // auto over every interface: lo (free) gets XDP, the veth keeps its TC link.
+    drain.on(&["--port", &port, "--attach", "auto"]);
+    let st = drain.status();
+    assert_eq!(
+        iface_status(&st, "lo").unwrap()["attach"].as_str(),
+        Some("xdp"),
+        "{st}"
+    );
+    assert_eq!(
+        iface_status(&st, &pair.veth_a).unwrap()["attach"].as_str(),
+        Some("tc"),
+        "{st}"
+    );
+
+    drain.off();
+    assert_eq!(
+        link_xdp(&pair, &pair.a, &pair.veth_a),
+        Some(theirs),
+        "gate off must not touch the other program"
+    );
+    assert!(!drain.state_dir().exists());
+    assert_open(&pair, &pair.b, &[server.addr]);
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. Re-running gate on
+// ---------------------------------------------------------------------------------------
+
+/// `gate on --port P` then `gate on --port Q` gates Q and opens P again; `gate on --port Q`
+/// twice more changes nothing: still one link per interface (pins, kernel, status).
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn rerunning_gate_on_replaces_the_ports_and_is_idempotent() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let (p, q) = (sa(pair.a_v4, P), sa(pair.a_v4, Q));
+    let _servers = [
+        EchoServer::start(&pair, &pair.a, p),
+        EchoServer::start(&pair, &pair.a, q),
+    ];
+
+    drain.on(&["--port", &P.to_string()]);
+    let links = drain.link_pins();
+    let ids: Vec<u32> = links
+        .iter()
+        .map(|l| pinned_link_id(&drain.state_dir().join(l)))
+        .collect();
+    let xdp = link_xdp(&pair, &pair.a, &pair.veth_a).expect("xdp on the veth");
+    std::thread::scope(|s| {
+        let t = s.spawn(|| assert_gated(&pair, &pair.b, &[p]));
+        assert_open(&pair, &pair.b, &[q]);
+        t.join().unwrap();
+    });
+
+    for _ in 0..3 {
+        drain.on(&["--port", &Q.to_string()]);
+        assert_eq!(drain.link_pins(), links, "one link per interface");
+        let now: Vec<u32> = links
+            .iter()
+            .map(|l| pinned_link_id(&drain.state_dir().join(l)))
+            .collect();
+        assert_eq!(now, ids, "links were replaced, not kept");
+        assert_eq!(link_xdp(&pair, &pair.a, &pair.veth_a), Some(xdp.clone()));
+        let st = drain.status();
+        assert_eq!(gated_ports(&st), vec![Q], "{st}");
+        assert_eq!(st["interfaces"].as_array().unwrap().len(), 2, "{st}");
+    }
+    if let Some(net) = bpftool(&pair, &pair.a, &["net", "show"]) {
+        assert_eq!(
+            xdp_lines(&net).len(),
+            2,
+            "one XDP program per interface: {net}"
+        );
+    }
+    for dev in ["lo", pair.veth_a.as_str()] {
+        assert!(
+            tcx_ingress(&pair, &pair.a, dev).is_empty(),
+            "xdp only on {dev}"
+        );
+    }
+    std::thread::scope(|s| {
+        let t = s.spawn(|| assert_gated(&pair, &pair.b, &[q]));
+        assert_open(&pair, &pair.b, &[p]);
+        t.join().unwrap();
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// 11. Concurrent gate on
+// ---------------------------------------------------------------------------------------
+
+/// Two `gate on` processes started together in one namespace, with different ports: both
+/// exit 0 and the result is one of the two, whole: one link per interface, the port set
+/// of one call, and traffic that agrees. Repeated a few times (from no gate, and over one).
+///
+/// Fails now and then under load until `gate off` detaches synchronously: see
+/// `gate_off_detaches_even_while_another_process_holds_the_links`.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn concurrent_gate_on_calls_end_consistent() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let sets = [format!("{P}"), format!("{Q},{}", Q + 1)];
+    let want = [vec![P], vec![Q, Q + 1]];
+    let pins = || xdp_link_pins(&drain, &pair.veth_a);
+    for round in 0..4 {
+        if round % 2 == 0 {
+            drain.off();
+        }
+        let running: Vec<_> = sets
+            .iter()
+            .map(|s| drain.spawn(&["gate", "on", "--port", s]))
+            .collect();
+        for r in running {
+            r.wait().expect_ok();
+        }
+        assert_eq!(drain.link_pins(), pins(), "round {round}");
+        let st = drain.status();
+        let got = gated_ports(&st);
+        assert!(want.contains(&got), "round {round}: ports {got:?}: {st}");
+        assert_eq!(gate_state(&st), "on", "{st}");
+        assert_eq!(st["interfaces"].as_array().unwrap().len(), 2, "{st}");
+    }
+    let st = drain.status();
+    let got = gated_ports(&st);
+    let addrs =
+        |ports: &[u16]| -> Vec<SocketAddr> { ports.iter().map(|&p| sa(pair.a_v4, p)).collect() };
+    let other: Vec<u16> = want.iter().find(|w| **w != got).unwrap().clone();
+    let _servers: Vec<EchoServer> = addrs(&[P, Q, Q + 1])
+        .into_iter()
+        .map(|a| EchoServer::start(&pair, &pair.a, a))
+        .collect();
+    std::thread::scope(|s| {
+        let t = s.spawn(|| assert_gated(&pair, &pair.b, &addrs(&got)));
+        assert_open(&pair, &pair.b, &addrs(&other));
+        t.join().unwrap();
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Extras: TTL and allowlist through the CLI
+// ---------------------------------------------------------------------------------------
+
+/// `--ttl 2s`: the kernel opens the gate by itself once it runs out, with no process
+/// involved; status then says off/expired and counts the SYN as passed after the TTL.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn ttl_opens_the_gate_by_itself() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let server = EchoServer::start(&pair, &pair.a, sa(pair.a_v4, P));
+    drain.on(&["--port", &P.to_string(), "--ttl", "2s"]);
+    // The deadline was set inside the call: at most 2 s from now.
+    let start = Instant::now();
+    let st = drain.status();
+    let ttl = st["ttl_remaining_ms"].as_u64().unwrap();
+    assert!(ttl <= 2000 && ttl > 1000, "{st}");
+    assert_gated(&pair, &pair.b, &[server.addr]);
+    if let Some(left) = Duration::from_millis(2300).checked_sub(start.elapsed()) {
+        std::thread::sleep(left);
+    }
+    assert_open(&pair, &pair.b, &[server.addr]);
+    let st = drain.status();
+    assert_eq!(gate_state(&st), "off", "{st}");
+    assert_eq!(st["expired"].as_bool(), Some(true), "{st}");
+    assert_eq!(st["ttl_remaining_ms"].as_u64(), Some(0), "{st}");
+    let p = port_status(&st, P).unwrap();
+    assert!(p["syns_expired"].as_u64().unwrap() >= 1, "{st}");
+    assert!(p["syns_refused"].as_u64().unwrap() >= 1, "{st}");
+}
+
+/// `--allow <b's IPv4>/32`: b connects over IPv4 while the gate is on (counted as allowed),
+/// but not over IPv6; status lists the prefix.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn allowlisted_source_passes_the_closed_gate() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let v4 = EchoServer::start(&pair, &pair.a, sa(pair.a_v4, P));
+    let v6 = EchoServer::start(&pair, &pair.a, sa(pair.a_v6, P));
+    let prefix = format!("{}/32", pair.b_v4);
+    drain.on(&["--port", &P.to_string(), "--allow", &prefix]);
+    std::thread::scope(|s| {
+        let t = s.spawn(|| assert_gated(&pair, &pair.b, &[v6.addr]));
+        assert_open(&pair, &pair.b, &[v4.addr]);
+        t.join().unwrap();
+    });
+    let st = drain.status();
+    let allow: Vec<&str> = st["allow"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Json::as_str)
+        .collect();
+    assert_eq!(allow, vec![prefix.as_str()], "{st}");
+    let p = port_status(&st, P).unwrap();
+    assert!(p["syns_allowed"].as_u64().unwrap() >= 1, "{st}");
+    assert!(p["syns_refused"].as_u64().unwrap() >= 1, "{st}");
+}
