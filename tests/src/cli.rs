@@ -5,14 +5,13 @@
 //! - [`EchoServer`], [`connect`], [`probe_all`], [`listen`], [`tcp_pair`], [`transfer`]: real
 //!   TCP in the namespaces, with the outcome of a connect spelled out (ok, refused, timed
 //!   out).
-//! - [`Json`]: a small JSON reader for `status --json` (the tests crate has no serde_json).
+//! - [`Json`]: `status --json` parsed with serde_json.
 //! - [`ForeignXdp`]: a two-instruction XDP program that is not drain's, loaded with the raw
 //!   bpf(2) syscall, to stand for "another tool's program" on an interface.
 //! - [`link_xdp`], [`tcx_ingress`], [`bpftool`], [`bpf_link_exists`], [`pinned_link_id`]: what
 //!   the kernel says is attached.
 
 use std::{
-    collections::BTreeMap,
     ffi::CString,
     fmt,
     io::{self, Read, Write},
@@ -29,6 +28,9 @@ use std::{
 };
 
 use crate::netns::NetNsPair;
+
+/// `status --json` output.
+pub use serde_json::Value as Json;
 
 /// Longest a single CLI call may take before the test fails (it takes the per-namespace
 /// lock, so a hung call would otherwise hang every later one).
@@ -238,7 +240,7 @@ impl<'p> Drain<'p> {
     pub fn status(&self) -> Json {
         let out = self.run(&["status", "--json"]);
         out.expect_ok();
-        let json = Json::parse(out.stdout.trim())
+        let json = serde_json::from_str::<Json>(out.stdout.trim())
             .unwrap_or_else(|e| panic!("status --json printed invalid JSON ({e}): {out}"));
         assert_status_schema(&json);
         json
@@ -853,310 +855,4 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[2] ^ seed)
         .collect()
-}
-
-// ---------------------------------------------------------------------------------------
-// A small JSON reader
-// ---------------------------------------------------------------------------------------
-
-/// A parsed JSON value. Numbers keep their text, so u64 counters stay exact. Indexing a
-/// missing key or index yields `Null` (as serde_json's `Value` does).
-#[derive(Clone, Debug, PartialEq)]
-pub enum Json {
-    Null,
-    Bool(bool),
-    Num(String),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(BTreeMap<String, Json>),
-}
-
-static NULL: Json = Json::Null;
-
-impl Json {
-    /// Parses one JSON document (RFC 8259), surrounding whitespace allowed.
-    pub fn parse(text: &str) -> Result<Json, String> {
-        let mut p = Parser {
-            s: text.as_bytes(),
-            i: 0,
-        };
-        let v = p.value()?;
-        p.ws();
-        if p.i != p.s.len() {
-            return Err(format!("trailing characters at byte {}", p.i));
-        }
-        Ok(v)
-    }
-
-    pub fn is_null(&self) -> bool {
-        matches!(self, Json::Null)
-    }
-
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Json::Str(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    pub fn as_bool(&self) -> Option<bool> {
-        match self {
-            Json::Bool(b) => Some(*b),
-            _ => None,
-        }
-    }
-
-    pub fn as_u64(&self) -> Option<u64> {
-        match self {
-            Json::Num(n) => n.parse().ok(),
-            _ => None,
-        }
-    }
-
-    pub fn as_i64(&self) -> Option<i64> {
-        match self {
-            Json::Num(n) => n.parse().ok(),
-            _ => None,
-        }
-    }
-
-    pub fn as_array(&self) -> Option<&Vec<Json>> {
-        match self {
-            Json::Arr(a) => Some(a),
-            _ => None,
-        }
-    }
-
-    pub fn as_object(&self) -> Option<&BTreeMap<String, Json>> {
-        match self {
-            Json::Obj(o) => Some(o),
-            _ => None,
-        }
-    }
-}
-
-impl std::ops::Index<&str> for Json {
-    type Output = Json;
-    fn index(&self, key: &str) -> &Json {
-        match self {
-            Json::Obj(o) => o.get(key).unwrap_or(&NULL),
-            _ => &NULL,
-        }
-    }
-}
-
-impl std::ops::Index<usize> for Json {
-    type Output = Json;
-    fn index(&self, i: usize) -> &Json {
-        match self {
-            Json::Arr(a) => a.get(i).unwrap_or(&NULL),
-            _ => &NULL,
-        }
-    }
-}
-
-impl fmt::Display for Json {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Json::Null => f.write_str("null"),
-            Json::Bool(b) => write!(f, "{b}"),
-            Json::Num(n) => f.write_str(n),
-            Json::Str(s) => write!(f, "{s:?}"),
-            Json::Arr(a) => {
-                f.write_str("[")?;
-                for (i, v) in a.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str(",")?;
-                    }
-                    write!(f, "{v}")?;
-                }
-                f.write_str("]")
-            }
-            Json::Obj(o) => {
-                f.write_str("{")?;
-                for (i, (k, v)) in o.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str(",")?;
-                    }
-                    write!(f, "{k:?}:{v}")?;
-                }
-                f.write_str("}")
-            }
-        }
-    }
-}
-
-struct Parser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl Parser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.s.len() && matches!(self.s[self.i], b' ' | b'\t' | b'\n' | b'\r') {
-            self.i += 1;
-        }
-    }
-
-    fn peek(&self) -> Option<u8> {
-        self.s.get(self.i).copied()
-    }
-
-    fn expect(&mut self, c: u8) -> Result<(), String> {
-        if self.peek() != Some(c) {
-            return Err(format!("expected {:?} at byte {}", c as char, self.i));
-        }
-        self.i += 1;
-        Ok(())
-    }
-
-    fn value(&mut self) -> Result<Json, String> {
-        self.ws();
-        match self.peek() {
-            Some(b'{') => {
-                self.i += 1;
-                let mut o = BTreeMap::new();
-                self.ws();
-                if self.peek() == Some(b'}') {
-                    self.i += 1;
-                    return Ok(Json::Obj(o));
-                }
-                loop {
-                    self.ws();
-                    let k = self.string()?;
-                    self.ws();
-                    self.expect(b':')?;
-                    let v = self.value()?;
-                    if o.insert(k.clone(), v).is_some() {
-                        return Err(format!("duplicate key {k:?}"));
-                    }
-                    self.ws();
-                    match self.peek() {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(Json::Obj(o));
-                        }
-                        _ => return Err(format!("expected , or }} at byte {}", self.i)),
-                    }
-                }
-            }
-            Some(b'[') => {
-                self.i += 1;
-                let mut a = Vec::new();
-                self.ws();
-                if self.peek() == Some(b']') {
-                    self.i += 1;
-                    return Ok(Json::Arr(a));
-                }
-                loop {
-                    a.push(self.value()?);
-                    self.ws();
-                    match self.peek() {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(Json::Arr(a));
-                        }
-                        _ => return Err(format!("expected , or ] at byte {}", self.i)),
-                    }
-                }
-            }
-            Some(b'"') => Ok(Json::Str(self.string()?)),
-            Some(b'-' | b'0'..=b'9') => {
-                let start = self.i;
-                while matches!(
-                    self.peek(),
-                    Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
-                ) {
-                    self.i += 1;
-                }
-                let n = std::str::from_utf8(&self.s[start..self.i]).expect("ASCII");
-                n.parse::<f64>()
-                    .map_err(|e| format!("bad number {n:?}: {e}"))?;
-                Ok(Json::Num(n.to_owned()))
-            }
-            _ => {
-                for (word, v) in [
-                    ("true", Json::Bool(true)),
-                    ("false", Json::Bool(false)),
-                    ("null", Json::Null),
-                ] {
-                    if self.s[self.i..].starts_with(word.as_bytes()) {
-                        self.i += word.len();
-                        return Ok(v);
-                    }
-                }
-                Err(format!("unexpected input at byte {}", self.i))
-            }
-        }
-    }
-
-    fn string(&mut self) -> Result<String, String> {
-        self.expect(b'"')?;
-        let mut out = Vec::new();
-        loop {
-            let c = self.peek().ok_or("unterminated string")?;
-            self.i += 1;
-            match c {
-                b'"' => return String::from_utf8(out).map_err(|e| e.to_string()),
-                b'\\' => {
-                    let e = self.peek().ok_or("unterminated escape")?;
-                    self.i += 1;
-                    let ch = match e {
-                        b'"' => '"',
-                        b'\\' => '\\',
-                        b'/' => '/',
-                        b'b' => '\u{8}',
-                        b'f' => '\u{c}',
-                        b'n' => '\n',
-                        b'r' => '\r',
-                        b't' => '\t',
-                        b'u' => {
-                            let hex = self
-                                .s
-                                .get(self.i..self.i + 4)
-                                .and_then(|h| std::str::from_utf8(h).ok())
-                                .and_then(|h| u32::from_str_radix(h, 16).ok())
-                                .ok_or("bad \\u escape")?;
-                            self.i += 4;
-                            // Surrogate pairs do not occur in drain's output; map them to
-                            // U+FFFD rather than decoding them.
-                            char::from_u32(hex).unwrap_or('\u{fffd}')
-                        }
-                        _ => return Err(format!("bad escape at byte {}", self.i)),
-                    };
-                    let mut b = [0u8; 4];
-                    out.extend_from_slice(ch.encode_utf8(&mut b).as_bytes());
-                }
-                _ => out.push(c),
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Json;
-
-    #[test]
-    fn json_reader_reads_status_output() {
-        let j = Json::parse(
-            r#"{"gate":"on","expired":false,"ttl_remaining_ms":599995,"interfaces":[{"name":"lo","ifindex":1,"attach":"xdp","mode":"generic","others":["xdp: x\"y, id 3"]}],"ports":[{"port":8080,"live_connections":-1,"syns_refused":18446744073709551615}],"allow":[]}"#,
-        )
-        .unwrap();
-        assert_eq!(j["gate"].as_str(), Some("on"));
-        assert_eq!(j["expired"].as_bool(), Some(false));
-        assert_eq!(
-            j["interfaces"][0]["others"][0].as_str(),
-            Some("xdp: x\"y, id 3")
-        );
-        assert_eq!(j["ports"][0]["live_connections"].as_i64(), Some(-1));
-        assert_eq!(j["ports"][0]["syns_refused"].as_u64(), Some(u64::MAX));
-        assert!(j["ttl_remaining_ms"].as_u64().is_some());
-        assert!(j["missing"].is_null() && j["ports"][5].is_null());
-        assert!(Json::parse("{\"a\":1} x").is_err());
-        assert!(Json::parse("[1,]").is_err());
-        assert_eq!(Json::parse(" null ").unwrap(), Json::Null);
-    }
 }

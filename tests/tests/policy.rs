@@ -17,7 +17,7 @@
 //! - [`allowlisted_sources_pass_a_closed_gate`]: `--allow` for IPv4 and IPv6 sources.
 //!
 //! The helpers at the top (CLI runner with a `gate off` guard, connect with a bound source,
-//! AF_PACKET flood, a small JSON reader) are local to this file on purpose.
+//! AF_PACKET flood) are local to this file on purpose.
 //!
 //! A veth fact these tests depend on (measured on 6.18): a frame sent back with XDP_TX by a
 //! native-XDP veth only reaches the peer when the peer runs an XDP program too (which gives
@@ -220,7 +220,7 @@ impl<'p> Gate<'p> {
             &drain_user(self.pair, &self.ns, &["status", "--json"]),
             "status --json",
         );
-        Json::parse(out.trim())
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
     }
 
     /// Counters of `port` in `status --json`; panics when the port is not listed.
@@ -596,244 +596,40 @@ fn setsockopt_int(fd: RawFd, level: i32, name: i32, v: i32) {
     );
 }
 
-/// A small JSON reader for `status --json` (the tests crate has no serde_json). Numbers
-/// keep their text so u64 counters stay exact; a missing key or index reads as Null.
-#[derive(Clone, Debug, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Num(String),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
+/// `status --json`, parsed with serde_json; the accessors below panic with the value when
+/// it has another type, which is what a test wants.
+type Json = serde_json::Value;
+
+trait JsonExt {
+    fn u64(&self) -> u64;
+    fn bool(&self) -> bool;
+    fn str(&self) -> &str;
+    fn arr(&self) -> &[Json];
 }
 
-static NULL: Json = Json::Null;
-
-impl Json {
-    #[track_caller]
-    fn parse(text: &str) -> Json {
-        let mut p = JsonParser {
-            s: text.as_bytes(),
-            i: 0,
-        };
-        let v = p.value();
-        p.ws();
-        assert_eq!(p.i, p.s.len(), "trailing bytes after JSON: {text}");
-        v
-    }
-
+impl JsonExt for Json {
     #[track_caller]
     fn u64(&self) -> u64 {
-        match self {
-            Json::Num(n) => n.parse().unwrap_or_else(|_| panic!("not a u64: {n}")),
-            other => panic!("not a number: {other}"),
-        }
+        self.as_u64().unwrap_or_else(|| panic!("not a u64: {self}"))
     }
 
     #[track_caller]
     fn bool(&self) -> bool {
-        match self {
-            Json::Bool(b) => *b,
-            other => panic!("not a bool: {other}"),
-        }
+        self.as_bool()
+            .unwrap_or_else(|| panic!("not a bool: {self}"))
     }
 
     #[track_caller]
     fn str(&self) -> &str {
-        match self {
-            Json::Str(s) => s,
-            other => panic!("not a string: {other}"),
-        }
+        self.as_str()
+            .unwrap_or_else(|| panic!("not a string: {self}"))
     }
 
     #[track_caller]
     fn arr(&self) -> &[Json] {
-        match self {
-            Json::Arr(a) => a,
-            other => panic!("not an array: {other}"),
-        }
-    }
-}
-
-impl std::ops::Index<&str> for Json {
-    type Output = Json;
-    fn index(&self, key: &str) -> &Json {
-        match self {
-            Json::Obj(kv) => kv.iter().find(|(k, _)| k == key).map_or(&NULL, |(_, v)| v),
-            _ => &NULL,
-        }
-    }
-}
-
-impl std::fmt::Display for Json {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Json::Null => f.write_str("null"),
-            Json::Bool(b) => write!(f, "{b}"),
-            Json::Num(n) => f.write_str(n),
-            Json::Str(s) => write!(f, "{s:?}"),
-            Json::Arr(a) => {
-                f.write_str("[")?;
-                for (i, v) in a.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str(",")?;
-                    }
-                    write!(f, "{v}")?;
-                }
-                f.write_str("]")
-            }
-            Json::Obj(kv) => {
-                f.write_str("{")?;
-                for (i, (k, v)) in kv.iter().enumerate() {
-                    if i > 0 {
-                        f.write_str(",")?;
-                    }
-                    write!(f, "{k:?}:{v}")?;
-                }
-                f.write_str("}")
-            }
-        }
-    }
-}
-
-struct JsonParser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
-            self.i += 1;
-        }
-    }
-
-    fn peek(&self) -> u8 {
-        *self.s.get(self.i).expect("JSON ends early")
-    }
-
-    fn eat(&mut self, c: u8) {
-        self.ws();
-        assert_eq!(
-            self.peek(),
-            c,
-            "JSON: expected {:?} at {}",
-            c as char,
-            self.i
-        );
-        self.i += 1;
-    }
-
-    fn value(&mut self) -> Json {
-        self.ws();
-        match self.peek() {
-            b'{' => {
-                self.i += 1;
-                let mut kv = Vec::new();
-                self.ws();
-                if self.peek() == b'}' {
-                    self.i += 1;
-                    return Json::Obj(kv);
-                }
-                loop {
-                    self.ws();
-                    let k = self.string();
-                    self.eat(b':');
-                    kv.push((k, self.value()));
-                    self.ws();
-                    match self.peek() {
-                        b',' => self.i += 1,
-                        b'}' => {
-                            self.i += 1;
-                            return Json::Obj(kv);
-                        }
-                        c => panic!("JSON: unexpected {:?} in object", c as char),
-                    }
-                }
-            }
-            b'[' => {
-                self.i += 1;
-                let mut a = Vec::new();
-                self.ws();
-                if self.peek() == b']' {
-                    self.i += 1;
-                    return Json::Arr(a);
-                }
-                loop {
-                    a.push(self.value());
-                    self.ws();
-                    match self.peek() {
-                        b',' => self.i += 1,
-                        b']' => {
-                            self.i += 1;
-                            return Json::Arr(a);
-                        }
-                        c => panic!("JSON: unexpected {:?} in array", c as char),
-                    }
-                }
-            }
-            b'"' => Json::Str(self.string()),
-            b't' => self.literal("true", Json::Bool(true)),
-            b'f' => self.literal("false", Json::Bool(false)),
-            b'n' => self.literal("null", Json::Null),
-            _ => {
-                let start = self.i;
-                while self.i < self.s.len()
-                    && matches!(
-                        self.s[self.i],
-                        b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'
-                    )
-                {
-                    self.i += 1;
-                }
-                assert!(self.i > start, "JSON: unexpected byte at {start}");
-                Json::Num(String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
-            }
-        }
-    }
-
-    fn literal(&mut self, word: &str, v: Json) -> Json {
-        assert!(
-            self.s[self.i..].starts_with(word.as_bytes()),
-            "JSON: bad literal at {}",
-            self.i
-        );
-        self.i += word.len();
-        v
-    }
-
-    fn string(&mut self) -> String {
-        assert_eq!(self.peek(), b'"', "JSON: expected a string at {}", self.i);
-        self.i += 1;
-        let mut out = Vec::new();
-        loop {
-            let c = self.peek();
-            self.i += 1;
-            match c {
-                b'"' => return String::from_utf8(out).expect("UTF-8 string"),
-                b'\\' => {
-                    let e = self.peek();
-                    self.i += 1;
-                    match e {
-                        b'n' => out.push(b'\n'),
-                        b't' => out.push(b'\t'),
-                        b'r' => out.push(b'\r'),
-                        b'b' => out.push(8),
-                        b'f' => out.push(12),
-                        b'u' => {
-                            let h = std::str::from_utf8(&self.s[self.i..self.i + 4]).unwrap();
-                            let c = char::from_u32(u32::from_str_radix(h, 16).unwrap())
-                                .unwrap_or('\u{fffd}');
-                            self.i += 4;
-                            out.extend_from_slice(c.to_string().as_bytes());
-                        }
-                        other => out.push(other),
-                    }
-                }
-                _ => out.push(c),
-            }
-        }
+        self.as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_else(|| panic!("not an array: {self}"))
     }
 }
 
@@ -1931,7 +1727,7 @@ fn allowlisted_sources_pass_a_closed_gate() {
     assert_eq!(accept_queued(&listener), 2);
 
     let (st, p) = gate.port(PORT);
-    let listed: Vec<&str> = st["allow"].arr().iter().map(Json::str).collect();
+    let listed: Vec<&str> = st["allow"].arr().iter().map(|j| j.str()).collect();
     assert!(
         listed.contains(&format!("{}/32", pair.b_v4).as_str())
             && listed.contains(&format!("{}/128", pair.b_v6).as_str()),
