@@ -95,16 +95,7 @@ pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
     let _lock = pins::lock()?;
     let dir = pins::state_dir()?;
     let fresh = !dir.exists();
-    // A `gate off` in another namespace removes the shared parent when it empties it;
-    // should that land between our two mkdirs, try again.
-    let mut made = fs::create_dir_all(&dir);
-    for _ in 0..3 {
-        if made.is_ok() {
-            break;
-        }
-        made = fs::create_dir_all(&dir);
-    }
-    made.with_context(|| format!("creating {}", dir.display()))?;
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut created: Vec<PathBuf> = Vec::new();
     let result = on_locked(args, targets, &dir, &mut created);
     if result.is_err() {

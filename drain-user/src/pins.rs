@@ -124,7 +124,7 @@ pub fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
-/// An exclusive lock on this namespace's gate, held until dropped. Two deploy scripts that
+/// An exclusive lock on drain's state (all namespaces), held until dropped. Two deploy scripts that
 /// run `drain-user` at once take turns instead of interleaving.
 pub struct Lock {
     _file: File,
@@ -132,7 +132,10 @@ pub struct Lock {
 
 pub fn lock() -> Result<Lock> {
     fs::create_dir_all(LOCK_DIR).with_context(|| format!("creating {LOCK_DIR}"))?;
-    let path = Path::new(LOCK_DIR).join(format!("drain.{}.lock", netns_inode()?));
+    // One lock for the host, not one per namespace: CLI calls take milliseconds, so
+    // serializing them costs nothing, no lock file is left per namespace ever gated, and
+    // the shared /sys/fs/bpf/drain directory is only ever created or removed under it.
+    let path = Path::new(LOCK_DIR).join("drain.lock");
     let file = File::options()
         .create(true)
         .truncate(false)

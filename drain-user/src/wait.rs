@@ -45,6 +45,7 @@ struct TempTracker {
 
 impl Drop for TempTracker {
     fn drop(&mut self) {
+        let _lock = pins::lock();
         let _ = gate::teardown(&self.dir);
     }
 }
@@ -71,6 +72,8 @@ fn reap_stale(parent: &Path) {
 }
 
 fn temp_tracker() -> Result<TempTracker> {
+    // Under the lock: teardown elsewhere may remove the shared parent directory.
+    let _lock = pins::lock()?;
     let gate_dir = pins::state_dir()?;
     let parent = gate_dir
         .parent()
