@@ -1,8 +1,9 @@
 //! Where a gate's state lives, and the lock that serializes CLI calls.
 //!
 //! Everything a gate owns is pinned under one bpffs directory per network namespace:
-//!   /sys/fs/bpf/drain/<netns inode>/DRAIN_*          the maps (aya pins them by name)
-//!   /sys/fs/bpf/drain/<netns inode>/link-<xdp|tc>-<ifindex>   one bpf_link per interface
+//!   /sys/fs/bpf/drain/<netns inode>-<netns cookie>/DRAIN_*     the maps (pinned by name)
+//!   /sys/fs/bpf/drain/<netns inode>-<netns cookie>/link-<xdp|tc>-<ifindex>  one bpf_link
+//!   per interface, and link-track for the connection tracker
 //! Keying by the namespace inode keeps gates in two namespaces (containers, parallel
 //! tests) apart: bpffs is per mount namespace, not per network namespace.
 
@@ -25,11 +26,44 @@ pub fn netns_inode() -> Result<u64> {
         .ino())
 }
 
-/// The pin directory of the gate of the caller's network namespace.
+/// The namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): unlike its inode number, which
+/// the kernel hands to the next namespace once this one is gone, never reused while the
+/// system runs. A gate left pinned by a deleted namespace is thus never mistaken for the
+/// gate of a new namespace that got the same inode.
+pub fn netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("socket() for SO_NETNS_COOKIE");
+    }
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid fd and an out-parameter of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    let err = io::Error::last_os_error();
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(err).context("getsockopt(SO_NETNS_COOKIE) (needs Linux 5.14 or later)");
+    }
+    Ok(cookie)
+}
+
+/// The pin directory of the gate of the caller's network namespace:
+/// `<netns inode>-<netns cookie>` (the inode for people, the cookie for uniqueness).
 pub fn state_dir() -> Result<PathBuf> {
     Ok(Path::new(BPFFS)
         .join("drain")
-        .join(netns_inode()?.to_string()))
+        .join(format!("{}-{}", netns_inode()?, netns_cookie()?)))
 }
 
 /// Mode a link was attached with, as encoded in its pin name.

@@ -107,6 +107,23 @@ impl Drop for Live {
     }
 }
 
+/// The tracker's set of live passive connections (cookie -> port), to pick out of an
+/// inet_diag dump exactly the connections the counts are made of.
+pub struct Set(HashMap<MapData, u64, u32>);
+
+impl Set {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join(map::SOCKS);
+        let data =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Set(HashMap::try_from(Map::HashMap(data))?))
+    }
+
+    pub fn contains(&self, cookie: u64) -> bool {
+        self.0.get(&cookie, 0).is_ok()
+    }
+}
+
 /// Adds the live passive connections that predate the tracker. Call after it is attached:
 /// a connection that opens in between is then seen by both, and the NOEXIST insert lets
 /// exactly one of them count it. One that closes between the dump and the insert would be

@@ -119,10 +119,21 @@ struct Leftover {
     idle_ms: Option<u32>,
 }
 
-fn leftovers(ports: &BTreeSet<u16>) -> Result<Vec<Leftover>> {
-    Ok(diag::passive_live(true)?
+/// The connections the counts are made of: an inet_diag dump filtered by the tracker's own
+/// set (not by "the port has a listener", which a graceful server stop breaks).
+fn tracked(dir: &Path, ports: &BTreeSet<u16>) -> Result<Vec<diag::Conn>> {
+    let set = track::Set::open(dir)?;
+    Ok(
+        diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, true)?
+            .into_iter()
+            .filter(|c| ports.contains(&c.local.port()) && set.contains(c.cookie))
+            .collect(),
+    )
+}
+
+fn leftovers(dir: &Path, ports: &BTreeSet<u16>) -> Result<Vec<Leftover>> {
+    Ok(tracked(dir, ports)?
         .into_iter()
-        .filter(|c| ports.contains(&c.local.port()))
         .map(|c| Leftover {
             peer: c.peer.to_string(),
             port: c.local.port(),
@@ -136,24 +147,28 @@ fn leftovers(ports: &BTreeSet<u16>) -> Result<Vec<Leftover>> {
 
 /// True when every live connection on `ports` has no unread, unsent or unacknowledged
 /// bytes and has exchanged no data for `idle`.
-fn all_idle(ports: &BTreeSet<u16>, idle: Duration) -> Result<bool> {
+fn all_idle(dir: &Path, ports: &BTreeSet<u16>, idle: Duration, live: i64) -> Result<bool> {
     let idle_ms = idle.as_millis().min(u32::MAX as u128) as u32;
-    Ok(diag::passive_live(true)?
-        .iter()
-        .filter(|c| ports.contains(&c.local.port()))
-        .all(|c| {
-            let Some(i) = c.info else { return false };
-            c.rqueue == 0
-                && c.wqueue == 0
-                && i.unacked == 0
-                && i.notsent_bytes == 0
-                && i.last_data_recv_ms.min(i.last_data_sent_ms) >= idle_ms
-        }))
+    let conns = tracked(dir, ports)?;
+    if (conns.len() as i64) < live {
+        return Ok(false); // the dump missed some (opened since): not idle yet
+    }
+    Ok(conns.iter().all(|c| {
+        let Some(i) = c.info else { return false };
+        c.rqueue == 0
+            && c.wqueue == 0
+            && i.unacked == 0
+            && i.notsent_bytes == 0
+            && i.last_data_recv_ms.min(i.last_data_sent_ms) >= idle_ms
+    }))
 }
 
 /// Pushes the gate's deadline forward while `wait` runs, so a long drain does not reopen
 /// the gate early, while a `wait` that dies still lets the TTL open it.
 fn renew_ttl(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        anyhow::bail!("the gate was turned off (`drain-user gate off`) while waiting");
+    }
     let cfg = state::read_config(dir)?;
     if cfg.enabled != GATE_ON || cfg.ttl_ns == 0 {
         return Ok(());
@@ -262,7 +277,7 @@ pub async fn wait(args: WaitArgs) -> Result<ExitCode> {
         if let Some(idle) = args.idle {
             if last_idle_check.is_none_or(|t| t.elapsed() >= IDLE_POLL) {
                 last_idle_check = Some(Instant::now());
-                if all_idle(&ports, idle)? {
+                if all_idle(&dir, &ports, idle, total)? {
                     track::check_exact(&dir)?;
                     return finish(&bar, args.json, "idle", elapsed, total, &list);
                 }
@@ -272,7 +287,7 @@ pub async fn wait(args: WaitArgs) -> Result<ExitCode> {
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
-            let left = leftovers(&ports)?;
+            let left = leftovers(&dir, &ports)?;
             if args.json {
                 println!(
                     "{}",

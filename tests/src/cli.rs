@@ -246,9 +246,9 @@ impl<'p> Drain<'p> {
         json
     }
 
-    /// /sys/fs/bpf/drain/<inode of this namespace>: where the gate pins its state.
+    /// /sys/fs/bpf/drain/<inode>-<cookie> of this namespace: where the gate pins its state.
     pub fn state_dir(&self) -> PathBuf {
-        Path::new("/sys/fs/bpf/drain").join(self.pair.netns_inode(&self.ns).to_string())
+        self.pair.drain_state_dir(&self.ns)
     }
 
     /// Names in the state directory, sorted; empty when it does not exist.

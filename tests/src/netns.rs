@@ -153,6 +153,42 @@ impl NetNsPair {
             .ino()
     }
 
+    /// SO_NETNS_COOKIE of one of the pair's namespaces (read from a socket made inside it).
+    pub fn netns_cookie(&self, ns: &str) -> u64 {
+        self.check_ns(ns);
+        self.in_ns(ns, || {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket in the namespace");
+            let mut cookie = 0u64;
+            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+            // SAFETY: a valid fd and an out-parameter of the size given. 71 = SO_NETNS_COOKIE.
+            let rc = unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    71,
+                    (&mut cookie as *mut u64).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(
+                rc,
+                0,
+                "SO_NETNS_COOKIE: {}",
+                std::io::Error::last_os_error()
+            );
+            cookie
+        })
+    }
+
+    /// Where drain pins the gate of namespace `ns`: /sys/fs/bpf/drain/<inode>-<cookie>.
+    pub fn drain_state_dir(&self, ns: &str) -> std::path::PathBuf {
+        std::path::Path::new("/sys/fs/bpf/drain").join(format!(
+            "{}-{}",
+            self.netns_inode(ns),
+            self.netns_cookie(ns)
+        ))
+    }
+
     fn check_ns(&self, ns: &str) {
         assert!(
             ns == self.a || ns == self.b,

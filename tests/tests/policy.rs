@@ -29,7 +29,6 @@ use std::{
     mem::{size_of, zeroed},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
-    path::Path,
     process::{Command, Output, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -238,7 +237,7 @@ impl<'p> Gate<'p> {
 
     /// The gate's pinned DRAIN_CONFIG, read directly.
     fn config(&self) -> GateConfig {
-        let dir = Path::new("/sys/fs/bpf/drain").join(self.pair.netns_inode(&self.ns).to_string());
+        let dir = self.pair.drain_state_dir(&self.ns);
         let data = MapData::from_pin(dir.join(map::CONFIG))
             .unwrap_or_else(|e| panic!("opening {}/{}: {e}", dir.display(), map::CONFIG));
         let a: Array<MapData, GateConfig> = Array::try_from(Map::Array(data)).unwrap();
