@@ -32,6 +32,20 @@ pub struct Status {
     pub interfaces: Vec<IfaceStatus>,
     pub ports: Vec<PortStatus>,
     pub allow: Vec<String>,
+    /// The connection tracker's own counters; null when there is no gate.
+    pub tracker: Option<TrackerStatus>,
+}
+
+#[derive(Serialize)]
+pub struct TrackerStatus {
+    /// Passive opens added to the live set, and connections removed from it, since
+    /// `gate on` (seeded connections are not in `added`).
+    pub added: u64,
+    pub removed: u64,
+    /// Lost events: while non-zero, live counts may be low and `wait` will not report
+    /// the ports drained.
+    pub insert_failed: u64,
+    pub read_failed: u64,
 }
 
 #[derive(Serialize)]
@@ -70,6 +84,7 @@ pub fn collect() -> Result<Status> {
         interfaces: vec![],
         ports: vec![],
         allow: vec![],
+        tracker: None,
     };
     if !pins::bpffs_mounted()? {
         return Ok(st);
@@ -106,6 +121,13 @@ pub fn collect() -> Result<Status> {
         })
         .collect();
     st.allow = state::allow(&dir)?.iter().map(IpNet::to_string).collect();
+    let t = track::stats(&dir)?;
+    st.tracker = Some(TrackerStatus {
+        added: t.added,
+        removed: t.removed,
+        insert_failed: t.insert_failed,
+        read_failed: t.read_failed,
+    });
     Ok(st)
 }
 

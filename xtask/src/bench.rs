@@ -5,6 +5,8 @@
 //! 2. Memory the kernel holds for a gate (memlock of each map, from fdinfo).
 //! 3. How soon the end of a drain is noticed: `drain-user wait` against the usual shell
 //!    loop that polls `ss` once a second, both watching the same connections close.
+//! 4. Drift: churn `DRAIN_SOAK` connections (default 200,000) through a gated port and
+//!    check the count returns to exactly zero.
 //!
 //! Shared machines are noisy: each figure is the median of several interleaved rounds,
 //! and only ratios within this run mean anything.
@@ -27,6 +29,7 @@ use drain_tests::{
     netns::NetNsPair,
     object::Loaded,
     testrun::{load_xdp_pass, mean_ns},
+    traffic::{churn, listen, ss_live, Op, Server, Stack},
 };
 
 const REPEAT: u32 = 1_000_000;
@@ -279,6 +282,69 @@ fn drain_notice(bin: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Churns many connections through a gated port (the client allowlisted) and checks the
+/// kernel's count comes back to exactly zero, equal to `ss`, with every passive open added
+/// and removed once: the set semantics leave nothing to drift.
+fn drift_soak(bin: &Path, n: u64) -> Result<()> {
+    const PORT: u16 = 8090;
+    println!("\n== drift soak: {n} connections through a gated port (client allowlisted)");
+    let pair = NetNsPair::new();
+    // RST endings and server-first closes leave no TIME_WAIT on the client: its ports last.
+    let _ = pair
+        .cmd(&pair.b, "sysctl")
+        .args(["-qw", "net.ipv4.ip_local_port_range=1024 65000"])
+        .output();
+    let server = Server::start(listen(&pair.a, Stack::V4, PORT), 4);
+    let bin_s = bin.to_str().unwrap();
+    let out = pair
+        .cmd(&pair.a, bin_s)
+        .args(["gate", "on", "--port", &PORT.to_string(), "--ttl", "1h"])
+        .args(["--allow", &format!("{}/32", pair.b_v4)])
+        .output()?;
+    if !out.status.success() {
+        bail!("gate on failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let target = SocketAddr::new(pair.a_v4.into(), PORT);
+    let endings = [Op::ServerClose, Op::ServerReset, Op::ClientReset];
+    let t0 = Instant::now();
+    let done = churn(&pair.b, &[target], &endings, n, 4);
+    let elapsed = t0.elapsed();
+    server.wait_finished(done.connections, Duration::from_secs(60));
+    thread::sleep(Duration::from_millis(200));
+    let st: serde_json::Value = serde_json::from_slice(
+        &pair
+            .cmd(&pair.a, bin_s)
+            .args(["status", "--json"])
+            .output()?
+            .stdout,
+    )?;
+    let live = st["ports"][0]["live_connections"].as_i64();
+    let t = &st["tracker"];
+    let (ss_est, ss_cw) = ss_live(&pair.a, PORT);
+    let _ = pair.cmd(&pair.a, bin_s).args(["gate", "off"]).output();
+    println!(
+        "  {} connections in {:.1} s ({:.0}/s); afterwards: live_connections {:?}, ss {} \
+         (ESTABLISHED + CLOSE_WAIT), tracker added {} removed {} lost {}",
+        done.connections,
+        elapsed.as_secs_f64(),
+        done.connections as f64 / elapsed.as_secs_f64(),
+        live,
+        ss_est + ss_cw,
+        t["added"],
+        t["removed"],
+        t["insert_failed"].as_u64().unwrap_or(0) + t["read_failed"].as_u64().unwrap_or(0),
+    );
+    if live != Some(0)
+        || ss_est + ss_cw != 0
+        || t["added"] != t["removed"]
+        || t["added"].as_u64() != Some(done.connections)
+    {
+        bail!("the live count drifted: {st}");
+    }
+    println!("  no drift: count back to exactly 0, every passive open added and removed once");
+    Ok(())
+}
+
 fn fmt(v: &[f64]) -> String {
     v.iter()
         .map(|x| format!("{x:.1}"))
@@ -293,5 +359,10 @@ pub fn run(bin: &Path) -> Result<()> {
         println!("  warning: kernel.bpf_stats_enabled is on; numbers include its overhead");
     }
     per_packet()?;
-    drain_notice(bin)
+    drain_notice(bin)?;
+    let soak = std::env::var("DRAIN_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    drift_soak(bin, soak)
 }
