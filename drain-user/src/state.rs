@@ -32,15 +32,21 @@ pub fn write_config(dir: &Path, cfg: GateConfig) -> Result<()> {
         .context("writing the gate switch (DRAIN_CONFIG)")
 }
 
-/// Counters of one gated port, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default)]
+/// One gated port: its counters summed over CPUs (see drain_common::PortStats for each),
+/// and its live connections (filled in by `status` from the tracker). This is also the
+/// shape of each `ports` entry in `status --json`.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct PortCounters {
     pub port: u16,
+    /// Connections accepted on this port that are ESTABLISHED or CLOSE_WAIT right now.
+    pub live_connections: i64,
     pub syns_refused: u64,
     pub syns_passed: u64,
     pub syns_allowed: u64,
     pub syns_expired: u64,
+    /// Refused SYNs answered with a RST (policy reset).
     pub rst_sent: u64,
+    /// Refused SYNs dropped instead of reset: RST rate limit reached.
     pub rst_limited: u64,
 }
 

@@ -15,7 +15,8 @@ use crate::{
     gate::program_name,
     netlink,
     pins::{self, Attach},
-    state, track,
+    state::{self, PortCounters},
+    track,
 };
 
 #[derive(Serialize)]
@@ -30,7 +31,7 @@ pub struct Status {
     /// Milliseconds until the TTL opens the gate; null when there is no deadline.
     pub ttl_remaining_ms: Option<u64>,
     pub interfaces: Vec<IfaceStatus>,
-    pub ports: Vec<PortStatus>,
+    pub ports: Vec<PortCounters>,
     pub allow: Vec<String>,
     /// The connection tracker's own counters; null when there is no gate.
     pub tracker: Option<TrackerStatus>,
@@ -58,21 +59,6 @@ pub struct IfaceStatus {
     pub mode: Option<&'static str>,
     /// Programs other tools attached to the same interface's hooks (left untouched).
     pub others: Vec<String>,
-}
-
-#[derive(Serialize)]
-pub struct PortStatus {
-    pub port: u16,
-    /// Connections accepted on this port that are ESTABLISHED or CLOSE_WAIT right now.
-    pub live_connections: i64,
-    pub syns_refused: u64,
-    pub syns_passed: u64,
-    pub syns_allowed: u64,
-    pub syns_expired: u64,
-    /// Refused SYNs answered with a RST (policy reset).
-    pub rst_sent: u64,
-    /// Refused SYNs dropped instead of reset: RST rate limit reached.
-    pub rst_limited: u64,
 }
 
 pub fn collect() -> Result<Status> {
@@ -109,15 +95,9 @@ pub fn collect() -> Result<Status> {
     let live = track::Live::open(&dir)?;
     st.ports = state::ports(&dir)?
         .into_iter()
-        .map(|(_, c)| PortStatus {
-            port: c.port,
+        .map(|(_, c)| PortCounters {
             live_connections: live.get(c.port),
-            syns_refused: c.syns_refused,
-            syns_passed: c.syns_passed,
-            syns_allowed: c.syns_allowed,
-            syns_expired: c.syns_expired,
-            rst_sent: c.rst_sent,
-            rst_limited: c.rst_limited,
+            ..c
         })
         .collect();
     st.allow = state::allow(&dir)?.iter().map(IpNet::to_string).collect();

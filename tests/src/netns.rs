@@ -9,7 +9,6 @@
 //! bpffs and every pin under it.
 
 use std::{
-    fs::File,
     net::{Ipv4Addr, Ipv6Addr},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     process::Command,
@@ -118,21 +117,7 @@ impl NetNsPair {
     /// so sockets it creates live there; a panic in `f` is re-raised here.
     pub fn in_ns<R: Send>(&self, ns: &str, f: impl FnOnce() -> R + Send) -> R {
         self.check_ns(ns);
-        let path = Self::handle(ns);
-        std::thread::scope(|s| {
-            let t = s.spawn(move || {
-                let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-                // SAFETY: setns on a valid fd; it changes only this thread's network namespace.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert!(
-                    rc == 0,
-                    "setns({path}): {}",
-                    std::io::Error::last_os_error()
-                );
-                f()
-            });
-            t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
+        crate::traffic::in_netns(ns, f)
     }
 
     /// `nsenter --net=/var/run/netns/<ns> <program>`: joins only the network namespace, so

@@ -46,6 +46,11 @@ const OUT_SLACK: usize = 512;
 /// bpf(2) call. The kernel refuses frames shorter than an Ethernet header (14 bytes) with
 /// EINVAL (`bpf_test_init` in net/bpf/test_run.c).
 pub fn try_test_run(prog_fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<(i32, Vec<u8>)> {
+    run(prog_fd, data, 1).map(|(retval, out, _)| (retval, out))
+}
+
+/// BPF_PROG_TEST_RUN `repeat` times: (return value, output frame, mean ns per run).
+fn run(prog_fd: BorrowedFd<'_>, data: &[u8], repeat: u32) -> io::Result<(i32, Vec<u8>, u32)> {
     let mut out = vec![0u8; data.len() + OUT_SLACK];
     let mut attr = TestRunAttr {
         prog_fd: prog_fd.as_raw_fd() as u32,
@@ -53,7 +58,7 @@ pub fn try_test_run(prog_fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<(i32, Ve
         data_size_out: out.len() as u32,
         data_in: data.as_ptr() as u64,
         data_out: out.as_mut_ptr() as u64,
-        repeat: 1,
+        repeat,
         ..Default::default()
     };
     // SAFETY: attr is a valid, fully initialised bpf_attr prefix of the size passed; data_in
@@ -70,7 +75,7 @@ pub fn try_test_run(prog_fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<(i32, Ve
         return Err(io::Error::last_os_error());
     }
     out.truncate(attr.data_size_out as usize);
-    Ok((attr.retval as i32, out))
+    Ok((attr.retval as i32, out, attr.duration))
 }
 
 /// [`try_test_run`], panicking with the frame length and errno on failure.
@@ -88,29 +93,7 @@ pub fn test_run(prog_fd: BorrowedFd<'_>, data: &[u8]) -> (i32, Vec<u8>) {
 /// nanoseconds per run that the kernel measured (includes the test-run loop itself; compare
 /// against a baseline program in the same run).
 pub fn mean_ns(prog_fd: BorrowedFd<'_>, data: &[u8], repeat: u32) -> io::Result<u32> {
-    let mut out = vec![0u8; data.len() + OUT_SLACK];
-    let mut attr = TestRunAttr {
-        prog_fd: prog_fd.as_raw_fd() as u32,
-        data_size_in: data.len() as u32,
-        data_size_out: out.len() as u32,
-        data_in: data.as_ptr() as u64,
-        data_out: out.as_mut_ptr() as u64,
-        repeat,
-        ..Default::default()
-    };
-    // SAFETY: as in try_test_run.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            std::mem::size_of::<TestRunAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(attr.duration)
+    run(prog_fd, data, repeat).map(|(_, _, ns)| ns)
 }
 
 /// Loads the smallest XDP program there is (`r0 = XDP_PASS; exit`) straight through
