@@ -24,7 +24,7 @@ use crate::gate::{AttachChoice, Policy};
 /// Refuse new TCP connections on chosen ports while established ones finish, then restore.
 ///
 /// State lives in pinned BPF objects (/sys/fs/bpf/drain/<netns>), one gate per network
-/// namespace; no daemon runs. Exit codes: 0 ok, 1 error, 2 bad usage.
+/// namespace; no daemon runs. Exit codes: 0 ok, 1 error, 2 bad usage, 3 `wait` timed out.
 #[derive(Parser)]
 #[command(name = "drain-user", version)]
 struct Cli {
