@@ -94,6 +94,7 @@ pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
     pins::ensure_bpffs()?;
     let _lock = pins::lock()?;
     let dir = pins::state_dir()?;
+    reap_dead_namespaces(&dir);
     let fresh = !dir.exists();
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut created: Vec<PathBuf> = Vec::new();
@@ -348,6 +349,118 @@ fn detach_link(pin: &Path) -> Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
         Err(e) => Err(anyhow!(e).context("BPF_LINK_DETACH")),
     }
+}
+
+/// Removes the state of gates whose network namespace no longer exists (a container
+/// deleted with its gate on): their maps and tracker would otherwise stay until reboot.
+/// A namespace is alive when a process is in it, or an open fd or a bind mount (`ip netns`,
+/// container runtimes) holds it; its inode may since have gone to a new namespace, so the
+/// cookie in the directory name must match too. Getting this wrong could only remove a
+/// gate, never leave a host closed.
+fn reap_dead_namespaces(own: &Path) {
+    let Some(parent) = own.parent() else { return };
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    let mut alive: Option<std::collections::HashMap<u64, PathBuf>> = None;
+    for e in entries.flatten() {
+        let path = e.path();
+        if path == own {
+            continue;
+        }
+        let name = e.file_name();
+        let Some((inode, cookie)) = name
+            .to_str()
+            .filter(|n| !n.contains("-wait-"))
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(i, c)| Some((i.parse::<u64>().ok()?, c.parse::<u64>().ok()?)))
+        else {
+            continue;
+        };
+        let alive = alive.get_or_insert_with(live_netns);
+        let dead = match alive.get(&inode) {
+            None => true,
+            Some(handle) => netns_cookie_of(handle).is_some_and(|c| c != cookie),
+        };
+        if dead {
+            let _ = teardown(&path);
+        }
+    }
+}
+
+/// Every network namespace something still holds, by inode, with a path that opens it:
+/// processes (/proc/*/ns/net), open fds (/proc/*/fd/* -> "net:[N]"), nsfs bind mounts.
+fn live_netns() -> std::collections::HashMap<u64, PathBuf> {
+    let parse = |link: &Path| -> Option<u64> {
+        let t = fs::read_link(link).ok()?;
+        t.to_str()?
+            .strip_prefix("net:[")?
+            .strip_suffix(']')?
+            .parse()
+            .ok()
+    };
+    let mut map = std::collections::HashMap::new();
+    for p in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let ns = p.path().join("ns/net");
+        if let Some(i) = parse(&ns) {
+            map.entry(i).or_insert(ns);
+        }
+        for fd in fs::read_dir(p.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Some(i) = parse(&fd.path()) {
+                map.entry(i).or_insert(fd.path());
+            }
+        }
+    }
+    // mountinfo: "<id> <parent> <dev> <root> <mount point> ... - nsfs ...", root "net:[N]".
+    for line in fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+    {
+        if !line.contains(" - nsfs ") {
+            continue;
+        }
+        let mut f = line.split_whitespace().skip(3);
+        let (Some(root), Some(at)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if let Some(i) = root.strip_prefix("net:[").and_then(|r| r.strip_suffix(']')) {
+            if let Ok(i) = i.parse() {
+                map.entry(i).or_insert_with(|| PathBuf::from(at));
+            }
+        }
+    }
+    map
+}
+
+/// The cookie of the namespace at `handle`, read from a thread that joins it (so this
+/// process stays where it is). None when it cannot be entered (then nothing is reaped).
+fn netns_cookie_of(handle: &Path) -> Option<u64> {
+    let file = fs::File::open(handle).ok()?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on a valid nsfs fd; it moves only this short-lived thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return None;
+            }
+            pins::netns_cookie().ok()
+        })
+        .join()
+        .ok()
+        .flatten()
+    })
 }
 
 /// `gate off`. Returns false when there was no gate.

@@ -1071,3 +1071,41 @@ fn allowlisted_source_passes_the_closed_gate() {
     assert!(p["syns_allowed"].as_u64().unwrap() >= 1, "{st}");
     assert!(p["syns_refused"].as_u64().unwrap() >= 1, "{st}");
 }
+
+/// A namespace deleted with its gate still on (a container removed mid-deploy) leaves its
+/// pins behind; the next `gate on` in any namespace reaps them, and leaves the gates of
+/// live namespaces alone.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn state_of_a_deleted_namespace_is_reaped_by_the_next_gate_on() {
+    let (p1, p2, p3) = (NetNsPair::new(), NetNsPair::new(), NetNsPair::new());
+    let (d1, d2, d3) = (
+        Drain::new(&p1, &p1.a),
+        Drain::new(&p2, &p2.a),
+        Drain::new(&p3, &p3.a),
+    );
+    d1.on(&["--port", &P.to_string()]);
+    d3.on(&["--port", &P.to_string()]);
+    let dead_dir = d1.state_dir();
+    assert!(dead_dir.exists());
+
+    let out = std::process::Command::new("ip")
+        .args(["netns", "del", &p1.a])
+        .output()
+        .expect("run ip netns del");
+    assert!(out.status.success(), "ip netns del: {out:?}");
+    assert!(dead_dir.exists(), "pins vanished before any drain call");
+
+    d2.on(&["--port", &P.to_string()]);
+    assert!(
+        !dead_dir.exists(),
+        "the deleted namespace's pins were not reaped: {}",
+        dead_dir.display()
+    );
+    assert!(
+        d3.state_dir().exists(),
+        "a live namespace's gate was reaped"
+    );
+    assert_eq!(gate_state(&d3.status()), "on");
+    assert_eq!(gate_state(&d2.status()), "on");
+}
