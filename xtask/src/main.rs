@@ -62,12 +62,12 @@ fn run_task(task: Task) -> Result<()> {
         Task::Bench => {
             build(false)?;
             ensure_bpffs()?;
-            bench::run(&workspace_root().join("target/debug/drain-user"))
+            bench::run(&target_dir().join("debug/drain-user"))
         }
         Task::Demo => {
             build(false)?;
             ensure_bpffs()?;
-            demo::run(&workspace_root().join("target/debug/drain-user"))
+            demo::run(&target_dir().join("debug/drain-user"))
         }
     }
 }
@@ -77,6 +77,12 @@ pub fn workspace_root() -> PathBuf {
         .parent()
         .expect("xtask lives one level below the workspace root")
         .to_path_buf()
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
 /// The eBPF build: nightly for -Z build-std=core, BTF emitted by bpf-linker (`--btf`) so
