@@ -211,8 +211,8 @@ impl Drop for NetNsPair {
     }
 }
 
-/// Runs `ip args...`, panicking with its stderr on failure.
-fn ip(args: &[&str]) {
+/// Runs `ip args...`, panicking with its stderr on failure; returns its stdout.
+pub fn ip(args: &[&str]) -> String {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -224,4 +224,5 @@ fn ip(args: &[&str]) {
         out.status,
         String::from_utf8_lossy(&out.stderr).trim()
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

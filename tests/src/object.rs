@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::{
-    programs::{ProgramFd, SchedClassifier, Xdp},
+    programs::{Program, ProgramError, ProgramFd, SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
 
@@ -127,33 +127,38 @@ impl Loaded {
 
     /// Loads (verifies) the XDP program `name` and returns a duplicate of its fd.
     pub fn load_xdp(&mut self, name: &str) -> ProgramFd {
-        let prog: &mut Xdp = self
-            .bpf
-            .program_mut(name)
-            .unwrap_or_else(|| panic!("no program {name} in the object"))
-            .try_into()
-            .unwrap_or_else(|e| panic!("program {name} is not XDP: {e}"));
-        prog.load()
-            .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:#?}"));
-        prog.fd()
-            .expect("fd of a loaded program")
-            .try_clone()
-            .expect("dup")
+        let prog: &mut Xdp = self.program(name);
+        let loaded = prog.load();
+        verified_fd(name, loaded, prog.fd())
     }
 
     /// Loads (verifies) the classifier program `name` and returns a duplicate of its fd.
     pub fn load_tc(&mut self, name: &str) -> ProgramFd {
-        let prog: &mut SchedClassifier = self
-            .bpf
+        let prog: &mut SchedClassifier = self.program(name);
+        let loaded = prog.load();
+        verified_fd(name, loaded, prog.fd())
+    }
+
+    fn program<'a, P>(&'a mut self, name: &str) -> &'a mut P
+    where
+        &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+    {
+        self.bpf
             .program_mut(name)
             .unwrap_or_else(|| panic!("no program {name} in the object"))
             .try_into()
-            .unwrap_or_else(|e| panic!("program {name} is not a classifier: {e}"));
-        prog.load()
-            .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:#?}"));
-        prog.fd()
-            .expect("fd of a loaded program")
-            .try_clone()
-            .expect("dup")
+            .unwrap_or_else(|e| panic!("program {name} has another type: {e}"))
     }
+}
+
+/// The fd of a program just loaded, duplicated, or a panic with the verifier's log.
+fn verified_fd(
+    name: &str,
+    loaded: Result<(), ProgramError>,
+    fd: Result<&ProgramFd, ProgramError>,
+) -> ProgramFd {
+    loaded.unwrap_or_else(|e| panic!("verifier rejected {name}: {e:#?}"));
+    fd.expect("fd of a loaded program")
+        .try_clone()
+        .expect("dup")
 }

@@ -315,29 +315,33 @@ impl Server {
     /// Waits until the server has finished `n` connections in all; panics after `timeout`
     /// saying how far it got.
     pub fn wait_finished(&self, n: u64, timeout: Duration) {
-        let t0 = Instant::now();
-        while self.finished() < n {
-            self.assert_no_errors();
-            assert!(
-                t0.elapsed() < timeout,
-                "server on :{} finished {} of {n} connections in {timeout:?}",
-                self.port(),
-                self.finished()
-            );
-            thread::sleep(Duration::from_millis(2));
-        }
+        self.poll(
+            timeout,
+            || self.finished() >= n,
+            || format!("finished {} of {n} connections", self.finished()),
+        );
     }
 
     /// Waits until `n` connections are held.
     pub fn wait_held(&self, n: usize, timeout: Duration) {
+        self.poll(
+            timeout,
+            || self.held() == n,
+            || format!("holds {} connections, expected {n}", self.held()),
+        );
+    }
+
+    /// Polls `done` every 2 ms, checking for server errors; panics with `what()` after
+    /// `timeout`.
+    fn poll(&self, timeout: Duration, done: impl Fn() -> bool, what: impl Fn() -> String) {
         let t0 = Instant::now();
-        while self.held() != n {
+        while !done() {
             self.assert_no_errors();
             assert!(
                 t0.elapsed() < timeout,
-                "server on :{} holds {} connections, expected {n}",
+                "server on :{} {} (after {timeout:?})",
                 self.port(),
-                self.held()
+                what()
             );
             thread::sleep(Duration::from_millis(2));
         }

@@ -29,7 +29,7 @@ use std::{
     mem::{size_of, zeroed},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
-    process::{Command, Output, Stdio},
+    process::{Output, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc,
@@ -42,7 +42,13 @@ use aya::{
     programs::{ProgramFd, Xdp, XdpMode},
 };
 use drain_common::{map, prog, GateConfig, PortStats, GATE_ON, POLICY_RESET};
-use drain_tests::{drain_user_bin, frames::*, netns::NetNsPair, object::Loaded, testrun::test_run};
+use drain_tests::{
+    drain_user_bin,
+    frames::*,
+    netns::{ip, NetNsPair},
+    object::Loaded,
+    testrun::test_run,
+};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -487,21 +493,6 @@ fn accept_queued(l: &TcpListener) -> usize {
             Err(e) => panic!("accept: {e}"),
         }
     }
-}
-
-/// `ip args...`, panicking with stderr on failure; returns stdout.
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running ip {}: {e}", args.join(" ")));
-    assert!(
-        out.status.success(),
-        "ip {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// MAC address of `dev` in `ns`.
