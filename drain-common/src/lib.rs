@@ -2,7 +2,8 @@
 //!
 //! Everything here is `#[repr(C)]` with explicit padding, so both sides agree on the
 //! layout byte for byte; the `user` feature adds the aya `Pod` impls (and bytemuck's,
-//! which refuse to compile if a padding byte is left implicit).
+//! which refuse to compile if a padding byte is left implicit), the sums of the per-CPU
+//! counters and their serde serialization.
 #![no_std]
 
 /// Program names, as they appear in the ELF object and in `bpftool prog`.
@@ -132,12 +133,16 @@ pub struct TrackConfig {
 }
 const _: () = assert!(core::mem::size_of::<TrackConfig>() == 16);
 
-/// Tracker counters, per CPU.
+/// Tracker counters, per CPU. Serialized (user side) as the `tracker` object of
+/// `drain-user status --json`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[cfg_attr(
+    feature = "user",
+    derive(bytemuck::Pod, bytemuck::Zeroable, serde::Serialize)
+)]
 pub struct TrackStats {
-    /// Passive opens added to the live set.
+    /// Passive opens added to the live set (seeded connections are not in it).
     pub added: u64,
     /// Connections removed from the live set.
     pub removed: u64,
@@ -150,13 +155,20 @@ pub struct TrackStats {
 const _: () = assert!(core::mem::size_of::<TrackStats>() == 32);
 
 /// Per-port counters, one copy per CPU (no atomics on the packet path); user space sums them.
+/// Serialized (user side) as the counters of a `ports` entry of `drain-user status --json`;
+/// the port itself is the entry's key, written there by the caller.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[cfg_attr(
+    feature = "user",
+    derive(bytemuck::Pod, bytemuck::Zeroable, serde::Serialize)
+)]
 pub struct PortStats {
     /// The port this slot counts for (host order), written by user space into every CPU's
     /// copy when it assigns the slot; 0 = slot free. The kernel never writes it.
+    #[cfg_attr(feature = "user", serde(skip))]
     pub port: u32,
+    #[cfg_attr(feature = "user", serde(skip))]
     pub _pad: u32,
     /// Connection requests refused because the gate was on.
     pub syns_refused: u64,
@@ -172,6 +184,41 @@ pub struct PortStats {
     pub rst_limited: u64,
 }
 const _: () = assert!(core::mem::size_of::<PortStats>() == 56);
+
+/// `Sum` over the per-CPU copies of a counter struct: every counter added up, fields that
+/// are not counters (`keep`) taken from the copies, which all hold the same value.
+#[cfg(feature = "user")]
+macro_rules! per_cpu_sum {
+    ($ty:ident { keep: [$($keep:ident),*], sum: [$($field:ident),+] }) => {
+        impl<'a> core::iter::Sum<&'a $ty> for $ty {
+            fn sum<I: Iterator<Item = &'a $ty>>(iter: I) -> Self {
+                iter.fold(Self::default(), |mut acc, cpu| {
+                    $(acc.$keep = cpu.$keep;)*
+                    $(acc.$field += cpu.$field;)+
+                    acc
+                })
+            }
+        }
+    };
+}
+
+#[cfg(feature = "user")]
+per_cpu_sum!(PortStats {
+    keep: [port],
+    sum: [
+        syns_refused,
+        syns_passed,
+        syns_allowed,
+        syns_expired,
+        rst_sent,
+        rst_limited
+    ]
+});
+#[cfg(feature = "user")]
+per_cpu_sum!(TrackStats {
+    keep: [],
+    sum: [added, removed, insert_failed, read_failed]
+});
 
 #[cfg(feature = "user")]
 mod pod {

@@ -181,3 +181,162 @@ impl Btf {
         Ok(bits / 8)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// BTF built by hand: strings, then types appended with their kind-specific data.
+    #[derive(Default)]
+    struct Blob {
+        strings: Vec<u8>,
+        types: Vec<u8>,
+    }
+
+    impl Blob {
+        fn new() -> Self {
+            Blob {
+                strings: vec![0], // offset 0 is the empty name
+                types: vec![],
+            }
+        }
+
+        fn name(&mut self, s: &str) -> u32 {
+            if s.is_empty() {
+                return 0;
+            }
+            let off = self.strings.len() as u32;
+            self.strings.extend_from_slice(s.as_bytes());
+            self.strings.push(0);
+            off
+        }
+
+        fn words(&mut self, words: &[u32]) {
+            for w in words {
+                self.types.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+
+        /// struct btf_type { name_off; info (vlen | kind << 24 | kind_flag << 31); size/type }
+        fn head(&mut self, name: &str, kind: u32, kind_flag: bool, vlen: u32, size_or_type: u32) {
+            let name = self.name(name);
+            let info = vlen | kind << 24 | u32::from(kind_flag) << 31;
+            self.words(&[name, info, size_or_type]);
+        }
+
+        fn int(&mut self, name: &str) {
+            self.head(name, 1, false, 0, 4);
+            self.words(&[32]); // encoding: 32 bits, unsigned
+        }
+
+        /// A struct (kind 4) or union (kind 5); members are (name, type id, offset word).
+        fn aggregate(
+            &mut self,
+            kind: u32,
+            name: &str,
+            kind_flag: bool,
+            members: &[(&str, u32, u32)],
+        ) {
+            self.head(name, kind, kind_flag, members.len() as u32, 16);
+            for &(m, ty, off) in members {
+                let m = self.name(m);
+                self.words(&[m, ty, off]);
+            }
+        }
+
+        /// btf_header { magic; version; flags; hdr_len; type_off; type_len; str_off; str_len }
+        fn bytes(&self) -> Vec<u8> {
+            let mut out = Vec::new();
+            out.extend_from_slice(&BTF_MAGIC.to_le_bytes());
+            out.extend_from_slice(&[1, 0]);
+            for w in [
+                24,
+                0,
+                self.types.len() as u32,
+                self.types.len() as u32,
+                self.strings.len() as u32,
+            ] {
+                out.extend_from_slice(&u32::to_le_bytes(w));
+            }
+            out.extend_from_slice(&self.types);
+            out.extend_from_slice(&self.strings);
+            out
+        }
+    }
+
+    /// Type ids: 1 int, 2 struct inner {a, b}, 3 typedef inner_t, 4 const inner_t,
+    /// 5 anonymous union {u}, 6 struct outer {x, <anon union>, inner}, 7 an enum (skipped
+    /// over), 8 struct bits (kind_flag: bitfield sizes in the offset word) {f:3 at bit 12,
+    /// g:8 at bit 32}.
+    fn sample() -> Btf {
+        let mut b = Blob::new();
+        b.int("int");
+        b.aggregate(KIND_STRUCT, "inner", false, &[("a", 1, 0), ("b", 1, 32)]);
+        b.head("inner_t", KIND_TYPEDEF, false, 0, 2);
+        b.head("", KIND_CONST, false, 0, 3);
+        b.aggregate(KIND_UNION, "", false, &[("u", 1, 0)]);
+        b.aggregate(
+            KIND_STRUCT,
+            "outer",
+            false,
+            &[("x", 1, 0), ("", 5, 64), ("inner", 4, 128)],
+        );
+        b.head("colour", 6, false, 2, 4);
+        let (red, blue) = (b.name("RED"), b.name("BLUE"));
+        b.words(&[red, 0, blue, 1]);
+        b.aggregate(
+            KIND_STRUCT,
+            "bits",
+            true,
+            &[("f", 1, 3 << 24 | 12), ("g", 1, 8 << 24 | 32)],
+        );
+        Btf::parse(b.bytes()).unwrap()
+    }
+
+    #[test]
+    fn member_offsets() {
+        let btf = sample();
+        assert_eq!(btf.offset("outer", "x").unwrap(), 0);
+        // Through an anonymous union, as sock.__sk_common's members are reached.
+        assert_eq!(btf.offset("outer", "u").unwrap(), 8);
+        // Through a const typedef to a nested struct.
+        assert_eq!(btf.offset("outer", "inner.a").unwrap(), 16);
+        assert_eq!(btf.offset("outer", "inner.b").unwrap(), 20);
+        assert_eq!(btf.offset("inner", "b").unwrap(), 4);
+        // kind_flag: the bitfield size is masked off the offset.
+        assert_eq!(btf.offset("bits", "g").unwrap(), 4);
+    }
+
+    #[test]
+    fn lookup_errors() {
+        let btf = sample();
+        let err = |s: &str, p: &str| btf.offset(s, p).unwrap_err().to_string();
+        assert!(err("bits", "f").contains("is a bitfield"));
+        assert!(err("nope", "x").contains("struct nope not in"));
+        assert!(err("outer", "inner.c").contains("no member c"));
+        // A typedef name is not a struct name.
+        assert!(err("inner_t", "a").contains("not in"));
+    }
+
+    #[test]
+    fn malformed_data() {
+        let good = {
+            let mut b = Blob::new();
+            b.aggregate(KIND_STRUCT, "s", false, &[("m", 0, 0)]);
+            b.bytes()
+        };
+        assert!(Btf::parse(good.clone()).is_ok());
+        let mut bad_magic = good.clone();
+        bad_magic[0] = 0;
+        assert!(Btf::parse(bad_magic).is_err());
+        assert!(Btf::parse(good[..20].to_vec()).is_err());
+        // Cut inside the type section.
+        let mut cut = good.clone();
+        cut.truncate(24 + 20);
+        assert!(Btf::parse(cut).is_err());
+        let mut unknown_kind = Blob::new();
+        unknown_kind.head("x", 31, false, 0, 0);
+        let e = Btf::parse(unknown_kind.bytes()).err().unwrap();
+        assert!(e.to_string().contains("unknown BTF kind 31"), "{e}");
+    }
+}

@@ -1,98 +1,132 @@
-//! Where a gate's state lives, and the lock that serializes CLI calls.
+//! Where a gate's state lives in bpffs, mounting bpffs, and the lock that serializes CLI
+//! calls.
 //!
-//! Everything a gate owns is pinned under one bpffs directory per network namespace:
-//!   /sys/fs/bpf/drain/<netns inode>-<netns cookie>/DRAIN_*     the maps (pinned by name)
-//!   /sys/fs/bpf/drain/<netns inode>-<netns cookie>/link-<xdp|tc>-<ifindex>  one bpf_link
-//!   per interface, and link-track for the connection tracker
-//! Keying by the namespace inode keeps gates in two namespaces (containers, parallel
-//! tests) apart: bpffs is per mount namespace, not per network namespace.
+//! Everything a gate owns is pinned under one directory per network namespace
+//! ([`StateDir`], named `<netns inode>-<netns cookie>`):
+//!   /sys/fs/bpf/drain/<state dir>/DRAIN_*                  the maps (pinned by name)
+//!   /sys/fs/bpf/drain/<state dir>/link-<xdp|tc>-<ifindex>  one bpf_link per interface
+//!   /sys/fs/bpf/drain/<state dir>/link-track               the connection tracker's link
+//! Keying by the namespace keeps gates in two namespaces (containers, parallel tests) apart:
+//! bpffs is per mount namespace, not per network namespace.
 
 use std::{
+    fmt,
     fs::{self, File},
     io,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
+    str::FromStr,
 };
 
 use anyhow::{bail, Context, Result};
 
+use crate::netns::{NetnsId, StateDir};
+
 pub const BPFFS: &str = "/sys/fs/bpf";
 const LOCK_DIR: &str = "/run/lock";
 
-/// Inode of the caller's network namespace.
-pub fn netns_inode() -> Result<u64> {
-    Ok(fs::metadata("/proc/self/ns/net")
-        .context("reading /proc/self/ns/net")?
-        .ino())
+/// `/sys/fs/bpf/drain`: the parent of every state directory.
+pub fn root() -> PathBuf {
+    Path::new(BPFFS).join("drain")
 }
 
-/// The namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): unlike its inode number, which
-/// the kernel hands to the next namespace once this one is gone, never reused while the
-/// system runs. A gate left pinned by a deleted namespace is thus never mistaken for the
-/// gate of a new namespace that got the same inode.
-pub fn netns_cookie() -> Result<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    // SAFETY: plain socket(2); the fd is closed below.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("socket() for SO_NETNS_COOKIE");
-    }
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid fd and an out-parameter of the size given.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
+/// The path of a state directory.
+pub fn state_path(dir: StateDir) -> PathBuf {
+    root().join(dir.to_string())
+}
+
+/// The state directory of the gate of the caller's network namespace.
+pub fn gate_dir() -> Result<PathBuf> {
+    Ok(state_path(StateDir::Gate(NetnsId::current()?)))
+}
+
+/// Opens the map `name` pinned in `dir`.
+pub fn open_map(dir: &Path, name: &str) -> Result<aya::maps::MapData> {
+    let path = dir.join(name);
+    aya::maps::MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening the pinned map {}: the gate state is incomplete; \
+             run `drain-user gate off` to reset it",
+            path.display()
         )
-    };
-    let err = io::Error::last_os_error();
-    // SAFETY: closing the fd opened above.
-    unsafe { libc::close(fd) };
-    if rc != 0 {
-        return Err(err).context("getsockopt(SO_NETNS_COOKIE) (needs Linux 5.14 or later)");
-    }
-    Ok(cookie)
+    })
 }
 
-/// The pin directory of the gate of the caller's network namespace:
-/// `<netns inode>-<netns cookie>` (the inode for people, the cookie for uniqueness).
-pub fn state_dir() -> Result<PathBuf> {
-    Ok(Path::new(BPFFS)
-        .join("drain")
-        .join(format!("{}-{}", netns_inode()?, netns_cookie()?)))
-}
-
-/// Mode a link was attached with, as encoded in its pin name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Attach {
+/// The hook a link is attached to, as encoded in its pin name and shown by `status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
     Xdp,
     Tc,
 }
 
-impl Attach {
+impl Hook {
     pub fn as_str(self) -> &'static str {
         match self {
-            Attach::Xdp => "xdp",
-            Attach::Tc => "tc",
+            Hook::Xdp => "xdp",
+            Hook::Tc => "tc",
         }
     }
 }
 
-/// The tracker's link (tp_btf/inet_sock_set_state).
-pub fn track_pin(dir: &Path) -> PathBuf {
-    dir.join("link-track")
+/// The name of a link pin in a state directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkPin {
+    /// `link-<xdp|tc>-<ifindex>`: the gate on one interface.
+    Iface(Hook, u32),
+    /// `link-track`: the tracker (tp_btf/inet_sock_set_state).
+    Track,
 }
 
-pub fn link_pin(dir: &Path, attach: Attach, ifindex: u32) -> PathBuf {
-    dir.join(format!("link-{}-{ifindex}", attach.as_str()))
+impl LinkPin {
+    pub fn path(self, dir: &Path) -> PathBuf {
+        dir.join(self.to_string())
+    }
 }
 
-/// The link pins in a state directory: (mode, ifindex, path).
-pub fn links(dir: &Path) -> Result<Vec<(Attach, u32, PathBuf)>> {
+impl fmt::Display for LinkPin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkPin::Iface(hook, ifindex) => write!(f, "link-{}-{ifindex}", hook.as_str()),
+            LinkPin::Track => f.write_str("link-track"),
+        }
+    }
+}
+
+impl FromStr for LinkPin {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let rest = s.strip_prefix("link-").ok_or(())?;
+        if rest == "track" {
+            return Ok(LinkPin::Track);
+        }
+        let (hook, ifindex) = rest.split_once('-').ok_or(())?;
+        let hook = match hook {
+            "xdp" => Hook::Xdp,
+            "tc" => Hook::Tc,
+            _ => return Err(()),
+        };
+        let pin = LinkPin::Iface(hook, ifindex.parse().map_err(|_| ())?);
+        // One spelling per pin, as for state directories.
+        if pin.to_string() == s {
+            Ok(pin)
+        } else {
+            Err(())
+        }
+    }
+}
+
+/// One interface link pinned in a state directory.
+#[derive(Clone, Debug)]
+pub struct IfaceLink {
+    pub hook: Hook,
+    pub ifindex: u32,
+    pub pin: PathBuf,
+}
+
+/// The interface links pinned in a state directory, by ifindex.
+pub fn iface_links(dir: &Path) -> Result<Vec<IfaceLink>> {
     let mut out = Vec::new();
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -101,28 +135,23 @@ pub fn links(dir: &Path) -> Result<Vec<(Attach, u32, PathBuf)>> {
     };
     for entry in entries {
         let entry = entry?;
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("link-")) else {
-            continue;
-        };
-        let parsed = rest.split_once('-').and_then(|(mode, idx)| {
-            let mode = match mode {
-                "xdp" => Attach::Xdp,
-                "tc" => Attach::Tc,
-                _ => return None,
-            };
-            Some((mode, idx.parse().ok()?))
-        });
-        if let Some((mode, ifindex)) = parsed {
-            out.push((mode, ifindex, entry.path()));
+        if let Some(LinkPin::Iface(hook, ifindex)) =
+            entry.file_name().to_str().and_then(|n| n.parse().ok())
+        {
+            out.push(IfaceLink {
+                hook,
+                ifindex,
+                pin: entry.path(),
+            });
         }
     }
-    out.sort_by_key(|(_, idx, _)| *idx);
+    out.sort_by_key(|l| l.ifindex);
     Ok(out)
 }
 
 /// True when bpffs is mounted at /sys/fs/bpf.
 pub fn bpffs_mounted() -> Result<bool> {
+    // SAFETY: statfs is plain old data; zeroed is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let path = c"/sys/fs/bpf";
     // SAFETY: valid NUL-terminated path and a properly sized out-parameter.
@@ -158,8 +187,8 @@ pub fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
-/// An exclusive lock on drain's state (all namespaces), held until dropped. Two deploy scripts that
-/// run `drain-user` at once take turns instead of interleaving.
+/// An exclusive lock on drain's state (all namespaces), held until dropped. Two deploy
+/// scripts that run `drain-user` at once take turns instead of interleaving.
 pub struct Lock {
     _file: File,
 }
@@ -181,4 +210,31 @@ pub fn lock() -> Result<Lock> {
         return Err(io::Error::last_os_error()).context("taking the drain lock");
     }
     Ok(Lock { _file: file })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pin_names() {
+        for pin in [
+            LinkPin::Iface(Hook::Xdp, 1),
+            LinkPin::Iface(Hook::Tc, 4_000_000_000),
+            LinkPin::Track,
+        ] {
+            assert_eq!(pin.to_string().parse(), Ok(pin));
+        }
+        assert_eq!(LinkPin::Iface(Hook::Tc, 7).to_string(), "link-tc-7");
+        for bad in [
+            "link-",
+            "link-xdp",
+            "link-xdp-",
+            "link-xdp-01",
+            "link-gre-3",
+            "DRAIN_LIVE",
+        ] {
+            assert_eq!(bad.parse::<LinkPin>(), Err(()), "{bad}");
+        }
+    }
 }

@@ -1,162 +1,244 @@
-//! The gate's pinned maps: opening them, and reading/writing ports, config and counters.
-//! Kernel-side contract of each map: drain-common's `map` module.
+//! [`OpenGate`]: one gate's pinned state, opened once, with what its callers need (the
+//! switch and TTL, ports and their counters, allowlists, the tracker). Kernel-side contract
+//! of each map: drain-common's `map` module.
 
-use std::{collections::BTreeSet, path::Path};
+use std::{
+    collections::BTreeSet,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
-use drain_common::{map, GateConfig, PortStats, MAX_GATED_PORTS};
+use drain_common::{map, GateConfig, PortStats, GATE_ON, MAX_GATED_PORTS};
 use ipnet::IpNet;
 
-fn open(dir: &Path, name: &str) -> Result<MapData> {
-    let path = dir.join(name);
-    MapData::from_pin(&path).with_context(|| {
-        format!(
-            "opening the pinned map {}: the gate state is incomplete; run `drain-user gate off` to reset it",
-            path.display()
-        )
-    })
+use crate::{pins, track::Tracker};
+
+/// One gated port: its stats slot and its counters summed over CPUs.
+#[derive(Clone, Copy, Debug)]
+pub struct GatedPort {
+    pub slot: u32,
+    pub port: u16,
+    pub stats: PortStats,
 }
 
-pub fn config(dir: &Path) -> Result<Array<MapData, GateConfig>> {
-    Ok(Array::try_from(Map::Array(open(dir, map::CONFIG)?))?)
+/// A gate's maps, opened once from their pins.
+pub struct OpenGate {
+    dir: PathBuf,
+    /// The state directory's inode when opened: a `gate off` followed by a new `gate on`
+    /// makes a new directory with the same name (and new maps).
+    dir_ino: u64,
+    config: Array<MapData, GateConfig>,
+    ports: Array<MapData, u32>,
+    stats: PerCpuArray<MapData, PortStats>,
+    allow4: LpmTrie<MapData, [u8; 4], u8>,
+    allow6: LpmTrie<MapData, [u8; 16], u8>,
+    tracker: Tracker,
 }
 
-pub fn read_config(dir: &Path) -> Result<GateConfig> {
-    Ok(config(dir)?.get(&0, 0)?)
+fn dir_inode(dir: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .ino())
 }
 
-pub fn write_config(dir: &Path, cfg: GateConfig) -> Result<()> {
-    config(dir)?
-        .set(0, cfg, 0)
+fn config_map(dir: &Path) -> Result<Array<MapData, GateConfig>> {
+    Ok(Array::try_from(Map::Array(pins::open_map(
+        dir,
+        map::CONFIG,
+    )?))?)
+}
+
+/// Turns the gate in `dir` off with one map write, opening nothing else: `gate off` does
+/// this first, and must manage it even when other parts of the state are missing.
+pub fn switch_off(dir: &Path) -> Result<()> {
+    config_map(dir)?
+        .set(0, GateConfig::default(), 0)
         .context("writing the gate switch (DRAIN_CONFIG)")
 }
 
-/// One gated port: its counters summed over CPUs (see drain_common::PortStats for each),
-/// and its live connections (filled in by `status` from the tracker). This is also the
-/// shape of each `ports` entry in `status --json`.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct PortCounters {
-    pub port: u16,
-    /// Connections accepted on this port that are ESTABLISHED or CLOSE_WAIT right now.
-    pub live_connections: i64,
-    pub syns_refused: u64,
-    pub syns_passed: u64,
-    pub syns_allowed: u64,
-    pub syns_expired: u64,
-    /// Refused SYNs answered with a RST (policy reset).
-    pub rst_sent: u64,
-    /// Refused SYNs dropped instead of reset: RST rate limit reached.
-    pub rst_limited: u64,
-}
+impl OpenGate {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let dir_ino = dir_inode(dir)?;
+        Ok(OpenGate {
+            dir: dir.to_path_buf(),
+            dir_ino,
+            config: config_map(dir)?,
+            ports: Array::try_from(Map::Array(pins::open_map(dir, map::PORTS)?))?,
+            stats: PerCpuArray::try_from(Map::PerCpuArray(pins::open_map(dir, map::STATS)?))?,
+            allow4: LpmTrie::try_from(Map::LpmTrie(pins::open_map(dir, map::ALLOW4)?))?,
+            allow6: LpmTrie::try_from(Map::LpmTrie(pins::open_map(dir, map::ALLOW6)?))?,
+            tracker: Tracker::open(dir)?,
+        })
+    }
 
-/// The gated ports and their counters, as (slot, counters), ordered by port.
-pub fn ports(dir: &Path) -> Result<Vec<(u32, PortCounters)>> {
-    let stats: PerCpuArray<MapData, PortStats> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(dir, map::STATS)?))?;
-    let mut out = Vec::new();
-    for slot in 1..=MAX_GATED_PORTS {
-        let per_cpu = stats.get(&slot, 0)?;
-        let port = per_cpu.iter().next().map_or(0, |s| s.port);
-        if port == 0 {
-            continue;
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// False once the gate these maps belong to has been removed (`gate off`), even when a
+    /// new gate has been made in its place since.
+    pub fn still_pinned(&self) -> bool {
+        dir_inode(&self.dir).is_ok_and(|i| i == self.dir_ino)
+    }
+
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+
+    pub fn tracker_mut(&mut self) -> &mut Tracker {
+        &mut self.tracker
+    }
+
+    pub fn config(&self) -> Result<GateConfig> {
+        self.config
+            .get(&0, 0)
+            .context("reading the gate switch (DRAIN_CONFIG)")
+    }
+
+    /// One map write: the programs see the new config on their next packet.
+    pub fn set_config(&mut self, cfg: GateConfig) -> Result<()> {
+        self.config
+            .set(0, cfg, 0)
+            .context("writing the gate switch (DRAIN_CONFIG)")
+    }
+
+    /// Pushes the deadline of a gate that is on forward to a full TTL from now, once less
+    /// than half of it is left (so the lock is taken rarely); an expired gate stays open.
+    /// `wait` calls it while it runs, so a long drain does not reopen the gate early, while
+    /// a `wait` that dies still lets the TTL open it. Returns when to call it again
+    /// ([`renew_interval`]).
+    pub fn renew_ttl(&mut self) -> Result<Duration> {
+        let cfg = self.config()?;
+        let next = renew_interval(&cfg);
+        let now = boottime_ns();
+        if cfg.enabled != GATE_ON
+            || cfg.ttl_ns == 0
+            || cfg.deadline_ns <= now
+            || cfg.deadline_ns - now >= cfg.ttl_ns / 2
+        {
+            return Ok(next);
         }
-        let mut c = PortCounters {
-            port: port as u16,
-            ..Default::default()
+        // Under the lock, re-read: a concurrent `gate on` may have replaced the config,
+        // and a `gate off` the whole gate.
+        let _lock = pins::lock()?;
+        if !self.still_pinned() {
+            return Ok(next);
+        }
+        let mut cfg = self.config()?;
+        if cfg.enabled == GATE_ON {
+            cfg.deadline_ns = boottime_ns().saturating_add(cfg.ttl_ns);
+            self.set_config(cfg)?;
+        }
+        Ok(renew_interval(&cfg))
+    }
+
+    /// The gated ports and their counters, ordered by port.
+    pub fn ports(&self) -> Result<Vec<GatedPort>> {
+        let mut out = Vec::new();
+        for slot in 1..=MAX_GATED_PORTS {
+            let stats: PortStats = self.stats.get(&slot, 0)?.iter().sum();
+            if stats.port == 0 {
+                continue;
+            }
+            out.push(GatedPort {
+                slot,
+                port: stats.port as u16,
+                stats,
+            });
+        }
+        out.sort_by_key(|p| p.port);
+        Ok(out)
+    }
+
+    /// Makes the gated set exactly `want`: ports no longer wanted are released first (the
+    /// safe direction), then new ports get a zeroed slot before their PORTS entry points at it.
+    pub fn set_ports(&mut self, want: &BTreeSet<u16>) -> Result<()> {
+        if want.len() > MAX_GATED_PORTS as usize {
+            bail!("at most {MAX_GATED_PORTS} ports can be gated at once");
+        }
+        let current = self.ports()?;
+        let ncpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        let filled = |port: u16| -> Result<PerCpuValues<PortStats>> {
+            let v = PortStats {
+                port: port.into(),
+                ..Default::default()
+            };
+            Ok(PerCpuValues::try_from(vec![v; ncpus])?)
         };
-        for s in per_cpu.iter() {
-            c.syns_refused += s.syns_refused;
-            c.syns_passed += s.syns_passed;
-            c.syns_allowed += s.syns_allowed;
-            c.syns_expired += s.syns_expired;
-            c.rst_sent += s.rst_sent;
-            c.rst_limited += s.rst_limited;
+        let mut used = BTreeSet::new();
+        for p in &current {
+            if want.contains(&p.port) {
+                used.insert(p.slot);
+            } else {
+                self.ports.set(p.port.into(), 0, 0)?;
+                self.stats.set(p.slot, filled(0)?, 0)?;
+            }
         }
-        out.push((slot, c));
+        let have: BTreeSet<u16> = current.iter().map(|p| p.port).collect();
+        for &port in want.difference(&have) {
+            let slot = (1..=MAX_GATED_PORTS)
+                .find(|s| !used.contains(s))
+                .context("no free port slot")?;
+            used.insert(slot);
+            self.stats.set(slot, filled(port)?, 0)?;
+            self.ports.set(port.into(), slot, 0)?;
+        }
+        Ok(())
     }
-    out.sort_by_key(|(_, c)| c.port);
-    Ok(out)
+
+    /// The allowlisted prefixes, IPv4 first.
+    pub fn allow(&self) -> Result<Vec<IpNet>> {
+        let mut out = Vec::new();
+        for k in self.allow4.keys() {
+            let k = k?;
+            out.push(IpNet::new(k.data().into(), k.prefix_len() as u8)?);
+        }
+        for k in self.allow6.keys() {
+            let k = k?;
+            out.push(IpNet::new(k.data().into(), k.prefix_len() as u8)?);
+        }
+        Ok(out)
+    }
+
+    /// Makes the allowlists exactly `want`.
+    pub fn set_allow(&mut self, want: &[IpNet]) -> Result<()> {
+        let old4: Vec<_> = self.allow4.keys().collect::<Result<_, _>>()?;
+        for k in old4 {
+            self.allow4.remove(&k)?;
+        }
+        let old6: Vec<_> = self.allow6.keys().collect::<Result<_, _>>()?;
+        for k in old6 {
+            self.allow6.remove(&k)?;
+        }
+        for net in want {
+            match net.trunc() {
+                IpNet::V4(n) => {
+                    let key = Key::new(n.prefix_len().into(), n.addr().octets());
+                    self.allow4.insert(&key, 1, 0)?
+                }
+                IpNet::V6(n) => {
+                    let key = Key::new(n.prefix_len().into(), n.addr().octets());
+                    self.allow6.insert(&key, 1, 0)?
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
-/// Makes the gated set exactly `want`: ports no longer wanted are released first (the safe
-/// direction), then new ports get a zeroed slot before their PORTS entry points at it.
-pub fn set_ports(dir: &Path, want: &BTreeSet<u16>) -> Result<()> {
-    if want.len() > MAX_GATED_PORTS as usize {
-        bail!("at most {MAX_GATED_PORTS} ports can be gated at once");
+/// How often `wait` checks the TTL for renewal (and notices a `gate off`): every second,
+/// and at least four times per TTL, so that the half-life renewal of even a short TTL
+/// comes well before it runs out. (Checking on every 5 ms poll would cost a map lookup
+/// each time for nothing.)
+fn renew_interval(cfg: &GateConfig) -> Duration {
+    const EVERY: Duration = Duration::from_secs(1);
+    match cfg.ttl_ns {
+        0 => EVERY,
+        ttl => EVERY.min(Duration::from_nanos(ttl / 4)),
     }
-    let current = ports(dir)?;
-    let mut port_map: Array<MapData, u32> = Array::try_from(Map::Array(open(dir, map::PORTS)?))?;
-    let mut stats: PerCpuArray<MapData, PortStats> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(dir, map::STATS)?))?;
-    let ncpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-    let filled = |port: u16| -> Result<PerCpuValues<PortStats>> {
-        let v = PortStats {
-            port: port.into(),
-            ..Default::default()
-        };
-        Ok(PerCpuValues::try_from(vec![v; ncpus])?)
-    };
-    let mut used = BTreeSet::new();
-    for (slot, c) in &current {
-        if want.contains(&c.port) {
-            used.insert(*slot);
-        } else {
-            port_map.set(c.port.into(), 0, 0)?;
-            stats.set(*slot, filled(0)?, 0)?;
-        }
-    }
-    let have: BTreeSet<u16> = current.iter().map(|(_, c)| c.port).collect();
-    for &port in want.difference(&have) {
-        let slot = (1..=MAX_GATED_PORTS)
-            .find(|s| !used.contains(s))
-            .context("no free port slot")?;
-        used.insert(slot);
-        stats.set(slot, filled(port)?, 0)?;
-        port_map.set(port.into(), slot, 0)?;
-    }
-    Ok(())
-}
-
-/// Makes the allowlists exactly `want`.
-pub fn set_allow(dir: &Path, want: &[IpNet]) -> Result<()> {
-    let mut v4: LpmTrie<MapData, [u8; 4], u8> =
-        LpmTrie::try_from(Map::LpmTrie(open(dir, map::ALLOW4)?))?;
-    let mut v6: LpmTrie<MapData, [u8; 16], u8> =
-        LpmTrie::try_from(Map::LpmTrie(open(dir, map::ALLOW6)?))?;
-    let old4: Vec<_> = v4.keys().collect::<Result<_, _>>()?;
-    for k in old4 {
-        v4.remove(&k)?;
-    }
-    let old6: Vec<_> = v6.keys().collect::<Result<_, _>>()?;
-    for k in old6 {
-        v6.remove(&k)?;
-    }
-    for net in want {
-        match net.trunc() {
-            IpNet::V4(n) => v4.insert(&Key::new(n.prefix_len().into(), n.addr().octets()), 1, 0)?,
-            IpNet::V6(n) => v6.insert(&Key::new(n.prefix_len().into(), n.addr().octets()), 1, 0)?,
-        }
-    }
-    Ok(())
-}
-
-/// The allowlisted prefixes.
-pub fn allow(dir: &Path) -> Result<Vec<IpNet>> {
-    let v4: LpmTrie<MapData, [u8; 4], u8> =
-        LpmTrie::try_from(Map::LpmTrie(open(dir, map::ALLOW4)?))?;
-    let v6: LpmTrie<MapData, [u8; 16], u8> =
-        LpmTrie::try_from(Map::LpmTrie(open(dir, map::ALLOW6)?))?;
-    let mut out = Vec::new();
-    for k in v4.keys() {
-        let k = k?;
-        out.push(IpNet::new(k.data().into(), k.prefix_len() as u8)?);
-    }
-    for k in v6.keys() {
-        let k = k?;
-        out.push(IpNet::new(k.data().into(), k.prefix_len() as u8)?);
-    }
-    Ok(out)
 }
 
 /// CLOCK_BOOTTIME in ns: the clock `bpf_ktime_get_boot_ns` reads, so deadlines written here
@@ -169,4 +251,26 @@ pub fn boottime_ns() -> u64 {
     // SAFETY: valid clock id and out-parameter.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_well_before_the_ttl() {
+        let cfg = |ttl: Duration| GateConfig {
+            ttl_ns: ttl.as_nanos() as u64,
+            ..Default::default()
+        };
+        assert_eq!(renew_interval(&cfg(Duration::ZERO)), Duration::from_secs(1));
+        assert_eq!(
+            renew_interval(&cfg(Duration::from_secs(600))),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            renew_interval(&cfg(Duration::from_secs(2))),
+            Duration::from_millis(500)
+        );
+    }
 }

@@ -1,70 +1,77 @@
 //! `status`: what the gate of this network namespace is doing, for people and for scripts.
 
-use std::path::Path;
+use std::{fmt::Write as _, time::Duration};
 
 use anyhow::Result;
 use aya::programs::{
     links::{FdLink, PinnedLink},
     SchedClassifier, TcAttachType,
 };
-use drain_common::GATE_ON;
+use drain_common::{PortStats, TrackStats, GATE_ON};
 use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
-    gate::program_name,
-    netlink,
-    pins::{self, Attach},
-    state::{self, PortCounters},
-    track,
+    cli::Policy,
+    iface::{self, XdpMode},
+    pins::{self, Hook},
+    state::{boottime_ns, OpenGate},
 };
 
+/// Whether SYNs to gated ports are refused right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GateState {
+    On,
+    /// No gate, switched off, or the TTL has run out.
+    Off,
+}
+
+/// The shape of `status --json`: field names and order are an interface.
 #[derive(Serialize)]
 pub struct Status {
-    /// "on" while SYNs to gated ports are refused; "off" otherwise (no gate, switched off,
-    /// or the TTL has run out).
-    pub gate: &'static str,
-    /// "drop" or "reset": how refused connection requests are answered.
-    pub policy: &'static str,
+    pub gate: GateState,
+    /// How refused connection requests are answered.
+    pub policy: Policy,
     /// True when a gate is installed but its TTL has run out.
     pub expired: bool,
     /// Milliseconds until the TTL opens the gate; null when there is no deadline.
     pub ttl_remaining_ms: Option<u64>,
     pub interfaces: Vec<IfaceStatus>,
-    pub ports: Vec<PortCounters>,
+    pub ports: Vec<PortStatus>,
     pub allow: Vec<String>,
-    /// The connection tracker's own counters; null when there is no gate.
-    pub tracker: Option<TrackerStatus>,
+    /// The connection tracker's own counters since `gate on`; null when there is no gate.
+    /// Lost events (`insert_failed`, `read_failed`) mean live counts may be low, and `wait`
+    /// will not report the ports drained.
+    pub tracker: Option<TrackStats>,
 }
 
+/// One gated port.
 #[derive(Serialize)]
-pub struct TrackerStatus {
-    /// Passive opens added to the live set, and connections removed from it, since
-    /// `gate on` (seeded connections are not in `added`).
-    pub added: u64,
-    pub removed: u64,
-    /// Lost events: while non-zero, live counts may be low and `wait` will not report
-    /// the ports drained.
-    pub insert_failed: u64,
-    pub read_failed: u64,
+pub struct PortStatus {
+    pub port: u16,
+    /// Connections accepted on this port that are ESTABLISHED or CLOSE_WAIT right now.
+    pub live_connections: i64,
+    /// Summed over CPUs.
+    #[serde(flatten)]
+    pub counters: PortStats,
 }
 
 #[derive(Serialize)]
 pub struct IfaceStatus {
     pub name: String,
     pub ifindex: u32,
-    /// "xdp" or "tc".
-    pub attach: &'static str,
+    pub attach: Hook,
     /// For xdp: "native" or "generic".
-    pub mode: Option<&'static str>,
+    pub mode: Option<XdpMode>,
     /// Programs other tools attached to the same interface's hooks (left untouched).
     pub others: Vec<String>,
 }
 
 pub fn collect() -> Result<Status> {
     let mut st = Status {
-        gate: "off",
-        policy: "drop",
+        gate: GateState::Off,
+        policy: Policy::Drop,
         expired: false,
         ttl_remaining_ms: None,
         interfaces: vec![],
@@ -75,127 +82,203 @@ pub fn collect() -> Result<Status> {
     if !pins::bpffs_mounted()? {
         return Ok(st);
     }
-    let dir = pins::state_dir()?;
+    let dir = pins::gate_dir()?;
     if !dir.exists() {
         return Ok(st);
     }
-    let cfg = state::read_config(&dir)?;
-    let now = state::boottime_ns();
+    let gate = OpenGate::open(&dir)?;
+    let cfg = gate.config()?;
+    let now = boottime_ns();
     st.expired = cfg.deadline_ns != 0 && now >= cfg.deadline_ns;
     if cfg.deadline_ns != 0 {
         st.ttl_remaining_ms = Some(cfg.deadline_ns.saturating_sub(now) / 1_000_000);
     }
-    if cfg.policy == drain_common::POLICY_RESET {
-        st.policy = "reset";
-    }
+    st.policy = Policy::from_raw(cfg.policy);
     if cfg.enabled == GATE_ON && !st.expired {
-        st.gate = "on";
+        st.gate = GateState::On;
     }
-    st.interfaces = interfaces(&dir)?;
-    let live = track::Live::open(&dir)?;
-    st.ports = state::ports(&dir)?
+    st.interfaces = interfaces(&gate)?;
+    st.ports = gate
+        .ports()?
         .into_iter()
-        .map(|(_, c)| PortCounters {
-            live_connections: live.get(c.port),
-            ..c
+        .map(|p| PortStatus {
+            port: p.port,
+            live_connections: gate.tracker().live(p.port),
+            counters: p.stats,
         })
         .collect();
-    st.allow = state::allow(&dir)?.iter().map(IpNet::to_string).collect();
-    let t = track::stats(&dir)?;
-    st.tracker = Some(TrackerStatus {
-        added: t.added,
-        removed: t.removed,
-        insert_failed: t.insert_failed,
-        read_failed: t.read_failed,
-    });
+    st.allow = gate.allow()?.iter().map(IpNet::to_string).collect();
+    st.tracker = Some(gate.tracker().stats()?);
     Ok(st)
 }
 
-fn interfaces(dir: &Path) -> Result<Vec<IfaceStatus>> {
-    let all = netlink::interfaces()?;
+fn interfaces(gate: &OpenGate) -> Result<Vec<IfaceStatus>> {
+    let all = iface::interfaces()?;
     let mut out = Vec::new();
-    for (mode, ifindex, pin) in pins::links(dir)? {
-        let ours = PinnedLink::from_pin(&pin)
+    for link in pins::iface_links(gate.dir())? {
+        let ours = PinnedLink::from_pin(&link.pin)
             .ok()
             .and_then(|l| FdLink::from(l).info().ok())
             .map(|i| i.program_id());
-        let iface = all.iter().find(|i| i.index == ifindex);
-        let name = iface.map_or_else(|| format!("(gone, ifindex {ifindex})"), |i| i.name.clone());
+        let iface = all.iter().find(|i| i.index == link.ifindex);
+        let name = iface.map_or_else(
+            || format!("(gone, ifindex {})", link.ifindex),
+            |i| i.name.clone(),
+        );
         let mut others = Vec::new();
         let mut xdp_mode = None;
         if let Some((id, m)) = iface.and_then(|i| i.xdp) {
             if Some(id) == ours {
-                xdp_mode = Some(m.as_str());
+                xdp_mode = Some(m);
             } else {
-                others.push(format!("xdp: {}", program_name(id)));
+                others.push(format!("xdp: {}", iface::program_name(id)));
             }
         }
         if let Some(i) = iface {
             if let Ok((_, progs)) = SchedClassifier::query_tcx(&i.name, TcAttachType::Ingress) {
                 for p in progs {
                     if Some(p.id()) != ours {
-                        others.push(format!("tcx ingress: {}", program_name(p.id())));
+                        others.push(format!("tcx ingress: {}", iface::program_name(p.id())));
                     }
                 }
             }
         }
         out.push(IfaceStatus {
             name,
-            ifindex,
-            attach: mode.as_str(),
-            mode: if mode == Attach::Xdp { xdp_mode } else { None },
+            ifindex: link.ifindex,
+            attach: link.hook,
+            mode: if link.hook == Hook::Xdp {
+                xdp_mode
+            } else {
+                None
+            },
             others,
         });
     }
     Ok(out)
 }
 
-pub fn print_human(st: &Status) {
+/// The text `status` prints without --json.
+pub fn human(st: &Status) -> String {
+    let mut s = String::new();
+    // Writing to a String cannot fail.
+    let _ = write_human(&mut s, st);
+    s
+}
+
+fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
     let ttl = match (st.expired, st.ttl_remaining_ms) {
         (true, _) => " (TTL ran out: the kernel lets every connection through)".to_string(),
         (false, Some(ms)) => format!(
             " (TTL: opens by itself in {})",
-            humantime::format_duration(std::time::Duration::from_secs(ms / 1000))
+            humantime::format_duration(Duration::from_secs(ms / 1000))
         ),
         (false, None) => String::new(),
     };
-    println!("gate: {}{ttl}", st.gate);
-    if st.gate == "on" {
-        println!("policy: {}", st.policy);
+    let gate = match st.gate {
+        GateState::On => "on",
+        GateState::Off => "off",
+    };
+    writeln!(s, "gate: {gate}{ttl}")?;
+    if st.gate == GateState::On {
+        let policy = match st.policy {
+            Policy::Drop => "drop",
+            Policy::Reset => "reset",
+        };
+        writeln!(s, "policy: {policy}")?;
     }
     if st.interfaces.is_empty() && st.ports.is_empty() {
-        return;
+        return Ok(());
     }
-    println!("interfaces:");
+    writeln!(s, "interfaces:")?;
     for i in &st.interfaces {
         let how = match i.mode {
-            Some(m) => format!("{} {m}", i.attach),
-            None => i.attach.to_string(),
+            Some(m) => format!("{} {}", i.attach.as_str(), m.as_str()),
+            None => i.attach.as_str().to_string(),
         };
-        print!("  {:<16} {how}", i.name);
+        write!(s, "  {:<16} {how}", i.name)?;
         if !i.others.is_empty() {
-            print!("   also attached: {}", i.others.join("; "));
+            write!(s, "   also attached: {}", i.others.join("; "))?;
         }
-        println!();
+        writeln!(s)?;
     }
-    println!("ports:");
-    println!(
+    writeln!(s, "ports:")?;
+    writeln!(
+        s,
         "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
         "PORT", "LIVE", "REFUSED", "RST-SENT", "PASSED", "ALLOWED", "AFTER-TTL"
-    );
+    )?;
     for p in &st.ports {
-        println!(
+        let c = &p.counters;
+        writeln!(
+            s,
             "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
             p.port,
             p.live_connections,
-            p.syns_refused,
-            p.rst_sent,
-            p.syns_passed,
-            p.syns_allowed,
-            p.syns_expired
-        );
+            c.syns_refused,
+            c.rst_sent,
+            c.syns_passed,
+            c.syns_allowed,
+            c.syns_expired
+        )?;
     }
     if !st.allow.is_empty() {
-        println!("allow: {}", st.allow.join(", "));
+        writeln!(s, "allow: {}", st.allow.join(", "))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `status --json` is an interface: these names, in this order.
+    #[test]
+    fn json_shape() {
+        let st = Status {
+            gate: GateState::On,
+            policy: Policy::Reset,
+            expired: false,
+            ttl_remaining_ms: Some(598123),
+            interfaces: vec![IfaceStatus {
+                name: "eth0".into(),
+                ifindex: 2,
+                attach: Hook::Xdp,
+                mode: Some(XdpMode::Driver),
+                others: vec![],
+            }],
+            ports: vec![PortStatus {
+                port: 80,
+                live_connections: 12,
+                counters: PortStats {
+                    port: 80,
+                    syns_refused: 40,
+                    syns_passed: 1,
+                    syns_allowed: 2,
+                    syns_expired: 3,
+                    rst_sent: 4,
+                    rst_limited: 5,
+                    ..Default::default()
+                },
+            }],
+            allow: vec!["10.0.0.0/8".into()],
+            tracker: Some(TrackStats {
+                added: 118,
+                removed: 106,
+                insert_failed: 0,
+                read_failed: 7,
+            }),
+        };
+        assert_eq!(
+            serde_json::to_string(&st).unwrap(),
+            concat!(
+                r#"{"gate":"on","policy":"reset","expired":false,"ttl_remaining_ms":598123,"#,
+                r#""interfaces":[{"name":"eth0","ifindex":2,"attach":"xdp","mode":"native","others":[]}],"#,
+                r#""ports":[{"port":80,"live_connections":12,"syns_refused":40,"syns_passed":1,"#,
+                r#""syns_allowed":2,"syns_expired":3,"rst_sent":4,"rst_limited":5}],"#,
+                r#""allow":["10.0.0.0/8"],"#,
+                r#""tracker":{"added":118,"removed":106,"insert_failed":0,"read_failed":7}}"#
+            )
+        );
     }
 }

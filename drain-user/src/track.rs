@@ -1,5 +1,6 @@
 //! User side of the connection tracker: configure and attach it, seed it with the
-//! connections that predate it, and read the live counts.
+//! connections that predate it, and read it through [`Tracker`] (live counts, the set of
+//! tracked connections, the tracker's own counters).
 
 use std::{
     collections::HashSet,
@@ -17,13 +18,13 @@ use aya::{
 };
 use drain_common::{map, prog, TrackConfig, TrackStats};
 
-use crate::{btf::Btf, diag, pins};
+use crate::{btf::Btf, diag, netns, pins};
 
 /// Reads the kernel struct offsets from BTF and writes the tracker's config.
 fn configure(bpf: &mut Ebpf) -> Result<()> {
     let btf = Btf::from_sys_fs()?;
     let cfg = TrackConfig {
-        netns_inum: pins::netns_inode()? as u32,
+        netns_inum: netns::current_inode()? as u32,
         off_num: btf.offset("sock", "__sk_common.skc_num")?,
         off_net: btf.offset("sock", "__sk_common.skc_net")?,
         off_inum: btf.offset("net", "ns.inum")?,
@@ -53,7 +54,7 @@ pub fn attach(bpf: &mut Ebpf) -> Result<FdLink> {
 
 /// The live counters, mapped into this process: reading them is a memory load, so `wait`
 /// can poll every few milliseconds for free.
-pub struct Live {
+struct Live {
     base: NonNull<AtomicI64>,
     _map: MapData,
 }
@@ -61,9 +62,8 @@ pub struct Live {
 const PORTS: usize = 65536;
 
 impl Live {
-    pub fn open(dir: &Path) -> Result<Self> {
-        let map = MapData::from_pin(dir.join(map::LIVE))
-            .with_context(|| format!("opening {}", dir.join(map::LIVE).display()))?;
+    fn open(dir: &Path) -> Result<Self> {
+        let map = pins::open_map(dir, map::LIVE)?;
         let len = PORTS * 8;
         // SAFETY: mapping a BPF_F_MMAPABLE array of exactly this size, shared with the kernel.
         let p = unsafe {
@@ -90,11 +90,6 @@ impl Live {
         unsafe { &*self.base.as_ptr().add(port as usize) }
     }
 
-    /// Live connections on `port` (never below zero: see the set rule in track.rs).
-    pub fn get(&self, port: u16) -> i64 {
-        self.at(port).load(Ordering::Relaxed)
-    }
-
     fn add(&self, port: u16, delta: i64) {
         self.at(port).fetch_add(delta, Ordering::Relaxed);
     }
@@ -107,83 +102,83 @@ impl Drop for Live {
     }
 }
 
-/// The tracker's set of live passive connections (cookie -> port), to pick out of an
-/// inet_diag dump exactly the connections the counts are made of.
-pub struct Set(HashMap<MapData, u64, u32>);
+/// BPF_NOEXIST: insert only if the key is not there yet.
+const NOEXIST: u64 = 1;
 
-impl Set {
+/// A tracker's maps, opened once from their pins.
+pub struct Tracker {
+    live: Live,
+    /// The set of live passive connections (cookie -> port).
+    socks: HashMap<MapData, u64, u32>,
+    stats: PerCpuArray<MapData, TrackStats>,
+}
+
+impl Tracker {
     pub fn open(dir: &Path) -> Result<Self> {
-        let path = dir.join(map::SOCKS);
-        let data =
-            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(Set(HashMap::try_from(Map::HashMap(data))?))
+        Ok(Tracker {
+            live: Live::open(dir)?,
+            socks: HashMap::try_from(Map::HashMap(pins::open_map(dir, map::SOCKS)?))?,
+            stats: PerCpuArray::try_from(Map::PerCpuArray(pins::open_map(dir, map::TSTATS)?))?,
+        })
     }
 
+    /// Live connections on `port` (never below zero: see the set rule in the kernel's
+    /// track.rs).
+    pub fn live(&self, port: u16) -> i64 {
+        self.live.at(port).load(Ordering::Relaxed)
+    }
+
+    /// True when the connection with this socket cookie is one the counts are made of.
     pub fn contains(&self, cookie: u64) -> bool {
-        self.0.get(&cookie, 0).is_ok()
+        self.socks.get(&cookie, 0).is_ok()
     }
-}
 
-/// Adds the live passive connections that predate the tracker. Call after it is attached:
-/// a connection that opens in between is then seen by both, and the NOEXIST insert lets
-/// exactly one of them count it. One that closes between the dump and the insert would be
-/// counted forever; a second dump finds those and takes them out again.
-pub fn seed(dir: &Path) -> Result<usize> {
-    let live = Live::open(dir)?;
-    let mut socks: HashMap<MapData, u64, u32> =
-        HashMap::try_from(Map::HashMap(MapData::from_pin(dir.join(map::SOCKS))?))?;
-    let mut seeded = Vec::new();
-    for c in diag::passive_live(false)? {
-        let port = c.local.port();
-        if socks
-            .insert(c.cookie, u32::from(port), aya_noexist())
-            .is_ok()
-        {
-            live.add(port, 1);
-            seeded.push((c.cookie, port));
+    /// The tracker's counters, summed over CPUs.
+    pub fn stats(&self) -> Result<TrackStats> {
+        Ok(self.stats.get(&0, 0)?.iter().sum())
+    }
+
+    /// Fails when the tracker has lost events: a count that may be low must not end a drain.
+    pub fn check_exact(&self) -> Result<()> {
+        let s = self.stats()?;
+        if s.insert_failed != 0 || s.read_failed != 0 {
+            bail!(
+                "the connection tracker lost events ({} failed inserts, {} failed kernel reads): \
+                 live counts may be low, so drain will not report the ports drained",
+                s.insert_failed,
+                s.read_failed
+            );
         }
+        Ok(())
     }
-    let still: HashSet<u64> =
-        diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, false)?
-            .iter()
-            .map(|c| c.cookie)
-            .collect();
-    for (cookie, port) in &seeded {
-        if !still.contains(cookie) && socks.remove(cookie).is_ok() {
-            live.add(*port, -1);
+
+    /// Adds the live passive connections that predate the tracker. Call after it is
+    /// attached: a connection that opens in between is then seen by both, and the NOEXIST
+    /// insert lets exactly one of them count it. One that closes between the dump and the
+    /// insert would be counted forever; a second dump finds those and takes them out again.
+    pub fn seed(&mut self) -> Result<usize> {
+        let mut seeded = Vec::new();
+        for c in diag::passive_live(false)? {
+            let port = c.local.port();
+            if self
+                .socks
+                .insert(c.cookie, u32::from(port), NOEXIST)
+                .is_ok()
+            {
+                self.live.add(port, 1);
+                seeded.push((c.cookie, port));
+            }
         }
+        let still: HashSet<u64> =
+            diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, false)?
+                .iter()
+                .map(|c| c.cookie)
+                .collect();
+        for (cookie, port) in &seeded {
+            if !still.contains(cookie) && self.socks.remove(cookie).is_ok() {
+                self.live.add(*port, -1);
+            }
+        }
+        Ok(seeded.len())
     }
-    Ok(seeded.len())
-}
-
-const fn aya_noexist() -> u64 {
-    1 // BPF_NOEXIST
-}
-
-/// Summed tracker counters; non-zero failures mean the counts cannot be trusted.
-pub fn stats(dir: &Path) -> Result<TrackStats> {
-    let m: PerCpuArray<MapData, TrackStats> =
-        PerCpuArray::try_from(Map::PerCpuArray(MapData::from_pin(dir.join(map::TSTATS))?))?;
-    let mut t = TrackStats::default();
-    for s in m.get(&0, 0)?.iter() {
-        t.added += s.added;
-        t.removed += s.removed;
-        t.insert_failed += s.insert_failed;
-        t.read_failed += s.read_failed;
-    }
-    Ok(t)
-}
-
-/// Fails when the tracker has lost events: a count that may be low must not end a drain.
-pub fn check_exact(dir: &Path) -> Result<()> {
-    let s = stats(dir)?;
-    if s.insert_failed != 0 || s.read_failed != 0 {
-        bail!(
-            "the connection tracker lost events ({} failed inserts, {} failed kernel reads): \
-             live counts may be low, so drain will not report the ports drained",
-            s.insert_failed,
-            s.read_failed
-        );
-    }
-    Ok(())
 }

@@ -2,43 +2,103 @@
 //! until every connection left has nothing in flight and has been quiet for a while.
 //!
 //! The counts come from the kernel tracker through an mmapped array, so polling them every
-//! few milliseconds costs a memory load: the last close is noticed within ~10 ms.
+//! few milliseconds costs a memory load: the last close is noticed within ~10 ms. The loop
+//! decides what happened ([`Progress`], then one [`Outcome`]); a [`report::Reporter`]
+//! prints it as JSON, plain text or a progress line.
+
+mod report;
 
 use std::{
     collections::BTreeSet,
     fs,
-    io::IsTerminal,
-    path::{Path, PathBuf},
-    process::ExitCode,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
-use aya::EbpfLoader;
+use anyhow::{bail, Context, Result};
 use drain_common::GATE_ON;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use serde_json::json;
 
-use crate::{diag, gate, pins, state, track};
+use crate::{
+    cli::{usage, Exit},
+    diag, errln, gate,
+    netns::{self, NetnsId, StateDir},
+    object, pins,
+    state::OpenGate,
+    track::{self, Tracker},
+};
+
+pub use report::Format;
 
 pub struct WaitArgs {
     pub ports: Vec<u16>,
     pub timeout: Option<Duration>,
     pub idle: Option<Duration>,
-    pub json: bool,
+    pub format: Format,
 }
 
-/// Exit code when the timeout passes before the ports drain.
-pub const EXIT_TIMEOUT: u8 = 3;
 const POLL: Duration = Duration::from_millis(5);
 /// inet_diag dumps (for --idle) are cheap but not free: this often at most.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 
+/// One reading of the live counts.
+pub struct Progress {
+    pub elapsed: Duration,
+    /// Live connections on all the ports together.
+    pub live: i64,
+    /// (port, live connections), by port.
+    pub ports: Vec<(u16, i64)>,
+    /// Time left until `--timeout`.
+    pub timeout_in: Option<Duration>,
+}
+
+/// How a `wait` ended.
+pub enum Outcome {
+    /// No live connection is left on the ports.
+    Drained { elapsed: Duration },
+    /// `--idle`: connections are left, none with data in flight or recent traffic.
+    Idle { elapsed: Duration, live: i64 },
+    /// `--timeout` passed first; these connections were left.
+    Timeout {
+        elapsed: Duration,
+        live: i64,
+        left: Vec<Leftover>,
+    },
+    /// SIGINT.
+    Interrupted,
+    /// SIGTERM.
+    Terminated,
+}
+
+impl Outcome {
+    pub fn exit(&self) -> Exit {
+        match self {
+            Outcome::Drained { .. } | Outcome::Idle { .. } => Exit::Success,
+            Outcome::Timeout { .. } => Exit::Timeout,
+            Outcome::Interrupted => Exit::Interrupted,
+            Outcome::Terminated => Exit::Terminated,
+        }
+    }
+}
+
+/// A connection still open at the timeout. Fields in alphabetical order: the order of
+/// the `remaining` entries of the `timeout` JSON event since it first existed.
+#[derive(Serialize)]
+pub struct Leftover {
+    /// Milliseconds since the connection last carried data either way; null without
+    /// tcp_info.
+    pub idle_ms: Option<u32>,
+    pub peer: String,
+    pub port: u16,
+    pub state: &'static str,
+    pub unread_bytes: u32,
+    pub unsent_bytes: u32,
+}
+
 /// A tracker loaded for one `wait` when no gate is installed; removed when dropped.
-/// (bpffs refuses names with dots, hence `<netns>-wait-<pid>`.)
 struct TempTracker {
     dir: PathBuf,
+    tracker: Tracker,
     _link: aya::programs::links::FdLink,
     _bpf: aya::Ebpf,
 }
@@ -50,89 +110,76 @@ impl Drop for TempTracker {
     }
 }
 
-/// Removes tracker directories left by `wait` processes that were killed (kill -9 leaves
-/// their maps pinned; their tracker detached when the process died).
-fn reap_stale(parent: &Path) {
-    let Ok(entries) = fs::read_dir(parent) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.split_once("-wait-"))
-            .map(|(_, p)| p.to_owned())
-        else {
-            continue;
-        };
-        if !Path::new("/proc").join(&pid).exists() {
-            let _ = gate::teardown(&e.path());
+impl TempTracker {
+    fn new() -> Result<Self> {
+        // Under the lock: teardown elsewhere may remove the shared parent directory.
+        let _lock = pins::lock()?;
+        let own = NetnsId::current()?;
+        let root = pins::root();
+        fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        for orphan in netns::orphans(&root, own) {
+            let _ = gate::teardown(&orphan);
+        }
+        let dir = pins::state_path(StateDir::Wait {
+            inode: own.inode,
+            pid: std::process::id(),
+        });
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let loaded = (|| {
+            let mut bpf = object::load(&dir)?;
+            let link = track::attach(&mut bpf)?;
+            let mut tracker = Tracker::open(&dir)?;
+            tracker.seed()?;
+            Ok::<_, anyhow::Error>((bpf, link, tracker))
+        })();
+        match loaded {
+            Ok((bpf, link, tracker)) => Ok(TempTracker {
+                dir,
+                tracker,
+                _link: link,
+                _bpf: bpf,
+            }),
+            Err(e) => {
+                let _ = gate::teardown(&dir);
+                Err(e)
+            }
         }
     }
 }
 
-fn temp_tracker() -> Result<TempTracker> {
-    // Under the lock: teardown elsewhere may remove the shared parent directory.
-    let _lock = pins::lock()?;
-    let gate_dir = pins::state_dir()?;
-    let parent = gate_dir
-        .parent()
-        .context("state dir has a parent")?
-        .to_path_buf();
-    fs::create_dir_all(&parent)?;
-    reap_stale(&parent);
-    let dir = parent.join(format!(
-        "{}-wait-{}",
-        pins::netns_inode()?,
-        std::process::id()
-    ));
-    fs::create_dir_all(&dir)?;
-    let loaded = (|| {
-        let mut bpf = EbpfLoader::new()
-            .default_map_pin_directory(&dir)
-            .load(gate::OBJECT)
-            .context("loading the drain eBPF object")?;
-        let link = track::attach(&mut bpf)?;
-        track::seed(&dir)?;
-        Ok::<_, anyhow::Error>((bpf, link))
-    })();
-    match loaded {
-        Ok((bpf, link)) => Ok(TempTracker {
-            dir,
-            _link: link,
-            _bpf: bpf,
-        }),
-        Err(e) => {
-            let _ = gate::teardown(&dir);
-            Err(e)
-        }
-    }
+/// Where the counts come from: the gate's tracker (whose TTL `wait` renews), or one of
+/// `wait`'s own.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one value per process, never moved after the start"
+)]
+enum Source {
+    Gate(OpenGate),
+    Temp(TempTracker),
 }
 
-#[derive(Serialize)]
-struct Leftover {
-    peer: String,
-    port: u16,
-    state: &'static str,
-    unread_bytes: u32,
-    unsent_bytes: u32,
-    idle_ms: Option<u32>,
+impl Source {
+    fn tracker(&self) -> &Tracker {
+        match self {
+            Source::Gate(g) => g.tracker(),
+            Source::Temp(t) => &t.tracker,
+        }
+    }
 }
 
 /// The connections the counts are made of: an inet_diag dump filtered by the tracker's own
 /// set (not by "the port has a listener", which a graceful server stop breaks).
-fn tracked(dir: &Path, ports: &BTreeSet<u16>) -> Result<Vec<diag::Conn>> {
-    let set = track::Set::open(dir)?;
+fn tracked(tracker: &Tracker, ports: &BTreeSet<u16>) -> Result<Vec<diag::Conn>> {
     Ok(
         diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, true)?
             .into_iter()
-            .filter(|c| ports.contains(&c.local.port()) && set.contains(c.cookie))
+            .filter(|c| ports.contains(&c.local.port()) && tracker.contains(c.cookie))
             .collect(),
     )
 }
 
-fn leftovers(dir: &Path, ports: &BTreeSet<u16>) -> Result<Vec<Leftover>> {
-    Ok(tracked(dir, ports)?
+fn leftovers(tracker: &Tracker, ports: &BTreeSet<u16>) -> Result<Vec<Leftover>> {
+    Ok(tracked(tracker, ports)?
         .into_iter()
         .map(|c| Leftover {
             peer: c.peer.to_string(),
@@ -147,9 +194,9 @@ fn leftovers(dir: &Path, ports: &BTreeSet<u16>) -> Result<Vec<Leftover>> {
 
 /// True when every live connection on `ports` has no unread, unsent or unacknowledged
 /// bytes and has exchanged no data for `idle`.
-fn all_idle(dir: &Path, ports: &BTreeSet<u16>, idle: Duration, live: i64) -> Result<bool> {
+fn all_idle(tracker: &Tracker, ports: &BTreeSet<u16>, idle: Duration, live: i64) -> Result<bool> {
     let idle_ms = idle.as_millis().min(u32::MAX as u128) as u32;
-    let conns = tracked(dir, ports)?;
+    let conns = tracked(tracker, ports)?;
     if (conns.len() as i64) < live {
         return Ok(false); // the dump missed some (opened since): not idle yet
     }
@@ -163,190 +210,105 @@ fn all_idle(dir: &Path, ports: &BTreeSet<u16>, idle: Duration, live: i64) -> Res
     }))
 }
 
-/// Pushes the gate's deadline forward while `wait` runs, so a long drain does not reopen
-/// the gate early, while a `wait` that dies still lets the TTL open it.
-fn renew_ttl(dir: &Path) -> Result<()> {
-    if !dir.exists() {
-        anyhow::bail!("the gate was turned off (`drain-user gate off`) while waiting");
-    }
-    let cfg = state::read_config(dir)?;
-    if cfg.enabled != GATE_ON || cfg.ttl_ns == 0 {
-        return Ok(());
-    }
-    let now = state::boottime_ns();
-    if cfg.deadline_ns <= now || cfg.deadline_ns - now >= cfg.ttl_ns / 2 {
-        return Ok(()); // expired stays expired; otherwise renew at half-life
-    }
-    let _lock = pins::lock()?;
-    if !dir.exists() {
-        return Ok(());
-    }
-    let mut cfg = state::read_config(dir)?;
-    if cfg.enabled == GATE_ON {
-        cfg.deadline_ns = state::boottime_ns().saturating_add(cfg.ttl_ns);
-        state::write_config(dir, cfg)?;
-    }
-    Ok(())
-}
-
-pub async fn wait(args: WaitArgs) -> Result<ExitCode> {
-    let gate_dir = pins::state_dir()?;
-    let have_gate = pins::bpffs_mounted()? && gate_dir.exists();
+pub async fn wait(args: WaitArgs) -> Result<Exit> {
+    let gate_dir = pins::gate_dir()?;
+    let gate = if pins::bpffs_mounted()? && gate_dir.exists() {
+        Some(OpenGate::open(&gate_dir)?)
+    } else {
+        None
+    };
     let mut ports: BTreeSet<u16> = args.ports.iter().copied().collect();
     if ports.is_empty() {
-        if have_gate {
-            ports = state::ports(&gate_dir)?
-                .iter()
-                .map(|(_, c)| c.port)
-                .collect();
+        if let Some(g) = &gate {
+            ports = g.ports()?.iter().map(|p| p.port).collect();
         }
         if ports.is_empty() {
-            return Err(crate::usage(
-                "no gate is on in this network namespace: name the ports to wait for with --port"
-                    .into(),
+            return Err(usage(
+                "no gate is on in this network namespace: name the ports to wait for with --port",
             ));
         }
     }
-    let gate_on = have_gate && state::read_config(&gate_dir)?.enabled == GATE_ON;
+    let gate_on = match &gate {
+        Some(g) => g.config()?.enabled == GATE_ON,
+        None => false,
+    };
     if !gate_on {
-        eprintln!(
+        errln!(
             "drain-user: warning: the gate is off: new connections keep arriving, so the ports may never drain \
              (run `drain-user gate on --port ...` first)"
-        );
+        )?;
     }
-    let _temp;
-    let dir = if have_gate {
-        gate_dir.clone()
-    } else {
-        pins::ensure_bpffs()?;
-        let t = temp_tracker()?;
-        let d = t.dir.clone();
-        _temp = t;
-        d
+    let mut source = match gate {
+        Some(g) => Source::Gate(g),
+        None => {
+            pins::ensure_bpffs()?;
+            Source::Temp(TempTracker::new()?)
+        }
     };
-    let live = track::Live::open(&dir)?;
-    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
-    let list = list.join(",");
+    let mut reporter = report::new(args.format, &ports);
+    let outcome = poll(&mut source, &ports, &args, reporter.as_mut()).await?;
+    reporter.finish(&outcome)?;
+    Ok(outcome.exit())
+}
 
+async fn poll(
+    source: &mut Source,
+    ports: &BTreeSet<u16>,
+    args: &WaitArgs,
+    reporter: &mut dyn report::Reporter,
+) -> Result<Outcome> {
     let start = Instant::now();
     let deadline = args.timeout.map(|t| start + t);
-    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
-        let b = ProgressBar::new_spinner();
-        b.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
-        b.enable_steady_tick(Duration::from_millis(120));
-        b
-    });
-    let mut last_total = None;
+    let mut last_live = None;
     let mut last_idle_check: Option<Instant> = None;
+    let mut next_renewal = start;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let counts: Vec<(u16, i64)> = ports.iter().map(|&p| (p, live.get(p).max(0))).collect();
-        let total: i64 = counts.iter().map(|(_, n)| n).sum();
+        let tracker = source.tracker();
+        let counts: Vec<(u16, i64)> = ports.iter().map(|&p| (p, tracker.live(p).max(0))).collect();
+        let live: i64 = counts.iter().map(|(_, n)| n).sum();
         let elapsed = start.elapsed();
-        if last_total != Some(total) {
-            last_total = Some(total);
-            if args.json {
-                let per: Vec<_> = counts
-                    .iter()
-                    .map(|(p, n)| json!({"port": p, "live_connections": n}))
-                    .collect();
-                println!(
-                    "{}",
-                    json!({"event": "progress", "elapsed_ms": elapsed.as_millis() as u64, "live": total, "ports": per})
-                );
-            } else if bar.is_none() {
-                eprintln!("drain: {total} live connection(s) on port {list}");
-            }
-        }
-        if let Some(b) = &bar {
-            let left = deadline.map_or(String::new(), |d| {
-                format!(
-                    ", timeout in {:.1}s",
-                    d.saturating_duration_since(Instant::now()).as_secs_f64()
-                )
-            });
-            b.set_message(format!(
-                "{total} live connection(s) on port {list}, {:.1}s elapsed{left}",
-                elapsed.as_secs_f64()
-            ));
-        }
-        if total == 0 {
-            track::check_exact(&dir)?;
-            return finish(&bar, args.json, "drained", elapsed, 0, &list);
+        let progress = Progress {
+            elapsed,
+            live,
+            ports: counts,
+            timeout_in: deadline.map(|d| d.saturating_duration_since(Instant::now())),
+        };
+        reporter.progress(&progress, last_live != Some(live))?;
+        last_live = Some(live);
+        if live == 0 {
+            tracker.check_exact()?;
+            return Ok(Outcome::Drained { elapsed });
         }
         if let Some(idle) = args.idle {
             if last_idle_check.is_none_or(|t| t.elapsed() >= IDLE_POLL) {
                 last_idle_check = Some(Instant::now());
-                if all_idle(&dir, &ports, idle, total)? {
-                    track::check_exact(&dir)?;
-                    return finish(&bar, args.json, "idle", elapsed, total, &list);
+                if all_idle(tracker, ports, idle, live)? {
+                    tracker.check_exact()?;
+                    return Ok(Outcome::Idle { elapsed, live });
                 }
             }
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            if let Some(b) = &bar {
-                b.finish_and_clear();
-            }
-            let left = leftovers(&dir, &ports)?;
-            if args.json {
-                println!(
-                    "{}",
-                    json!({"event": "timeout", "elapsed_ms": elapsed.as_millis() as u64, "live": total, "remaining": left})
-                );
-            } else {
-                eprintln!(
-                    "drain: timed out after {:.1}s with {total} live connection(s) on port {list}:",
-                    elapsed.as_secs_f64()
-                );
-                for l in &left {
-                    let idle = l
-                        .idle_ms
-                        .map_or("?".into(), |ms| format!("{:.1}s", f64::from(ms) / 1000.0));
-                    eprintln!(
-                        "  {} -> :{} {} (unread {} B, unsent {} B, quiet {idle})",
-                        l.peer, l.port, l.state, l.unread_bytes, l.unsent_bytes
-                    );
-                }
-            }
-            return Ok(ExitCode::from(EXIT_TIMEOUT));
+            return Ok(Outcome::Timeout {
+                elapsed,
+                live,
+                left: leftovers(tracker, ports)?,
+            });
         }
-        if have_gate {
-            renew_ttl(&dir)?;
+        // Through the maps opened at the start: no pin is opened again while waiting.
+        if let Source::Gate(g) = source {
+            if Instant::now() >= next_renewal {
+                if !g.still_pinned() {
+                    bail!("the gate was turned off (`drain-user gate off`) while waiting");
+                }
+                next_renewal = Instant::now() + g.renew_ttl()?;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::from(130)),
-            _ = sigterm.recv() => return Ok(ExitCode::from(143)),
+            _ = tokio::signal::ctrl_c() => return Ok(Outcome::Interrupted),
+            _ = sigterm.recv() => return Ok(Outcome::Terminated),
         }
     }
-}
-
-fn finish(
-    bar: &Option<ProgressBar>,
-    json: bool,
-    how: &str,
-    elapsed: Duration,
-    live: i64,
-    list: &str,
-) -> Result<ExitCode> {
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    if json {
-        println!(
-            "{}",
-            json!({"event": how, "elapsed_ms": elapsed.as_millis() as u64, "live": live})
-        );
-    } else if how == "drained" {
-        println!(
-            "drained: no live connections on port {list} (after {:.2}s)",
-            elapsed.as_secs_f64()
-        );
-    } else {
-        println!(
-            "idle: {live} connection(s) still open on port {list}, none with data in flight or recent traffic (after {:.2}s); a graceful server stop can close them now",
-            elapsed.as_secs_f64()
-        );
-    }
-    Ok(ExitCode::SUCCESS)
 }

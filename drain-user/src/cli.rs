@@ -1,0 +1,364 @@
+//! The command line: the clap definition (its doc comments are the help text), the value
+//! types it parses (attach choice, policy, TTL, durations), usage errors and exit codes.
+//!
+//! [`Cli`] is public so that man pages and shell completions can be generated from it.
+
+use std::{fmt, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use drain_common::{POLICY_DROP, POLICY_RESET};
+use ipnet::IpNet;
+
+/// Refuse new TCP connections on chosen ports while established ones finish, then restore.
+///
+/// State lives in pinned BPF objects (/sys/fs/bpf/drain/<netns>), one gate per network
+/// namespace; no daemon runs. Exit codes: 0 ok, 1 error, 2 bad usage, 3 `wait` timed out.
+#[derive(Debug, Parser)]
+#[command(name = "drain-user", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Turn the gate on or off.
+    Gate {
+        #[command(subcommand)]
+        action: GateAction,
+    },
+    /// Show the gate, its interfaces and per-port counters.
+    ///
+    /// Example: drain-user status --json
+    Status {
+        /// One JSON object: {"gate", "expired", "ttl_remaining_ms", "interfaces", "ports", "allow"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Block until no connection is left on the ports (exit 0), or the timeout passes
+    /// (exit 3, listing what is left).
+    ///
+    /// Live means ESTABLISHED or CLOSE_WAIT: the server still owns the connection. Counts
+    /// come from the kernel (exact, event-driven); the last close is noticed within ~10 ms.
+    ///
+    /// Example: drain-user wait --timeout 5m --idle 2s
+    Wait {
+        /// Port to wait for (repeatable or comma-separated). Default: the gated ports.
+        #[arg(long = "port", short = 'p', value_delimiter = ',',
+              value_parser = clap::value_parser!(u16).range(1..))]
+        ports: Vec<u16>,
+        /// Give up after this long (e.g. 500ms, 30s, 5m): exit 3 and list the leftovers.
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+        /// Also done when every connection left has no unread, unsent or unacknowledged
+        /// bytes and has carried no data for this long (pooled keep-alive connections).
+        #[arg(long, value_parser = parse_duration)]
+        idle: Option<Duration>,
+        /// One JSON object per change on stdout: {"event": "progress"|"drained"|"idle"|"timeout", ...}.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GateAction {
+    /// Refuse new connections (SYNs) to PORTs; established connections keep flowing.
+    ///
+    /// Attaches where needed, sets the ports, turns the gate on and exits; the gate stays on
+    /// after the process is gone, until `gate off` or the TTL runs out. Running it again
+    /// replaces the port set, allowlist and TTL.
+    ///
+    /// Example: drain-user gate on --port 80,443 --ttl 15m
+    On {
+        /// Local TCP port to gate (repeat, or comma-separate: --port 80,443).
+        #[arg(long = "port", short = 'p', required = true, value_delimiter = ',',
+              value_parser = clap::value_parser!(u16).range(1..))]
+        ports: Vec<u16>,
+        /// Interface to gate (repeatable). Default: every interface that is up, lo included.
+        #[arg(long = "iface", short = 'i')]
+        ifaces: Vec<String>,
+        /// Hook: xdp (fastest; refuses if another XDP program holds the interface), tc
+        /// (TCX ingress, alongside other programs), auto (xdp where free, tc elsewhere).
+        #[arg(long, value_enum, default_value_t = AttachChoice::Xdp)]
+        attach: AttachChoice,
+        /// The kernel opens the gate by itself after this long, even if nothing is left
+        /// running to call `gate off` (e.g. 90s, 15m, 2h). `none` disables the safety net.
+        #[arg(long, default_value = "10m", value_parser = parse_ttl)]
+        ttl: Ttl,
+        /// Source prefix whose connections still pass while the gate is on (repeatable;
+        /// IPv4 or IPv6 CIDR, e.g. 10.0.0.0/8, fd00::/8).
+        #[arg(long = "allow", value_delimiter = ',')]
+        allow: Vec<IpNet>,
+        /// How a refused connection request is answered: drop (client times out) or reset
+        /// (RST|ACK from XDP: ECONNREFUSED at once, rate-limited by --rst-rate).
+        #[arg(long, value_enum, default_value_t = Policy::Drop)]
+        policy: Policy,
+        /// Most RSTs sent per second (all CPUs together); refusals beyond it are dropped
+        /// and counted, so spoofed SYNs cannot turn the host into a reflector.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+        rst_rate: u32,
+    },
+    /// Open the gate, detach from every interface and remove every pin.
+    ///
+    /// Example: drain-user gate off
+    Off,
+}
+
+/// How `gate on` may attach where it has to attach anew.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachChoice {
+    /// XDP (native where the driver supports it, generic otherwise); refuse interfaces
+    /// where another XDP program is attached.
+    Xdp,
+    /// TC ingress via TCX (kernel >= 6.6): runs first, alongside other TC programs.
+    Tc,
+    /// XDP where the XDP hook is free, TC where another XDP program holds it.
+    Auto,
+}
+
+/// How refused connection requests are answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Drop the SYN: the client retries for a while (Linux: ~130 s) before giving up.
+    Drop,
+    /// Answer with RST|ACK from XDP: the client sees ECONNREFUSED at once and a load
+    /// balancer retries elsewhere. Rate-limited; TC attachments drop instead.
+    Reset,
+}
+
+impl Policy {
+    /// The value of `GateConfig::policy`.
+    pub fn to_raw(self) -> u32 {
+        match self {
+            Policy::Drop => POLICY_DROP,
+            Policy::Reset => POLICY_RESET,
+        }
+    }
+
+    /// From `GateConfig::policy`; anything the kernel does not know as reset drops.
+    pub fn from_raw(raw: u32) -> Self {
+        if raw == POLICY_RESET {
+            Policy::Reset
+        } else {
+            Policy::Drop
+        }
+    }
+}
+
+/// `--ttl`: how long the gate stays on by itself; `None` for `--ttl none`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ttl(pub Option<Duration>);
+
+/// The deadline is boot time + TTL in u64 nanoseconds (~584 years): a longer TTL would wrap
+/// around into a short one.
+const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+pub fn parse_ttl(s: &str) -> Result<Ttl, String> {
+    if s == "none" {
+        return Ok(Ttl(None));
+    }
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 15m, 2h, none)"))?;
+    if d > MAX_TTL {
+        return Err("a TTL over 100 years cannot be kept; use `none` for no TTL".into());
+    }
+    if d.is_zero() {
+        return Err("a TTL of zero would open the gate at once; use `none` for no TTL".into());
+    }
+    Ok(Ttl(Some(d)))
+}
+
+/// `--timeout`, `--idle`: a human duration (500ms, 30s, 5m, 1h 30m).
+pub fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// A usage error found after argument parsing (unknown interface, ...): exit code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+/// How the process ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Done (also: stdout closed by its reader, e.g. `| head -1`).
+    Success,
+    /// Something failed; the message says what and what to do.
+    Failure,
+    /// Bad usage: nothing was changed.
+    Usage,
+    /// `wait`: the timeout passed before the ports drained.
+    Timeout,
+    /// `wait`: SIGINT (128 + 2, as a shell reports it).
+    Interrupted,
+    /// `wait`: SIGTERM (128 + 15).
+    Terminated,
+}
+
+impl Exit {
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Success => 0,
+            Exit::Failure => 1,
+            Exit::Usage => 2,
+            Exit::Timeout => 3,
+            Exit::Interrupted => 130,
+            Exit::Terminated => 143,
+        }
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> Self {
+        ExitCode::from(e.code())
+    }
+}
+
+/// What to do with a command line clap rejected: `Ok` for output clap prints itself
+/// (--help, --version, a bare `drain-user`), `Err(line)` for a usage error, made one line
+/// like every other error (clap adds a blank line, tips and a "For more information" line:
+/// this keeps its first paragraph, joined).
+pub fn usage_line(e: &clap::Error) -> Result<(), String> {
+    if !e.use_stderr()
+        || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    {
+        return Ok(());
+    }
+    let text = e.render().to_string();
+    let first: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let msg = first.join(" ");
+    let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+    Err(format!("drain-user: error: {msg} (see --help)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("drain-user").chain(args.split_whitespace()))
+    }
+
+    /// The one line a rejected command line prints.
+    fn rejected(args: &str) -> String {
+        let e = parse(args).expect_err(args);
+        usage_line(&e).expect_err("a usage error, not help output")
+    }
+
+    #[test]
+    fn ttl() {
+        assert_eq!(parse_ttl("none"), Ok(Ttl(None)));
+        assert_eq!(parse_ttl("90s"), Ok(Ttl(Some(Duration::from_secs(90)))));
+        assert_eq!(
+            parse_ttl("1h 30m"),
+            Ok(Ttl(Some(Duration::from_secs(5400))))
+        );
+        assert_eq!(parse_ttl("36500d"), Ok(Ttl(Some(MAX_TTL))));
+        assert!(parse_ttl("36500d 1s")
+            .unwrap_err()
+            .contains("over 100 years"));
+        // humantime's year is 365.25 days: 100 of them are past the limit.
+        assert!(parse_ttl("100y").unwrap_err().contains("over 100 years"));
+        assert!(parse_ttl("0s").unwrap_err().contains("zero"));
+        assert!(parse_ttl("10").unwrap_err().contains("examples: 90s"));
+        assert!(parse_ttl("soon").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+        let Command::Wait { timeout, idle, .. } =
+            parse("wait --timeout 2s --idle 250ms").unwrap().command
+        else {
+            panic!("not wait");
+        };
+        assert_eq!(timeout, Some(Duration::from_secs(2)));
+        assert_eq!(idle, Some(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn gate_on_defaults() {
+        let Command::Gate {
+            action:
+                GateAction::On {
+                    ports,
+                    ttl,
+                    attach,
+                    policy,
+                    rst_rate,
+                    ..
+                },
+        } = parse("gate on --port 80,443 -p 8080").unwrap().command
+        else {
+            panic!("not gate on");
+        };
+        assert_eq!(ports, [80, 443, 8080]);
+        assert_eq!(ttl, Ttl(Some(Duration::from_secs(600))));
+        assert_eq!(attach, AttachChoice::Xdp);
+        assert_eq!(policy, Policy::Drop);
+        assert_eq!(rst_rate, 1000);
+    }
+
+    #[test]
+    fn usage_errors_are_one_line() {
+        for (args, want) in [
+            ("gate on", "--port <PORTS>"),
+            ("gate on --port 0", "'0'"),
+            ("gate on --port 70000", "'70000'"),
+            ("gate on --port 80 --ttl 0s", "a TTL of zero"),
+            ("gate on --port 80 --ttl forever", "examples: 90s"),
+            ("gate on --port 80 --allow 10.0.0.0/33", "--allow"),
+            ("gate on --port 80 --policy reject", "reject"),
+            ("gate on --port 80 --rst-rate 0", "--rst-rate"),
+            ("wait --timeout 5", "--timeout"),
+            ("status --bogus", "--bogus"),
+            ("frobnicate", "frobnicate"),
+        ] {
+            let line = rejected(args);
+            assert!(!line.contains('\n'), "{args}: {line:?}");
+            assert!(line.starts_with("drain-user: error: "), "{args}: {line}");
+            assert!(line.ends_with(" (see --help)"), "{args}: {line}");
+            assert!(line.contains(want), "{args}: {line} lacks {want}");
+        }
+    }
+
+    #[test]
+    fn help_and_version_are_not_usage_errors() {
+        for args in ["--help", "--version", "", "gate", "gate on --help"] {
+            let e = parse(args).expect_err(args);
+            assert_eq!(usage_line(&e), Ok(()), "{args}");
+        }
+    }
+
+    #[test]
+    fn policy_raw_round_trip() {
+        for p in [Policy::Drop, Policy::Reset] {
+            assert_eq!(Policy::from_raw(p.to_raw()), p);
+        }
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

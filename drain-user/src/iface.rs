@@ -1,0 +1,132 @@
+//! The interfaces of the caller's network namespace (rtnetlink) and the XDP program each
+//! one has. (Not /sys/class/net: sysfs shows the namespace it was mounted in, which is not
+//! the caller's under `nsenter --net`.)
+
+use anyhow::Result;
+use netlink_packet_route::{
+    link::{LinkAttribute, LinkFlags, LinkMessage, LinkXdp, XdpAttached},
+    RouteNetlinkMessage,
+};
+use netlink_sys::protocols::NETLINK_ROUTE;
+
+use crate::{cli::usage, netlink};
+
+/// One network interface.
+#[derive(Clone, Debug)]
+pub struct Iface {
+    pub index: u32,
+    pub name: String,
+    pub up: bool,
+    /// The XDP program attached, if any: (program id, mode).
+    pub xdp: Option<(u32, XdpMode)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum XdpMode {
+    #[serde(rename = "native")]
+    Driver,
+    #[serde(rename = "generic")]
+    Generic,
+    #[serde(rename = "offload")]
+    Offload,
+    #[serde(rename = "multi")]
+    Multi,
+}
+
+impl XdpMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpMode::Driver => "native",
+            XdpMode::Generic => "generic",
+            XdpMode::Offload => "offload",
+            XdpMode::Multi => "multi",
+        }
+    }
+}
+
+/// Every interface in the caller's network namespace, by index.
+pub fn interfaces() -> Result<Vec<Iface>> {
+    let mut out = Vec::new();
+    netlink::dump(
+        NETLINK_ROUTE,
+        RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        "RTM_GETLINK",
+        |m| {
+            if let RouteNetlinkMessage::NewLink(link) = m {
+                out.push(iface(&link));
+            }
+        },
+    )?;
+    out.sort_by_key(|i| i.index);
+    Ok(out)
+}
+
+/// The interfaces `gate on` is about: the named ones (each must exist), or all that are up.
+/// Checked before anything changes, so a typo changes nothing on the host.
+pub fn resolve(names: &[String]) -> Result<Vec<Iface>> {
+    let all = interfaces()?;
+    if names.is_empty() {
+        return Ok(all.into_iter().filter(|i| i.up).collect());
+    }
+    let mut out: Vec<Iface> = Vec::new();
+    for name in names {
+        let Some(i) = all.iter().find(|i| &i.name == name) else {
+            let known: Vec<_> = all.iter().map(|i| i.name.as_str()).collect();
+            return Err(usage(format!(
+                "no interface named {name:?} in this network namespace (interfaces: {})",
+                known.join(", ")
+            )));
+        };
+        if !out.iter().any(|o| o.index == i.index) {
+            out.push(i.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// "name, id N" of a program by id, for messages about programs other tools attached.
+pub fn program_name(id: u32) -> String {
+    let name = aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_owned));
+    match name {
+        Some(n) if !n.is_empty() => format!("{n}, id {id}"),
+        _ => format!("id {id}"),
+    }
+}
+
+fn iface(link: &LinkMessage) -> Iface {
+    let mut name = String::new();
+    let mut xdp_id = 0;
+    let mut mode = None;
+    for attr in &link.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => name = n.clone(),
+            LinkAttribute::Xdp(xdp) => {
+                for x in xdp {
+                    match x {
+                        LinkXdp::ProgId(id) => xdp_id = *id,
+                        LinkXdp::Attached(a) => {
+                            mode = match a {
+                                XdpAttached::Driver => Some(XdpMode::Driver),
+                                XdpAttached::SocketBuffer => Some(XdpMode::Generic),
+                                XdpAttached::Hardware => Some(XdpMode::Offload),
+                                XdpAttached::Multiple => Some(XdpMode::Multi),
+                                _ => None,
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Iface {
+        index: link.header.index,
+        name,
+        up: link.header.flags.contains(LinkFlags::Up),
+        xdp: mode.map(|m| (xdp_id, m)),
+    }
+}

@@ -1,0 +1,347 @@
+//! Network-namespace identity and liveness.
+//!
+//! A gate is per network namespace, and its state directory is named after the namespace
+//! ([`StateDir`]). The inode tells namespaces apart while they exist; the kernel hands it to
+//! the next namespace once one is gone, so the cookie (never reused while the system runs)
+//! is in the name too. [`orphans`] finds the state left by namespaces that were deleted
+//! with their gate on, and by `wait` processes that were killed.
+
+use std::{
+    collections::HashMap,
+    fmt, fs, io,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use anyhow::{Context, Result};
+
+/// One network namespace, for as long as the system runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NetnsId {
+    /// `stat -L -c %i /proc/self/ns/net`: what the tracker compares in the kernel
+    /// (`sk->skc_net->ns.inum`), and what people see in `ip netns` and `lsns`.
+    pub inode: u64,
+    /// SO_NETNS_COOKIE (Linux 5.14+): unique while the system runs.
+    pub cookie: u64,
+}
+
+impl NetnsId {
+    /// The caller's network namespace.
+    pub fn current() -> Result<Self> {
+        Ok(NetnsId {
+            inode: current_inode()?,
+            cookie: current_cookie()?,
+        })
+    }
+}
+
+/// Inode of the caller's network namespace.
+pub fn current_inode() -> Result<u64> {
+    Ok(fs::metadata("/proc/self/ns/net")
+        .context("reading /proc/self/ns/net")?
+        .ino())
+}
+
+/// The cookie of the caller's network namespace (SO_NETNS_COOKIE on a fresh socket).
+fn current_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock =
+        std::os::unix::net::UnixDatagram::unbound().context("socket() for SO_NETNS_COOKIE")?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid fd and an out-parameter of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .context("getsockopt(SO_NETNS_COOKIE) (needs Linux 5.14 or later)");
+    }
+    Ok(cookie)
+}
+
+/// The name of a state directory under `/sys/fs/bpf/drain`. (bpffs refuses names with
+/// dots, hence dashes.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateDir {
+    /// `<inode>-<cookie>`: the gate of a namespace (the inode for people, the cookie for
+    /// uniqueness).
+    Gate(NetnsId),
+    /// `<inode>-wait-<pid>`: the tracker a `wait` loads for its own lifetime when the
+    /// namespace has no gate.
+    Wait { inode: u64, pid: u32 },
+}
+
+impl fmt::Display for StateDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StateDir::Gate(id) => write!(f, "{}-{}", id.inode, id.cookie),
+            StateDir::Wait { inode, pid } => write!(f, "{inode}-wait-{pid}"),
+        }
+    }
+}
+
+/// A directory name that is not a drain state directory.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NotStateDir(String);
+
+impl fmt::Display for NotStateDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} is not a drain state directory name (<inode>-<cookie> or <inode>-wait-<pid>)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for NotStateDir {}
+
+impl FromStr for StateDir {
+    type Err = NotStateDir;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        fn num<T: FromStr>(s: &str) -> Option<T> {
+            // Digits only: `u64::from_str` would also take a leading `+`.
+            s.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| s.parse().ok())
+                .flatten()
+        }
+        let parsed = match s.split('-').collect::<Vec<_>>()[..] {
+            [inode, "wait", pid] => num(inode)
+                .zip(num(pid))
+                .map(|(inode, pid)| StateDir::Wait { inode, pid }),
+            [inode, cookie] => num(inode)
+                .zip(num(cookie))
+                .map(|(inode, cookie)| StateDir::Gate(NetnsId { inode, cookie })),
+            _ => None,
+        };
+        // One spelling per directory: "007-1" is not the directory of namespace 7.
+        parsed
+            .filter(|d| d.to_string() == s)
+            .ok_or_else(|| NotStateDir(s.to_owned()))
+    }
+}
+
+/// The state directories under `root` whose owner is gone: gates whose namespace no longer
+/// exists (a container deleted with its gate on: their maps and tracker would otherwise
+/// stay until reboot), and the trackers of `wait` processes that were killed (kill -9
+/// leaves their maps pinned; the tracker itself detached when the process died).
+///
+/// A namespace is alive while a process is in it, or an open fd or a bind mount (`ip netns`,
+/// container runtimes) holds it, and its cookie still matches. `own` is alive by
+/// definition and skipped without scanning /proc. Getting this wrong could only remove a
+/// gate, never leave a host closed.
+pub fn orphans(root: &Path, own: NetnsId) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut held: Option<HashMap<u64, PathBuf>> = None;
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let Some(dir) = e.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let dead = match dir {
+            StateDir::Gate(id) if id == own => false,
+            StateDir::Gate(id) => match held.get_or_insert_with(held_namespaces).get(&id.inode) {
+                None => true,
+                Some(handle) => cookie_of(handle).is_some_and(|c| c != id.cookie),
+            },
+            StateDir::Wait { pid, .. } => !Path::new("/proc").join(pid.to_string()).exists(),
+        };
+        if dead {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+/// Every network namespace something still holds, by inode, with a path that opens it:
+/// processes (/proc/*/ns/net), open fds (/proc/*/fd/* -> "net:[N]"), nsfs bind mounts.
+fn held_namespaces() -> HashMap<u64, PathBuf> {
+    let parse = |link: &Path| -> Option<u64> {
+        let t = fs::read_link(link).ok()?;
+        nsfs_inode(t.to_str()?)
+    };
+    let mut map = HashMap::new();
+    for p in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let ns = p.path().join("ns/net");
+        if let Some(i) = parse(&ns) {
+            map.entry(i).or_insert(ns);
+        }
+        for fd in fs::read_dir(p.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Some(i) = parse(&fd.path()) {
+                map.entry(i).or_insert(fd.path());
+            }
+        }
+    }
+    // mountinfo: "<id> <parent> <dev> <root> <mount point> ... - nsfs ...", root "net:[N]".
+    for line in fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+    {
+        if !line.contains(" - nsfs ") {
+            continue;
+        }
+        let mut f = line.split_whitespace().skip(3);
+        let (Some(root), Some(at)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if let Some(i) = nsfs_inode(root) {
+            map.entry(i).or_insert_with(|| PathBuf::from(at));
+        }
+    }
+    map
+}
+
+/// "net:[4026531840]" -> 4026531840.
+fn nsfs_inode(name: &str) -> Option<u64> {
+    name.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// The cookie of the namespace at `handle`, read from a thread that joins it (so this
+/// process stays where it is). None when it cannot be entered (then nothing is reaped).
+fn cookie_of(handle: &Path) -> Option<u64> {
+    let file = fs::File::open(handle).ok()?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a valid nsfs fd; it moves only this short-lived thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return None;
+            }
+            current_cookie().ok()
+        })
+        .join()
+        .ok()
+        .flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_dir_round_trip() {
+        for d in [
+            StateDir::Gate(NetnsId {
+                inode: 4026531840,
+                cookie: 1,
+            }),
+            StateDir::Gate(NetnsId {
+                inode: u64::MAX,
+                cookie: u64::MAX,
+            }),
+            StateDir::Wait {
+                inode: 4026532301,
+                pid: 4242,
+            },
+        ] {
+            let name = d.to_string();
+            assert_eq!(name.parse::<StateDir>(), Ok(d), "{name}");
+        }
+        assert_eq!(
+            "4026531840-17".parse::<StateDir>(),
+            Ok(StateDir::Gate(NetnsId {
+                inode: 4026531840,
+                cookie: 17
+            }))
+        );
+        assert_eq!(
+            "12-wait-34".parse::<StateDir>(),
+            Ok(StateDir::Wait { inode: 12, pid: 34 })
+        );
+    }
+
+    #[test]
+    fn state_dir_rejects() {
+        for bad in [
+            "",
+            "-",
+            "12",
+            "12-",
+            "-12",
+            "12-34-56",
+            "12-wait-",
+            "12-wait-x",
+            "wait-12",
+            "12-wait-34-5",
+            "12-WAIT-34",
+            "+12-34",
+            "12-+34",
+            "012-34",
+            "12-034",
+            "a-b",
+            "12-34 ",
+            "18446744073709551616-1",
+            "12-wait-4294967296",
+            "link-track",
+            "DRAIN_CONFIG",
+        ] {
+            let err = bad.parse::<StateDir>().expect_err(bad);
+            assert!(err.to_string().contains("not a drain state directory"));
+        }
+    }
+
+    #[test]
+    fn nsfs_names() {
+        assert_eq!(nsfs_inode("net:[4026531840]"), Some(4026531840));
+        assert_eq!(nsfs_inode("mnt:[4026531840]"), None);
+        assert_eq!(nsfs_inode("net:[x]"), None);
+    }
+
+    #[test]
+    fn current_namespace_is_not_an_orphan() {
+        // Unprivileged: reading the own namespace's identity needs no capability.
+        let own = NetnsId::current().unwrap();
+        let root = std::env::temp_dir().join(format!("drain-orphans-{}", std::process::id()));
+        let gone_pid = u32::MAX; // never a pid (pid_max <= 2^22)
+        for d in [
+            StateDir::Gate(own),
+            StateDir::Wait {
+                inode: own.inode,
+                pid: std::process::id(),
+            },
+            StateDir::Wait {
+                inode: own.inode,
+                pid: gone_pid,
+            },
+        ] {
+            fs::create_dir_all(root.join(d.to_string())).unwrap();
+        }
+        fs::create_dir_all(root.join("not-ours-at-all")).unwrap();
+        let found = orphans(&root, own);
+        fs::remove_dir_all(&root).unwrap();
+        assert_eq!(
+            found,
+            [root.join(
+                StateDir::Wait {
+                    inode: own.inode,
+                    pid: gone_pid
+                }
+                .to_string()
+            )]
+        );
+    }
+}
