@@ -168,14 +168,25 @@ fn describe(hook: Hook, ifindex: u32) -> String {
     format!("xdp {m}")
 }
 
+/// The program `$name` of type `$ty`, loaded into the kernel on its first use in this call
+/// (each interface attaches the same loaded program). A macro, as aya's program types share
+/// no trait for `load`.
+macro_rules! loaded {
+    ($bpf:expr, $ty:ty, $name:expr, $what:literal) => {{
+        let prog: &mut $ty = $bpf
+            .program_mut($name)
+            .context(concat!("the eBPF object has no ", $what, " program"))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()
+                .context(concat!("the kernel rejected the ", $what, " program"))?;
+        }
+        prog
+    }};
+}
+
 fn attach_xdp(bpf: &mut Ebpf, iface: &Iface) -> Result<FdLink> {
-    let prog: &mut Xdp = bpf
-        .program_mut(prog::XDP)
-        .context("the eBPF object has no XDP program")?
-        .try_into()?;
-    if prog.fd().is_err() {
-        prog.load().context("the kernel rejected the XDP program")?;
-    }
+    let prog = loaded!(bpf, Xdp, prog::XDP, "XDP");
     // Flags 0: the kernel picks native mode where the driver has it, generic elsewhere (lo).
     let id = prog
         .attach_to_if_index(iface.index, AyaXdpMode::Default)
@@ -193,13 +204,7 @@ fn attach_xdp(bpf: &mut Ebpf, iface: &Iface) -> Result<FdLink> {
 }
 
 fn attach_tc(bpf: &mut Ebpf, iface: &Iface) -> Result<FdLink> {
-    let prog: &mut SchedClassifier = bpf
-        .program_mut(prog::TC)
-        .context("the eBPF object has no TC program")?
-        .try_into()?;
-    if prog.fd().is_err() {
-        prog.load().context("the kernel rejected the TC program")?;
-    }
+    let prog = loaded!(bpf, SchedClassifier, prog::TC, "TC");
     // First in the TCX chain: a program before it could redirect a SYN past the gate.
     // Ours returns TCX_NEXT for everything it lets through, so the others still run.
     let id = prog

@@ -27,23 +27,24 @@ pub enum GateState {
     Off,
 }
 
-/// The shape of `status --json`: field names and order are an interface.
+/// The shape of `status --json`: field names and order are an interface. Read it through
+/// serde or [`human`].
 #[derive(Serialize)]
 pub struct Status {
-    pub gate: GateState,
+    gate: GateState,
     /// How refused connection requests are answered.
-    pub policy: Policy,
+    policy: Policy,
     /// True when a gate is installed but its TTL has run out.
-    pub expired: bool,
+    expired: bool,
     /// Milliseconds until the TTL opens the gate; null when there is no deadline.
-    pub ttl_remaining_ms: Option<u64>,
-    pub interfaces: Vec<IfaceStatus>,
-    pub ports: Vec<PortStatus>,
-    pub allow: Vec<String>,
+    ttl_remaining_ms: Option<u64>,
+    interfaces: Vec<IfaceStatus>,
+    ports: Vec<PortStatus>,
+    allow: Vec<String>,
     /// The connection tracker's own counters since `gate on`; null when there is no gate.
     /// Lost events (`insert_failed`, `read_failed`) mean live counts may be low, and `wait`
     /// will not report the ports drained.
-    pub tracker: Option<TrackStats>,
+    tracker: Option<TrackStats>,
 }
 
 /// One gated port.
@@ -57,14 +58,17 @@ pub struct PortStatus {
     pub counters: PortStats,
 }
 
+/// One interface the gate is attached to.
 #[derive(Serialize)]
 pub struct IfaceStatus {
+    /// "(gone, ifindex N)" once the interface has been deleted.
     pub name: String,
     pub ifindex: u32,
     pub attach: Hook,
-    /// For xdp: "native" or "generic".
+    /// For xdp: "native" or "generic" (as the kernel reports it).
     pub mode: Option<XdpMode>,
-    /// Programs other tools attached to the same interface's hooks (left untouched).
+    /// Programs other tools attached to the same interface's hooks (left untouched), as
+    /// "xdp: NAME, id N" or "tcx ingress: NAME, id N".
     pub others: Vec<String>,
 }
 

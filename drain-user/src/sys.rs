@@ -12,12 +12,14 @@ use std::{
 
 use anyhow::{anyhow, Context, Result};
 
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_LINK_DETACH: libc::c_long = 34;
+pub const BPF_OBJ_GET: u32 = 7;
+pub const BPF_LINK_DETACH: u32 = 34;
 
-/// bpf(cmd, attr): a zeroed `union bpf_attr` prefix large enough for the commands here.
-fn bpf(cmd: libc::c_long, attr: &mut [u64; 8]) -> io::Result<libc::c_long> {
-    // SAFETY: a zeroed bpf_attr of the size passed; pointers in it outlive the call.
+/// bpf(cmd, attr) with a zero-padded `union bpf_attr` (128 bytes hold every command's form
+/// that drain uses); returns the syscall's non-negative result.
+pub fn bpf(cmd: u32, attr: &mut [u64; 16]) -> io::Result<i64> {
+    // SAFETY: attr is a zero-padded bpf_attr of the size passed; the kernel writes only
+    // within it, and pointers stored in it outlive the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -34,12 +36,12 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64; 8]) -> io::Result<libc::c_long> {
 }
 
 /// BPF_OBJ_GET: a new fd for the object pinned at `pin`.
-fn obj_get(pin: &Path) -> Result<OwnedFd> {
+pub fn obj_get(pin: &Path) -> io::Result<OwnedFd> {
     let path = CString::new(pin.as_os_str().as_bytes())?;
     // union bpf_attr, BPF_OBJ_GET: { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }
-    let mut attr = [0u64; 8];
+    let mut attr = [0u64; 16];
     attr[0] = path.as_ptr() as u64;
-    let fd = bpf(BPF_OBJ_GET, &mut attr).context("BPF_OBJ_GET")?;
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -49,9 +51,9 @@ fn obj_get(pin: &Path) -> Result<OwnedFd> {
 /// Tracing links (the tracker) cannot be detached: for them this does nothing, and
 /// unpinning releases them.
 pub fn detach_link(pin: &Path) -> Result<()> {
-    let fd = obj_get(pin)?;
+    let fd = obj_get(pin).context("BPF_OBJ_GET")?;
     // union bpf_attr, BPF_LINK_DETACH: { __u32 link_fd; }
-    let mut attr = [0u64; 8];
+    let mut attr = [0u64; 16];
     attr[0] = fd.as_raw_fd() as u64;
     match bpf(BPF_LINK_DETACH, &mut attr) {
         Ok(_) => Ok(()),
