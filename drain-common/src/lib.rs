@@ -229,3 +229,38 @@ mod pod {
     unsafe impl aya::Pod for super::TrackConfig {}
     unsafe impl aya::Pod for super::TrackStats {}
 }
+
+#[cfg(all(test, feature = "user"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_cpu_sums() {
+        let cpu = |n: u64| PortStats {
+            port: 443,
+            _pad: 0,
+            syns_refused: n,
+            syns_passed: 2 * n,
+            syns_allowed: 3 * n,
+            syns_expired: 4 * n,
+            rst_sent: 5 * n,
+            rst_limited: 6 * n,
+        };
+        let sum: PortStats = [cpu(1), cpu(10), cpu(100)].iter().sum();
+        assert_eq!(
+            sum,
+            PortStats {
+                port: 443,
+                ..cpu(111)
+            }
+        );
+        let t = |n: u64| TrackStats {
+            added: n,
+            removed: 2 * n,
+            insert_failed: 3 * n,
+            read_failed: 4 * n,
+        };
+        assert_eq!([t(1), t(2)].iter().sum::<TrackStats>(), t(3));
+        assert_eq!([].iter().sum::<TrackStats>(), TrackStats::default());
+    }
+}
