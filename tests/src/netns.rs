@@ -182,19 +182,9 @@ impl NetNsPair {
     /// panics when it fails.
     #[track_caller]
     pub fn sh(&self, ns: &str, program: &str, args: &[&str]) -> String {
-        let out = self
-            .cmd(ns, program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("running {program} {}: {e}", args.join(" ")));
-        assert!(
-            out.status.success(),
-            "{program} {} in {ns} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let mut cmd = self.cmd(ns, program);
+        cmd.args(args);
+        run_ok(cmd, &format!("{program} {} in {ns}", args.join(" ")))
     }
 
     /// Inode of namespace `ns` (what `stat -L -c %i /proc/self/ns/net` prints inside it).
@@ -318,14 +308,21 @@ impl Drop for NetNsPair {
 
 /// Runs `ip args...`, panicking with its stderr on failure; returns its stdout.
 pub fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(args)
+    let mut cmd = Command::new("ip");
+    cmd.args(args);
+    run_ok(cmd, &format!("ip {}", args.join(" ")))
+}
+
+/// Runs `cmd` (described as `what`), panicking with its stderr unless it succeeds; returns
+/// its stdout.
+#[track_caller]
+fn run_ok(mut cmd: Command, what: &str) -> String {
+    let out = cmd
         .output()
-        .unwrap_or_else(|e| panic!("running ip {}: {e}", args.join(" ")));
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
     assert!(
         out.status.success(),
-        "ip {} failed ({}): {}",
-        args.join(" "),
+        "{what} failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr).trim()
     );

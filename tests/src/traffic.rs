@@ -734,20 +734,15 @@ impl Server {
 
     /// Closes the `n` oldest held connections the way `how` says; returns their peers.
     pub fn close_held(&self, n: usize, how: Close) -> Vec<SocketAddr> {
-        let closing: Vec<TcpStream> = {
-            let mut held = self.shared.held.lock().unwrap();
-            assert!(
-                n <= held.len(),
-                "closing {n} of {} held connections",
-                held.len()
-            );
-            held.drain(..n).collect()
-        };
-        close_all(closing, how)
+        self.close_some(n, how, false)
     }
 
     /// Closes the `n` newest held connections the way `how` says; returns their peers.
     pub fn close_newest(&self, n: usize, how: Close) -> Vec<SocketAddr> {
+        self.close_some(n, how, true)
+    }
+
+    fn close_some(&self, n: usize, how: Close, newest: bool) -> Vec<SocketAddr> {
         let closing: Vec<TcpStream> = {
             let mut held = self.shared.held.lock().unwrap();
             assert!(
@@ -755,8 +750,12 @@ impl Server {
                 "closing {n} of {} held connections",
                 held.len()
             );
-            let keep = held.len() - n;
-            held.split_off(keep)
+            if newest {
+                let keep = held.len() - n;
+                held.split_off(keep)
+            } else {
+                held.drain(..n).collect()
+            }
         };
         close_all(closing, how)
     }
@@ -879,21 +878,26 @@ fn serve(mut s: TcpStream, sh: &Shared) -> Result<(), String> {
             drop(s);
         }
         b'C' | b'X' => {
-            // Until EOF (client FIN) or an error (client RST); then close.
-            let mut buf = [0u8; 64];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
-                    Err(e) => return Err(ctx("waiting for the client to close", e)),
-                }
-            }
+            // Until EOF (client FIN) or a reset (client RST); then close.
+            read_until_closed(&mut s).map_err(|e| ctx("waiting for the client to close", e))?;
         }
         other => return Err(format!("unknown op {other:#x} from {peer}")),
     }
     sh.finished.fetch_add(1, Ordering::SeqCst);
     Ok(())
+}
+
+/// Reads (and discards) until the peer closes: EOF after its FIN, or its RST.
+fn read_until_closed(s: &mut TcpStream) -> io::Result<()> {
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Opens one connection from the calling thread's namespace and plays `op` on it; returns
@@ -911,15 +915,7 @@ pub fn run_op(target: SocketAddr, op: Op) -> Result<Option<TcpStream>, String> {
     match op {
         Op::ServerClose | Op::ServerReset => {
             // "k" then EOF or a reset: either way the server is done with it.
-            let mut buf = [0u8; 16];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
-                    Err(e) => return Err(ctx("waiting for the server to close", e)),
-                }
-            }
+            read_until_closed(&mut s).map_err(|e| ctx("waiting for the server to close", e))?;
             Ok(None)
         }
         Op::ClientClose => {

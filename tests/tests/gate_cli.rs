@@ -471,6 +471,10 @@ fn gate_off_leaves_no_pins_links_or_programs() {
         })
         .collect();
     assert_eq!(link_ids.len(), 3, "lo, veth and the tracker: {link_ids:?}");
+    // So that the check after gate off can fail: the kernel lists each link now.
+    for (name, id) in &link_ids {
+        assert!(bpf_link_exists(*id), "link {name} (id {id}) not listed");
+    }
     for dev in ["lo", pair.veth_a.as_str()] {
         let (_, name) = link_xdp(&pair, &pair.a, dev)
             .unwrap_or_else(|| panic!("gate on: no XDP program on {dev}"));

@@ -323,9 +323,9 @@ fn check_rst(c: &Case, out: &[u8]) {
     );
 }
 
-/// A gate with policy reset and a limiter that never limits in these tests (1 ns interval,
-/// burst 10^6).
-fn reset_gate() -> (Loaded, ProgramFd, ProgramFd) {
+/// A loaded gate on [`GATED_PORT`] with policy reset and the RST limiter given (per-CPU
+/// refill interval and burst), without the CLI: (object, XDP fd, TC fd).
+fn reset_gate(rst_interval_ns: u64, rst_burst: u64) -> (Loaded, ProgramFd, ProgramFd) {
     let mut obj = Loaded::open();
     let xdp = obj.load_xdp(prog::XDP);
     let tc = obj.load_tc(prog::TC);
@@ -335,8 +335,8 @@ fn reset_gate() -> (Loaded, ProgramFd, ProgramFd) {
         GateConfig {
             enabled: GATE_ON,
             policy: POLICY_RESET,
-            rst_interval_ns: 1,
-            rst_burst: 1_000_000,
+            rst_interval_ns,
+            rst_burst,
             ..Default::default()
         },
     );
@@ -346,7 +346,8 @@ fn reset_gate() -> (Loaded, ProgramFd, ProgramFd) {
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn reset_answers_refused_syns_with_a_valid_rst_ack() {
-    let (obj, xdp, tc) = reset_gate();
+    // A limiter that never limits here: 1 ns interval, burst 10^6.
+    let (obj, xdp, tc) = reset_gate(1, 1_000_000);
     let q = ETH_P_8021Q;
     // Linux-like SYN options: MSS, SACK permitted, timestamps, NOP, window scale (20 bytes).
     let full_opts = vec![
@@ -562,19 +563,7 @@ fn rst_rate_limit_is_exact_per_cpu() {
     // bucket lets exactly `burst` RSTs go and limits the rest.
     const BURST: u64 = 5;
     const RUNS: usize = 2000;
-    let mut obj = Loaded::open();
-    let xdp = obj.load_xdp(prog::XDP);
-    configure(
-        &mut obj,
-        GATED_PORT,
-        GateConfig {
-            enabled: GATE_ON,
-            policy: POLICY_RESET,
-            rst_interval_ns: 10_000_000_000,
-            rst_burst: BURST,
-            ..Default::default()
-        },
-    );
+    let (obj, xdp, _) = reset_gate(10_000_000_000, BURST);
     let frame = Packet::eth()
         .ipv4(Ipv4::new(
             Ipv4Addr::new(198, 18, 0, 9),
@@ -807,20 +796,7 @@ fn rst_rate_limit_holds_under_a_real_flood() {
 #[ignore = "needs root: run `cargo xtask test`"]
 fn rst_budget_is_spent_only_on_rsts_sent() {
     const BURST: u64 = 5;
-    let mut obj = Loaded::open();
-    let xdp = obj.load_xdp(prog::XDP);
-    let tc = obj.load_tc(prog::TC);
-    configure(
-        &mut obj,
-        GATED_PORT,
-        GateConfig {
-            enabled: GATE_ON,
-            policy: POLICY_RESET,
-            rst_interval_ns: 10_000_000_000,
-            rst_burst: BURST,
-            ..Default::default()
-        },
-    );
+    let (obj, xdp, tc) = reset_gate(10_000_000_000, BURST);
     let (s4, d4) = (Ipv4Addr::new(198, 18, 2, 1), Ipv4Addr::new(198, 18, 2, 2));
     let plain = Packet::eth()
         .ipv4(Ipv4::new(s4, d4))

@@ -629,6 +629,17 @@ fn peer_in(line: &str, peer: SocketAddr) -> bool {
     forms.iter().any(|f| line.contains(&format!("{f} ")))
 }
 
+/// A dual-stack server in `a` on `port` holding three connections from `b` (two over IPv4,
+/// one over IPv6), opened before the gate on `port` went on.
+fn three_held_behind_a_gate(pair: &NetNsPair, port: u16) -> (Server, Vec<TcpStream>, Drain<'_>) {
+    let server = Server::start(listen(&pair.a, Stack::Dual, port), WORKERS);
+    let mut clients = open_held(&pair.b, sa(pair.a_v4, port), 2);
+    clients.extend(open_held(&pair.b, sa(pair.a_v6, port), 1));
+    server.wait_held(3, SETTLE);
+    let gate = gate_on(pair, &[port]);
+    (server, clients, gate)
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. wait: drained, timeout, no gate.
 
@@ -641,11 +652,7 @@ fn wait_exits_0_after_the_last_connection_closes() {
     require_root();
     const P: u16 = 8400;
     let pair = NetNsPair::new();
-    let server = Server::start(listen(&pair.a, Stack::Dual, P), WORKERS);
-    let mut clients = open_held(&pair.b, sa(pair.a_v4, P), 2);
-    clients.extend(open_held(&pair.b, sa(pair.a_v6, P), 1));
-    server.wait_held(3, SETTLE);
-    let gate = gate_on(&pair, &[P]);
+    let (server, clients, gate) = three_held_behind_a_gate(&pair, P);
 
     let mut w = gate.spawn(&["wait", "--port", &P.to_string(), "--timeout", "60s"]);
     w.expect_line("3 live connection(s) on port 8400", SETTLE);
@@ -967,11 +974,7 @@ fn wait_json_emits_one_event_per_line() {
     require_root();
     const P: u16 = 8600;
     let pair = NetNsPair::new();
-    let server = Server::start(listen(&pair.a, Stack::Dual, P), WORKERS);
-    let mut clients = open_held(&pair.b, sa(pair.a_v4, P), 2);
-    clients.extend(open_held(&pair.b, sa(pair.a_v6, P), 1));
-    server.wait_held(3, SETTLE);
-    let gate = gate_on(&pair, &[P]);
+    let (server, clients, gate) = three_held_behind_a_gate(&pair, P);
     let p = P.to_string();
 
     // timeout: the leftovers with their peers.
