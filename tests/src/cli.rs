@@ -1,46 +1,34 @@
-//! Running drain-user inside a test namespace, and the sockets the gate CLI tests use.
+//! Running drain-user inside a test namespace, and reading what it prints.
 //!
 //! - [`Drain`]: the CLI run in one namespace of a [`NetNsPair`] (through nsenter, so pins
-//!   persist between calls), with a deadline per call; dropping it runs `gate off` there.
-//! - [`EchoServer`], [`connect`], [`probe_all`], [`listen`], [`tcp_pair`], [`transfer`]: real
-//!   TCP in the namespaces, with the outcome of a connect spelled out (ok, refused, timed
-//!   out).
-//! - [`Json`]: `status --json` parsed with serde_json.
-//! - [`ForeignXdp`]: a two-instruction XDP program that is not drain's, loaded with the raw
-//!   bpf(2) syscall, to stand for "another tool's program" on an interface.
-//! - [`link_xdp`], [`tcx_ingress`], [`bpftool`], [`bpf_link_exists`], [`pinned_link_id`]: what
-//!   the kernel says is attached.
+//!   persist between calls), with a deadline on every call and the exit code asserted
+//!   exactly ([`CliOutput::expect_code`]); dropping it runs `gate off` there, so a failing
+//!   test leaves no gate, pins or attached program. It also opens the gate's pinned maps.
+//! - [`Running`]: a call still running (`wait`, concurrent `gate on`s), its output lines
+//!   collected with their arrival times; killed when dropped.
+//! - [`Json`], [`JsonExt`], [`assert_status_schema`], [`port_status`], [`gated_ports`],
+//!   [`iface_status`]: `status --json` (and `wait --json`) output.
 
 use std::{
-    ffi::CString,
     fmt,
-    io::{self, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::{Path, PathBuf},
+    io::{self, BufRead, BufReader, Read},
+    path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc,
-    },
-    thread::JoinHandle,
+    sync::mpsc,
+    thread,
     time::{Duration, Instant},
 };
 
+use aya::maps::MapData;
+
 use crate::netns::NetNsPair;
 
-/// `status --json` output.
+/// `status --json` and `wait --json` output.
 pub use serde_json::Value as Json;
 
 /// Longest a single CLI call may take before the test fails (it takes the per-namespace
 /// lock, so a hung call would otherwise hang every later one).
-const CLI_DEADLINE: Duration = Duration::from_secs(30);
-
-/// How long a data transfer may stall before the test fails.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Where Debian puts bpftool (not on root's PATH under every shell).
-pub const BPFTOOL: &str = "/usr/sbin/bpftool";
+pub const CLI_DEADLINE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------
 // Running the CLI
@@ -51,10 +39,12 @@ pub const BPFTOOL: &str = "/usr/sbin/bpftool";
 pub struct CliOutput {
     /// The command line, for messages.
     pub line: String,
-    /// Exit code; None when killed by a signal (or by the deadline).
+    /// Exit code; None when killed by a signal.
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+    /// When the process was seen to have exited (polled every 2 ms).
+    pub exited: Instant,
 }
 
 impl CliOutput {
@@ -90,12 +80,17 @@ impl fmt::Display for CliOutput {
     }
 }
 
-/// A drain-user call still running (for starting several at once).
+/// One line a running call printed: when it arrived, whether on stdout, and the text
+/// (with its newline, if it had one).
+type Chunk = (Instant, bool, String);
+
+/// A drain-user call still running. Its output is read line by line as it comes; dropping
+/// it kills the process if it still runs.
 pub struct Running {
     line: String,
     child: Child,
-    out: JoinHandle<String>,
-    err: JoinHandle<String>,
+    lines: mpsc::Receiver<Chunk>,
+    seen: Vec<Chunk>,
     started: Instant,
 }
 
@@ -107,60 +102,149 @@ impl Running {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("starting `{line}`: {e}"));
-        let drain = |mut r: Box<dyn Read + Send>| {
-            std::thread::spawn(move || {
-                let mut s = String::new();
-                let _ = r.read_to_string(&mut s);
-                s
-            })
-        };
-        let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
-        let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+        let (tx, rx) = mpsc::channel();
+        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("piped stdout"));
+        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("piped stderr"));
+        for (is_stdout, r) in [(true, out), (false, err)] {
+            let tx = tx.clone();
+            thread::spawn(move || {
+                let mut r = BufReader::new(r);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    match r.read_until(b'\n', &mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {
+                            let text = String::from_utf8_lossy(&buf).into_owned();
+                            if tx.send((Instant::now(), is_stdout, text)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
         Self {
             line,
             child,
-            out,
-            err,
+            lines: rx,
+            seen: Vec::new(),
             started: Instant::now(),
         }
     }
 
-    /// Waits for the call to end; kills it and panics after [`CLI_DEADLINE`].
-    pub fn wait(self) -> CliOutput {
-        self.wait_or_kill().unwrap_or_else(|e| panic!("{e}"))
+    /// Waits until the call prints a line containing `needle` (on stdout or stderr);
+    /// returns when that line arrived. Panics, with everything printed so far, after
+    /// `timeout`.
+    #[track_caller]
+    pub fn expect_line(&mut self, needle: &str, timeout: Duration) -> Instant {
+        if let Some((t, _, _)) = self.seen.iter().find(|(_, _, l)| l.contains(needle)) {
+            return *t;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(chunk) => {
+                    let (t, hit) = (chunk.0, chunk.2.contains(needle));
+                    self.seen.push(chunk);
+                    if hit {
+                        return t;
+                    }
+                }
+                Err(_) => panic!(
+                    "`{}` printed no line with {needle:?} within {timeout:?}; so far: {:#?}",
+                    self.line, self.seen
+                ),
+            }
+        }
     }
 
-    /// Waits for the call to end; after [`CLI_DEADLINE`] kills it and says so (no panic:
-    /// usable from Drop while unwinding).
-    pub fn wait_or_kill(mut self) -> Result<CliOutput, String> {
-        let status = loop {
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// What the call printed so far (for messages).
+    pub fn seen(&self) -> Vec<&str> {
+        self.seen.iter().map(|(_, _, l)| l.trim_end()).collect()
+    }
+
+    /// Waits for the call to end; kills it and panics [`CLI_DEADLINE`] after it started.
+    #[track_caller]
+    pub fn wait(self) -> CliOutput {
+        let deadline = self.started + CLI_DEADLINE;
+        self.wait_until(deadline)
+    }
+
+    /// Waits for the call to end; kills it and panics after `limit` from now.
+    #[track_caller]
+    pub fn wait_for(self, limit: Duration) -> CliOutput {
+        self.wait_until(Instant::now() + limit)
+    }
+
+    #[track_caller]
+    fn wait_until(mut self, deadline: Instant) -> CliOutput {
+        self.try_wait_until(deadline)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Waits for the call to end; at `deadline` kills it and says so (no panic: usable
+    /// from Drop while unwinding).
+    fn try_wait_until(&mut self, deadline: Instant) -> Result<CliOutput, String> {
+        let (status, exited) = loop {
             match self.child.try_wait() {
-                Ok(Some(s)) => break s,
+                Ok(Some(s)) => break (s, Instant::now()),
                 Ok(None) => {}
                 Err(e) => return Err(format!("waiting for `{}`: {e}", self.line)),
             }
-            if self.started.elapsed() > CLI_DEADLINE {
+            if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 return Err(format!(
-                    "`{}` still running after {CLI_DEADLINE:?}: killed",
-                    self.line
+                    "`{}` still running {:?} after it started: killed; it printed {:#?}",
+                    self.line,
+                    self.started.elapsed(),
+                    self.seen()
                 ));
             }
-            std::thread::sleep(Duration::from_millis(5));
+            thread::sleep(Duration::from_millis(2));
+        };
+        // The readers end at EOF, right after the exit (bounded, in case something the
+        // process started still holds the pipes).
+        while let Ok(chunk) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(chunk);
+        }
+        let pick = |want: bool| -> String {
+            self.seen
+                .iter()
+                .filter(|(_, s, _)| *s == want)
+                .map(|(_, _, l)| l.as_str())
+                .collect()
         };
         Ok(CliOutput {
-            line: self.line,
+            line: self.line.clone(),
             code: status.code(),
-            stdout: self.out.join().unwrap_or_default(),
-            stderr: self.err.join().unwrap_or_default(),
+            stdout: pick(true),
+            stderr: pick(false),
+            exited,
         })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // A test that panicked with the call still running must not leave it behind.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
 /// drain-user run in one namespace of a pair. Dropping it runs `gate off` there (errors
 /// printed, never raised), so a failing test leaves no gate, pins or attached program;
-/// the pair's own drop then deletes the namespaces.
+/// the pair's own drop then deletes the namespaces (declare it after the pair).
 pub struct Drain<'p> {
     pub pair: &'p NetNsPair,
     pub ns: String,
@@ -180,7 +264,7 @@ impl<'p> Drain<'p> {
 
     /// `nsenter --net=<ns> [wrapper...] drain-user args...`: wrapper is e.g. setpriv with
     /// its options (it runs inside the namespace, before drain-user).
-    pub fn command_via(&self, wrapper: &[&str], args: &[&str]) -> (Command, String) {
+    fn command_via(&self, wrapper: &[&str], args: &[&str]) -> (Command, String) {
         let bin = crate::drain_user_bin();
         let mut cmd = match wrapper.split_first() {
             Some((prog, rest)) => {
@@ -205,12 +289,14 @@ impl<'p> Drain<'p> {
         Running::start(cmd, line)
     }
 
-    /// Runs `drain-user args...` to the end.
+    /// Runs `drain-user args...` to the end (at most [`CLI_DEADLINE`]).
+    #[track_caller]
     pub fn run(&self, args: &[&str]) -> CliOutput {
         self.spawn(args).wait()
     }
 
     /// Runs drain-user behind `wrapper` (e.g. setpriv dropping privileges).
+    #[track_caller]
     pub fn run_via(&self, wrapper: &[&str], args: &[&str]) -> CliOutput {
         let (cmd, line) = self.command_via(wrapper, args);
         Running::start(cmd, line).wait()
@@ -248,7 +334,14 @@ impl<'p> Drain<'p> {
 
     /// /sys/fs/bpf/drain/<inode>-<cookie> of this namespace: where the gate pins its state.
     pub fn state_dir(&self) -> PathBuf {
-        self.pair.drain_state_dir(&self.ns)
+        self.pair.state_dir(&self.ns)
+    }
+
+    /// The gate's pinned map `name` (a drain_common::map constant), opened from its pin.
+    pub fn map(&self, name: &str) -> MapData {
+        let pin = self.state_dir().join(name);
+        MapData::from_pin(&pin)
+            .unwrap_or_else(|e| panic!("opening {}: {e}: is the gate on?", pin.display()))
     }
 
     /// Names in the state directory, sorted; empty when it does not exist.
@@ -275,27 +368,14 @@ impl<'p> Drain<'p> {
 
     /// Index of interface `name` in this namespace.
     pub fn ifindex(&self, name: &str) -> u32 {
-        ifindex(self.pair, &self.ns, name)
+        self.pair.ifindex(&self.ns, name)
     }
 
-    /// Runs `program args...` in this namespace (nsenter --net) and returns its stdout;
-    /// panics when it fails.
+    /// Runs `program args...` in this namespace and returns its stdout (see
+    /// [`NetNsPair::sh`]).
+    #[track_caller]
     pub fn sh(&self, program: &str, args: &[&str]) -> String {
-        let out = self
-            .pair
-            .cmd(&self.ns, program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("running {program} {}: {e}", args.join(" ")));
-        assert!(
-            out.status.success(),
-            "{program} {} in {} failed ({}): {}",
-            args.join(" "),
-            self.ns,
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.pair.sh(&self.ns, program, args)
     }
 }
 
@@ -303,7 +383,8 @@ impl Drop for Drain<'_> {
     fn drop(&mut self) {
         // Runs while unwinding from a failed assertion too: report, never panic.
         let (cmd, line) = self.command_via(&[], &["gate", "off"]);
-        match Running::start(cmd, line).wait_or_kill() {
+        let mut off = Running::start(cmd, line);
+        match off.try_wait_until(Instant::now() + CLI_DEADLINE) {
             Ok(out) if out.code == Some(0) => {}
             Ok(out) => eprintln!("cleanup: {out}"),
             Err(e) => eprintln!("cleanup: {e}"),
@@ -311,13 +392,50 @@ impl Drop for Drain<'_> {
     }
 }
 
-/// Index of interface `name` in namespace `ns` (if_nametoindex on a thread inside it).
-pub fn ifindex(pair: &NetNsPair, ns: &str, name: &str) -> u32 {
-    let c = CString::new(name).expect("interface name without NUL");
-    // SAFETY: a valid NUL-terminated string.
-    let idx = pair.in_ns(ns, || unsafe { libc::if_nametoindex(c.as_ptr()) });
-    assert!(idx != 0, "no interface {name} in {ns}");
-    idx
+// ---------------------------------------------------------------------------------------
+// What the CLI prints
+// ---------------------------------------------------------------------------------------
+
+/// Accessors for a JSON value that panic, naming the value, when it has another type:
+/// what a test wants.
+pub trait JsonExt {
+    fn u64(&self) -> u64;
+    fn i64(&self) -> i64;
+    fn bool(&self) -> bool;
+    fn str(&self) -> &str;
+    fn arr(&self) -> &[Json];
+}
+
+impl JsonExt for Json {
+    #[track_caller]
+    fn u64(&self) -> u64 {
+        self.as_u64().unwrap_or_else(|| panic!("not a u64: {self}"))
+    }
+
+    #[track_caller]
+    fn i64(&self) -> i64 {
+        self.as_i64()
+            .unwrap_or_else(|| panic!("not an i64: {self}"))
+    }
+
+    #[track_caller]
+    fn bool(&self) -> bool {
+        self.as_bool()
+            .unwrap_or_else(|| panic!("not a bool: {self}"))
+    }
+
+    #[track_caller]
+    fn str(&self) -> &str {
+        self.as_str()
+            .unwrap_or_else(|| panic!("not a string: {self}"))
+    }
+
+    #[track_caller]
+    fn arr(&self) -> &[Json] {
+        self.as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_else(|| panic!("not an array: {self}"))
+    }
 }
 
 /// Asserts that a `status --json` object has every documented key with the documented
@@ -416,443 +534,4 @@ pub fn iface_status<'j>(st: &'j Json, name: &str) -> Option<&'j Json> {
         .as_array()?
         .iter()
         .find(|i| i["name"].as_str() == Some(name))
-}
-
-// ---------------------------------------------------------------------------------------
-// What the kernel says is attached
-// ---------------------------------------------------------------------------------------
-
-/// The XDP program on `dev` in `ns` as `ip -d link show` reports it: (id, name).
-pub fn link_xdp(pair: &NetNsPair, ns: &str, dev: &str) -> Option<(u32, String)> {
-    let out = pair
-        .cmd(ns, "ip")
-        .args(["-d", "link", "show", "dev", dev])
-        .output()
-        .expect("running ip -d link show");
-    assert!(out.status.success(), "ip -d link show dev {dev}: {out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    // "    prog/xdp id 228 name drain_xdp tag ... "
-    let line = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("prog/xdp"))?;
-    let mut words = line.split_whitespace();
-    let mut id = None;
-    let mut name = String::new();
-    while let Some(w) = words.next() {
-        match w {
-            "id" => id = words.next().and_then(|v| v.parse().ok()),
-            "name" => name = words.next().unwrap_or_default().to_owned(),
-            _ => {}
-        }
-    }
-    Some((id.expect("prog/xdp line with an id"), name))
-}
-
-/// `bpftool args...` run inside `ns`; None when bpftool is not installed.
-pub fn bpftool(pair: &NetNsPair, ns: &str, args: &[&str]) -> Option<String> {
-    if !Path::new(BPFTOOL).exists() {
-        eprintln!("note: {BPFTOOL} not installed: skipping the bpftool cross-check");
-        return None;
-    }
-    let out = pair
-        .cmd(ns, BPFTOOL)
-        .args(args)
-        .output()
-        .expect("running bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// An fd of the bpf_link pinned at `pin` (BPF_OBJ_GET): a reference that keeps the link
-/// alive, as bpftool or an inventory agent holding it would.
-pub fn open_pinned_link(pin: &Path) -> OwnedFd {
-    bpf_obj_get(pin).unwrap_or_else(|e| panic!("opening pin {}: {e}", pin.display()))
-}
-
-/// Id of the bpf_link pinned at `pin` (BPF_OBJ_GET, then BPF_OBJ_GET_INFO_BY_FD).
-pub fn pinned_link_id(pin: &Path) -> u32 {
-    let fd = open_pinned_link(pin);
-    // struct bpf_link_info { __u32 type; __u32 id; __u32 prog_id; ... }
-    let mut info = [0u32; 64];
-    bpf_obj_info(&fd, &mut info).unwrap_or_else(|e| panic!("link info: {e}"));
-    info[1]
-}
-
-/// True while a bpf_link with this id exists anywhere (BPF_LINK_GET_FD_BY_ID).
-pub fn bpf_link_exists(id: u32) -> bool {
-    // union bpf_attr, get-by-id form: { __u32 link_id; __u32 next_id; __u32 open_flags; }
-    let mut attr = [0u64; 16];
-    attr[0] = u64::from(id);
-    const BPF_LINK_GET_FD_BY_ID: u32 = 30;
-    match bpf(BPF_LINK_GET_FD_BY_ID, &mut attr) {
-        Ok(fd) => {
-            drop(fd);
-            true
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
-        Err(e) => panic!("BPF_LINK_GET_FD_BY_ID {id}: {e}"),
-    }
-}
-
-/// The programs in the TCX ingress chain of `dev` in `ns`, in order: (id, name). Asked of
-/// the kernel (BPF_PROG_QUERY, BPF_TCX_INGRESS) on a thread inside the namespace, since
-/// Debian's bpftool 7.1 predates TCX and does not list it.
-pub fn tcx_ingress(pair: &NetNsPair, ns: &str, dev: &str) -> Vec<(u32, String)> {
-    let index = ifindex(pair, ns, dev);
-    let ids = pair.in_ns(ns, || {
-        let mut ids = [0u32; 64];
-        // union bpf_attr, BPF_PROG_QUERY form: 0 target_ifindex, 4 attach_type,
-        // 8 query_flags, 12 attach_flags, 16 prog_ids, 24 prog_cnt (in: room, out: count).
-        let mut attr = [0u64; 16];
-        const BPF_TCX_INGRESS: u64 = 46;
-        attr[0] = u64::from(index) | (BPF_TCX_INGRESS << 32);
-        attr[2] = ids.as_mut_ptr() as u64;
-        attr[3] = ids.len() as u64;
-        const BPF_PROG_QUERY: u32 = 16;
-        bpf_raw(BPF_PROG_QUERY, &mut attr)
-            .unwrap_or_else(|e| panic!("BPF_PROG_QUERY tcx ingress of {dev} in {ns}: {e}"));
-        let n = (attr[3] & 0xffff_ffff) as usize;
-        ids[..n.min(ids.len())].to_vec()
-    });
-    ids.into_iter().map(|id| (id, prog_name(id))).collect()
-}
-
-/// Name of the loaded program with this id (BPF_PROG_GET_FD_BY_ID, then its info:
-/// struct bpf_prog_info has `char name[16]` at byte 64).
-pub fn prog_name(id: u32) -> String {
-    let mut attr = [0u64; 16];
-    attr[0] = u64::from(id);
-    const BPF_PROG_GET_FD_BY_ID: u32 = 13;
-    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)
-        .unwrap_or_else(|e| panic!("BPF_PROG_GET_FD_BY_ID {id}: {e}"));
-    let mut info = [0u32; 64];
-    bpf_obj_info(&fd, &mut info).unwrap_or_else(|e| panic!("info of program {id}: {e}"));
-    let bytes: Vec<u8> = info[16..20].iter().flat_map(|w| w.to_le_bytes()).collect();
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
-}
-
-/// bpf(2) with a zero-padded bpf_attr; returns the syscall's non-negative result.
-fn bpf_raw(cmd: u32, attr: &mut [u64; 16]) -> io::Result<i64> {
-    // SAFETY: attr is a zero-padded bpf_attr of the size passed; the kernel writes only
-    // within it, and pointers stored in it outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(rc)
-}
-
-/// bpf(2) for the commands that return a new fd.
-fn bpf(cmd: u32, attr: &mut [u64; 16]) -> io::Result<OwnedFd> {
-    let fd = bpf_raw(cmd, attr)?;
-    // SAFETY: the commands passed here return a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-fn bpf_obj_get(pin: &Path) -> io::Result<OwnedFd> {
-    let path = CString::new(pin.as_os_str().as_encoded_bytes()).expect("path without NUL");
-    // union bpf_attr, BPF_OBJ_* form: { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }
-    let mut attr = [0u64; 16];
-    attr[0] = path.as_ptr() as u64;
-    const BPF_OBJ_GET: u32 = 7;
-    bpf(BPF_OBJ_GET, &mut attr)
-}
-
-fn bpf_obj_info(fd: &OwnedFd, info: &mut [u32; 64]) -> io::Result<()> {
-    // union bpf_attr, info form: { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
-    let mut attr = [0u64; 16];
-    attr[0] = fd.as_raw_fd() as u64 | ((std::mem::size_of_val(info) as u64) << 32);
-    attr[1] = info.as_mut_ptr() as u64;
-    const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
-    bpf_raw(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(|_| ())
-}
-
-/// An XDP program that is not drain's: `r0 = XDP_PASS; exit`, named `foreign_pass`. It
-/// stands for another tool's program (xdp-loader, Cilium, ...) on an interface.
-pub struct ForeignXdp {
-    fd: OwnedFd,
-}
-
-impl ForeignXdp {
-    pub const NAME: &'static str = "foreign_pass";
-
-    /// Loads the program (BPF_PROG_LOAD).
-    pub fn load() -> Self {
-        // mov64 r0, 2 (XDP_PASS); exit
-        let insns: [u64; 2] = [
-            u64::from_le_bytes([0xb7, 0x00, 0, 0, 2, 0, 0, 0]),
-            u64::from_le_bytes([0x95, 0x00, 0, 0, 0, 0, 0, 0]),
-        ];
-        let license = c"GPL";
-        // union bpf_attr, BPF_PROG_LOAD form (include/uapi/linux/bpf.h):
-        //   0 prog_type, 4 insn_cnt, 8 insns, 16 license, 24 log_level, 28 log_size,
-        //   32 log_buf, 40 kern_version, 44 prog_flags, 48..64 prog_name,
-        //   64 prog_ifindex, 68 expected_attach_type
-        let mut attr = [0u64; 16];
-        const BPF_PROG_TYPE_XDP: u64 = 6;
-        const BPF_XDP: u64 = 37;
-        attr[0] = BPF_PROG_TYPE_XDP | ((insns.len() as u64) << 32);
-        attr[1] = insns.as_ptr() as u64;
-        attr[2] = license.as_ptr() as u64;
-        let mut name = [0u8; 16];
-        name[..Self::NAME.len()].copy_from_slice(Self::NAME.as_bytes());
-        attr[6] = u64::from_le_bytes(name[..8].try_into().unwrap());
-        attr[7] = u64::from_le_bytes(name[8..].try_into().unwrap());
-        attr[8] = BPF_XDP << 32;
-        const BPF_PROG_LOAD: u32 = 5;
-        let fd = bpf(BPF_PROG_LOAD, &mut attr)
-            .unwrap_or_else(|e| panic!("loading the foreign XDP program: {e}"));
-        Self { fd }
-    }
-
-    /// The program's id (BPF_OBJ_GET_INFO_BY_FD; struct bpf_prog_info { __u32 type; __u32 id; ... }).
-    pub fn id(&self) -> u32 {
-        let mut info = [0u32; 64];
-        bpf_obj_info(&self.fd, &mut info).unwrap_or_else(|e| panic!("program info: {e}"));
-        info[1]
-    }
-
-    /// Pins the program at `path` (BPF_OBJ_PIN), for `ip link set ... xdp pinned <path>`.
-    pub fn pin(&self, path: &Path) {
-        let p = CString::new(path.as_os_str().as_encoded_bytes()).expect("path without NUL");
-        let mut attr = [0u64; 16];
-        attr[0] = p.as_ptr() as u64;
-        attr[1] = self.fd.as_raw_fd() as u64;
-        const BPF_OBJ_PIN: u32 = 6;
-        bpf_raw(BPF_OBJ_PIN, &mut attr)
-            .unwrap_or_else(|e| panic!("pinning the foreign program at {}: {e}", path.display()));
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Sockets
-// ---------------------------------------------------------------------------------------
-
-/// How a connect ended.
-#[derive(Debug)]
-pub enum Connect {
-    Ok(TcpStream),
-    /// RST in answer to the SYN.
-    Refused,
-    /// No answer within the timeout (the SYN, or every answer, was dropped).
-    TimedOut,
-    Failed(io::Error),
-}
-
-impl Connect {
-    pub fn is_ok(&self) -> bool {
-        matches!(self, Connect::Ok(_))
-    }
-
-    pub fn is_timed_out(&self) -> bool {
-        matches!(self, Connect::TimedOut)
-    }
-
-    /// The stream of a connect that succeeded; panics otherwise.
-    #[track_caller]
-    pub fn stream(self, what: &str) -> TcpStream {
-        match self {
-            Connect::Ok(s) => s,
-            other => panic!("{what}: expected the connect to succeed, got {other:?}"),
-        }
-    }
-}
-
-/// Connects from namespace `ns` to `to`, waiting at most `timeout`.
-pub fn connect(pair: &NetNsPair, ns: &str, to: SocketAddr, timeout: Duration) -> Connect {
-    pair.in_ns(ns, || match TcpStream::connect_timeout(&to, timeout) {
-        Ok(s) => {
-            s.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
-            s.set_write_timeout(Some(IO_TIMEOUT))
-                .expect("write timeout");
-            Connect::Ok(s)
-        }
-        Err(e) => match e.kind() {
-            io::ErrorKind::ConnectionRefused => Connect::Refused,
-            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Connect::TimedOut,
-            _ => Connect::Failed(e),
-        },
-    })
-}
-
-/// Connects from `ns` to every address at once (so timeouts overlap instead of adding up)
-/// and returns the outcomes in order.
-pub fn probe_all(
-    pair: &NetNsPair,
-    ns: &str,
-    targets: &[SocketAddr],
-    timeout: Duration,
-) -> Vec<Connect> {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = targets
-            .iter()
-            .map(|&t| s.spawn(move || connect(pair, ns, t, timeout)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    })
-}
-
-/// A TCP echo server on a listener bound inside a namespace; it accepts on a thread of its
-/// own (accept needs no namespace) and echoes each connection on another. Dropping it
-/// stops accepting and closes the listener.
-pub struct EchoServer {
-    pub addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl EchoServer {
-    /// Binds `addr` inside `ns` (port 0 picks a free one: see `self.addr`).
-    pub fn start(pair: &NetNsPair, ns: &str, addr: SocketAddr) -> Self {
-        let listener = pair.in_ns(ns, || {
-            TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr} in {ns}: {e}"))
-        });
-        let addr = listener.local_addr().expect("local_addr");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (accepted, stop) = (accepted.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((s, _)) => {
-                            accepted.fetch_add(1, Ordering::Relaxed);
-                            std::thread::spawn(move || echo(s));
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
-                        Err(e) => {
-                            eprintln!("echo server {addr}: accept: {e}");
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                    }
-                }
-            })
-        };
-        Self {
-            addr,
-            accepted,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Connections accepted so far.
-    pub fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn echo(s: TcpStream) {
-    let _ = s.set_nonblocking(false);
-    let _ = s.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = s.set_write_timeout(Some(IO_TIMEOUT));
-    let mut buf = [0u8; 16 * 1024];
-    let mut s = s;
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if s.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Sends `len` patterned bytes through an echo server on `stream` and checks that the same
-/// bytes come back (a writer thread, so large payloads cannot deadlock on full buffers).
-#[track_caller]
-pub fn round_trip(stream: &TcpStream, len: usize, seed: u8) {
-    let data = pattern(len, seed);
-    std::thread::scope(|s| {
-        let writer = s.spawn(|| (&*stream).write_all(&data));
-        let mut back = vec![0u8; len];
-        let read = (&*stream).read_exact(&mut back);
-        let wrote = writer.join().expect("writer thread");
-        wrote.unwrap_or_else(|e| panic!("sending {len} bytes to the echo server: {e}"));
-        read.unwrap_or_else(|e| panic!("reading {len} echoed bytes: {e}"));
-        assert!(
-            back == data,
-            "the echo of {len} bytes differs from what was sent"
-        );
-    });
-}
-
-/// A listener bound at `addr` inside namespace `ns` (accept works from any thread).
-pub fn listen(pair: &NetNsPair, ns: &str, addr: SocketAddr) -> TcpListener {
-    pair.in_ns(ns, || {
-        TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr} in {ns}: {e}"))
-    })
-}
-
-/// Connects from `client_ns` to `listener` and accepts: (client end, server end), a
-/// connection whose both ends the test holds.
-#[track_caller]
-pub fn tcp_pair(
-    pair: &NetNsPair,
-    listener: &TcpListener,
-    client_ns: &str,
-) -> (TcpStream, TcpStream) {
-    let to = listener.local_addr().expect("local_addr");
-    let client = connect(pair, client_ns, to, Duration::from_secs(5))
-        .stream(&format!("connecting from {client_ns} to {to}"));
-    let (srv, _) = listener.accept().expect("accept");
-    srv.set_read_timeout(Some(IO_TIMEOUT))
-        .expect("read timeout");
-    srv.set_write_timeout(Some(IO_TIMEOUT))
-        .expect("write timeout");
-    (client, srv)
-}
-
-/// Sends `len` patterned bytes from `from` to `to` and checks them on arrival; both
-/// directions of a connection can run at once (call it from two threads).
-#[track_caller]
-pub fn transfer(from: &TcpStream, to: &TcpStream, len: usize, seed: u8) {
-    let data = pattern(len, seed);
-    std::thread::scope(|s| {
-        let writer = s.spawn(|| (&*from).write_all(&data));
-        let mut got = vec![0u8; len];
-        let read = (&*to).read_exact(&mut got);
-        let wrote = writer.join().expect("writer thread");
-        wrote.unwrap_or_else(|e| panic!("sending {len} bytes: {e}"));
-        read.unwrap_or_else(|e| panic!("receiving {len} bytes: {e}"));
-        assert!(got == data, "{len} bytes arrived altered");
-    });
-}
-
-/// Bytes that differ from position to position, so a lost or reordered chunk shows.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[2] ^ seed)
-        .collect()
 }

@@ -635,6 +635,11 @@ fn fix_lengths_and_checksums(b: &mut [u8], layers: &[Layer], starts: &[usize]) {
     }
 }
 
+/// `b` in hex, for messages about a frame.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,13 +1,23 @@
-//! Helpers for drain's integration tests (tests/tests/*.rs).
+//! Helpers for drain's integration tests (tests/tests/*.rs): one home per concept.
 //!
-//! - [`object`]: where the kernel object is, bpffs, and a pin directory per test (RAII).
-//! - [`testrun`]: BPF_PROG_TEST_RUN on a program fd.
+//! - [`netns`]: network namespaces: a pair joined by a veth pair (RAII), running code
+//!   ([`netns::in_netns`]) and commands ([`netns::nsenter`]) inside one, its inode and
+//!   cookie, interface indexes and MACs, and where drain keeps a namespace's gate state
+//!   ([`netns::state_dir`], the one place that name is spelled).
+//! - [`cli`]: the one drain-user runner: [`cli::Drain`] runs the CLI in a test namespace with
+//!   a deadline on every call, asserts exact exit codes and turns the gate off on drop;
+//!   [`cli::Running`] for calls that run in the background; `status --json` helpers.
+//! - [`traffic`]: every socket helper: connects with their outcome (from a chosen source
+//!   too), listeners, an echo server, held connection pairs, the churn server, raw
+//!   AF_PACKET sockets, `ss`.
+//! - [`object`]: BPF objects: the kernel object and its loader into a per-test pin
+//!   directory (RAII), the one raw bpf(2) wrapper and the pass-through XDP program loaded
+//!   with it, what the kernel says is attached (aya's `loaded_links`,
+//!   `SchedClassifier::query_tcx`, `ip`, bpftool), per-CPU counter sums.
 //! - [`frames`]: a frame builder with one comment per header field.
 //! - [`classify`]: an independent reference classifier (written from the RFCs, not from
 //!   drain-ebpf/src/parse.rs) that the kernel programs' verdicts are checked against.
-//! - [`netns`]: a pair of network namespaces joined by a veth pair (RAII).
-//! - [`cli`]: running drain-user inside a test namespace.
-//! - [`traffic`]: servers and clients for connection-count tests.
+//! - [`testrun`]: BPF_PROG_TEST_RUN on a program fd.
 //!
 //! Everything here panics on error rather than returning `Result`: a failing helper is a
 //! failing test, and the panic message says what was being done.

@@ -1,4 +1,6 @@
-//! Two network namespaces joined by a veth pair, removed on drop (also while unwinding).
+//! Network namespaces: two joined by a veth pair, removed on drop (also while unwinding);
+//! running code and commands inside one; its identity (inode, cookie) and where drain keeps
+//! its gate's state for it.
 //!
 //! The veth pair is created inside namespace `a` with its peer moved straight into `b`, so
 //! no interface ever exists in the host namespace, and the addresses (198.18.0.0/15 and
@@ -9,13 +11,62 @@
 //! bpffs and every pin under it.
 
 use std::{
+    ffi::CString,
+    fs::File,
     net::{Ipv4Addr, Ipv6Addr},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
     process::Command,
+    thread,
 };
 
 /// Where `ip netns add` keeps its namespace handles.
 const NETNS_DIR: &str = "/var/run/netns";
+
+/// Where drain keeps the pin directories of every namespace's gate.
+pub const STATE_ROOT: &str = "/sys/fs/bpf/drain";
+
+/// The pin directory drain uses for the gate of the namespace with this inode and cookie:
+/// `/sys/fs/bpf/drain/<netns inode>-<netns cookie>`. The one place the tests spell that name.
+// TODO(merge): use drain_user's StateDir type
+pub fn state_dir(inode: u64, cookie: u64) -> PathBuf {
+    Path::new(STATE_ROOT).join(format!("{inode}-{cookie}"))
+}
+
+/// Moves the calling thread into network namespace `ns` (a name under /var/run/netns):
+/// sockets it creates from now on live there.
+pub fn enter_netns(ns: &str) {
+    let path = format!("{NETNS_DIR}/{ns}");
+    let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    // SAFETY: setns on a valid fd; it changes only this thread's network namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert!(
+        rc == 0,
+        "setns({path}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Runs `f` on a new thread inside namespace `ns` and returns what it returns (a panic in
+/// `f` is re-raised here).
+pub fn in_netns<R: Send>(ns: &str, f: impl FnOnce() -> R + Send) -> R {
+    thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(ns);
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// `nsenter --net=/var/run/netns/<ns> <program>`: joins only the network namespace, so
+/// the program sees the host's /sys/fs/bpf. Add arguments with `.arg(...)`.
+pub fn nsenter(ns: &str, program: &str) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={NETNS_DIR}/{ns}")).arg(program);
+    c
+}
 
 pub struct NetNsPair {
     /// Namespace names (handles under /var/run/netns).
@@ -117,16 +168,23 @@ impl NetNsPair {
     /// so sockets it creates live there; a panic in `f` is re-raised here.
     pub fn in_ns<R: Send>(&self, ns: &str, f: impl FnOnce() -> R + Send) -> R {
         self.check_ns(ns);
-        crate::traffic::in_netns(ns, f)
+        in_netns(ns, f)
     }
 
     /// `nsenter --net=/var/run/netns/<ns> <program>`: joins only the network namespace, so
     /// the program sees the host's /sys/fs/bpf. Add arguments with `.arg(...)`.
     pub fn cmd(&self, ns: &str, program: &str) -> Command {
         self.check_ns(ns);
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", Self::handle(ns))).arg(program);
-        c
+        nsenter(ns, program)
+    }
+
+    /// Runs `program args...` in namespace `ns` (nsenter --net) and returns its stdout;
+    /// panics when it fails.
+    #[track_caller]
+    pub fn sh(&self, ns: &str, program: &str, args: &[&str]) -> String {
+        let mut cmd = self.cmd(ns, program);
+        cmd.args(args);
+        run_ok(cmd, &format!("{program} {} in {ns}", args.join(" ")))
     }
 
     /// Inode of namespace `ns` (what `stat -L -c %i /proc/self/ns/net` prints inside it).
@@ -165,13 +223,50 @@ impl NetNsPair {
         })
     }
 
-    /// Where drain pins the gate of namespace `ns`: /sys/fs/bpf/drain/<inode>-<cookie>.
-    pub fn drain_state_dir(&self, ns: &str) -> std::path::PathBuf {
-        std::path::Path::new("/sys/fs/bpf/drain").join(format!(
-            "{}-{}",
-            self.netns_inode(ns),
-            self.netns_cookie(ns)
-        ))
+    /// Where drain pins the gate of namespace `ns` (see [`state_dir`]).
+    pub fn state_dir(&self, ns: &str) -> PathBuf {
+        state_dir(self.netns_inode(ns), self.netns_cookie(ns))
+    }
+
+    /// Every pin directory drain has under [`STATE_ROOT`] for namespace `ns`: the gate's,
+    /// and the temporary one of a `wait` run without a gate. drain names each of them
+    /// `<netns inode>-...`.
+    pub fn pin_dirs(&self, ns: &str) -> Vec<PathBuf> {
+        let prefix = format!("{}-", self.netns_inode(ns));
+        match std::fs::read_dir(STATE_ROOT) {
+            Ok(rd) => rd
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| e.path())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
+            Err(e) => panic!("listing {STATE_ROOT}: {e}"),
+        }
+    }
+
+    /// Index of interface `dev` in namespace `ns` (if_nametoindex on a thread inside it).
+    pub fn ifindex(&self, ns: &str, dev: &str) -> u32 {
+        let c = CString::new(dev).expect("interface name without NUL");
+        // SAFETY: a valid NUL-terminated string.
+        let idx = self.in_ns(ns, || unsafe { libc::if_nametoindex(c.as_ptr()) });
+        assert!(idx != 0, "no interface {dev} in {ns}");
+        idx
+    }
+
+    /// MAC address of `dev` in `ns`.
+    pub fn mac(&self, ns: &str, dev: &str) -> [u8; 6] {
+        self.check_ns(ns);
+        let out = ip(&["-n", ns, "-o", "link", "show", "dev", dev]);
+        let text = out
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no link/ether in: {out}"));
+        let mut mac = [0u8; 6];
+        for (m, h) in mac.iter_mut().zip(text.split(':')) {
+            *m = u8::from_str_radix(h, 16).expect("hex MAC byte");
+        }
+        mac
     }
 
     fn check_ns(&self, ns: &str) {
@@ -213,14 +308,21 @@ impl Drop for NetNsPair {
 
 /// Runs `ip args...`, panicking with its stderr on failure; returns its stdout.
 pub fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(args)
+    let mut cmd = Command::new("ip");
+    cmd.args(args);
+    run_ok(cmd, &format!("ip {}", args.join(" ")))
+}
+
+/// Runs `cmd` (described as `what`), panicking with its stderr unless it succeeds; returns
+/// its stdout.
+#[track_caller]
+fn run_ok(mut cmd: Command, what: &str) -> String {
+    let out = cmd
         .output()
-        .unwrap_or_else(|e| panic!("running ip {}: {e}", args.join(" ")));
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
     assert!(
         out.status.success(),
-        "ip {} failed ({}): {}",
-        args.join(" "),
+        "{what} failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr).trim()
     );

@@ -1,19 +1,40 @@
-//! The kernel object under test, bpffs, and one pin directory per loaded copy.
+//! BPF objects: the kernel object under test and its loader, the raw bpf(2) calls aya
+//! 0.14 lacks, a pass-through XDP program, and what the kernel says is attached.
 //!
-//! The maps are declared with `pinning = ByName`, so aya pins them in the loader's default
-//! pin directory and *reuses* whatever is already pinned there. Each test therefore loads
-//! into its own fresh directory ([`PinDir`]) and removes it afterwards, even on panic:
-//! otherwise tests running in parallel would share (and clobber) one set of maps.
+//! - [`Loaded`] with its [`PinDir`]: one copy of drain's object. The maps are declared
+//!   with `pinning = ByName`, so aya pins them in the loader's default pin directory and
+//!   *reuses* whatever is already pinned there. Each test therefore loads into its own
+//!   fresh directory and removes it afterwards, even on panic: otherwise tests running in
+//!   parallel would share (and clobber) one set of maps.
+//! - [`sys_bpf`]: the one raw bpf(2) wrapper, for what aya cannot do: load a program from
+//!   raw instructions ([`load_xdp_pass`]), pin a bare fd, BPF_PROG_TEST_RUN on a bare fd
+//!   ([`crate::testrun`]).
+//! - [`ForeignXdp`]: a pass-through XDP program that is not drain's, standing for another
+//!   tool's program on an interface.
+//! - [`link_xdp`], [`tcx_ingress`], [`bpftool`], [`bpf_link_exists`], [`pinned_link_id`],
+//!   [`open_pinned_link`]: what the kernel says is attached (aya's `loaded_links` and
+//!   `SchedClassifier::query_tcx`, `ip` and bpftool).
+//! - [`sum_port_stats`], [`sum_track_stats`]: per-CPU counters summed.
 
 use std::{
-    fs,
+    ffi::CString,
+    fs, io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
-    programs::{Program, ProgramError, ProgramFd, SchedClassifier, Xdp},
+    maps::{PerCpuArray, PerCpuValues},
+    programs::{
+        links::{FdLink, PinnedLink},
+        loaded_links, Program, ProgramError, ProgramFd, ProgramInfo, SchedClassifier, TcAttachType,
+        Xdp,
+    },
     Ebpf, EbpfLoader,
 };
+use drain_common::{map, PortStats, TrackStats};
+
+use crate::netns::NetNsPair;
 
 /// Root of the pin directories made here.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -161,4 +182,245 @@ fn verified_fd(
     fd.expect("fd of a loaded program")
         .try_clone()
         .expect("dup")
+}
+
+impl Loaded {
+    /// DRAIN_STATS slot `slot`, summed over CPUs.
+    pub fn port_stats(&self, slot: u32) -> PortStats {
+        let a: PerCpuArray<_, PortStats> =
+            PerCpuArray::try_from(self.bpf.map(map::STATS).expect("DRAIN_STATS in the object"))
+                .expect("DRAIN_STATS is a per-CPU array of PortStats");
+        sum_port_stats(&a.get(&slot, 0).expect("reading DRAIN_STATS"))
+    }
+}
+
+// The sums below restate what drain-user adds up for `status`; they can go once drain-common
+// offers them (behind its `user` feature).
+
+/// One PortStats slot summed over CPUs.
+pub fn sum_port_stats(per_cpu: &PerCpuValues<PortStats>) -> PortStats {
+    per_cpu.iter().fold(PortStats::default(), |mut acc, s| {
+        acc.syns_refused += s.syns_refused;
+        acc.syns_passed += s.syns_passed;
+        acc.syns_allowed += s.syns_allowed;
+        acc.syns_expired += s.syns_expired;
+        acc.rst_sent += s.rst_sent;
+        acc.rst_limited += s.rst_limited;
+        acc
+    })
+}
+
+/// The tracker's counters summed over CPUs.
+pub fn sum_track_stats(per_cpu: &PerCpuValues<TrackStats>) -> TrackStats {
+    per_cpu.iter().fold(TrackStats::default(), |mut acc, s| {
+        acc.added += s.added;
+        acc.removed += s.removed;
+        acc.insert_failed += s.insert_failed;
+        acc.read_failed += s.read_failed;
+        acc
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw bpf(2), for what aya 0.14 does not offer
+// ---------------------------------------------------------------------------------------
+
+/// bpf(2) with `attr`, a prefix of `union bpf_attr` for `cmd` (the kernel zero-fills the
+/// rest: `bpf_check_uarg_tail_zero`); returns the syscall's non-negative result.
+///
+/// # Safety
+/// `attr` must be a valid `bpf_attr` prefix for `cmd`, and every pointer in it must be
+/// valid (for the kernel to read or write as `cmd` says) for the duration of the call.
+pub unsafe fn sys_bpf<A>(cmd: u32, attr: &mut A) -> io::Result<i64> {
+    // SAFETY: the caller's contract; the size passed is attr's own.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            (attr as *mut A).cast::<libc::c_void>(),
+            std::mem::size_of::<A>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// `enum bpf_cmd` values used here (include/uapi/linux/bpf.h).
+const BPF_PROG_LOAD: u32 = 5;
+const BPF_OBJ_PIN: u32 = 6;
+
+/// Loads the smallest XDP program there is, `r0 = XDP_PASS; exit`, named `name` (at most
+/// 15 bytes), straight through BPF_PROG_LOAD: aya only loads programs from an object file.
+/// The baseline benchmarks subtract, and the stand-in for another tool's program.
+pub fn load_xdp_pass(name: &str) -> io::Result<OwnedFd> {
+    // BPF_MOV64_IMM(BPF_REG_0, XDP_PASS), BPF_EXIT_INSN()
+    let insns: [u64; 2] = [0x0000_0002_0000_00b7, 0x0000_0000_0000_0095];
+    let license = c"GPL";
+    /// The BPF_PROG_LOAD member of `union bpf_attr`, up to `expected_attach_type`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct LoadAttr {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    assert!(name.len() < 16, "program name {name:?} is over 15 bytes");
+    let mut prog_name = [0u8; 16];
+    prog_name[..name.len()].copy_from_slice(name.as_bytes());
+    let mut attr = LoadAttr {
+        prog_type: 6, // BPF_PROG_TYPE_XDP
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name,
+        expected_attach_type: 37, // BPF_XDP
+        ..Default::default()
+    };
+    // SAFETY: a BPF_PROG_LOAD prefix whose pointers (insns, license) outlive the call.
+    let fd = unsafe { sys_bpf(BPF_PROG_LOAD, &mut attr) }?;
+    // SAFETY: a new fd the kernel just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins the object behind `fd` at `path` (BPF_OBJ_PIN; aya pins only its own objects).
+fn pin_fd(fd: &OwnedFd, path: &Path) -> io::Result<()> {
+    let p = CString::new(path.as_os_str().as_encoded_bytes()).expect("path without NUL");
+    /// The BPF_OBJ_* member of `union bpf_attr`.
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut attr = ObjAttr {
+        pathname: p.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: a BPF_OBJ_PIN attr whose path outlives the call.
+    unsafe { sys_bpf(BPF_OBJ_PIN, &mut attr) }.map(|_| ())
+}
+
+/// An XDP program that is not drain's (`r0 = XDP_PASS; exit`, named `foreign_pass`),
+/// pinned, so `ip link set ... xdp pinned <path>` can attach it the way other tools do. It
+/// stands for another tool's program (xdp-loader, Cilium, ...) on an interface.
+pub struct ForeignXdp {
+    _fd: OwnedFd,
+    /// The program's id.
+    pub id: u32,
+}
+
+impl ForeignXdp {
+    pub const NAME: &'static str = "foreign_pass";
+
+    /// Loads the program and pins it at `path` (in a [`PinDir`], which unpins it).
+    pub fn load_pinned(path: &Path) -> Self {
+        let fd = load_xdp_pass(Self::NAME)
+            .unwrap_or_else(|e| panic!("loading the foreign XDP program: {e}"));
+        pin_fd(&fd, path)
+            .unwrap_or_else(|e| panic!("pinning the foreign program at {}: {e}", path.display()));
+        let id = ProgramInfo::from_pin(path)
+            .unwrap_or_else(|e| panic!("info of the foreign program: {e}"))
+            .id();
+        Self { _fd: fd, id }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// What the kernel says is attached
+// ---------------------------------------------------------------------------------------
+
+/// Where Debian puts bpftool (not on root's PATH under every shell).
+pub const BPFTOOL: &str = "/usr/sbin/bpftool";
+
+/// The XDP program on `dev` in `ns` as `ip -d link show` reports it: (id, name).
+pub fn link_xdp(pair: &NetNsPair, ns: &str, dev: &str) -> Option<(u32, String)> {
+    let out = pair
+        .cmd(ns, "ip")
+        .args(["-d", "link", "show", "dev", dev])
+        .output()
+        .expect("running ip -d link show");
+    assert!(out.status.success(), "ip -d link show dev {dev}: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "    prog/xdp id 228 name drain_xdp tag ... "
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("prog/xdp"))?;
+    let mut words = line.split_whitespace();
+    let mut id = None;
+    let mut name = String::new();
+    while let Some(w) = words.next() {
+        match w {
+            "id" => id = words.next().and_then(|v| v.parse().ok()),
+            "name" => name = words.next().unwrap_or_default().to_owned(),
+            _ => {}
+        }
+    }
+    Some((id.expect("prog/xdp line with an id"), name))
+}
+
+/// `bpftool args...` run inside `ns`; None when bpftool is not installed.
+pub fn bpftool(pair: &NetNsPair, ns: &str, args: &[&str]) -> Option<String> {
+    if !Path::new(BPFTOOL).exists() {
+        eprintln!("note: {BPFTOOL} not installed: skipping the bpftool cross-check");
+        return None;
+    }
+    let out = pair
+        .cmd(ns, BPFTOOL)
+        .args(args)
+        .output()
+        .expect("running bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The bpf_link pinned at `pin`, opened (BPF_OBJ_GET): a reference that keeps the link
+/// alive, as bpftool or an inventory agent holding it would.
+pub fn open_pinned_link(pin: &Path) -> PinnedLink {
+    PinnedLink::from_pin(pin).unwrap_or_else(|e| panic!("opening pin {}: {e}", pin.display()))
+}
+
+/// Id of the bpf_link pinned at `pin`.
+pub fn pinned_link_id(pin: &Path) -> u32 {
+    FdLink::from(open_pinned_link(pin))
+        .info()
+        .unwrap_or_else(|e| panic!("info of the link pinned at {}: {e}", pin.display()))
+        .id()
+}
+
+/// True while a bpf_link with this id exists anywhere. (A link that goes away while the
+/// kernel's list is walked shows as an error for its id: skipped, it is gone.)
+pub fn bpf_link_exists(id: u32) -> bool {
+    loaded_links().flatten().any(|l| l.id() == id)
+}
+
+/// The programs in the TCX ingress chain of `dev` in `ns`, in order: (id, name). Asked of
+/// the kernel (BPF_PROG_QUERY) on a thread inside the namespace, since Debian's bpftool 7.1
+/// predates TCX and does not list it.
+pub fn tcx_ingress(pair: &NetNsPair, ns: &str, dev: &str) -> Vec<(u32, String)> {
+    let (_, progs) = pair
+        .in_ns(ns, || {
+            SchedClassifier::query_tcx(dev, TcAttachType::Ingress)
+        })
+        .unwrap_or_else(|e| panic!("querying the TCX ingress chain of {dev} in {ns}: {e}"));
+    progs
+        .iter()
+        .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_owned()))
+        .collect()
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 /// `enum bpf_cmd` value of BPF_PROG_TEST_RUN (include/uapi/linux/bpf.h).
-const BPF_PROG_TEST_RUN: libc::c_int = 10;
+const BPF_PROG_TEST_RUN: u32 = 10;
 
 /// The `test` member of `union bpf_attr` (include/uapi/linux/bpf.h), up to `batch_size`,
 /// padded to the 8-byte alignment of its u64 members.
@@ -61,19 +61,9 @@ fn run(prog_fd: BorrowedFd<'_>, data: &[u8], repeat: u32) -> io::Result<(i32, Ve
         repeat,
         ..Default::default()
     };
-    // SAFETY: attr is a valid, fully initialised bpf_attr prefix of the size passed; data_in
-    // and data_out point to buffers of the sizes given, alive for the duration of the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            std::mem::size_of::<TestRunAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: attr is a fully initialised bpf_attr prefix for BPF_PROG_TEST_RUN; data_in and
+    // data_out point to buffers of the sizes given, alive for the duration of the call.
+    unsafe { crate::object::sys_bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
     out.truncate(attr.data_size_out as usize);
     Ok((attr.retval as i32, out, attr.duration))
 }
@@ -96,52 +86,8 @@ pub fn mean_ns(prog_fd: BorrowedFd<'_>, data: &[u8], repeat: u32) -> io::Result<
     run(prog_fd, data, repeat).map(|(_, _, ns)| ns)
 }
 
-/// Loads the smallest XDP program there is (`r0 = XDP_PASS; exit`) straight through
-/// bpf(BPF_PROG_LOAD): the baseline that benchmarks subtract, measured in the same run.
+/// The baseline that benchmarks subtract, measured in the same run: the smallest XDP
+/// program there is (see [`crate::object::load_xdp_pass`]).
 pub fn load_xdp_pass() -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // BPF_MOV64_IMM(BPF_REG_0, XDP_PASS), BPF_EXIT_INSN()
-    let insns: [u64; 2] = [0x0000_0002_0000_00b7, 0x0000_0000_0000_0095];
-    let license = c"GPL";
-    #[repr(C)]
-    #[derive(Default)]
-    struct LoadAttr {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        prog_name: [u8; 16],
-        prog_ifindex: u32,
-        expected_attach_type: u32,
-    }
-    let mut name = [0u8; 16];
-    name[..10].copy_from_slice(b"bench_pass");
-    let attr = LoadAttr {
-        prog_type: 6, // BPF_PROG_TYPE_XDP
-        insn_cnt: 2,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        prog_name: name,
-        expected_attach_type: 37, // BPF_XDP
-        ..Default::default()
-    };
-    // SAFETY: a valid bpf_attr prefix for BPF_PROG_LOAD (5); pointers live across the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            5,
-            &attr as *const LoadAttr,
-            std::mem::size_of::<LoadAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new fd the kernel just returned, owned by nobody else.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    crate::object::load_xdp_pass("bench_pass")
 }

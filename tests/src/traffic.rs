@@ -1,9 +1,21 @@
-//! Servers and clients that hold, churn and close TCP connections (tracker tests).
+//! Real TCP in the test namespaces: connects with their outcome spelled out, listeners, an
+//! echo server, connections whose both ends the test holds, the churn server, raw sockets,
+//! and `ss`.
 //!
-//! A [`Server`] is a pool of threads accepting on one listener in namespace `a`; a client
-//! (in namespace `b`) tells it what to do with each connection by sending one [`Op`] byte
-//! first, and the server answers `k` before acting, so that when the client has read the
-//! `k` the connection is known to be accepted. That lets a test open many short
+//! - [`connect`], [`connect_from`], [`probe_all`], [`probe_all_from`]: a connect from a
+//!   namespace (optionally from a chosen source address), as a [`Connect`] (ok, refused and
+//!   how fast, timed out); several at once so their timeouts overlap.
+//! - [`bind`], [`listen`], [`accept_queued`], [`EchoServer`], [`round_trip`], [`tcp_pair`],
+//!   [`transfer`]: listeners and data that must arrive intact.
+//! - [`Server`], [`Op`], [`churn`], [`open_held`]: the churn protocol (below).
+//! - [`set_linger_zero`], [`connect_reuseaddr`], [`packet_socket`]: socket options and
+//!   raw sockets std does not offer.
+//! - [`ss_lines`], [`ss_live`]: what `ss` sees.
+//!
+//! The churn [`Server`] is a pool of threads accepting on one listener in namespace `a`; a
+//! client (in namespace `b`) tells it what to do with each connection by sending one [`Op`]
+//! byte first, and the server answers `k` before acting, so that when the client has read
+//! the `k` the connection is known to be accepted. That lets a test open many short
 //! connections that end in every way TCP allows (server FIN, server RST, client FIN, client
 //! RST) and hold a known number open (ESTABLISHED, or CLOSE_WAIT when the client closes a
 //! held one first), then reach quiescent points where the exact number of live
@@ -19,12 +31,11 @@
 //! hundreds, not thousands. Churned connections are closed as they go.
 
 use std::{
-    fs::File,
+    fmt,
     io::{self, ErrorKind, Read, Write},
     mem,
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    process::Command,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
@@ -33,39 +44,354 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Where `ip netns add` keeps its namespace handles (as in [`crate::netns`]).
-const NETNS_DIR: &str = "/var/run/netns";
+use crate::netns::{enter_netns, in_netns, nsenter, NetNsPair};
 
-/// How long a server or client waits for its peer's next byte before giving up: generous,
-/// a slow machine must not turn into a hang, only into a failure that says what it was doing.
+/// How long a peer waits for the other side's next byte before giving up: generous, a slow
+/// machine must not turn into a hang, only into a failure that says what it was doing.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Moves the calling thread into network namespace `ns` (a name under /var/run/netns):
-/// sockets it creates from now on live there.
-pub fn enter_netns(ns: &str) {
-    let path = format!("{NETNS_DIR}/{ns}");
-    let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-    // SAFETY: setns on a valid fd; it changes only this thread's network namespace.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert!(
-        rc == 0,
-        "setns({path}): {}",
-        std::io::Error::last_os_error()
-    );
+// ---------------------------------------------------------------------------------------
+// Connects
+// ---------------------------------------------------------------------------------------
+
+/// How a connect ended.
+pub enum Connect {
+    /// Established; the stream is blocking, with read and write timeouts set.
+    Ok(TcpStream),
+    /// RST in answer to the SYN, this long after connect() was called.
+    Refused(Duration),
+    /// No answer within the timeout (the SYN, or every answer, was dropped).
+    TimedOut,
+    Failed(io::Error),
 }
 
-/// Runs `f` on a new thread inside namespace `ns` and returns what it returns (a panic in
-/// `f` is re-raised here).
-pub fn in_netns<R: Send>(ns: &str, f: impl FnOnce() -> R + Send) -> R {
-    thread::scope(|s| {
-        s.spawn(|| {
-            enter_netns(ns);
-            f()
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+impl Connect {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Connect::Ok(_))
+    }
+
+    pub fn is_timed_out(&self) -> bool {
+        matches!(self, Connect::TimedOut)
+    }
+
+    /// The stream of a connect that succeeded; panics otherwise.
+    #[track_caller]
+    pub fn stream(self, what: &str) -> TcpStream {
+        match self {
+            Connect::Ok(s) => s,
+            other => panic!("{what}: expected the connect to succeed, got {other:?}"),
+        }
+    }
+}
+
+impl fmt::Debug for Connect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Connect::Ok(s) => write!(f, "connected ({:?})", s.local_addr().ok()),
+            Connect::Refused(t) => write!(f, "ECONNREFUSED after {t:?}"),
+            Connect::TimedOut => f.write_str("timed out"),
+            Connect::Failed(e) => write!(f, "failed: {e}"),
+        }
+    }
+}
+
+/// Connects from namespace `ns` to `to`, waiting at most `timeout`.
+pub fn connect(pair: &NetNsPair, ns: &str, to: SocketAddr, timeout: Duration) -> Connect {
+    connect_from(pair, ns, None, to, timeout)
+}
+
+/// Connects from namespace `ns` to `to`, from source address `from` when given (std's
+/// TcpStream cannot bind before connecting), waiting at most `timeout`.
+pub fn connect_from(
+    pair: &NetNsPair,
+    ns: &str,
+    from: Option<IpAddr>,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Connect {
+    pair.in_ns(ns, || {
+        let sock = tcp_socket(family(to), libc::SOCK_NONBLOCK);
+        if let Some(src) = from {
+            let (sa, len) = sockaddr(SocketAddr::new(src, 0));
+            // SAFETY: a valid fd and a sockaddr of the length passed.
+            let rc = unsafe {
+                libc::bind(
+                    sock.as_raw_fd(),
+                    (&sa as *const libc::sockaddr_storage).cast(),
+                    len,
+                )
+            };
+            check(rc, &format!("bind {src} in {ns}")).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let start = Instant::now();
+        match nonblocking_connect(&sock, to, timeout) {
+            Ok(true) => {
+                let s = TcpStream::from(sock);
+                s.set_nonblocking(false).expect("blocking stream");
+                s.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
+                s.set_write_timeout(Some(IO_TIMEOUT))
+                    .expect("write timeout");
+                Connect::Ok(s)
+            }
+            Ok(false) => Connect::TimedOut,
+            Err(e) => match e.kind() {
+                ErrorKind::ConnectionRefused => Connect::Refused(start.elapsed()),
+                ErrorKind::TimedOut => Connect::TimedOut,
+                _ => Connect::Failed(e),
+            },
+        }
     })
 }
+
+/// connect() on a non-blocking socket, then poll for the outcome: Ok(true) connected,
+/// Ok(false) no outcome within `timeout`, Err the connect's error.
+fn nonblocking_connect(sock: &OwnedFd, to: SocketAddr, timeout: Duration) -> io::Result<bool> {
+    let (sa, len) = sockaddr(to);
+    let start = Instant::now();
+    // SAFETY: a valid fd and a sockaddr of the length passed.
+    let rc = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            (&sa as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+    }
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        let mut pfd = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            continue;
+        }
+        let mut err: libc::c_int = 0;
+        let mut l = mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: err and l are valid out pointers of the sizes given.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&mut err as *mut libc::c_int).cast(),
+                &mut l,
+            )
+        };
+        check(rc, "getsockopt(SO_ERROR)")?;
+        return match err {
+            0 => Ok(true),
+            e => Err(io::Error::from_raw_os_error(e)),
+        };
+    }
+}
+
+/// Connects from `ns` to every address at once (so timeouts overlap instead of adding up)
+/// and returns the outcomes in order.
+pub fn probe_all(
+    pair: &NetNsPair,
+    ns: &str,
+    targets: &[SocketAddr],
+    timeout: Duration,
+) -> Vec<Connect> {
+    let probes: Vec<_> = targets.iter().map(|&t| (None, t)).collect();
+    probe_all_from(pair, ns, &probes, timeout)
+}
+
+/// [`probe_all`] with a source address per connect (see [`connect_from`]).
+pub fn probe_all_from(
+    pair: &NetNsPair,
+    ns: &str,
+    probes: &[(Option<IpAddr>, SocketAddr)],
+    timeout: Duration,
+) -> Vec<Connect> {
+    thread::scope(|s| {
+        let handles: Vec<_> = probes
+            .iter()
+            .map(|&(from, to)| s.spawn(move || connect_from(pair, ns, from, to, timeout)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Listeners, echo, data
+// ---------------------------------------------------------------------------------------
+
+/// A listener bound at `addr` inside namespace `ns` (accept works from any thread).
+pub fn bind(pair: &NetNsPair, ns: &str, addr: SocketAddr) -> TcpListener {
+    pair.in_ns(ns, || {
+        TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr} in {ns}: {e}"))
+    })
+}
+
+/// Accepts (and closes) whatever is queued on `l` without waiting; returns how many.
+pub fn accept_queued(l: &TcpListener) -> usize {
+    l.set_nonblocking(true).expect("nonblocking listener");
+    let mut n = 0;
+    loop {
+        match l.accept() {
+            Ok(_) => n += 1,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return n,
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// A TCP echo server on a listener bound inside a namespace; it accepts on a thread of its
+/// own (accept needs no namespace) and echoes each connection on another. Dropping it
+/// stops accepting and closes the listener.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Binds `addr` inside `ns` (port 0 picks a free one: see `self.addr`).
+    pub fn start(pair: &NetNsPair, ns: &str, addr: SocketAddr) -> Self {
+        let listener = bind(pair, ns, addr);
+        let addr = listener.local_addr().expect("local_addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (accepted, stop) = (accepted.clone(), stop.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                            thread::spawn(move || echo(s));
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(e) => {
+                            eprintln!("echo server {addr}: accept: {e}");
+                            thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                }
+            })
+        };
+        Self {
+            addr,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn echo(s: TcpStream) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+    let mut buf = [0u8; 16 * 1024];
+    let mut s = s;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sends `len` patterned bytes through an echo server on `stream` and checks that the same
+/// bytes come back.
+#[track_caller]
+pub fn round_trip(stream: &TcpStream, len: usize, seed: u8) {
+    transfer(stream, stream, len, seed);
+}
+
+/// Connects from `client_ns` to `listener` and accepts: (client end, server end), a
+/// connection whose both ends the test holds.
+#[track_caller]
+pub fn tcp_pair(
+    pair: &NetNsPair,
+    listener: &TcpListener,
+    client_ns: &str,
+) -> (TcpStream, TcpStream) {
+    let to = listener.local_addr().expect("local_addr");
+    let client = connect(pair, client_ns, to, Duration::from_secs(5))
+        .stream(&format!("connecting from {client_ns} to {to}"));
+    let (srv, _) = listener.accept().expect("accept");
+    srv.set_read_timeout(Some(IO_TIMEOUT))
+        .expect("read timeout");
+    srv.set_write_timeout(Some(IO_TIMEOUT))
+        .expect("write timeout");
+    (client, srv)
+}
+
+/// Sends `len` patterned bytes from `from` to `to` and checks them on arrival (a writer
+/// thread, so large payloads cannot deadlock on full buffers); both directions of a
+/// connection can run at once (call it from two threads), and `from` and `to` may be one
+/// stream to an echo server.
+#[track_caller]
+pub fn transfer(from: &TcpStream, to: &TcpStream, len: usize, seed: u8) {
+    let data = pattern(len, seed);
+    thread::scope(|s| {
+        let writer = s.spawn(|| (&*from).write_all(&data));
+        let mut got = vec![0u8; len];
+        let read = (&*to).read_exact(&mut got);
+        let wrote = writer.join().expect("writer thread");
+        wrote.unwrap_or_else(|e| panic!("sending {len} bytes: {e}"));
+        read.unwrap_or_else(|e| panic!("receiving {len} bytes: {e}"));
+        assert!(got == data, "{len} bytes arrived altered");
+    });
+}
+
+/// Bytes that differ from position to position, so a lost or reordered chunk shows.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[2] ^ seed)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw sockets and socket options
+// ---------------------------------------------------------------------------------------
 
 /// Which sockets a listener accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,18 +412,23 @@ fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn set_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int, what: &str) {
-    // SAFETY: a valid fd and a c_int option value of the size passed.
+/// setsockopt with an option value of type `T`; panics naming `what` on failure.
+fn set_opt<T>(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: &T, what: &str) {
+    // SAFETY: a valid fd and an option value of the size passed.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             level,
             opt,
-            (&v as *const libc::c_int).cast(),
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
+            (v as *const T).cast(),
+            mem::size_of::<T>() as libc::socklen_t,
         )
     };
     check(rc, what).unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn set_int(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int, what: &str) {
+    set_opt(fd, level, opt, &v, what);
 }
 
 /// SO_LINGER with a zero timeout: close() then aborts the connection with a RST instead of
@@ -107,17 +438,13 @@ pub fn set_linger_zero(s: &TcpStream) {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: a valid socket fd and a struct linger of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    check(rc, "setsockopt(SO_LINGER 0)").unwrap_or_else(|e| panic!("{e}"));
+    set_opt(
+        s.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        &l,
+        "setsockopt(SO_LINGER 0)",
+    );
 }
 
 /// A `sockaddr_storage` holding `addr`, and its length.
@@ -145,9 +472,18 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (ss, len as libc::socklen_t)
 }
 
-fn tcp_socket(family: libc::c_int) -> OwnedFd {
+fn family(addr: SocketAddr) -> libc::c_int {
+    if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    }
+}
+
+/// A TCP socket of `family`, with `flags` (e.g. SOCK_NONBLOCK) besides SOCK_CLOEXEC.
+fn tcp_socket(family: libc::c_int, flags: libc::c_int) -> OwnedFd {
     // SAFETY: plain socket(2); the fd is owned from here on.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | flags, 0) };
     check(fd, "socket(SOCK_STREAM)").unwrap_or_else(|e| panic!("{e}"));
     // SAFETY: a fresh fd nobody else owns.
     unsafe { OwnedFd::from_raw_fd(fd) }
@@ -161,7 +497,7 @@ pub fn listen(ns: &str, stack: Stack, port: u16) -> TcpListener {
             Stack::V4 => (libc::AF_INET, (IpAddr::from([0u8; 4]), port).into()),
             Stack::V6 | Stack::Dual => (libc::AF_INET6, (IpAddr::from([0u8; 16]), port).into()),
         };
-        let fd = tcp_socket(family);
+        let fd = tcp_socket(family, 0);
         let raw = fd.as_raw_fd();
         set_int(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR");
         if family == libc::AF_INET6 {
@@ -187,12 +523,7 @@ pub fn listen(ns: &str, stack: Stack, port: u16) -> TcpListener {
 /// An outbound connection from the calling thread's namespace, with SO_REUSEADDR set before
 /// connect (so that a listener with SO_REUSEADDR may later bind the same local port).
 pub fn connect_reuseaddr(target: SocketAddr) -> io::Result<TcpStream> {
-    let family = if target.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    let fd = tcp_socket(family);
+    let fd = tcp_socket(family(target), 0);
     set_int(
         fd.as_raw_fd(),
         libc::SOL_SOCKET,
@@ -212,6 +543,60 @@ pub fn connect_reuseaddr(target: SocketAddr) -> io::Result<TcpStream> {
     check(rc, &format!("connect {target}"))?;
     Ok(TcpStream::from(fd))
 }
+
+/// A raw AF_PACKET socket bound to `ifindex` of the calling thread's namespace. `rx`:
+/// receives the IPv4 frames arriving on the interface (PACKET_IGNORE_OUTGOING, a 4 MiB
+/// buffer, 50 ms receive timeout); otherwise a send-only socket (protocol 0 receives
+/// nothing).
+pub fn packet_socket(ifindex: u32, rx: bool) -> OwnedFd {
+    let proto: u16 = if rx { crate::frames::ETH_P_IPV4 } else { 0 };
+    // SAFETY: plain socket(2).
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(proto.to_be()),
+        )
+    };
+    check(fd, "AF_PACKET socket").unwrap_or_else(|e| panic!("{e}"));
+    // SAFETY: a fresh fd we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data.
+    let mut sll: libc::sockaddr_ll = unsafe { mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto.to_be();
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: a valid sockaddr_ll of the size given.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    check(rc, "bind AF_PACKET").unwrap_or_else(|e| panic!("{e}"));
+    if rx {
+        let raw = sock.as_raw_fd();
+        set_int(
+            raw,
+            libc::SOL_PACKET,
+            libc::PACKET_IGNORE_OUTGOING,
+            1,
+            "PACKET_IGNORE_OUTGOING",
+        );
+        set_int(raw, libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20, "SO_RCVBUF");
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 50_000,
+        };
+        set_opt(raw, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv, "SO_RCVTIMEO");
+    }
+    sock
+}
+
+// ---------------------------------------------------------------------------------------
+// The churn server
+// ---------------------------------------------------------------------------------------
 
 /// What the server does with a connection; the client sends it as the first byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -349,20 +734,15 @@ impl Server {
 
     /// Closes the `n` oldest held connections the way `how` says; returns their peers.
     pub fn close_held(&self, n: usize, how: Close) -> Vec<SocketAddr> {
-        let closing: Vec<TcpStream> = {
-            let mut held = self.shared.held.lock().unwrap();
-            assert!(
-                n <= held.len(),
-                "closing {n} of {} held connections",
-                held.len()
-            );
-            held.drain(..n).collect()
-        };
-        close_all(closing, how)
+        self.close_some(n, how, false)
     }
 
     /// Closes the `n` newest held connections the way `how` says; returns their peers.
     pub fn close_newest(&self, n: usize, how: Close) -> Vec<SocketAddr> {
+        self.close_some(n, how, true)
+    }
+
+    fn close_some(&self, n: usize, how: Close, newest: bool) -> Vec<SocketAddr> {
         let closing: Vec<TcpStream> = {
             let mut held = self.shared.held.lock().unwrap();
             assert!(
@@ -370,8 +750,12 @@ impl Server {
                 "closing {n} of {} held connections",
                 held.len()
             );
-            let keep = held.len() - n;
-            held.split_off(keep)
+            if newest {
+                let keep = held.len() - n;
+                held.split_off(keep)
+            } else {
+                held.drain(..n).collect()
+            }
         };
         close_all(closing, how)
     }
@@ -494,21 +878,26 @@ fn serve(mut s: TcpStream, sh: &Shared) -> Result<(), String> {
             drop(s);
         }
         b'C' | b'X' => {
-            // Until EOF (client FIN) or an error (client RST); then close.
-            let mut buf = [0u8; 64];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
-                    Err(e) => return Err(ctx("waiting for the client to close", e)),
-                }
-            }
+            // Until EOF (client FIN) or a reset (client RST); then close.
+            read_until_closed(&mut s).map_err(|e| ctx("waiting for the client to close", e))?;
         }
         other => return Err(format!("unknown op {other:#x} from {peer}")),
     }
     sh.finished.fetch_add(1, Ordering::SeqCst);
     Ok(())
+}
+
+/// Reads (and discards) until the peer closes: EOF after its FIN, or its RST.
+fn read_until_closed(s: &mut TcpStream) -> io::Result<()> {
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Opens one connection from the calling thread's namespace and plays `op` on it; returns
@@ -526,15 +915,7 @@ pub fn run_op(target: SocketAddr, op: Op) -> Result<Option<TcpStream>, String> {
     match op {
         Op::ServerClose | Op::ServerReset => {
             // "k" then EOF or a reset: either way the server is done with it.
-            let mut buf = [0u8; 16];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
-                    Err(e) => return Err(ctx("waiting for the server to close", e)),
-                }
-            }
+            read_until_closed(&mut s).map_err(|e| ctx("waiting for the server to close", e))?;
             Ok(None)
         }
         Op::ClientClose => {
@@ -653,12 +1034,15 @@ pub fn churn(ns: &str, targets: &[SocketAddr], endings: &[Op], n: u64, threads: 
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// ss
+// ---------------------------------------------------------------------------------------
+
 /// Sockets in namespace `ns` whose local port is `port`, in one `ss` state filter
 /// (`established`, `close-wait`, ...): one `ss -Htn` line each.
 pub fn ss_lines(ns: &str, state: &str, port: u16) -> Vec<String> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={NETNS_DIR}/{ns}"))
-        .args(["ss", "-Htn", "state", state])
+    let out = nsenter(ns, "ss")
+        .args(["-Htn", "state", state])
         .arg(format!("( sport = :{port} )"))
         .output()
         .expect("running ss");

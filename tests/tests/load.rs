@@ -1,5 +1,5 @@
-//! The kernel object loads, both programs pass the verifier, and every name drain-common
-//! promises resolves in it.
+//! The kernel object loads, both programs pass the verifier, every name drain-common
+//! promises resolves in it, and every map it has is one drain-common names.
 
 use aya::programs::ProgramType;
 use drain_common::{map, prog};
@@ -45,4 +45,27 @@ fn pin_dir_is_removed_on_drop() {
         obj.pins.path().to_owned()
     };
     assert!(!path.exists(), "{} left behind", path.display());
+}
+
+/// drain-common promises `map::ALL` is "every map the object defines" (the test above
+/// checks each resolves): the RST limiter's map, added with policy reset, must be in it.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn every_map_of_the_object_is_in_map_all() {
+    let obj = Loaded::open();
+    let names: Vec<&str> = obj.bpf.maps().map(|(n, _)| n).collect();
+    assert!(
+        names.contains(&map::RST_RL),
+        "{} not in the object: {names:?}",
+        map::RST_RL
+    );
+    let missing: Vec<&&str> = names
+        .iter()
+        // Compiler-made sections (.rodata, .bss, ...) are not maps drain names.
+        .filter(|n| !n.starts_with('.') && !map::ALL.contains(n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "maps in the object but not in drain_common::map::ALL: {missing:?}"
+    );
 }

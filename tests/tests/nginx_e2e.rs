@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use drain_tests::{drain_user_bin, netns::NetNsPair, require_root};
+use drain_tests::{cli::Drain, netns::NetNsPair, require_root};
 
 const PORT: u16 = 8080;
 
@@ -178,22 +178,6 @@ fn parse_wrk(out: &Output) -> WrkResult {
     r
 }
 
-fn drain(pair: &NetNsPair, args: &[&str]) -> Output {
-    pair.cmd(&pair.a, drain_user_bin().to_str().unwrap())
-        .args(args)
-        .output()
-        .expect("run drain-user")
-}
-
-/// Turns the gate off in the namespace when dropped (also on panic).
-struct GateGuard<'a>(&'a NetNsPair);
-
-impl Drop for GateGuard<'_> {
-    fn drop(&mut self) {
-        let _ = drain(self.0, &["gate", "off"]);
-    }
-}
-
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn nginx_restart_under_load_fails_no_request_with_drain_and_fails_some_without() {
@@ -218,23 +202,16 @@ fn nginx_restart_under_load_fails_no_request_with_drain_and_fails_some_without()
     // With drain: gate on, the balancer's pooled connections finish their work, wait, then
     // the same restart, then gate off.
     let pair = NetNsPair::new();
-    let _guard = GateGuard(&pair);
+    // Turns the gate off when dropped (also on panic).
+    let drain = Drain::new(&pair, &pair.a);
     let nginx = Nginx::new(&pair, "drained");
     let load = wrk(&pair, 4, 20);
     thread::sleep(Duration::from_millis(1500));
-    let out = drain(
-        &pair,
-        &["gate", "on", "--port", &PORT.to_string(), "--ttl", "2m"],
-    );
-    assert!(
-        out.status.success(),
-        "gate on: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    drain.on(&["--port", &PORT.to_string(), "--ttl", "2m"]);
 
     // While the gate is on: the 20 pooled connections are live and counted, and a new
     // connection is refused.
-    let st = String::from_utf8_lossy(&drain(&pair, &["status", "--json"]).stdout).into_owned();
+    let st = drain.run(&["status", "--json"]).stdout;
     assert!(
         st.contains("\"live_connections\":20"),
         "status while wrk runs: {st}"
@@ -250,14 +227,11 @@ fn nginx_restart_under_load_fails_no_request_with_drain_and_fails_some_without()
     // The balancer stops using this host (wrk's run ends and it closes its connections);
     // wait returns once they are gone.
     let t = Instant::now();
-    let waited = drain(&pair, &["wait", "--timeout", "30s"]);
-    assert_eq!(
-        waited.status.code(),
-        Some(0),
-        "wait: {}{}",
-        String::from_utf8_lossy(&waited.stdout),
-        String::from_utf8_lossy(&waited.stderr)
-    );
+    // Past the CLI deadline: wait may take its whole 30 s timeout before it fails.
+    drain
+        .spawn(&["wait", "--timeout", "30s"])
+        .wait_for(Duration::from_secs(45))
+        .expect_ok();
     let drained = parse_wrk(&load.wait_with_output().unwrap());
     println!(
         "with drain: {drained:?}, wait returned after {:?}",
@@ -276,8 +250,7 @@ fn nginx_restart_under_load_fails_no_request_with_drain_and_fails_some_without()
     // The deploy: the same restart, now with nothing in flight.
     nginx.stop("stop");
     nginx.start();
-    let out = drain(&pair, &["gate", "off"]);
-    assert!(out.status.success());
+    drain.off();
 
     // Back in service.
     let after = parse_wrk(&wrk(&pair, 1, 10).wait_with_output().unwrap());

@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray},
+    maps::{lpm_trie::Key, Array, LpmTrie},
     programs::ProgramFd,
 };
 use drain_common::{
@@ -211,12 +211,7 @@ impl Gate {
 
     /// The counters of DRAIN_STATS slot `slot`, summed over CPUs.
     fn stats(&self, slot: u32) -> Counters {
-        let a: PerCpuArray<_, PortStats> =
-            PerCpuArray::try_from(self.obj.bpf.map(map::STATS).unwrap()).unwrap();
-        a.get(&slot, 0)
-            .unwrap()
-            .iter()
-            .fold(Counters::default(), |acc, s| acc.add(Counters::of(s)))
+        Counters::of(&self.obj.port_stats(slot))
     }
 
     fn all_stats(&self) -> Vec<Counters> {
@@ -364,10 +359,6 @@ impl Counters {
             expired: self.expired + d.expired,
         }
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[test]
