@@ -38,6 +38,15 @@ static ALLOW6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
 #[map(name = "DRAIN_RST_RL")]
 static RST_RL: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
+/// Where a gate program runs; decides how a refusal can be answered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// XDP: a refused SYN can be turned around into a RST and sent back (XDP_TX).
+    Xdp,
+    /// TC ingress: refusals are dropped (policy reset answers from XDP only).
+    Tc,
+}
+
 pub enum Verdict {
     Pass,
     Refuse,
@@ -81,7 +90,7 @@ fn rst_allowed(now: u64, interval: u64, burst: u64) -> bool {
 /// Decides one frame. Only a connection request to a gated port reaches past the first
 /// array lookup, so everything else costs a parse and one inlined array read.
 #[inline(always)]
-pub fn verdict(start: usize, end: usize, can_reset: bool) -> Verdict {
+pub fn verdict(start: usize, end: usize, hook: Hook) -> Verdict {
     let Ok(Some(req)) = parse::connection_request(start, end) else {
         return Verdict::Pass;
     };
@@ -126,7 +135,7 @@ pub fn verdict(start: usize, end: usize, can_reset: bool) -> Verdict {
     stats.syns_refused += 1;
     // Only a refusal that would really be answered spends the RST budget (or counts as
     // limited): not on TC, not with IPv4 options or IPv6 extension headers.
-    if cfg.policy == POLICY_RESET && can_reset && req.plain_headers() {
+    if cfg.policy == POLICY_RESET && hook == Hook::Xdp && req.plain_headers() {
         if rst_allowed(now, cfg.rst_interval_ns, cfg.rst_burst) {
             return Verdict::Reset(req, slot);
         }

@@ -1,5 +1,7 @@
 //! drain's kernel programs: the gate that refuses new TCP connections on chosen ports.
 //!
+//! - `hdr.rs`: header layouts and wire constants (EtherTypes, protocol numbers, TCP flags)
+//!   and the parser's limits.
 //! - `parse.rs`: the packet parser (Ethernet, 802.1Q/QinQ, IPv4 with options, IPv6 with
 //!   extension headers, TCP) that finds connection requests.
 //! - `gate.rs`: the verdict (gated port? gate on? deadline? allowlisted source?) and its maps.
@@ -15,6 +17,7 @@
 #![expect(internal_features, reason = "core_intrinsics, for atomic add on BPF")]
 
 mod gate;
+mod hdr;
 mod parse;
 mod reset;
 mod track;
@@ -25,13 +28,13 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use crate::gate::Verdict;
+use crate::gate::{Hook, Verdict};
 
 /// XDP gate. Runs in the driver (native) or, where the driver has no XDP support such as
 /// `lo`, in generic mode; either way before the stack and netfilter see the packet.
 #[xdp]
 pub fn drain_xdp(ctx: XdpContext) -> u32 {
-    match gate::verdict(ctx.data(), ctx.data_end(), true) {
+    match gate::verdict(ctx.data(), ctx.data_end(), Hook::Xdp) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Refuse => xdp_action::XDP_DROP,
         Verdict::Reset(req, slot) => match reset::xdp(&ctx, &req) {
@@ -53,11 +56,11 @@ pub fn drain_tc(ctx: TcContext) -> i32 {
     // Headers of a SYN are nearly always in the linear part of the skb; pull them in when
     // they are not, so a split frame is still judged (a failed pull leaves data as is, and
     // the parser then lets the packet pass).
-    let want = core::cmp::min(ctx.len(), parse::MAX_HEADERS);
+    let want = core::cmp::min(ctx.len(), hdr::MAX_HEADERS);
     if ((ctx.data_end() - ctx.data()) as u32) < want {
         let _ = ctx.pull_data(want);
     }
-    match gate::verdict(ctx.data(), ctx.data_end(), false) {
+    match gate::verdict(ctx.data(), ctx.data_end(), Hook::Tc) {
         Verdict::Pass => TCX_NEXT,
         // The TC gate refuses by dropping: policy reset answers with RSTs from XDP only.
         Verdict::Refuse | Verdict::Reset(..) => TC_ACT_SHOT,

@@ -8,21 +8,52 @@
 //! Only plain headers are turned around (IPv4 without options, IPv6 without extension
 //! headers); a refused SYN with either is dropped instead.
 
+use core::mem::size_of;
+
 use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
 
-use crate::parse::{bytes_at, ptr_at, Request, Source};
+use crate::{
+    hdr::{Be16, Be32, EthHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr, IPPROTO_TCP, TCP_ACK, TCP_RST},
+    parse::{hdr_at, ptr_at, Request, Source},
+};
 
-const TCP_RST_ACK: u8 = 0x14;
-const IPPROTO_TCP: u8 = 6;
+/// Hop limit of the RSTs sent: the usual Linux default (net.ipv4.ip_default_ttl).
 const TTL: u8 = 64;
-/// Largest L3 offset: Ethernet plus two VLAN tags.
-const MAX_L3: usize = 14 + 8;
+/// TCP length of the RST: a bare header, no options, no data.
+const RST_TCP_LEN: u16 = size_of::<TcpHdr>() as u16;
 
-/// One's-complement sum of big-endian 16-bit words.
+/// IPv4 pseudo-header of the TCP checksum (RFC 9293 section 3.1).
+#[repr(C, packed)]
+struct PseudoV4 {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    zero: u8,
+    proto: u8,
+    tcp_len: Be16,
+}
+
+/// IPv6 pseudo-header of upper-layer checksums (RFC 8200 section 8.1).
+#[repr(C, packed)]
+struct PseudoV6 {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    tcp_len: Be32,
+    zero: [u8; 3],
+    next_hdr: u8,
+}
+
+/// The bytes of a header value (all header types are packed: no padding bytes).
 #[inline(always)]
-fn sum16<const N: usize>(mut acc: u32, b: &[u8; N]) -> u32 {
+fn bytes<T>(v: &T) -> &[u8] {
+    // SAFETY: T is a packed header struct, fully initialised, without padding.
+    unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+/// One's-complement sum of big-endian 16-bit words (every header here has an even length).
+#[inline(always)]
+fn sum16(mut acc: u32, b: &[u8]) -> u32 {
     let mut i = 0;
-    while i + 1 < N {
+    while i + 1 < b.len() {
         acc += u32::from(u16::from_be_bytes([b[i], b[i + 1]]));
         i += 2;
     }
@@ -30,41 +61,37 @@ fn sum16<const N: usize>(mut acc: u32, b: &[u8; N]) -> u32 {
 }
 
 #[inline(always)]
-fn fold(mut acc: u32) -> [u8; 2] {
+fn fold(mut acc: u32) -> Be16 {
     acc = (acc & 0xffff) + (acc >> 16);
     acc = (acc & 0xffff) + (acc >> 16);
-    (!(acc as u16)).to_be_bytes()
+    Be16::new(!(acc as u16))
 }
 
 /// Rewrites the refused SYN into its RST|ACK answer. `Err` leaves a frame that must be
 /// dropped (it may be trimmed already).
 #[inline(always)]
 pub fn xdp(ctx: &XdpContext, req: &Request) -> Result<(), ()> {
+    if !req.plain_headers() {
+        return Err(()); // IPv4 options, IPv6 extension headers, or tags beyond two
+    }
     let v6 = matches!(req.source, Source::V6(_));
-    let l3 = req.l3;
-    if l3 > MAX_L3 {
-        return Err(());
-    }
-    let l4 = l3 + if v6 { 40 } else { 20 };
-    if req.l4 != l4 {
-        return Err(()); // IPv4 options or IPv6 extension headers
-    }
+    let (l3, l4) = (req.l3, req.l4);
     let (start, end) = (ctx.data(), ctx.data_end());
-    let syn = bytes_at::<20>(start, end, l4)?;
-    let doff = usize::from(syn[12] >> 4) * 4;
-    let seq = u32::from_be_bytes([syn[4], syn[5], syn[6], syn[7]]);
-    let ip = bytes_at::<8>(start, end, l3)?;
+    let syn: &TcpHdr = hdr_at(start, end, l4)?;
+    let (sport, dport, seq) = (syn.sport, syn.dport, syn.seq.get());
     // Bytes of payload after the TCP header, from the IP length fields.
     let ip_payload = if v6 {
-        usize::from(u16::from_be_bytes([ip[4], ip[5]]))
+        let ip: &Ipv6Hdr = hdr_at(start, end, l3)?;
+        usize::from(ip.payload_len.get())
     } else {
-        usize::from(u16::from_be_bytes([ip[2], ip[3]])).saturating_sub(20)
+        let ip: &Ipv4Hdr = hdr_at(start, end, l3)?;
+        usize::from(ip.tot_len.get()).saturating_sub(size_of::<Ipv4Hdr>())
     };
-    let data_len = ip_payload.saturating_sub(doff) as u32;
+    let data_len = ip_payload.saturating_sub(syn.header_len()) as u32;
     let ack = seq.wrapping_add(1).wrapping_add(data_len);
 
-    // Trim to Ethernet (+ tags) + IP + 20 bytes of TCP.
-    let new_len = l4 + 20;
+    // Trim to Ethernet (+ tags) + IP + a bare TCP header.
+    let new_len = l4 + size_of::<TcpHdr>();
     let cur_len = end - start;
     if cur_len > new_len {
         // SAFETY: shrinking the frame; the context pointer is the program's own.
@@ -75,72 +102,77 @@ pub fn xdp(ctx: &XdpContext, req: &Request) -> Result<(), ()> {
     // adjust_tail invalidates every packet pointer: start over from the context.
     let (start, end) = (ctx.data(), ctx.data_end());
 
-    let eth = ptr_at::<[u8; 12]>(start, end, 0)? as *mut [u8; 12];
-    // SAFETY: ptr_at checked the 12 bytes (destination and source MAC).
+    let eth = ptr_at::<EthHdr>(start, end, 0)? as *mut EthHdr;
+    // SAFETY: ptr_at checked the header; the frame is the program's to rewrite.
     unsafe {
-        let m = *eth;
-        let mut out = [0u8; 12];
-        out[..6].copy_from_slice(&m[6..]);
-        out[6..].copy_from_slice(&m[..6]);
-        *eth = out;
+        let (dst, src) = ((*eth).dst, (*eth).src);
+        (*eth).dst = src;
+        (*eth).src = dst;
     }
 
-    let mut tcp = [0u8; 20];
-    tcp[0..2].copy_from_slice(&syn[2..4]); // source port = the SYN's destination port
-    tcp[2..4].copy_from_slice(&syn[0..2]); // destination port = the SYN's source port
-                                           // seq 0 (bytes 4..8)
-    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
-    tcp[12] = 5 << 4; // data offset: 20 bytes, no options
-    tcp[13] = TCP_RST_ACK;
-    // window 0, checksum below, urgent pointer 0
-
-    let csum = if v6 {
-        let p = ptr_at::<[u8; 40]>(start, end, l3)? as *mut [u8; 40];
-        // SAFETY: ptr_at checked the 40-byte IPv6 header.
-        let old = unsafe { *p };
-        let mut h = [0u8; 40];
-        h[0] = 0x60; // version 6, traffic class 0, flow label 0
-        h[4..6].copy_from_slice(&20u16.to_be_bytes()); // payload length
-        h[6] = IPPROTO_TCP;
-        h[7] = TTL; // hop limit
-        h[8..24].copy_from_slice(&old[24..40]);
-        h[24..40].copy_from_slice(&old[8..24]);
-        // SAFETY: as above.
-        unsafe { *p = h };
-        // Pseudo-header: source, destination, upper-layer length (32 bits), next header.
-        let mut pseudo = [0u8; 40];
-        pseudo[..32].copy_from_slice(&h[8..40]);
-        pseudo[34..36].copy_from_slice(&20u16.to_be_bytes());
-        pseudo[39] = IPPROTO_TCP;
-        fold(sum16(sum16(0, &pseudo), &tcp))
-    } else {
-        let p = ptr_at::<[u8; 20]>(start, end, l3)? as *mut [u8; 20];
-        // SAFETY: ptr_at checked the 20-byte IPv4 header.
-        let old = unsafe { *p };
-        let mut h = [0u8; 20];
-        h[0] = 0x45; // version 4, IHL 5
-        h[2..4].copy_from_slice(&40u16.to_be_bytes()); // total length
-        h[6] = 0x40; // don't fragment
-        h[8] = TTL;
-        h[9] = IPPROTO_TCP;
-        h[12..16].copy_from_slice(&old[16..20]);
-        h[16..20].copy_from_slice(&old[12..16]);
-        let c = fold(sum16(0, &h));
-        h[10] = c[0];
-        h[11] = c[1];
-        // SAFETY: as above.
-        unsafe { *p = h };
-        // Pseudo-header: source, destination, zero, protocol, TCP length.
-        let mut pseudo = [0u8; 12];
-        pseudo[..8].copy_from_slice(&h[12..20]);
-        pseudo[9] = IPPROTO_TCP;
-        pseudo[10..12].copy_from_slice(&20u16.to_be_bytes());
-        fold(sum16(sum16(0, &pseudo), &tcp))
+    let mut tcp = TcpHdr {
+        sport: dport,
+        dport: sport,
+        seq: Be32::new(0),
+        ack_seq: Be32::new(ack),
+        doff: ((size_of::<TcpHdr>() / 4) as u8) << 4,
+        flags: TCP_RST | TCP_ACK,
+        window: Be16::new(0),
+        check: Be16::new(0),
+        urg_ptr: Be16::new(0),
     };
-    tcp[16] = csum[0];
-    tcp[17] = csum[1];
-    let t = ptr_at::<[u8; 20]>(start, end, l4)? as *mut [u8; 20];
-    // SAFETY: ptr_at checked the 20 bytes of the new TCP header.
-    unsafe { *t = tcp };
+    tcp.check = if v6 {
+        let p = ptr_at::<Ipv6Hdr>(start, end, l3)? as *mut Ipv6Hdr;
+        // SAFETY: ptr_at checked the IPv6 header.
+        let (saddr, daddr) = unsafe { ((*p).daddr, (*p).saddr) };
+        let ip = Ipv6Hdr {
+            vtc_flow: [0x60, 0, 0, 0], // version 6, traffic class 0, flow label 0
+            payload_len: Be16::new(RST_TCP_LEN),
+            next_hdr: IPPROTO_TCP,
+            hop_limit: TTL,
+            saddr,
+            daddr,
+        };
+        // SAFETY: as above.
+        unsafe { p.write(ip) };
+        let pseudo = PseudoV6 {
+            saddr,
+            daddr,
+            tcp_len: Be32::new(RST_TCP_LEN.into()),
+            zero: [0; 3],
+            next_hdr: IPPROTO_TCP,
+        };
+        fold(sum16(sum16(0, bytes(&pseudo)), bytes(&tcp)))
+    } else {
+        let p = ptr_at::<Ipv4Hdr>(start, end, l3)? as *mut Ipv4Hdr;
+        // SAFETY: ptr_at checked the IPv4 header.
+        let (saddr, daddr) = unsafe { ((*p).daddr, (*p).saddr) };
+        let mut ip = Ipv4Hdr {
+            vihl: Ipv4Hdr::VIHL_PLAIN,
+            tos: 0,
+            tot_len: Be16::new((size_of::<Ipv4Hdr>() as u16) + RST_TCP_LEN),
+            id: Be16::new(0),
+            frag_off: Be16::new(Ipv4Hdr::DF),
+            ttl: TTL,
+            proto: IPPROTO_TCP,
+            check: Be16::new(0),
+            saddr,
+            daddr,
+        };
+        ip.check = fold(sum16(0, bytes(&ip)));
+        // SAFETY: as above.
+        unsafe { p.write(ip) };
+        let pseudo = PseudoV4 {
+            saddr,
+            daddr,
+            zero: 0,
+            proto: IPPROTO_TCP,
+            tcp_len: Be16::new(RST_TCP_LEN),
+        };
+        fold(sum16(sum16(0, bytes(&pseudo)), bytes(&tcp)))
+    };
+    let t = ptr_at::<TcpHdr>(start, end, l4)? as *mut TcpHdr;
+    // SAFETY: ptr_at checked the room for the new TCP header.
+    unsafe { t.write(tcp) };
     Ok(())
 }
