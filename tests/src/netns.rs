@@ -15,7 +15,7 @@ use std::{
     fs::File,
     net::{Ipv4Addr, Ipv6Addr},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
     thread,
 };
@@ -23,14 +23,15 @@ use std::{
 /// Where `ip netns add` keeps its namespace handles.
 const NETNS_DIR: &str = "/var/run/netns";
 
+use drain_user::netns::{NetnsId, StateDir};
+
 /// Where drain keeps the pin directories of every namespace's gate.
 pub const STATE_ROOT: &str = "/sys/fs/bpf/drain";
 
 /// The pin directory drain uses for the gate of the namespace with this inode and cookie:
 /// `/sys/fs/bpf/drain/<netns inode>-<netns cookie>`. The one place the tests spell that name.
-// TODO(merge): use drain_user's StateDir type
-pub fn state_dir(inode: u64, cookie: u64) -> PathBuf {
-    Path::new(STATE_ROOT).join(format!("{inode}-{cookie}"))
+pub fn state_dir(id: NetnsId) -> PathBuf {
+    drain_user::pins::state_path(StateDir::Gate(id))
 }
 
 /// Moves the calling thread into network namespace `ns` (a name under /var/run/netns):
@@ -196,47 +197,37 @@ impl NetNsPair {
             .ino()
     }
 
-    /// SO_NETNS_COOKIE of one of the pair's namespaces (read from a socket made inside it).
-    pub fn netns_cookie(&self, ns: &str) -> u64 {
+    /// Identity (inode, SO_NETNS_COOKIE) of one of the pair's namespaces, read inside it
+    /// the way drain-user reads its own.
+    pub fn netns_id(&self, ns: &str) -> NetnsId {
         self.check_ns(ns);
-        self.in_ns(ns, || {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket in the namespace");
-            let mut cookie = 0u64;
-            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-            // SAFETY: a valid fd and an out-parameter of the size given. 71 = SO_NETNS_COOKIE.
-            let rc = unsafe {
-                libc::getsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    71,
-                    (&mut cookie as *mut u64).cast(),
-                    &mut len,
-                )
-            };
-            assert_eq!(
-                rc,
-                0,
-                "SO_NETNS_COOKIE: {}",
-                std::io::Error::last_os_error()
-            );
-            cookie
-        })
+        self.in_ns(ns, || NetnsId::current().expect("the namespace's identity"))
+    }
+
+    /// SO_NETNS_COOKIE of one of the pair's namespaces.
+    pub fn netns_cookie(&self, ns: &str) -> u64 {
+        self.netns_id(ns).cookie
     }
 
     /// Where drain pins the gate of namespace `ns` (see [`state_dir`]).
     pub fn state_dir(&self, ns: &str) -> PathBuf {
-        state_dir(self.netns_inode(ns), self.netns_cookie(ns))
+        state_dir(self.netns_id(ns))
     }
 
     /// Every pin directory drain has under [`STATE_ROOT`] for namespace `ns`: the gate's,
     /// and the temporary one of a `wait` run without a gate. drain names each of them
     /// `<netns inode>-...`.
     pub fn pin_dirs(&self, ns: &str) -> Vec<PathBuf> {
-        let prefix = format!("{}-", self.netns_inode(ns));
+        let inode = self.netns_inode(ns);
+        let ours = |name: &str| match name.parse::<StateDir>() {
+            Ok(StateDir::Gate(id)) => id.inode == inode,
+            Ok(StateDir::Wait { inode: i, .. }) => i == inode,
+            Err(_) => false,
+        };
         match std::fs::read_dir(STATE_ROOT) {
             Ok(rd) => rd
                 .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .filter(|e| ours(&e.file_name().to_string_lossy()))
                 .map(|e| e.path())
                 .collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],

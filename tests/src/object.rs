@@ -199,26 +199,12 @@ impl Loaded {
 
 /// One PortStats slot summed over CPUs.
 pub fn sum_port_stats(per_cpu: &PerCpuValues<PortStats>) -> PortStats {
-    per_cpu.iter().fold(PortStats::default(), |mut acc, s| {
-        acc.syns_refused += s.syns_refused;
-        acc.syns_passed += s.syns_passed;
-        acc.syns_allowed += s.syns_allowed;
-        acc.syns_expired += s.syns_expired;
-        acc.rst_sent += s.rst_sent;
-        acc.rst_limited += s.rst_limited;
-        acc
-    })
+    per_cpu.iter().sum()
 }
 
 /// The tracker's counters summed over CPUs.
 pub fn sum_track_stats(per_cpu: &PerCpuValues<TrackStats>) -> TrackStats {
-    per_cpu.iter().fold(TrackStats::default(), |mut acc, s| {
-        acc.added += s.added;
-        acc.removed += s.removed;
-        acc.insert_failed += s.insert_failed;
-        acc.read_failed += s.read_failed;
-        acc
-    })
+    per_cpu.iter().sum()
 }
 
 // ---------------------------------------------------------------------------------------
