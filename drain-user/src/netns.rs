@@ -36,10 +36,11 @@ impl NetnsId {
     }
 }
 
-/// Inode of the caller's network namespace.
+/// Inode of the calling thread's network namespace (`thread-self`, not `self`: a thread
+/// that entered another namespace with setns(2) must see its own, like the cookie's socket).
 pub fn current_inode() -> Result<u64> {
-    Ok(fs::metadata("/proc/self/ns/net")
-        .context("reading /proc/self/ns/net")?
+    Ok(fs::metadata("/proc/thread-self/ns/net")
+        .context("reading /proc/thread-self/ns/net")?
         .ino())
 }
 
