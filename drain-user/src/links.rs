@@ -100,9 +100,14 @@ fn runs_here(hook: Hook, id: u32, ifaces: &[Iface], link: &IfaceLink) -> bool {
     }
 }
 
-/// True when the link pinned at `pin` is a tracing link running drain's tracker.
+/// True when the link pinned at `pin` runs drain's tracker. (A tp_btf program attached
+/// through BPF_RAW_TRACEPOINT_OPEN, as aya does, makes a raw-tracepoint link; through
+/// BPF_LINK_CREATE a tracing link.)
 pub fn tracker_attached(pin: &Path) -> bool {
     sys::link_info(pin).is_ok_and(|i| {
-        i.link_type == sys::BPF_LINK_TYPE_TRACING && program_is(i.prog_id, prog::TRACK)
+        matches!(
+            i.link_type,
+            sys::BPF_LINK_TYPE_RAW_TRACEPOINT | sys::BPF_LINK_TYPE_TRACING
+        ) && program_is(i.prog_id, prog::TRACK)
     })
 }

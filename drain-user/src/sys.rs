@@ -65,6 +65,7 @@ pub fn detach_link(pin: &Path) -> Result<()> {
 
 pub const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 /// `enum bpf_link_type` values drain looks for.
+pub const BPF_LINK_TYPE_RAW_TRACEPOINT: u32 = 1;
 pub const BPF_LINK_TYPE_TRACING: u32 = 2;
 pub const BPF_LINK_TYPE_NETNS: u32 = 5;
 pub const BPF_LINK_TYPE_XDP: u32 = 6;

@@ -160,6 +160,11 @@ impl Running {
         }
     }
 
+    /// The process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// True while the process runs.
     pub fn running(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
