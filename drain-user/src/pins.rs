@@ -151,30 +151,53 @@ pub fn iface_links(dir: &Path) -> Result<Vec<IfaceLink>> {
 
 /// True when bpffs is mounted at /sys/fs/bpf.
 pub fn bpffs_mounted() -> Result<bool> {
-    // SAFETY: statfs is plain old data; zeroed is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let path = c"/sys/fs/bpf";
-    // SAFETY: valid NUL-terminated path and a properly sized out-parameter.
-    if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
-        return Ok(false);
-    }
-    Ok(st.f_type == libc::BPF_FS_MAGIC)
+    Ok(is_bpffs(c"/sys/fs/bpf"))
 }
 
-/// Refuses to run where a gate would not persist: a process with a mount namespace of its
-/// own and no bpffs at /sys/fs/bpf. `ip netns exec` is the common way there (it unshares
-/// the mount namespace and mounts a fresh sysfs on /sys): pins made there vanish when the
-/// command exits, and nothing would be gated. `nsenter --net` switches only the network
-/// namespace and keeps the host's bpffs.
+fn is_bpffs(path: &std::ffi::CStr) -> bool {
+    // SAFETY: statfs is plain old data; zeroed is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and a properly sized out-parameter.
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    st.f_type == libc::BPF_FS_MAGIC
+}
+
+/// Refuses to run where a gate would not persist: in a mount namespace of its own whose
+/// /sys/fs/bpf is not the bpffs of PID 1's (none, or a fresh instance). `ip netns exec` is
+/// the common way there: it unshares the mount namespace and mounts a fresh sysfs on /sys
+/// (iproute2 6.x also a fresh bpffs), so pins made there vanish when the command exits and
+/// nothing would stay gated. `nsenter --net` switches only the network namespace and keeps
+/// the host's bpffs. (A service with a private mount namespace of its own, e.g. systemd's
+/// PrivateTmp, still sees the host's bpffs through mount propagation: the same instance.)
 pub fn check_mount_namespace() -> Result<()> {
-    if bpffs_mounted()? {
+    let ino = |p: &str| fs::metadata(p).map(|m| m.ino()).ok();
+    let Some(own) = ino("/proc/self/ns/mnt") else {
+        return Ok(()); // no /proc: cannot tell, let ensure_bpffs try
+    };
+    // The mount namespace to compare with: PID 1's, or where PID 1 is out of reach (a
+    // container, hidepid) the parent's (`ip netns exec` unshares in the process it then
+    // becomes, so the parent is still where the caller was).
+    // SAFETY: getppid has no preconditions.
+    let ppid = unsafe { libc::getppid() };
+    let Some((reference, other)) = ["1".to_owned(), ppid.to_string()]
+        .into_iter()
+        .find_map(|pid| ino(&format!("/proc/{pid}/ns/mnt")).map(|i| (pid, i)))
+    else {
+        return Ok(());
+    };
+    if own == other {
         return Ok(());
     }
-    let ino = |p: &str| fs::metadata(p).map(|m| m.ino()).ok();
-    let (Some(own), Some(init)) = (ino("/proc/self/ns/mnt"), ino("/proc/1/ns/mnt")) else {
-        return Ok(()); // cannot tell (hidepid, no /proc): let ensure_bpffs try
+    let dev = |p: &str| {
+        let c = std::ffi::CString::new(p).ok()?;
+        is_bpffs(&c)
+            .then(|| fs::metadata(p).map(|m| m.dev()).ok())
+            .flatten()
     };
-    if own == init {
+    let here = dev("/sys/fs/bpf");
+    if here.is_some() && here == dev(&format!("/proc/{reference}/root/sys/fs/bpf")) {
         return Ok(());
     }
     let name = crate::netns::current_inode()
@@ -307,6 +330,9 @@ pub fn state_exists(dir: &Path) -> Result<bool> {
 /// /run/lock, where any user could create the lock file first, hold it, or plant a symlink
 /// there for root to follow.
 const RUN_DIR: &str = "/run/drain";
+/// Overrides [`RUN_DIR`]. Not an option: it lets a test hold a lock of its own (a stopped
+/// holder) without stalling every other drain call on the host. Checked like the default.
+const RUN_DIR_ENV: &str = "DRAIN_LOCK_DIR";
 const LOCK_FILE: &str = "lock";
 /// How long a call waits for another one to finish. CLI calls hold the lock for
 /// milliseconds to a few seconds (attaching, seeding); longer means the holder is stuck.
@@ -322,8 +348,10 @@ pub struct Lock {
 /// and nobody else can write.
 fn open_lock_file() -> Result<(File, PathBuf)> {
     use std::os::unix::fs::OpenOptionsExt;
-    make_dir(Path::new(RUN_DIR))?;
-    let path = Path::new(RUN_DIR).join(LOCK_FILE);
+    let run_dir =
+        std::env::var_os(RUN_DIR_ENV).map_or_else(|| PathBuf::from(RUN_DIR), PathBuf::from);
+    make_dir(&run_dir)?;
+    let path = run_dir.join(LOCK_FILE);
     let file = File::options()
         .read(true)
         .write(true)

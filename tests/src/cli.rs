@@ -294,6 +294,12 @@ impl<'p> Drain<'p> {
         Running::start(cmd, line)
     }
 
+    /// Starts drain-user behind `wrapper` (e.g. `env VAR=...`) without waiting.
+    pub fn spawn_via(&self, wrapper: &[&str], args: &[&str]) -> Running {
+        let (cmd, line) = self.command_via(wrapper, args);
+        Running::start(cmd, line)
+    }
+
     /// Runs `drain-user args...` to the end (at most [`CLI_DEADLINE`]).
     #[track_caller]
     pub fn run(&self, args: &[&str]) -> CliOutput {

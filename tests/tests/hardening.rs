@@ -229,34 +229,81 @@ fn an_untrusted_state_directory_is_refused() {
     }
 }
 
+/// A stand-in for a drain-user call stopped (SIGSTOP) while it holds the lock in `dir`:
+/// it records its pid in the lock file the way drain does, holds the lock, and is stopped.
+/// Dropping it resumes and kills it.
+struct StoppedHolder {
+    child: std::process::Child,
+}
+
+impl StoppedHolder {
+    fn start(dir: &Path) -> Self {
+        let lock = dir.join("lock");
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {l}; exec flock -o {l} sleep 60",
+                l = lock.display()
+            ))
+            .spawn()
+            .expect("starting the holder");
+        let h = Self { child };
+        thread::sleep(Duration::from_millis(300));
+        signal("-STOP", h.pid());
+        h
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for StoppedHolder {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.pid().to_string()])
+            .output();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[track_caller]
+fn signal(sig: &str, pid: u32) {
+    let out = sh(Command::new("kill").args([sig, &pid.to_string()]));
+    assert!(out.status.success(), "kill {sig} {pid}: {out:?}");
+}
+
 /// A holder stopped with SIGSTOP: later calls give up after the bounded wait, naming its
-/// pid and what to do; a `wait` blocked on the lock dies at SIGTERM; once the holder is
-/// gone, everything works again.
+/// pid and what to do; a `wait` blocked on the lock meanwhile dies at SIGTERM; once the
+/// holder is gone, everything works again. (The lock is a private one, DRAIN_LOCK_DIR, so
+/// the other tests are not held up.)
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn a_stopped_lock_holder_cannot_wedge_later_calls() {
+    use std::os::unix::fs::DirBuilderExt;
     let pair = NetNsPair::new();
     let drain = Drain::new(&pair, &pair.a);
-    drain.on(&["--port", &P.to_string(), "--iface", &pair.veth_a]);
-    // A stand-in for a drain-user stopped while holding the lock: records its pid in the
-    // lock file the way drain does, holds the lock, and is stopped.
-    let mut holder = Command::new("sh")
-        .args([
-            "-c",
-            "echo $$ > /run/drain/lock; exec flock /run/drain/lock sleep 60",
-        ])
-        .spawn()
-        .expect("starting the holder");
-    let pid = holder.id();
-    thread::sleep(Duration::from_millis(300));
-    let kill = |sig: &str, pid: u32| {
-        let out = sh(Command::new("kill").args([sig, &pid.to_string()]));
-        assert!(out.status.success(), "kill {sig} {pid}: {out:?}");
-    };
-    kill("-STOP", pid);
-    let mut waiter = drain.spawn(&["wait", "--port", &Q.to_string(), "--timeout", "30s"]);
+    let dir = std::path::PathBuf::from(format!("/run/drain-test-{}", pair.a));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+    let env = format!("DRAIN_LOCK_DIR={}", dir.display());
+    let via: &[&str] = &["env", &env];
+    let holder = StoppedHolder::start(&dir);
+    let pid = holder.pid();
+    // `wait` without a gate needs the lock for its temporary tracker: blocked, but
+    // SIGTERM still ends it at once.
+    let q = Q.to_string();
+    let mut waiter = drain.spawn_via(via, &["wait", "--port", &q, "--timeout", "30s"]);
+    thread::sleep(Duration::from_secs(2));
+    assert!(waiter.running(), "wait ended early: {:?}", waiter.seen());
+    signal("-TERM", waiter.pid());
     let t = Instant::now();
-    let out = drain.run(&["gate", "off"]);
+    let out = waiter.wait_for(Duration::from_secs(3));
+    assert_ne!(out.code, Some(0), "{out}");
+    eprintln!("wait ended {:?} after SIGTERM", t.elapsed());
+
+    let t = Instant::now();
+    let out = drain.run_via(via, &["gate", "off"]);
     let took = t.elapsed();
     out.expect_code(1);
     let lines = out.stderr_lines();
@@ -270,18 +317,17 @@ fn a_stopped_lock_holder_cannot_wedge_later_calls() {
         took >= Duration::from_secs(9) && took < Duration::from_secs(20),
         "gave up after {took:?}"
     );
-    // The wait (its temporary tracker needs the lock) has been blocked all along: SIGTERM
-    // still ends it.
-    assert!(waiter.running(), "wait ended early: {:?}", waiter.seen());
-    let wpid = waiter.pid();
-    kill("-TERM", wpid);
-    let out = waiter.wait_for(Duration::from_secs(3));
-    assert_ne!(out.code, Some(0), "{out}");
-    kill("-CONT", pid);
-    kill("-KILL", pid);
-    let _ = holder.wait();
+    drop(holder);
+    let port = P.to_string();
+    drain
+        .run_via(
+            via,
+            &["gate", "on", "--port", &port, "--iface", &pair.veth_a],
+        )
+        .expect_ok();
     assert_eq!(drain.status()["gate"].str(), "on");
-    drain.off();
+    drain.run_via(via, &["gate", "off"]).expect_ok();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -402,22 +448,22 @@ fn an_interface_recreated_with_the_same_ifindex_is_not_taken_for_gated() {
         let out = sh(pair.cmd(&pair.a, "ip").args(args));
         assert!(out.status.success(), "ip {args:?}: {out:?}");
     };
-    ipa(&["link", "add", dev, "type", "dummy"]);
-    ipa(&["link", "set", dev, "up"]);
+    let make = |extra: &[&str]| {
+        let mut args = vec!["link", "add", dev];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["type", "veth", "peer", "name", "drtest1"]);
+        ipa(&args);
+        ipa(&["link", "set", dev, "up"]);
+        ipa(&["link", "set", "drtest1", "up"]);
+    };
+    make(&[]);
     let idx = drain.ifindex(dev);
     drain.on(&["--port", &P.to_string(), "--iface", dev]);
     assert!(link_xdp(&pair, &pair.a, dev).is_some());
     ipa(&["link", "del", dev]);
-    ipa(&[
-        "link",
-        "add",
-        dev,
-        "index",
-        &idx.to_string(),
-        "type",
-        "dummy",
-    ]);
-    ipa(&["link", "set", dev, "up"]);
+    let idx_s = idx.to_string();
+    make(&["index", &idx_s]);
+    assert_eq!(drain.ifindex(dev), idx);
     assert_eq!(
         link_xdp(&pair, &pair.a, dev),
         None,
