@@ -22,7 +22,7 @@ use std::{
 };
 
 use drain_tests::{
-    cli::{gated_ports, iface_status, port_status, Drain, Json, JsonExt},
+    cli::{gated_ports, iface_status, port_status, CliOutput, Drain, Json, JsonExt},
     drain_user_bin,
     netns::NetNsPair,
     object::link_xdp,
@@ -91,6 +91,15 @@ fn veth_pin(drain: &Drain, pair: &NetNsPair) -> std::path::PathBuf {
     drain.state_dir().join(format!("link-xdp-{idx}"))
 }
 
+/// `gate on --port P --iface <a's veth> extra...`, which must exit 0.
+#[track_caller]
+fn on_veth(drain: &Drain, pair: &NetNsPair, extra: &[&str]) -> CliOutput {
+    let port = P.to_string();
+    let mut args = vec!["--port", port.as_str(), "--iface", pair.veth_a.as_str()];
+    args.extend_from_slice(extra);
+    drain.on(&args)
+}
+
 fn sh(cmd: &mut Command) -> Output {
     cmd.output().expect("running a command")
 }
@@ -108,7 +117,7 @@ fn unprivileged_users_cannot_block_hide_or_lift_a_gate() {
     let pair = NetNsPair::new();
     let (_s, p, q) = servers(&pair);
     let drain = Drain::new(&pair, &pair.a);
-    drain.on(&["--port", &P.to_string(), "--iface", &pair.veth_a]);
+    on_veth(&drain, &pair, &[]);
     let dir = drain.state_dir();
     let d = dir.to_string_lossy().into_owned();
     let pin = veth_pin(&drain, &pair).to_string_lossy().into_owned();
@@ -160,7 +169,7 @@ fn unprivileged_users_cannot_block_hide_or_lift_a_gate() {
     assert!(warnings(&st).is_empty(), "{st}");
     // The lock is not held by anyone: the next calls take it at once.
     let t = Instant::now();
-    drain.on(&["--port", &P.to_string(), "--iface", &pair.veth_a]);
+    on_veth(&drain, &pair, &[]);
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     for path in ["/run/drain", "/run/drain/lock", &root, &d] {
         let meta = std::fs::symlink_metadata(path).unwrap();
@@ -179,7 +188,7 @@ fn an_untrusted_state_directory_is_refused() {
     let drain = Drain::new(&pair, &pair.a);
     let dir = drain.state_dir();
     // The parent exists (a gate elsewhere, or an earlier one here, made it).
-    drain.on(&["--port", &P.to_string(), "--iface", &pair.veth_a]);
+    on_veth(&drain, &pair, &[]);
     drain.off();
     let d = dir.to_string_lossy().into_owned();
     let cases: [(&str, &[&[&str]]); 3] = [
@@ -377,7 +386,7 @@ fn a_link_detached_by_another_tool_is_reported_and_repaired() {
     let pair = NetNsPair::new();
     let (_s, p, _q) = servers(&pair);
     let drain = Drain::new(&pair, &pair.a);
-    drain.on(&["--port", &P.to_string(), "--iface", &pair.veth_a]);
+    on_veth(&drain, &pair, &[]);
     assert_refused(&pair, p);
     drain_user::sys::detach_link(&veth_pin(&drain, &pair)).unwrap();
     assert_accepted(&pair, p);
@@ -388,7 +397,7 @@ fn a_link_detached_by_another_tool_is_reported_and_repaired() {
     let human = drain.run(&["status"]);
     human.expect_ok();
     assert!(human.stdout.contains("detached"), "{human}");
-    let out = drain.on(&["--port", &P.to_string(), "--iface", &pair.veth_a]);
+    let out = on_veth(&drain, &pair, &[]);
     assert!(out.stdout.contains("re-attached"), "{out}");
     assert_refused(&pair, p);
     let st = drain.status();
@@ -406,7 +415,7 @@ fn a_gate_off_killed_between_detach_and_unlink_is_repaired() {
     let pair = NetNsPair::new();
     let (_s, p, _q) = servers(&pair);
     let drain = Drain::new(&pair, &pair.a);
-    drain.on(&["--port", &P.to_string(), "--iface", &pair.veth_a]);
+    on_veth(&drain, &pair, &[]);
     let out = drain.run_via(
         &[
             "strace",
@@ -428,7 +437,7 @@ fn a_gate_off_killed_between_detach_and_unlink_is_repaired() {
     assert_eq!(iface_state(&st, &pair.veth_a), "detached", "{st}");
     assert_eq!(st["gate"].str(), "off", "{st}");
     assert_accepted(&pair, p);
-    let out = drain.on(&["--port", &P.to_string(), "--iface", &pair.veth_a]);
+    let out = on_veth(&drain, &pair, &[]);
     assert!(out.stdout.contains("re-attached"), "{out}");
     assert_refused(&pair, p);
     drain.off();
@@ -490,7 +499,7 @@ fn a_gated_interface_moved_to_another_namespace_is_reported_and_detached() {
     let pair = NetNsPair::new();
     let drain = Drain::new(&pair, &pair.a);
     let there = Drain::new(&pair, &pair.b);
-    drain.on(&["--port", &P.to_string(), "--iface", &pair.veth_a]);
+    on_veth(&drain, &pair, &[]);
     let out = sh(pair
         .cmd(&pair.a, "ip")
         .args(["link", "set", &pair.veth_a, "netns", &pair.b]));
@@ -522,16 +531,7 @@ fn a_gated_interface_moved_to_another_namespace_is_reported_and_detached() {
 fn status_says_tc_interfaces_drop_under_policy_reset() {
     let pair = NetNsPair::new();
     let drain = Drain::new(&pair, &pair.a);
-    drain.on(&[
-        "--port",
-        &P.to_string(),
-        "--iface",
-        &pair.veth_a,
-        "--attach",
-        "tc",
-        "--policy",
-        "reset",
-    ]);
+    on_veth(&drain, &pair, &["--attach", "tc", "--policy", "reset"]);
     let st = drain.status();
     assert_eq!(st["policy"].str(), "reset");
     assert_eq!(
@@ -636,18 +636,18 @@ fn a_failing_gate_on_leaves_the_previous_gate_exactly_as_it_was() {
     let pair = NetNsPair::new();
     let (_s, p, q) = servers(&pair);
     let drain = Drain::new(&pair, &pair.a);
-    drain.on(&[
-        "--port",
-        &P.to_string(),
-        "--iface",
-        &pair.veth_a,
-        "--allow",
-        "198.51.100.0/24",
-        "--policy",
-        "drop",
-        "--ttl",
-        "1h",
-    ]);
+    on_veth(
+        &drain,
+        &pair,
+        &[
+            "--allow",
+            "198.51.100.0/24",
+            "--policy",
+            "drop",
+            "--ttl",
+            "1h",
+        ],
+    );
     let before = drain.status();
     let many: Vec<String> = (0..1025u32)
         .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
@@ -732,14 +732,7 @@ fn a_full_connection_set_gives_lower_bounds_and_no_drained() {
 fn wait_on_an_expired_gate_says_so() {
     let pair = NetNsPair::new();
     let drain = Drain::new(&pair, &pair.a);
-    drain.on(&[
-        "--port",
-        &P.to_string(),
-        "--iface",
-        &pair.veth_a,
-        "--ttl",
-        "1s",
-    ]);
+    on_veth(&drain, &pair, &["--ttl", "1s"]);
     thread::sleep(Duration::from_millis(1300));
     let out = drain.run(&["wait", "--timeout", "1s"]);
     out.expect_ok();
