@@ -1003,8 +1003,8 @@ fn concurrent_gate_on_calls_end_consistent() {
 // ---------------------------------------------------------------------------------------
 
 /// A namespace deleted with its gate still on (a container removed mid-deploy) leaves its
-/// pins behind; the next `gate on` in any namespace reaps them, and leaves the gates of
-/// live namespaces alone.
+/// pins behind; the next `gate on` in any namespace reaps them (once the kernel has
+/// detached its links), and leaves the gates of live namespaces alone.
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn state_of_a_deleted_namespace_is_reaped_by_the_next_gate_on() {
@@ -1025,6 +1025,20 @@ fn state_of_a_deleted_namespace_is_reaped_by_the_next_gate_on() {
         .expect("run ip netns del");
     assert!(out.status.success(), "ip netns del: {out:?}");
     assert!(dead_dir.exists(), "pins vanished before any drain call");
+    // The reaper acts on the kernel's word that the namespace's links are detached, which
+    // comes once its (asynchronous) teardown has unregistered the devices.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(&dead_dir).unwrap().flatten().any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name.starts_with("link-xdp-")
+            && drain_user::sys::link_info(&e.path()).is_ok_and(|i| i.ifindex != 0)
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the namespace's links stayed attached"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     d2.on(&["--port", &P.to_string()]);
     assert!(

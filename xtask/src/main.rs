@@ -208,6 +208,8 @@ fn ensure_test_packages() -> Result<()> {
         ("ss", "iproute2"),
         ("nsenter", "util-linux"),
         ("bpftool", "bpftool"),
+        // Fault injection (SIGKILL at a chosen syscall) in the hardening tests.
+        ("strace", "strace"),
     ];
     let have = |bin: &str| {
         ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
