@@ -653,7 +653,7 @@ pub fn hex(b: &[u8]) -> String {
 /// The bytes written by [`hex`] (whitespace ignored); `None` for anything else.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
     let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return None;
     }
     digits

@@ -20,14 +20,14 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         Self((z ^ (z >> 31)) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.next_u64() % n as u64) as usize
     }
     pub fn pick<T: Clone>(&mut self, xs: &[T]) -> T {
         xs[self.below(xs.len())].clone()
@@ -82,10 +82,10 @@ pub fn random_frame(r: &mut Rng) -> Frame {
     let flags = if r.chance(60) {
         TCP_SYN | if r.chance(20) { TCP_ECE | TCP_CWR } else { 0 }
     } else {
-        r.next() as u8
+        r.next_u64() as u8
     };
     let mut tcp = Tcp::syn(r.below(65536) as u16, dport).flags(flags);
-    tcp.seq = r.next() as u32;
+    tcp.seq = r.next_u64() as u32;
     if r.chance(40) {
         tcp.options = tcp_options(r);
     }
@@ -110,7 +110,7 @@ pub fn random_frame(r: &mut Rng) -> Frame {
         let src = r.pick(&[SRC6, SRC6_ALLOWED, SRC6_NEXT_TO_ALLOWED]);
         let mut h = Ipv6::new(src, DST6);
         h.traffic_class = if r.chance(50) { tos } else { 0 };
-        h.flow_label = r.next() as u32 & 0xf_ffff;
+        h.flow_label = r.next_u64() as u32 & 0xf_ffff;
         p = p.ipv6(h);
         for _ in 0..r.pick(&[0, 0, 1, 2, 3, 5, 6, 7, 8]) {
             let len = r.pick(&[0u8, 0, 1, 2, 4]);
@@ -121,7 +121,7 @@ pub fn random_frame(r: &mut Rng) -> Frame {
                 3 => Ext::Fragment {
                     offset: r.pick(&[0, 0, 0, 1, 0x1fff]),
                     more: r.chance(50),
-                    id: r.next() as u32,
+                    id: r.next_u64() as u32,
                 },
                 4 => Ext::Auth {
                     len: r.pick(&[1, 2, 4, 6]),
@@ -179,14 +179,14 @@ pub fn mutate(r: &mut Rng, f: &mut Frame) {
                 let v = if r.chance(80) {
                     r.pick(INTERESTING16)
                 } else {
-                    r.next() as u16
+                    r.next_u64() as u16
                 };
                 f.bytes[at..at + 2].copy_from_slice(&v.to_be_bytes());
             } else if at < f.bytes.len() {
                 f.bytes[at] = if r.chance(80) {
                     r.pick(INTERESTING8)
                 } else {
-                    r.next() as u8
+                    r.next_u64() as u8
                 };
             }
         }
@@ -205,7 +205,7 @@ pub fn mutate(r: &mut Rng, f: &mut Frame) {
 pub fn mutate_bytes(r: &mut Rng, b: &mut Vec<u8>) {
     let n = b.len().min(160);
     match r.below(6) {
-        0 if n > 0 => b[r.below(n)] = r.next() as u8,
+        0 if n > 0 => b[r.below(n)] = r.next_u64() as u8,
         1 if n > 0 => b[r.below(n)] = r.pick(INTERESTING8),
         2 if n > 0 => b[r.below(n)] ^= 1 << r.below(8),
         3 => {
@@ -217,7 +217,7 @@ pub fn mutate_bytes(r: &mut Rng, b: &mut Vec<u8>) {
         }
         _ => {
             for _ in 0..r.below(32) {
-                b.push(r.next() as u8);
+                b.push(r.next_u64() as u8);
             }
         }
     }

@@ -179,8 +179,12 @@ impl Counters {
             rst_limited: p.rst_limited,
         }
     }
+}
 
-    pub fn add(self, d: Self) -> Self {
+impl std::ops::Add for Counters {
+    type Output = Self;
+
+    fn add(self, d: Self) -> Self {
         Self {
             refused: self.refused + d.refused,
             passed: self.passed + d.passed,
@@ -467,7 +471,7 @@ impl Gate {
     pub fn check_counters(&self, before: &[Counters], deltas: &[Counters]) -> Result<(), String> {
         let after = self.all_stats();
         for s in 0..SLOTS as usize {
-            let want = before[s].add(deltas[s]);
+            let want = before[s] + deltas[s];
             if after[s] != want {
                 return Err(format!(
                     "counters of slot {s}: {:?}, want {want:?} (before {:?})",

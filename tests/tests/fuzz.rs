@@ -249,7 +249,7 @@ fn run_frame(
         let mut one = vec![Counters::default(); SLOTS as usize];
         if let Some(s) = e.slot {
             one[s as usize] = e.delta;
-            deltas[s as usize] = deltas[s as usize].add(e.delta);
+            deltas[s as usize] = deltas[s as usize] + e.delta;
         }
         if let Some(before) = before {
             g.check_counters(&before, &one)
