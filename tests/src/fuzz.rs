@@ -5,9 +5,12 @@
 //! next headers, fragment offsets, data offset, flags, truncation), and the checked-in seed
 //! corpus (tests/corpus/frames.hex).
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
-use crate::{frames::*, gatemodel::*};
+use crate::{classify::classify, frames::*, gatemodel::*};
 
 /// xorshift64* (Marsaglia 2003; Vigna 2016), seeded through splitmix64 so any seed (0
 /// included) gives a full-period state: deterministic, small, no crate needed.
@@ -245,4 +248,51 @@ pub fn corpus() -> Vec<(String, Vec<u8>)> {
             (format!("corpus line {}: {}", i + 1, what.trim()), bytes)
         })
         .collect()
+}
+
+/// What a run of frames reached: the model's outcomes and the classifier's reasons (a
+/// request, or the name of the NotRequest variant).
+#[derive(Debug, Default)]
+pub struct Coverage {
+    pub outcomes: BTreeMap<String, usize>,
+    pub reasons: BTreeMap<String, usize>,
+}
+
+impl Coverage {
+    pub fn count(&mut self, frame: &[u8], outcome: Outcome) {
+        *self.outcomes.entry(format!("{outcome:?}")).or_default() += 1;
+        let why = match classify(frame) {
+            Ok(_) => "request".to_owned(),
+            Err(e) => {
+                let s = format!("{e:?}");
+                s.split('(').next().unwrap_or(&s).to_owned()
+            }
+        };
+        *self.reasons.entry(why).or_default() += 1;
+    }
+
+    /// The generator must reach every branch, or the comparison proves little: each gate
+    /// outcome at least `outcome` times, each classifier reason at least `reason` times.
+    #[track_caller]
+    pub fn assert_reached(&self, outcome: usize, reason: usize) {
+        for o in ["Refused", "Passed", "Expired", "Allowed", "Ignored"] {
+            let n = self.outcomes.get(o).copied().unwrap_or(0);
+            assert!(n >= outcome, "too few {o}: {:?}", self.outcomes);
+        }
+        for why in [
+            "request",
+            "Truncated",
+            "NotSyn",
+            "NotTcp",
+            "NotIp",
+            "BadVersion",
+            "BadIhl",
+            "LaterFragment",
+            "TooManyExtHeaders",
+            "TooManyTags",
+        ] {
+            let n = self.reasons.get(why).copied().unwrap_or(0);
+            assert!(n >= reason, "too few {why}: {:?}", self.reasons);
+        }
+    }
 }

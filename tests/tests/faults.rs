@@ -12,8 +12,8 @@
 //! a new connection from the other namespace is accepted. Then `gate on` must work (it is
 //! the next step's set-up, or done explicitly) and its `gate off` leaves nothing either.
 //!
-//! The CI run (`cargo xtask test`) takes every kill point of the small syscall groups, and
-//! of bpf every [`CI_STRIDE`]-th call plus the last [`CI_TAIL`] (the last steps, attach,
+//! The CI run (`cargo xtask test`) takes every [`CI_STRIDE`]-th bpf call and every
+//! [`CI_STRIDE_SHORT`]-th call of the other groups, plus the last [`CI_TAIL`] of each (the last steps, attach,
 //! pin and the switch, are where a half-done change is likeliest), found by a binary search
 //! between the last strided kill and the first run that completes; `DRAIN_FAULTS=all` takes
 //! every one. Each test prints the kill points it exercised.
@@ -34,9 +34,11 @@ use drain_tests::{
 /// The gated port, and the one an existing gate holds when `gate on` changes it.
 const P: u16 = 8080;
 const Q: u16 = 9090;
-/// Every this many bpf calls in the CI run (the groups other than bpf are short: all).
+/// Every this many bpf calls in the CI run.
 const CI_STRIDE: usize = 12;
-/// In the CI run, the last calls of bpf that are killed each (after the stride).
+/// The same for the other groups (a dozen calls at most).
+const CI_STRIDE_SHORT: usize = 3;
+/// In the CI run, the last calls of a group that are killed each (after the stride).
 const CI_TAIL: usize = 3;
 /// In the CI run, `gate on` is tried after every this many kill points (and after the last
 /// ones); otherwise after each.
@@ -262,7 +264,11 @@ impl<'p> Fixture<'p> {
     fn series(&mut self, before: Before, args: &[&str], explicit_gate_on: bool) -> Vec<String> {
         let mut report = Vec::new();
         for &(group, long) in GROUPS {
-            let stride = if long && !every_point() { CI_STRIDE } else { 1 };
+            let stride = match (every_point(), long) {
+                (true, _) => 1,
+                (false, true) => CI_STRIDE,
+                (false, false) => CI_STRIDE_SHORT,
+            };
             let started = Instant::now();
             let full = every_point();
             // Kill points already taken, and whether `gate on` is tried after the next one

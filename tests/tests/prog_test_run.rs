@@ -10,16 +10,12 @@
 //! The model and the harness live in drain_tests::gatemodel (shared with the fuzzer,
 //! tests/tests/fuzz.rs); the random frames and mutations in drain_tests::fuzz.
 
-use std::{
-    collections::HashMap,
-    net::{Ipv4Addr, Ipv6Addr},
-};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use drain_common::{GATE_OFF, GATE_ON};
 use drain_tests::{
-    classify::{classify, NotRequest},
     frames::*,
-    fuzz::{mutate, random_frame, Rng},
+    fuzz::{mutate, random_frame, Coverage, Rng},
     gatemodel::*,
 };
 
@@ -644,8 +640,7 @@ fn randomized_mutations_match_the_classifier() {
     g.allow4(ALLOW4_NET, 24);
     g.allow6(ALLOW6_NET.octets(), 64);
     let mut r = Rng::new(0x6472_6169_6e5f_7465);
-    let mut outcomes: HashMap<String, usize> = HashMap::new();
-    let mut reasons: HashMap<String, usize> = HashMap::new();
+    let mut seen = Coverage::default();
     let mut mismatches: Vec<String> = Vec::new();
     const FRAMES: usize = 4000;
     for i in 0..FRAMES {
@@ -670,21 +665,11 @@ fn randomized_mutations_match_the_classifier() {
                 continue;
             }
         };
-        *outcomes.entry(format!("{o:?}")).or_default() += 1;
-        let why = match classify(&f.bytes) {
-            Ok(_) => "request".to_owned(),
-            Err(NotRequest::NotSyn(_)) => "NotSyn".to_owned(),
-            Err(NotRequest::NotTcp(_)) => "NotTcp".to_owned(),
-            Err(NotRequest::NotIp(_)) => "NotIp".to_owned(),
-            Err(NotRequest::BadVersion(_)) => "BadVersion".to_owned(),
-            Err(NotRequest::BadIhl(_)) => "BadIhl".to_owned(),
-            Err(e) => format!("{e:?}"),
-        };
-        *reasons.entry(why).or_default() += 1;
+        seen.count(&f.bytes, o);
     }
     println!(
-        "outcomes: {outcomes:?}\nclassifier: {reasons:?}\nruns: {}, refused by test_run: {}",
-        g.runs, g.skipped
+        "outcomes: {:?}\nclassifier: {:?}\nruns: {}, refused by test_run: {}",
+        seen.outcomes, seen.reasons, g.runs, g.skipped
     );
     assert!(
         mismatches.is_empty(),
@@ -697,27 +682,5 @@ fn randomized_mutations_match_the_classifier() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    // The generator must reach every branch, or the comparison proves little.
-    for o in ["Refused", "Passed", "Expired", "Allowed", "Ignored"] {
-        assert!(
-            outcomes.get(o).copied().unwrap_or(0) >= 20,
-            "too few {o}: {outcomes:?}"
-        );
-    }
-    for why in [
-        "request",
-        "Truncated",
-        "NotSyn",
-        "NotTcp",
-        "NotIp",
-        "LaterFragment",
-        "TooManyExtHeaders",
-        "TooManyTags",
-        "BadIhl",
-    ] {
-        assert!(
-            reasons.get(why).copied().unwrap_or(0) >= 5,
-            "too few {why}: {reasons:?}"
-        );
-    }
+    seen.assert_reached(20, 5);
 }
