@@ -48,10 +48,13 @@ pub mod map {
     /// PerCpuArray[1] of u64: the RST rate limiter's next allowed time (GCRA), per CPU.
     /// Written by the gate programs only.
     pub const RST_RL: &str = "DRAIN_RST_RL";
+    /// PerCpuArray[1] of [`ClockCache`](crate::ClockCache): the gate's last clock reading,
+    /// per CPU. Written by the gate programs only.
+    pub const CLOCK: &str = "DRAIN_CLOCK";
 
     /// Every map the object defines, for the test that checks each resolves.
     pub const ALL: &[&str] = &[
-        CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS, RST_RL,
+        CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS, RST_RL, CLOCK,
     ];
 }
 
@@ -148,6 +151,25 @@ pub struct TrackStats {
     pub read_failed: u64,
 }
 const _: () = assert!(core::mem::size_of::<TrackStats>() == 32);
+
+/// The gate's last CLOCK_BOOTTIME reading on one CPU and the jiffies count right after it.
+/// Reading the clock is the dearest step of a refusal (tens of ns where the clock source is
+/// virtualised); while jiffies have not moved, the reading is less than one tick old, which
+/// is close enough for any deadline more than [`CLOCK_REREAD_NS`] away. Kernel-only state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ClockCache {
+    pub boot_ns: u64,
+    pub jiffies: u64,
+}
+const _: () = assert!(core::mem::size_of::<ClockCache>() == 16);
+
+/// Within this distance of the deadline every decision reads the clock afresh, so the gate
+/// opens at the deadline to the nanosecond; farther away a reading from the current tick
+/// (at most 10 ms old at HZ=100) is used. 1 s leaves two orders of magnitude for ticks that
+/// run late.
+pub const CLOCK_REREAD_NS: u64 = 1_000_000_000;
 
 /// Per-port counters, one copy per CPU (no atomics on the packet path); user space sums them.
 #[repr(C)]
