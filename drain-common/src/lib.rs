@@ -45,16 +45,14 @@ pub mod map {
     pub const LIVE: &str = "DRAIN_LIVE";
     /// PerCpuArray[1] of [`TrackStats`](crate::TrackStats), written by the tracker.
     pub const TSTATS: &str = "DRAIN_TSTATS";
-    /// PerCpuArray[1] of u64: the RST rate limiter's next allowed time (GCRA), per CPU.
-    /// Written by the gate programs only.
+    /// PerCpuArray[1] of [`CpuClock`](crate::CpuClock): the RST rate limiter's next allowed
+    /// time (GCRA) and the gate's last clock reading, per CPU. Written by the gate programs
+    /// only.
     pub const RST_RL: &str = "DRAIN_RST_RL";
-    /// PerCpuArray[1] of [`ClockCache`](crate::ClockCache): the gate's last clock reading,
-    /// per CPU. Written by the gate programs only.
-    pub const CLOCK: &str = "DRAIN_CLOCK";
 
     /// Every map the object defines, for the test that checks each resolves.
     pub const ALL: &[&str] = &[
-        CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS, RST_RL, CLOCK,
+        CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS, RST_RL,
     ];
 }
 
@@ -152,18 +150,24 @@ pub struct TrackStats {
 }
 const _: () = assert!(core::mem::size_of::<TrackStats>() == 32);
 
-/// The gate's last CLOCK_BOOTTIME reading on one CPU and the jiffies count right after it.
-/// Reading the clock is the dearest step of a refusal (tens of ns where the clock source is
-/// virtualised); while jiffies have not moved, the reading is less than one tick old, which
-/// is close enough for any deadline more than [`CLOCK_REREAD_NS`] away. Kernel-only state.
+/// The gate's time on one CPU (the value of [`map::RST_RL`]), kernel-only state.
+///
+/// Reading CLOCK_BOOTTIME is the dearest step of a refusal (tens of ns where the clock source
+/// is virtualised), so the last reading is kept with the jiffies count taken right after it:
+/// while jiffies have not moved, the reading is less than one tick old, which is close
+/// enough for any deadline more than [`CLOCK_REREAD_NS`] away and for the RST limiter.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct ClockCache {
+pub struct CpuClock {
+    /// Earliest CLOCK_BOOTTIME ns at which the next RST may go (GCRA).
+    pub rst_next_ns: u64,
+    /// The last CLOCK_BOOTTIME reading, ns.
     pub boot_ns: u64,
+    /// `jiffies` right after that reading.
     pub jiffies: u64,
 }
-const _: () = assert!(core::mem::size_of::<ClockCache>() == 16);
+const _: () = assert!(core::mem::size_of::<CpuClock>() == 24);
 
 /// Within this distance of the deadline every decision reads the clock afresh, so the gate
 /// opens at the deadline to the nanosecond; farther away a reading from the current tick
@@ -203,4 +207,5 @@ mod pod {
     unsafe impl aya::Pod for super::PortStats {}
     unsafe impl aya::Pod for super::TrackConfig {}
     unsafe impl aya::Pod for super::TrackStats {}
+    unsafe impl aya::Pod for super::CpuClock {}
 }

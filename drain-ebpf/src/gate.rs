@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray},
 };
 use drain_common::{
-    ClockCache, GateConfig, PortStats, ALLOW_V4, ALLOW_V6, CLOCK_REREAD_NS, GATE_ON,
+    CpuClock, GateConfig, PortStats, ALLOW_V4, ALLOW_V6, CLOCK_REREAD_NS, GATE_ON,
     MAX_ALLOW_PREFIXES, MAX_GATED_PORTS, POLICY_RESET,
 };
 
@@ -36,14 +36,12 @@ static ALLOW4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
 #[map(name = "DRAIN_ALLOW6")]
 static ALLOW6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
 
-/// Per-CPU RST limiter state: the earliest time (CLOCK_BOOTTIME ns) the next RST may go
-/// (GCRA). Per CPU so the packet path needs no atomics; the user side divides the rate.
+/// Per-CPU RST limiter state (the earliest time the next RST may go, GCRA) and last clock
+/// reading (see [`Clock`]). Per CPU so the packet path needs no atomics; the user side
+/// divides the rate. One map for both: a refusal under policy reset needs both, and every
+/// lookup costs.
 #[map(name = "DRAIN_RST_RL")]
-static RST_RL: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
-
-/// Per-CPU last clock reading (see [`Clock`]); written here only.
-#[map(name = "DRAIN_CLOCK")]
-static CLOCK: PerCpuArray<ClockCache> = PerCpuArray::pinned(1, 0);
+static RST_RL: PerCpuArray<CpuClock> = PerCpuArray::pinned(1, 0);
 
 /// Where a gate program runs; decides how a refusal can be answered.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -79,12 +77,12 @@ pub fn count_rst(slot: u32) {
 /// virtualised), so the reading is kept per CPU with the jiffies count after it, and reused
 /// while jiffies have not moved: such a reading is less than one tick old, and never ahead
 /// of the true time. `bpf_jiffies64` is a plain memory load once the verifier inlines it.
-struct Clock(Option<*mut ClockCache>);
+struct Clock(Option<*mut CpuClock>);
 
 impl Clock {
     #[inline(always)]
     fn new() -> Self {
-        Self(CLOCK.get_ptr_mut(0))
+        Self(RST_RL.get_ptr_mut(0))
     }
 
     /// A fresh reading, remembered for the rest of this tick.
@@ -95,11 +93,9 @@ impl Clock {
         if let Some(c) = self.0 {
             // SAFETY: per-CPU value, only this CPU touches it while this program runs.
             unsafe {
-                *c = ClockCache {
-                    boot_ns: now,
-                    jiffies: bpf_jiffies64(),
-                }
-            };
+                (*c).boot_ns = now;
+                (*c).jiffies = bpf_jiffies64();
+            }
         }
         now
     }
@@ -107,41 +103,46 @@ impl Clock {
     /// A reading at most one tick old: the one remembered, if taken in the current tick.
     #[inline(always)]
     fn recent(&mut self) -> u64 {
+        // SAFETY: a helper without preconditions.
+        let jiffies = unsafe { bpf_jiffies64() };
         if let Some(c) = self.0 {
             // SAFETY: as above.
-            let c = unsafe { *c };
-            // SAFETY: a helper without preconditions.
-            if c.jiffies == unsafe { bpf_jiffies64() } {
-                return c.boot_ns;
+            unsafe {
+                if (*c).jiffies == jiffies {
+                    return (*c).boot_ns;
+                }
             }
         }
         self.read()
     }
-}
 
-/// GCRA: one RST per `interval` on average, `burst` at once. True = send.
-/// `next` is the earliest time of the next RST; holding it no lower than
-/// `now - interval * (burst - 1)` caps what an idle bucket saves up at `burst` sends.
-/// `now` may lag the true time by up to a tick ([`Clock::recent`]): the limiter then runs on
-/// a clock that is slightly late, which can delay an RST but never lets more through.
-#[inline(always)]
-fn rst_allowed(now: u64, interval: u64, burst: u64) -> bool {
-    let Some(next) = RST_RL.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: per-CPU value, only this CPU touches it while this program runs.
-    let next = unsafe { &mut *next };
-    // Plain multiply: user space keeps interval * burst far below 2^64 (a checked one
-    // would need 128-bit arithmetic, which BPF lacks).
-    let floor = now.saturating_sub(interval.wrapping_mul(burst.saturating_sub(1)));
-    if *next < floor {
-        *next = floor;
+    /// GCRA: one RST per `interval` on average, `burst` at once. True = send.
+    /// `rst_next_ns` is the earliest time of the next RST; holding it no lower than
+    /// `now - interval * (burst - 1)` caps what an idle bucket saves up at `burst` sends.
+    /// `now` may lag the true time by up to a tick ([`Clock::recent`]): the limiter then
+    /// runs on a clock that is slightly late, which can delay a RST but never lets more
+    /// through.
+    #[inline(always)]
+    fn rst_allowed(&mut self, now: u64, interval: u64, burst: u64) -> bool {
+        let Some(c) = self.0 else {
+            return false;
+        };
+        // SAFETY: per-CPU value, only this CPU touches it while this program runs.
+        let next = unsafe { &mut (*c).rst_next_ns };
+        // Over the limit, the common case under a flood, first: the floor is at most `now`,
+        // so it could not have moved a `next` that lies beyond `now`.
+        if *next > now {
+            return false;
+        }
+        // Plain multiply: user space keeps interval * burst far below 2^64 (a checked one
+        // would need 128-bit arithmetic, which BPF lacks).
+        let floor = now.saturating_sub(interval.wrapping_mul(burst.saturating_sub(1)));
+        if *next < floor {
+            *next = floor;
+        }
+        *next += interval;
+        true
     }
-    if *next > now {
-        return false;
-    }
-    *next += interval;
-    true
 }
 
 /// True when the request's source address is on the allowlist of its family. The address is
@@ -187,12 +188,17 @@ pub fn verdict(start: usize, end: usize, hook: Hook) -> Verdict {
         stats.syns_passed += 1;
         return Verdict::Pass;
     }
-    let reset = cfg.policy == POLICY_RESET && hook == Hook::Xdp && req.plain_headers();
-    // The clock is read only when something needs it: a deadline, or the RST limiter.
-    let mut clock = Clock::new();
-    let mut now = 0;
+    // Only XDP can answer with a RST (and only plain headers, checked at the end).
+    let reset = cfg.policy == POLICY_RESET && hook == Hook::Xdp;
     // The deadline is what makes a forgotten gate open by itself, with no process alive.
     let deadline = cfg.deadline_ns;
+    // The clock is read only when something needs it: a deadline, or the RST limiter.
+    let mut clock = if deadline != 0 || reset {
+        Clock::new()
+    } else {
+        Clock(None)
+    };
+    let mut now = 0;
     if deadline != 0 {
         now = clock.recent();
         // A reading taken in this tick is never ahead of the true time, so `now >= deadline`
@@ -222,8 +228,8 @@ pub fn verdict(start: usize, end: usize, hook: Hook) -> Verdict {
     stats.syns_refused += 1;
     // Only a refusal that would really be answered spends the RST budget (or counts as
     // limited): not on TC, not with IPv4 options or IPv6 extension headers.
-    if reset {
-        if rst_allowed(now, cfg.rst_interval_ns, cfg.rst_burst) {
+    if reset && req.plain_headers() {
+        if clock.rst_allowed(now, cfg.rst_interval_ns, cfg.rst_burst) {
             return Verdict::Reset(req, slot);
         }
         stats.rst_limited += 1;

@@ -78,79 +78,106 @@ pub fn hdr_at<'a, T>(start: usize, end: usize, off: usize) -> Result<&'a T, ()> 
 /// frame the fast path takes.
 #[inline(always)]
 pub fn connection_request(start: usize, end: usize) -> Result<Option<Request>, ()> {
-    let eth: &EthHdr = hdr_at(start, end, 0)?;
-    let fast = match eth.proto {
-        ETH_P_IP => plain_v4::<UNTAGGED>(start, end),
-        ETH_P_IPV6 => plain_v6::<UNTAGGED>(start, end),
-        ETH_P_8021Q => match hdr_at::<VlanHdr>(start, end, UNTAGGED)?.proto {
-            ETH_P_IP => plain_v4::<TAGGED>(start, end),
-            ETH_P_IPV6 => plain_v6::<TAGGED>(start, end),
-            _ => None,
-        },
-        ETH_P_8021AD => None,
-        // The full parser would find nothing to follow either.
-        _ => return Ok(None),
-    };
-    match fast {
-        Some(r) => Ok(r),
-        None => full(start, end),
+    // One check covers the Ethernet header and everything the fast path reads of an
+    // untagged IPv4 frame; a shorter frame is the full parser's.
+    if let Ok(f) = hdr_at::<Plain<Ipv4Hdr>>(start, end, 0) {
+        let fast = match f.eth.proto {
+            ETH_P_IP => plain_v4(&f.ip, &f.tcp, UNTAGGED),
+            ETH_P_IPV6 => hdr_at::<Plain<Ipv6Hdr>>(start, end, 0)
+                .ok()
+                .and_then(|f| plain_v6(&f.ip, &f.tcp, UNTAGGED)),
+            ETH_P_8021Q => tagged(start, end),
+            ETH_P_8021AD => None,
+            // The full parser would find nothing to follow either.
+            _ => return Ok(None),
+        };
+        if let Some(r) = fast {
+            return Ok(r);
+        }
     }
+    full(start, end)
 }
 
 /// Offsets of the IP header in an untagged and a singly tagged frame.
 const UNTAGGED: usize = size_of::<EthHdr>();
 const TAGGED: usize = UNTAGGED + size_of::<VlanHdr>();
 
-/// IPv4 without options, then TCP: the fast path's view of the IP and TCP headers.
-#[repr(C, packed)]
-struct PlainV4 {
-    ip: Ipv4Hdr,
+/// The fast path's view of an untagged frame: Ethernet, IP without options or extension
+/// headers, TCP. (`repr(C)` of alignment-1 headers: no padding, alignment 1.)
+#[repr(C)]
+struct Plain<Ip> {
+    eth: EthHdr,
+    ip: Ip,
     tcp: TcpHdr,
 }
 
-/// IPv6 without extension headers, then TCP.
-#[repr(C, packed)]
-struct PlainV6 {
-    ip: Ipv6Hdr,
+/// The same behind one 802.1Q tag.
+#[repr(C)]
+struct Tagged<Ip> {
+    eth: EthHdr,
+    tag: VlanHdr,
+    ip: Ip,
     tcp: TcpHdr,
 }
 
-/// The fast path for IPv4 at `L3`: `Some(answer)`, or `None` to leave the frame to the full
+const _: () = {
+    assert!(size_of::<Plain<Ipv4Hdr>>() == 54 && size_of::<Plain<Ipv6Hdr>>() == 74);
+    assert!(size_of::<Tagged<Ipv4Hdr>>() == 58 && size_of::<Tagged<Ipv6Hdr>>() == 78);
+    assert!(core::mem::align_of::<Tagged<Ipv6Hdr>>() == 1);
+};
+
+/// The fast path behind one 802.1Q tag.
+#[inline(always)]
+fn tagged(start: usize, end: usize) -> Option<Option<Request>> {
+    let f: &Tagged<Ipv4Hdr> = hdr_at(start, end, 0).ok()?;
+    match f.tag.proto {
+        ETH_P_IP => plain_v4(&f.ip, &f.tcp, TAGGED),
+        ETH_P_IPV6 => {
+            let f: &Tagged<Ipv6Hdr> = hdr_at(start, end, 0).ok()?;
+            plain_v6(&f.ip, &f.tcp, TAGGED)
+        }
+        _ => None,
+    }
+}
+
+/// The fast path for IPv4 at `l3`: `Some(answer)`, or `None` to leave the frame to the full
 /// parser.
 #[inline(always)]
-fn plain_v4<const L3: usize>(start: usize, end: usize) -> Option<Option<Request>> {
-    let h: &PlainV4 = hdr_at(start, end, L3).ok()?;
-    if h.ip.vihl != Ipv4Hdr::VIHL_PLAIN {
+fn plain_v4(ip: &Ipv4Hdr, tcp: &TcpHdr, l3: usize) -> Option<Option<Request>> {
+    if ip.vihl != Ipv4Hdr::VIHL_PLAIN {
         return None; // options (or not IPv4 at all)
     }
     // The flags come before the fragment offset: they end the walk for most packets, and a
     // non-first fragment only needs telling apart when its payload looks like a SYN.
-    if h.ip.proto != IPPROTO_TCP || !h.tcp.is_request() || h.ip.frag_offset() != 0 {
+    if ip.proto != IPPROTO_TCP || !tcp.is_request() || ip.frag_offset() != 0 {
         return Some(None);
     }
     Some(Some(Request {
-        dport: h.tcp.dport.get(),
+        dport: tcp.dport.get(),
         family: Family::V4,
-        l3: L3,
-        l4: L3 + size_of::<Ipv4Hdr>(),
+        l3,
+        l4: l3 + size_of::<Ipv4Hdr>(),
     }))
 }
 
-/// The fast path for IPv6 at `L3`: `None` leaves the frame to the full parser.
+/// The fast path for IPv6 at `l3`: `Some(answer)`, or `None` to leave the frame to the full
+/// parser.
 #[inline(always)]
-fn plain_v6<const L3: usize>(start: usize, end: usize) -> Option<Option<Request>> {
-    let h: &PlainV6 = hdr_at(start, end, L3).ok()?;
-    if h.ip.version() != 6 {
-        return Some(None);
-    }
-    match h.ip.next_hdr {
-        IPPROTO_TCP if h.tcp.is_request() => Some(Some(Request {
-            dport: h.tcp.dport.get(),
+fn plain_v6(ip: &Ipv6Hdr, tcp: &TcpHdr, l3: usize) -> Option<Option<Request>> {
+    // TCP right after the fixed header first: nearly every IPv6 packet is that.
+    if ip.next_hdr == IPPROTO_TCP && ip.version() == 6 {
+        if !tcp.is_request() {
+            return Some(None);
+        }
+        return Some(Some(Request {
+            dport: tcp.dport.get(),
             family: Family::V6,
-            l3: L3,
-            l4: L3 + size_of::<Ipv6Hdr>(),
-        })),
-        IPPROTO_TCP => Some(None),
+            l3,
+            l4: l3 + size_of::<Ipv6Hdr>(),
+        }));
+    }
+    match ip.next_hdr {
+        _ if ip.version() != 6 => Some(None),
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT | NEXTHDR_AUTH => None,
         // Neither TCP nor a header the full parser walks.
         _ => Some(None),

@@ -27,7 +27,7 @@ use aya::{
     programs::{ProgramFd, SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
-use drain_common::{map, prog, GateConfig, PortStats};
+use drain_common::{map, prog, CpuClock, GateConfig, PortStats};
 use drain_tests::{
     frames::{Ipv4, Ipv6, Packet, Tcp, TCP_ACK},
     netns::NetNsPair,
@@ -72,7 +72,8 @@ impl Budget {
 pub enum Method {
     /// One BPF_PROG_TEST_RUN of REPEAT runs on the same frame; the kernel's mean per run.
     Repeat,
-    /// SINGLES test runs of one run each, median, minus the baseline timed the same way.
+    /// SINGLES test runs of one run each (mean of the middle half), minus the baseline timed
+    /// the same way.
     /// For frames the program rewrites (a SYN turned into its RST): a repeated run would
     /// time the RST it left behind from the second run on, not the SYN.
     Single,
@@ -82,7 +83,7 @@ pub enum Method {
 #[derive(Clone, Debug, Serialize)]
 pub struct HookCost {
     pub ns: u32,
-    /// Median over the rounds of (this frame - the baseline of the same round).
+    /// Median over the rounds of (this frame - the baseline timed just before it).
     pub above_baseline_ns: i64,
     pub rounds_above_baseline_ns: Vec<i64>,
     /// Budget minus cost: >= 0 means the target is met.
@@ -249,16 +250,38 @@ impl<'a> Deployed<'a> {
             }))
     }
 
-    /// Spends this CPU's RST budget (one RST at --rst-rate 1): afterwards every refusal
-    /// here is over the limit until the next token, two seconds away.
-    fn exhaust_rst_budget(&self, frame: &[u8]) -> Result<()> {
+    /// Leaves this CPU's RST bucket (`--rst-rate 1`: burst 1, one token per 2 s) empty with
+    /// its next token at least half a second away, so a timed run refuses every SYN over the
+    /// limit and never builds a RST (which would leave the frame rewritten for the rest of
+    /// the run). Reads the limiter's state; spends the token by sending one RST when it is
+    /// about to come back.
+    fn exhaust_rst_budget(&self, frame: &[u8], cpu: usize) -> Result<()> {
+        let rl: PerCpuArray<_, CpuClock> =
+            PerCpuArray::try_from(self.bpf.map(map::RST_RL).unwrap())?;
         for _ in 0..4 {
-            if try_test_run(self.xdp.as_fd(), frame)?.0 == XDP_DROP {
+            let next = rl.get(&0, 0)?[cpu].rst_next_ns;
+            let now = boottime_ns();
+            if next > now + 500_000_000 {
                 return Ok(());
             }
+            thread::sleep(Duration::from_nanos(next.saturating_sub(now)));
+            let ret = try_test_run(self.xdp.as_fd(), frame)?.0;
+            if ret != XDP_TX {
+                bail!("the RST limiter refused a RST once its token was due (returned {ret})");
+            }
         }
-        bail!("the RST limiter still sends after its burst")
+        bail!("the RST limiter's next token stays near")
     }
+}
+
+fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl Drop for Deployed<'_> {
@@ -322,7 +345,10 @@ fn load_trivial(prog_type: u32, expected_attach_type: u32, ret: i32) -> Result<O
 
 /// Keeps the calling thread on the CPU it runs on until dropped (the RST limiter is per
 /// CPU: spending its budget and timing the refusals must happen on the same one).
-struct PinnedCpu(libc::cpu_set_t);
+struct PinnedCpu {
+    old: libc::cpu_set_t,
+    cpu: usize,
+}
 
 impl PinnedCpu {
     fn here() -> Result<Self> {
@@ -332,12 +358,13 @@ impl PinnedCpu {
             if libc::sched_getaffinity(0, std::mem::size_of_val(&old), &mut old) != 0 {
                 bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
             }
+            let cpu = libc::sched_getcpu().max(0) as usize;
             let mut one: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(libc::sched_getcpu().max(0) as usize, &mut one);
+            libc::CPU_SET(cpu, &mut one);
             if libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one) != 0 {
                 bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
             }
-            Ok(Self(old))
+            Ok(Self { old, cpu })
         }
     }
 }
@@ -345,17 +372,22 @@ impl PinnedCpu {
 impl Drop for PinnedCpu {
     fn drop(&mut self) {
         // SAFETY: restores the mask read in here().
-        unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&self.0), &self.0) };
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&self.old), &self.old) };
     }
 }
 
-/// Median of `n` single runs (repeat 1) of `prog` on `frame`.
+/// Mean of the middle half of `n` single runs (repeat 1) of `prog` on `frame`. The kernel
+/// clock behind a single run's duration may tick in steps of several ns (10 ns on some
+/// VMs); averaging the middle half recovers the nanoseconds, and
+/// leaving out the quarters at either end drops the runs an interrupt landed in.
 fn single_runs(prog: BorrowedFd<'_>, frame: &[u8], n: usize) -> Result<u32> {
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
         v.push(mean_ns(prog, frame, 1)?);
     }
-    Ok(median(v))
+    v.sort_unstable();
+    let mid = &v[n / 4..n - n / 4];
+    Ok((mid.iter().map(|&x| f64::from(x)).sum::<f64>() / mid.len() as f64).round() as u32)
 }
 
 /// Per-packet cost of both gate programs, as deployed: three gates made by `drain-user gate
@@ -384,7 +416,7 @@ pub fn per_packet(bin: &Path) -> Result<PerPacket> {
     };
     let xdp_base = load_trivial(6, 37, XDP_PASS)?; // BPF_PROG_TYPE_XDP, BPF_XDP
     let tc_base = load_trivial(3, 0, TCX_NEXT)?; // BPF_PROG_TYPE_SCHED_CLS
-    let _cpu = PinnedCpu::here()?;
+    let pinned = PinnedCpu::here()?;
     let cases = cases();
 
     // Each frame must get the verdict its row is named for, or the row would time another
@@ -392,7 +424,7 @@ pub fn per_packet(bin: &Path) -> Result<PerPacket> {
     for c in &cases {
         let g = gate(c.setup);
         if c.setup == Setup::ResetLimited {
-            g.exhaust_rst_budget(&c.frame)?;
+            g.exhaust_rst_budget(&c.frame, pinned.cpu)?;
         }
         let x = try_test_run(g.xdp.as_fd(), &c.frame)?.0;
         let t = try_test_run(g.tc.as_fd(), &c.frame)?.0;
@@ -406,30 +438,32 @@ pub fn per_packet(bin: &Path) -> Result<PerPacket> {
         }
     }
 
+    // Every timing of a frame is paired with a timing of its hook's baseline taken just
+    // before it, so a change in machine load between pairs cancels out.
     let n = cases.len();
-    let (mut xb, mut tb, mut xb1) = (Vec::new(), Vec::new(), Vec::new());
-    let mut x_ns = vec![Vec::new(); n];
-    let mut t_ns = vec![Vec::new(); n];
+    let (mut xb, mut tb) = (Vec::new(), Vec::new());
+    let mut x = vec![Vec::new(); n];
+    let mut t = vec![Vec::new(); n];
     let frame0 = &cases[0].frame;
     for _ in 0..ROUNDS {
-        xb.push(mean_ns(xdp_base.as_fd(), frame0, REPEAT)?);
-        tb.push(mean_ns(tc_base.as_fd(), frame0, REPEAT)?);
-        xb1.push(single_runs(xdp_base.as_fd(), frame0, SINGLES)?);
         for (i, c) in cases.iter().enumerate() {
             let g = gate(c.setup);
-            match c.setup {
+            let (base, ns) = match c.setup {
                 Setup::ResetSending => {
+                    let base = single_runs(xdp_base.as_fd(), frame0, SINGLES)?;
                     let before = g.stats()?.rst_sent;
-                    x_ns[i].push(single_runs(g.xdp.as_fd(), &c.frame, SINGLES)?);
+                    let ns = single_runs(g.xdp.as_fd(), &c.frame, SINGLES)?;
                     let sent = g.stats()?.rst_sent - before;
                     if sent != SINGLES as u64 {
                         bail!("{}: {sent} RSTs sent in {SINGLES} runs", c.name);
                     }
+                    (base, ns)
                 }
                 Setup::ResetLimited => {
-                    g.exhaust_rst_budget(&c.frame)?;
+                    g.exhaust_rst_budget(&c.frame, pinned.cpu)?;
+                    let base = mean_ns(xdp_base.as_fd(), frame0, REPEAT)?;
                     let before = g.stats()?;
-                    x_ns[i].push(mean_ns(g.xdp.as_fd(), &c.frame, REPEAT)?);
+                    let ns = mean_ns(g.xdp.as_fd(), &c.frame, REPEAT)?;
                     let after = g.stats()?;
                     // Not one RST: had a token come back mid-run, the frame would have been
                     // rewritten and the rest of the run timed on the RST.
@@ -438,24 +472,33 @@ pub fn per_packet(bin: &Path) -> Result<PerPacket> {
                     {
                         bail!("{}: the RST limiter let a RST through", c.name);
                     }
+                    (base, ns)
                 }
-                Setup::Drop => x_ns[i].push(mean_ns(g.xdp.as_fd(), &c.frame, REPEAT)?),
+                Setup::Drop => (
+                    mean_ns(xdp_base.as_fd(), frame0, REPEAT)?,
+                    mean_ns(g.xdp.as_fd(), &c.frame, REPEAT)?,
+                ),
+            };
+            if c.setup != Setup::ResetSending {
+                xb.push(base);
             }
+            x[i].push((base, ns));
             if c.tc_ret.is_some() {
-                t_ns[i].push(mean_ns(g.tc.as_fd(), &c.frame, REPEAT)?);
+                let base = mean_ns(tc_base.as_fd(), frame0, REPEAT)?;
+                tb.push(base);
+                t[i].push((base, mean_ns(g.tc.as_fd(), &c.frame, REPEAT)?));
             }
         }
     }
 
-    let cost = |ns: &[u32], base: &[u32], budget: Budget| {
-        let rounds: Vec<i64> = ns
+    let cost = |pairs: &[(u32, u32)], budget: Budget| {
+        let rounds: Vec<i64> = pairs
             .iter()
-            .zip(base)
-            .map(|(&a, &b)| i64::from(a) - i64::from(b))
+            .map(|&(b, a)| i64::from(a) - i64::from(b))
             .collect();
         let above = median(rounds.clone());
         HookCost {
-            ns: median(ns.to_vec()),
+            ns: median(pairs.iter().map(|p| p.1).collect()),
             above_baseline_ns: above,
             rounds_above_baseline_ns: rounds,
             margin_ns: budget.ns() - above,
@@ -475,8 +518,8 @@ pub fn per_packet(bin: &Path) -> Result<PerPacket> {
                 } else {
                     Method::Repeat
                 },
-                xdp: cost(&x_ns[i], if single { &xb1 } else { &xb }, c.budget),
-                tc: c.tc_ret.map(|_| cost(&t_ns[i], &tb, c.budget)),
+                xdp: cost(&x[i], c.budget),
+                tc: c.tc_ret.map(|_| cost(&t[i], c.budget)),
             }
         })
         .collect();
