@@ -47,8 +47,9 @@ pub mod map {
     pub const TSTATS: &str = "DRAIN_TSTATS";
     /// PerCpuArray[1] of [`CpuClock`](crate::CpuClock): the RST rate limiter's next allowed
     /// time (GCRA) and the gate's last clock reading, per CPU. Written by the gate programs
-    /// only.
-    pub const RST_RL: &str = "DRAIN_RST_RL";
+    /// only. (Its value was a bare u64 under the name DRAIN_RST_RL; the new name keeps a
+    /// `gate on` from reusing such a pin, whose values are too small for this program.)
+    pub const RST_RL: &str = "DRAIN_RST_CLOCK";
 
     /// Every map the object defines, for the test that checks each resolves.
     pub const ALL: &[&str] = &[

@@ -40,8 +40,8 @@ static ALLOW6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
 /// reading (see [`Clock`]). Per CPU so the packet path needs no atomics; the user side
 /// divides the rate. One map for both: a refusal under policy reset needs both, and every
 /// lookup costs.
-#[map(name = "DRAIN_RST_RL")]
-static RST_RL: PerCpuArray<CpuClock> = PerCpuArray::pinned(1, 0);
+#[map(name = "DRAIN_RST_CLOCK")]
+static CPU_CLOCK: PerCpuArray<CpuClock> = PerCpuArray::pinned(1, 0);
 
 /// Where a gate program runs; decides how a refusal can be answered.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,7 @@ struct Clock(Option<*mut CpuClock>);
 impl Clock {
     #[inline(always)]
     fn new() -> Self {
-        Self(RST_RL.get_ptr_mut(0))
+        Self(CPU_CLOCK.get_ptr_mut(0))
     }
 
     /// A fresh reading, remembered for the rest of this tick.
