@@ -1,12 +1,17 @@
 //! `cargo xtask bench`: what drain costs, as ratios measured side by side in one run.
 //!
-//! 1. Per-packet cost of the gate (BPF_PROG_TEST_RUN, in-kernel timing), next to the
-//!    smallest possible XDP program measured in the same rounds: the difference is drain's.
+//! 1. Per-packet cost of the gate as deployed (BPF_PROG_TEST_RUN, in-kernel timing): three
+//!    gates made by `drain-user gate on` (default TTL, tracker attached; policy drop, reset
+//!    over its RST limit, reset sending), both programs (XDP and TC), each frame timed next
+//!    to a trivial program of the same hook. [`per_packet`] returns the rows (serializable)
+//!    and [`print_per_packet`] prints them as a markdown table with the targets.
 //! 2. Memory the kernel holds for a gate (memlock of each map, from fdinfo).
 //! 3. How soon the end of a drain is noticed: `drain-user wait` against the usual shell
 //!    loop that polls `ss` once a second, both watching the same connections close.
 //! 4. Drift: churn `DRAIN_SOAK` connections (default 200,000) through a gated port and
 //!    check the count returns to exactly zero.
+//!
+//! `DRAIN_BENCH_PER_PACKET_ONLY=1` stops after sections 1 and 2 (seconds instead of minutes).
 //!
 //! Shared machines are noisy: each figure is the median of several interleaved rounds,
 //! and only ratios within this run mean anything.
@@ -605,10 +610,10 @@ fn kernel_memory(bpf: &Ebpf) -> Result<()> {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0);
         total += kb;
-        println!("  {name:<14} {:>8} KiB", kb / 1024);
+        println!("  {name:<15} {:>8} KiB", kb / 1024);
     }
     println!(
-        "  {:<14} {:>8} KiB (DRAIN_SOCKS and the allowlists grow with use: no prealloc)",
+        "  {:<15} {:>8} KiB (DRAIN_SOCKS and the allowlists grow with use: no prealloc)",
         "total",
         total / 1024
     );
