@@ -228,7 +228,7 @@ pub fn verdict(start: usize, end: usize, hook: Hook) -> Verdict {
     stats.syns_refused += 1;
     // Only a refusal that would really be answered spends the RST budget (or counts as
     // limited): not on TC, not with IPv4 options or IPv6 extension headers.
-    if reset && req.plain_headers() {
+    if reset && req.plain {
         if clock.rst_allowed(now, cfg.rst_interval_ns, cfg.rst_burst) {
             return Verdict::Reset(req, slot);
         }

@@ -29,18 +29,27 @@ pub struct Request {
     pub l3: usize,
     /// Offset of the TCP header.
     pub l4: usize,
+    /// IPv4 without options or IPv6 without extension headers, at most two VLAN tags in:
+    /// the headers `reset::xdp` can turn around. Decided by the parser, where it is a
+    /// constant on the fast path.
+    pub plain: bool,
 }
 
 impl Request {
-    /// IPv4 without options or IPv6 without extension headers, at most two VLAN tags in:
-    /// the headers `reset::xdp` can turn around.
+    /// A request whose TCP header follows the fixed IP header of `family` at `l3`.
     #[inline(always)]
-    pub fn plain_headers(&self) -> bool {
-        let ip = match self.family {
+    fn new(dport: u16, family: Family, l3: usize, l4: usize) -> Self {
+        let ip = match family {
             Family::V4 => size_of::<Ipv4Hdr>(),
             Family::V6 => size_of::<Ipv6Hdr>(),
         };
-        self.l3 <= MAX_L3 && self.l4 == self.l3 + ip
+        Self {
+            dport,
+            family,
+            l3,
+            l4,
+            plain: l3 <= MAX_L3 && l4 == l3 + ip,
+        }
     }
 }
 
@@ -152,12 +161,12 @@ fn plain_v4(ip: &Ipv4Hdr, tcp: &TcpHdr, l3: usize) -> Option<Option<Request>> {
     if ip.proto != IPPROTO_TCP || !tcp.is_request() || ip.frag_offset() != 0 {
         return Some(None);
     }
-    Some(Some(Request {
-        dport: tcp.dport.get(),
-        family: Family::V4,
+    Some(Some(Request::new(
+        tcp.dport.get(),
+        Family::V4,
         l3,
-        l4: l3 + size_of::<Ipv4Hdr>(),
-    }))
+        l3 + size_of::<Ipv4Hdr>(),
+    )))
 }
 
 /// The fast path for IPv6 at `l3`: `Some(answer)`, or `None` to leave the frame to the full
@@ -169,12 +178,12 @@ fn plain_v6(ip: &Ipv6Hdr, tcp: &TcpHdr, l3: usize) -> Option<Option<Request>> {
         if !tcp.is_request() {
             return Some(None);
         }
-        return Some(Some(Request {
-            dport: tcp.dport.get(),
-            family: Family::V6,
+        return Some(Some(Request::new(
+            tcp.dport.get(),
+            Family::V6,
             l3,
-            l4: l3 + size_of::<Ipv6Hdr>(),
-        }));
+            l3 + size_of::<Ipv6Hdr>(),
+        )));
     }
     match ip.next_hdr {
         _ if ip.version() != 6 => Some(None),
@@ -273,10 +282,5 @@ fn tcp(
     if !tcp.is_request() {
         return Ok(None);
     }
-    Ok(Some(Request {
-        dport: tcp.dport.get(),
-        family,
-        l3,
-        l4: off,
-    }))
+    Ok(Some(Request::new(tcp.dport.get(), family, l3, off)))
 }

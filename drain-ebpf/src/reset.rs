@@ -71,7 +71,7 @@ fn fold(mut acc: u32) -> Be16 {
 /// dropped (it may be trimmed already).
 #[inline(always)]
 pub fn xdp(ctx: &XdpContext, req: &Request) -> Result<(), ()> {
-    if !req.plain_headers() {
+    if !req.plain {
         return Err(()); // IPv4 options, IPv6 extension headers, or tags beyond two
     }
     let v6 = req.family == Family::V6;
