@@ -212,7 +212,7 @@ impl<'a> Deployed<'a> {
         if !out.status.success() {
             bail!("gate on failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let dir = pair.drain_state_dir(ns);
+        let dir = pair.state_dir(ns);
         let bytes = std::fs::read(object_path())?;
         let mut bpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
