@@ -8,17 +8,21 @@
 //! - [`netns`]: a pair of network namespaces joined by a veth pair (RAII).
 //! - [`cli`]: running drain-user inside a test namespace.
 //! - [`traffic`]: servers and clients for connection-count tests.
+//! - [`web`]: nginx, HAProxy and wrk in test namespaces (end-to-end tests under load).
+//! - [`fleet`]: the fleet drill's hosts, balancer and Ansible controller.
 //!
 //! Everything here panics on error rather than returning `Result`: a failing helper is a
 //! failing test, and the panic message says what was being done.
 
 pub mod classify;
 pub mod cli;
+pub mod fleet;
 pub mod frames;
 pub mod netns;
 pub mod object;
 pub mod testrun;
 pub mod traffic;
+pub mod web;
 
 /// The drain-user binary under test: `$DRAIN_USER`, else the workspace's debug build
 /// (`cargo xtask test` builds it first).
