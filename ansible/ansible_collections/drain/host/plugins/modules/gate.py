@@ -206,6 +206,14 @@ status:
         rst_limited: 0
     allow: [127.0.0.0/8]
     tracker: {added: 40, removed: 37, insert_failed: 0, read_failed: 0}
+previous_status:
+  description:
+    - O(state=closed) and O(state=open). The status object before the action, with the
+      counters the gate gathered (for O(state=open), how many connection requests it refused
+      while it was closed: the counters are gone afterwards).
+  returned: when state is closed or open
+  type: dict
+  sample: {gate: "on", ports: [{port: 80, live_connections: 0, syns_refused: 37}]}
 ttl_renewed:
   description:
     - O(state=closed) only. V(true) when the gate was already closed with the same settings
@@ -471,8 +479,9 @@ def do_closed(module, gate, norm):
             % ", ".join(extra)
         )
     changed = bool(diffs)
+    renewed = not changed
     if module.check_mode:
-        module.exit_json(changed=changed, status=before, differences=diffs, ttl_renewed=not changed)
+        module.exit_json(changed=changed, status=before, previous_status=before, differences=diffs, ttl_renewed=renewed)
     args = ["gate", "on", "--port", ",".join(str(x) for x in norm["ports"]), "--ttl", norm["ttl"],
             "--policy", p["policy"], "--rst-rate", str(p["rst_rate"]), "--attach", p["attach"]]
     for name in p["interfaces"]:
@@ -483,19 +492,21 @@ def do_closed(module, gate, norm):
     after = gate.status()
     if after.get("gate") != "on":
         module.fail_json(msg="drain-user gate on succeeded but status says the gate is off", status=after, stdout=out)
-    module.exit_json(changed=changed, status=after, differences=diffs, ttl_renewed=not changed, stdout=out)
+    module.exit_json(
+        changed=changed, status=after, previous_status=before, differences=diffs, ttl_renewed=renewed, stdout=out
+    )
 
 
 def do_open(module, gate):
     before = gate.status()
     changed = gate_exists(before)
     if module.check_mode or not changed:
-        module.exit_json(changed=changed, status=before)
+        module.exit_json(changed=changed, status=before, previous_status=before)
     _rc, out, _err = gate.run(["gate", "off"])
     after = gate.status()
     if gate_exists(after):
         module.fail_json(msg="drain-user gate off succeeded but a gate is still there", status=after, stdout=out)
-    module.exit_json(changed=True, status=after, stdout=out)
+    module.exit_json(changed=True, status=after, previous_status=before, stdout=out)
 
 
 def parse_events(out):
