@@ -202,6 +202,18 @@ impl Host {
         crate::web::parse_status(&self.drain(&["status", "--json"]))
     }
 
+    /// `status --json` when it succeeds. `status` takes no lock, so while a `gate on` of
+    /// the playbook is half-way it can fail ("the gate state is incomplete"): pollers retry.
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        let out = ns_cmd(&self.ns, crate::drain_user_bin())
+            .args(["status", "--json"])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| crate::web::parse_status(&String::from_utf8_lossy(&out.stdout)))
+    }
+
     /// Lines `<event> <epoch seconds>` the playbook's stop and start commands appended.
     pub fn stamps(&self) -> Vec<(String, f64)> {
         fs::read_to_string(self.dir.join("stamps"))

@@ -648,7 +648,7 @@ impl Drop for Wrk {
 /// connection pausing [`FAST_PAUSE_MS`] between them: thousands a second, and CPU left
 /// for the rest of the test) and `slow` connections asking for /slow/<s>.bin (downloads of 6 to
 /// 14 s always in flight on every backend).
-pub const FAST_PAUSE_MS: u32 = 5;
+pub const FAST_PAUSE_MS: u32 = 10;
 
 pub struct Load {
     pub fast: Wrk,

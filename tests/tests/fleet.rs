@@ -187,22 +187,25 @@ fn report(fleet: &Fleet, title: &str, run: &Run) -> Vec<HostTimes> {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for (h, t) in fleet.hosts.iter().zip(&times) {
-        // Without a gate, the host leaves the balancer when nginx stops.
-        let detect_from = t.gate_on.or(t.stop_begin);
-        let ready_to = t.gate_off.or(t.lb_back);
+        // Without a gate, the host leaves the balancer when nginx stops, and comes back
+        // when it has started.
+        let gated = t.gate_on.is_some();
+        let (idle, ready) = if gated {
+            (span(t.lb_out, t.stop_begin), span(t.start_end, t.gate_off))
+        } else {
+            ("-".to_string(), "-".to_string())
+        };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {idle} | {} | {} | {} | {ready} | {} |",
             h.name,
             t.out_of_service()
                 .map_or("-".to_string(), |s| format!("{s:.2}")),
             span(t.gate_on, t.gate_off),
-            span(detect_from, t.lb_out),
-            span(t.lb_out, t.stop_begin),
+            span(t.gate_on.or(t.stop_begin), t.lb_out),
             span(t.stop_begin, t.stop_end),
             span(t.stop_end, t.start_begin),
             span(t.start_begin, t.start_end),
-            span(t.start_end, ready_to),
-            span(t.gate_off, t.lb_back),
+            span(t.gate_off.or(t.start_end), t.lb_back),
         );
     }
     println!(
@@ -212,7 +215,8 @@ fn report(fleet: &Fleet, title: &str, run: &Run) -> Vec<HostTimes> {
          pause for the balancer, `drain-user wait --idle 1s` for the pooled connections and the \
          slow responses in flight, task overhead); deploy = the deploy tasks between stop and \
          start; ready + open = readiness check and gate off; LB rise = gate open until HAProxy \
-         has the host UP again. Out of service = HAProxy sent the host no new requests."
+         has the host UP again (without drain: nginx started until UP). Out of service = HAProxy \
+         sent the host no new requests."
     );
     times
 }
@@ -361,7 +365,11 @@ fn fleet_killed_playbook_leaves_hosts_to_reopen_at_ttl() {
     let closed: Vec<usize> = loop {
         let on: Vec<usize> = (0..fleet.hosts.len())
             .filter(|&i| fleet.hosts[i].state_dir.exists())
-            .filter(|&i| fleet.hosts[i].status()["gate"] == "on")
+            .filter(|&i| {
+                fleet.hosts[i]
+                    .try_status()
+                    .is_some_and(|st| st["gate"] == "on")
+            })
             .collect();
         if on.len() == 2 || (!on.is_empty() && t.elapsed() > Duration::from_secs(120)) {
             break on;
@@ -373,8 +381,17 @@ fn fleet_killed_playbook_leaves_hosts_to_reopen_at_ttl() {
         );
         thread::sleep(Duration::from_millis(50));
     };
+    // Into the role's pause: the gate module has returned and the play waits.
+    thread::sleep(Duration::from_secs(1));
+    let pid = pb.pid();
     pb.kill();
     let killed_at = now();
+    let log = pb.log_text();
+    let task = log
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("TASK ["))
+        .unwrap_or("(no task started)");
     // Each closed host's deadline, from its own status.
     let deadlines: Vec<(usize, f64)> = closed
         .iter()
@@ -387,8 +404,7 @@ fn fleet_killed_playbook_leaves_hosts_to_reopen_at_ttl() {
         })
         .collect();
     println!(
-        "killed ansible-playbook (pid {}) with {} gate(s) closed: {}",
-        pb.pid(),
+        "killed ansible-playbook's process group (pid {pid}) in {task}, with {} gate(s) closed: {}",
         closed.len(),
         deadlines
             .iter()
