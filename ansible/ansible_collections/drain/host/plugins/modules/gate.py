@@ -24,7 +24,7 @@ description:
   - Every parameter is validated before anything on the host changes; C(drain-user) checks
     them again and exits 2 (usage) without changing anything if one is still wrong.
 author:
-  - drain authors
+  - drain authors !UNKNOWN
 requirements:
   - C(drain-user) on the managed host, run as root (or with CAP_BPF and CAP_NET_ADMIN).
   - Linux with BTF (C(/sys/kernel/btf/vmlinux)); kernel 6.6 or later for O(attach=tc).
@@ -52,7 +52,7 @@ options:
   ttl:
     description:
       - For O(state=closed). The kernel opens the gate by itself this long after the gate was
-        last closed (or last renewed by a wait), even when nothing is left running to open it:
+        last closed (or last renewed by a wait), even when nothing is left running to open it;
         a deploy that dies cannot leave the host dark.
       - A duration such as V(90s), V(15m), V(2h), V(1h30m); a bare number is seconds. V(none)
         disables the TTL (the gate then stays closed until O(state=open)).
@@ -150,10 +150,6 @@ notes:
     a readiness check to C(localhost) included: allowlist its source (V(127.0.0.0/8) and
     V(::1/128) for C(localhost)) in O(allow), as the M(drain.host.rolling_deploy) role does."
   - The gate is per network namespace.
-seealso:
-  - name: drain README
-    description: The CLI, the safety model and the measurements.
-    link: https://github.com/drain-project/drain
 """
 
 EXAMPLES = r"""
@@ -185,7 +181,7 @@ RETURN = r"""
 status:
   description:
     - The C(drain-user status --json) object after the action (in check mode, the current
-      one). RV(status.gate) is V(on) or V(off).
+      one). Its C(gate) key is V(on) or V(off).
   returned: always
   type: dict
   sample:
@@ -210,7 +206,7 @@ previous_status:
   description:
     - O(state=closed) and O(state=open). The status object before the action, with the
       counters the gate gathered (for O(state=open), how many connection requests it refused
-      while it was closed: the counters are gone afterwards).
+      while it was closed, since the counters are gone afterwards).
   returned: when state is closed or open
   type: dict
   sample: {gate: "on", ports: [{port: 80, live_connections: 0, syns_refused: 37}]}
