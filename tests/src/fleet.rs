@@ -214,6 +214,12 @@ impl Host {
             .then(|| crate::web::parse_status(&String::from_utf8_lossy(&out.stdout)))
     }
 
+    /// The role's `drain_report` fact for this host, as the playbook saved it.
+    pub fn report(&self) -> Option<serde_json::Value> {
+        let text = fs::read_to_string(self.dir.join("drain-report.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
     /// Lines `<event> <epoch seconds>` the playbook's stop and start commands appended.
     pub fn stamps(&self) -> Vec<(String, f64)> {
         fs::read_to_string(self.dir.join("stamps"))
@@ -598,6 +604,12 @@ impl Rollout {
       retries: 200
       delay: 0.1
       delegate_to: localhost
+    - name: keep the role's report of this host for the test
+      ansible.builtin.copy:
+        content: \"{{{{ drain_report | to_json }}}}\"
+        dest: \"{{{{ fleet_host_dir }}}}/drain-report.json\"
+        mode: \"0644\"
+      when: drain_report is defined
 ",
             version = self.version,
         )

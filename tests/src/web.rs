@@ -344,6 +344,8 @@ pub const CHECK_RISE: u32 = 2;
 ///   the backends (the connections drain must let finish);
 /// - `retries 3` + `option redispatch 1`: a refused or timed-out connect is retried on
 ///   another server, so a closed gate costs latency, not a failed request;
+/// - a log of the failed requests only (`option dontlog-normal`) in `haproxy.log`, read by
+///   [`HaProxy::logged_requests`];
 /// - an admin socket (`show stat`) and, when `stats` is given, a stats page at
 ///   `http://<stats>/stats` (`;csv` for machines) for playbooks to poll.
 pub struct HaProxy {
@@ -365,8 +367,12 @@ impl HaProxy {
             "global
     maxconn 4000
     stats socket {sock} mode 600 level admin
+    log stdout format raw daemon
 defaults
     mode http
+    log global
+    option httplog
+    option dontlog-normal
     timeout connect 500ms
     timeout client 60s
     timeout server 60s
@@ -430,6 +436,31 @@ backend fleet
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
+    }
+
+    /// The requests HAProxy logged (with `dontlog-normal`: those that failed, or needed a
+    /// retry or a redispatch), counted by "server status termination-state": `h1 200 ----`
+    /// served after a retry, `h1 200 SD--` the server closed the connection in the middle of
+    /// the body, `h1 503 SC--` every connection attempt failed.
+    pub fn logged_requests(&self) -> BTreeMap<String, u64> {
+        let mut by = BTreeMap::new();
+        for line in self
+            .daemon
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("\"GET "))
+        {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // client [date] frontend backend/server timers status bytes - - termination ...
+            let Some(i) = f.iter().position(|t| t.starts_with("fleet/")) else {
+                continue;
+            };
+            if let (Some(status), Some(term)) = (f.get(i + 2), f.get(i + 6)) {
+                let server = f[i].trim_start_matches("fleet/");
+                *by.entry(format!("{server} {status} {term}")).or_insert(0) += 1;
+            }
+        }
+        by
     }
 
     /// Status of each backend server (see [`show_stat`]).
