@@ -428,16 +428,6 @@ backend fleet
         lb
     }
 
-    /// One command on the admin socket; its answer.
-    pub fn admin(&self, command: &str) -> String {
-        let mut s = UnixStream::connect(&self.sock)
-            .unwrap_or_else(|e| panic!("haproxy admin socket {}: {e}", self.sock.display()));
-        s.write_all(format!("{command}\n").as_bytes()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    }
-
     /// The requests HAProxy logged (with `dontlog-normal`: those that failed, or needed a
     /// retry or a redispatch), counted by "server status termination-state": `h1 200 ----`
     /// served after a retry, `h1 200 SD--` the server closed the connection in the middle of
