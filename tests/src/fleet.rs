@@ -25,7 +25,7 @@
 use std::{
     fs,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    os::{fd::AsRawFd, unix::fs::MetadataExt, unix::process::CommandExt},
+    os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -142,36 +142,6 @@ impl Drop for Namespaces {
             }
         }
     }
-}
-
-/// Where drain pins the gate of namespace `ns`: /sys/fs/bpf/drain/<inode>-<cookie>.
-fn drain_state_dir(ns: &str) -> PathBuf {
-    let ino = fs::metadata(format!("/var/run/netns/{ns}"))
-        .unwrap_or_else(|e| panic!("stat namespace {ns}: {e}"))
-        .ino();
-    let cookie = crate::traffic::in_netns(ns, || {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket in the namespace");
-        let mut cookie = 0u64;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: a valid fd and an out-parameter of the size given. 71 = SO_NETNS_COOKIE.
-        let rc = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                71,
-                (&mut cookie as *mut u64).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "SO_NETNS_COOKIE: {}",
-            std::io::Error::last_os_error()
-        );
-        cookie
-    });
-    Path::new("/sys/fs/bpf/drain").join(format!("{ino}-{cookie}"))
 }
 
 /// One managed host.
@@ -362,7 +332,7 @@ Subsystem sftp internal-sftp
             cmd.args(["-D", "-e", "-f"]).arg(&cfg);
             let sshd = Daemon::spawn(&format!("sshd {name}"), cmd, &hdir.join("sshd.log"));
             let nginx = Nginx::new(&ns, &hdir, &format!("{WEB_PORT}"), WEB_PORT, "v1");
-            let state_dir = drain_state_dir(&ns);
+            let state_dir = crate::netns::drain_state_dir(&ns);
             hosts.push(Host {
                 name,
                 ns,

@@ -141,37 +141,13 @@ impl NetNsPair {
     /// SO_NETNS_COOKIE of one of the pair's namespaces (read from a socket made inside it).
     pub fn netns_cookie(&self, ns: &str) -> u64 {
         self.check_ns(ns);
-        self.in_ns(ns, || {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket in the namespace");
-            let mut cookie = 0u64;
-            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-            // SAFETY: a valid fd and an out-parameter of the size given. 71 = SO_NETNS_COOKIE.
-            let rc = unsafe {
-                libc::getsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    71,
-                    (&mut cookie as *mut u64).cast(),
-                    &mut len,
-                )
-            };
-            assert_eq!(
-                rc,
-                0,
-                "SO_NETNS_COOKIE: {}",
-                std::io::Error::last_os_error()
-            );
-            cookie
-        })
+        netns_cookie(ns)
     }
 
     /// Where drain pins the gate of namespace `ns`: /sys/fs/bpf/drain/<inode>-<cookie>.
     pub fn drain_state_dir(&self, ns: &str) -> std::path::PathBuf {
-        std::path::Path::new("/sys/fs/bpf/drain").join(format!(
-            "{}-{}",
-            self.netns_inode(ns),
-            self.netns_cookie(ns)
-        ))
+        self.check_ns(ns);
+        drain_state_dir(ns)
     }
 
     fn check_ns(&self, ns: &str) {
@@ -209,6 +185,43 @@ impl Drop for NetNsPair {
             }
         }
     }
+}
+
+/// SO_NETNS_COOKIE of namespace `ns` (any name under /var/run/netns), read from a socket
+/// made inside it.
+pub fn netns_cookie(ns: &str) -> u64 {
+    crate::traffic::in_netns(ns, || {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket in the namespace");
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: a valid fd and an out-parameter of the size given. 71 = SO_NETNS_COOKIE.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                71,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "SO_NETNS_COOKIE: {}",
+            std::io::Error::last_os_error()
+        );
+        cookie
+    })
+}
+
+/// Where drain pins the gate of namespace `ns` (any name under /var/run/netns):
+/// /sys/fs/bpf/drain/<inode>-<cookie>.
+pub fn drain_state_dir(ns: &str) -> std::path::PathBuf {
+    let path = NetNsPair::handle(ns);
+    let ino = std::fs::metadata(&path)
+        .unwrap_or_else(|e| panic!("stat {path}: {e}"))
+        .ino();
+    std::path::Path::new("/sys/fs/bpf/drain").join(format!("{ino}-{}", netns_cookie(ns)))
 }
 
 /// Runs `ip args...`, panicking with its stderr on failure; returns its stdout.
