@@ -42,6 +42,8 @@ use crate::web::{
 
 /// The fabric's /24; .2 is the balancer, .3 the controller, hosts from .11 on.
 const NET: [u8; 3] = [198, 18, 100];
+/// The idle window of the role's wait (`drain_idle`).
+pub const IDLE: &str = "2s";
 /// The web port on each host, the one drain gates.
 pub const WEB_PORT: u16 = 80;
 /// The ansible-core the drill installs (2.19 is the newest that runs on Debian 12's Python
@@ -541,7 +543,9 @@ impl Rollout {
             "drain_policy": self.policy,
             "drain_attach": "xdp",
             "drain_wait_timeout": "60s",
-            "drain_idle": "1s",
+            // Longer than the ~1 s gaps of nginx's limit_rate, which sends each second's
+            // allowance in one burst: a download must not look idle between bursts.
+            "drain_idle": IDLE,
             "drain_wait_for_lb": self.wait_for_lb,
             "drain_stop_command": stop,
             "drain_start_command": start,

@@ -22,7 +22,7 @@ use std::{
 };
 
 use drain_tests::{
-    fleet::{drain_processes_in, now, Change, Event, Fleet, Rollout, WEB_PORT},
+    fleet::{drain_processes_in, now, Change, Event, Fleet, Rollout, IDLE, WEB_PORT},
     web::{
         connects, http_get, port_counter, Load, WrkResult, CHECK_FALL, CHECK_INTER_MS, CHECK_RISE,
     },
@@ -227,7 +227,7 @@ fn report(fleet: &Fleet, title: &str, run: &Run) -> Vec<HostTimes> {
         "\nHAProxy checks every {CHECK_INTER_MS} ms, DOWN after {CHECK_FALL} failures, UP after \
          {CHECK_RISE} successes. Columns: LB detection = gate closed (or nginx stopping, without \
          drain) until HAProxy takes the host out; idle wait = until the role stops nginx (its \
-         pause for the balancer, `drain-user wait --idle 1s` for the pooled connections and the \
+         pause for the balancer, `drain-user wait --idle {IDLE}` for the pooled connections and the \
          downloads in flight, task overhead), of which drain-user's own wait as the role \
          reports it; deploy = the deploy tasks between stop and \
          start; ready + open = readiness check and gate off; LB rise = gate open until HAProxy \

@@ -176,7 +176,9 @@ fn nginx_restart_under_load_through_a_balancer_fails_no_request_with_drain_and_s
         "a new connection got through the gate"
     );
     let t = Instant::now();
-    let waited = drain.run(&["wait", "--timeout", "60s", "--idle", "1s", "--json"]);
+    // An idle window longer than the ~1 s gaps of nginx's limit_rate (it sends each
+    // second's allowance in one burst), so a download in flight never looks idle.
+    let waited = drain.run(&["wait", "--timeout", "60s", "--idle", "2s", "--json"]);
     waited.expect_ok();
     // The last JSON event says how the wait ended.
     let last: serde_json::Value = waited
