@@ -125,7 +125,8 @@ attributes:
       - For O(state=closed) and O(state=open) the module compares the wanted state with
         C(drain-user status --json) and changes nothing.
       - For O(state=drained) and O(state=idle) it does not wait; it reports the live count
-        now (a wait with a zero deadline, which does not renew the TTL).
+        now (a wait with a zero deadline, which does not renew the TTL; without a gate,
+        drain-user counts with a tracker that lives only for that call).
   diff_mode:
     description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
