@@ -149,7 +149,7 @@ notes:
     nothing on the host. A wait renews the TTL of a closed gate while it runs."
   - "A closed gate on C(lo) also refuses the host's own new connections to the gated ports,
     a readiness check to C(localhost) included: allowlist its source (V(127.0.0.0/8) and
-    V(::1/128) for C(localhost)) in O(allow), as the M(drain.host.rolling_deploy) role does."
+    V(::1/128) for C(localhost)) in O(allow), as the C(drain.host.rolling_deploy) role does."
   - The gate is per network namespace.
 """
 
