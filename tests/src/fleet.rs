@@ -513,8 +513,8 @@ pub struct Rollout {
     /// drop | reset
     pub policy: String,
     pub ttl: String,
-    /// Seconds the role pauses after closing the gate (the balancer's detection time).
-    pub wait_for_lb: f64,
+    /// Whole seconds the role pauses after closing the gate (the balancer's detection time).
+    pub wait_for_lb: u32,
 }
 
 impl Rollout {
