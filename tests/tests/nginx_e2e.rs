@@ -145,8 +145,11 @@ fn nginx_restart_under_load_through_a_balancer_fails_no_request_with_drain_and_s
         let w = World::new("plain");
         let mut s = w.stack();
         let took = s.restart_under_load();
+        let logged = s.lb.logged_requests();
         let r = s.finish();
-        println!("without drain: restart took {took:?}; {r:?}");
+        println!(
+            "without drain: restart took {took:?}; {r:?}; HAProxy retried or failed: {logged:?}"
+        );
         r
     };
     // The teeth: the balancer's retries cover new connections a stopped nginx refuses,
