@@ -28,17 +28,13 @@ if [ "$(cat "$venv/.pins" 2>/dev/null)" != "$stamp" ]; then
 fi
 py=$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-# ansible-test bootstraps pip in each per-test virtualenv with a script it downloads from
-# ci-files.testing.ansible.com; where that host is unreachable, an equivalent built from the
-# standard library's ensurepip does the same job (then pip installs the pinned pip from PyPI).
+# ansible-test bootstraps pip in each per-test virtualenv with a script it would download
+# from a host outside the package registries; an equivalent built from the standard
+# library's ensurepip does the same job (pip then installs the pinned pip from PyPI).
 getpip=$HOME/.ansible/test/cache/get_pip_24_2.py
 if [ ! -s "$getpip" ]; then
     mkdir -p "$(dirname "$getpip")"
-    if ! "$venv/bin/python" - "$getpip" <<'EOF'; then
-import sys, urllib.request
-urllib.request.urlretrieve("https://ci-files.testing.ansible.com/ansible-test/get-pip-24.2.py", sys.argv[1])
-EOF
-        cat >"$getpip" <<'EOF'
+    cat >"$getpip" <<'EOF'
 # Stand-in for ansible-test's pip bootstrap script: ensurepip, then install what was asked.
 import subprocess
 import sys
@@ -47,7 +43,6 @@ subprocess.check_call([sys.executable, "-m", "ensurepip", "--default-pip"], stdo
 args = [a for a in sys.argv[1:] if a not in ("--no-setuptools", "--no-wheel")]
 subprocess.check_call([sys.executable, "-m", "pip", "install"] + args)
 EOF
-    fi
 fi
 
 # ansible-lint installs the collection it lints into ANSIBLE_HOME: keep that in the venv.

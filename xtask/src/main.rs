@@ -36,7 +36,8 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// cargo fmt --check, and clippy -D warnings on the user crates and on the eBPF crate.
+    /// cargo fmt --check, clippy -D warnings on the user crates and on the eBPF crate, and
+    /// the Ansible collection's linters (ansible-test sanity, ansible-lint).
     Lint,
     /// Show drain working in throwaway network namespaces (needs root).
     Demo,
@@ -204,7 +205,11 @@ fn lint() -> Result<()> {
         "warnings",
     ]))
     .context("clippy (user crates) failed")?;
-    run(ebpf_cargo("clippy").args(["--", "-D", "warnings"])).context("clippy (eBPF crate) failed")
+    run(ebpf_cargo("clippy").args(["--", "-D", "warnings"])).context("clippy (eBPF crate) failed")?;
+    // The Ansible collection's Python and YAML: ansible-test sanity and ansible-lint,
+    // pinned, in a virtualenv the script makes under target/ on first use.
+    run(Command::new("bash").arg(root.join("ansible/lint.sh")))
+        .context("linting the Ansible collection failed")
 }
 
 /// bpffs at /sys/fs/bpf: drain-user mounts it by itself, but the tests that load programs
