@@ -9,12 +9,21 @@ use clap::{Parser, Subcommand};
 use drain_common::{POLICY_DROP, POLICY_RESET};
 use ipnet::IpNet;
 
+/// `--version`: the crate version and the first 12 hex digits of the SHA-256 of the kernel
+/// object built into the binary (`none`: built without it).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (kernel object sha256 ",
+    env!("DRAIN_EBPF_SHA256"),
+    ")"
+);
+
 /// Refuse new TCP connections on chosen ports while established ones finish, then restore.
 ///
 /// State lives in pinned BPF objects (/sys/fs/bpf/drain/<netns>), one gate per network
 /// namespace; no daemon runs. Exit codes: 0 ok, 1 error, 2 bad usage, 3 `wait` timed out.
 #[derive(Debug, Parser)]
-#[command(name = "drain-user", version)]
+#[command(name = "drain-user", version = VERSION)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

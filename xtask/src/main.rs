@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod package;
 mod toolchain;
 
 use std::{
@@ -41,6 +42,9 @@ enum Task {
     Demo,
     /// Per-packet cost, kernel memory and drain-notice latency, as side-by-side ratios.
     Bench,
+    /// The Debian package (target/debian/*.deb): release binary, man pages, shell
+    /// completions, examples, README and licences. Installs cargo-deb if missing.
+    Deb,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::Build { release } => build(release),
         Task::Test { args } => test(&args),
         Task::Lint => lint(),
+        Task::Deb => package::deb().map(drop),
         Task::Bench => {
             build(false)?;
             ensure_bpffs()?;
@@ -80,7 +85,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// Cargo's target directory: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
@@ -129,7 +134,7 @@ fn build_ebpf() -> Result<()> {
     run(&mut ebpf_cargo("build")).context("building the eBPF programs failed")
 }
 
-fn build(release: bool) -> Result<()> {
+pub fn build(release: bool) -> Result<()> {
     build_ebpf()?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
@@ -208,6 +213,8 @@ fn ensure_test_packages() -> Result<()> {
         ("ss", "iproute2"),
         ("nsenter", "util-linux"),
         ("bpftool", "bpftool"),
+        // The package test reads the installed man page.
+        ("man", "man-db"),
     ];
     let have = |bin: &str| {
         ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
