@@ -31,6 +31,32 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Preflight: can a gate work in this network namespace? Changes nothing.
+    ///
+    /// Probes the kernel version and the BPF features drain uses, BTF, bpffs, privileges,
+    /// and each interface's XDP/TCX hooks. Exit 0 when a gate with these options can work
+    /// here, 1 with the first blocking problem and what to do. Runs without privileges too
+    /// (and then says they are missing).
+    ///
+    /// Example: drain-user check --port 80,443 --attach xdp --json
+    Check {
+        /// Ports the gate would hold (repeatable or comma-separated; at most 64).
+        #[arg(long = "port", short = 'p', value_delimiter = ',',
+              value_parser = clap::value_parser!(u16).range(1..))]
+        ports: Vec<u16>,
+        /// Interface the gate would use (repeatable). Default: every interface that is up.
+        #[arg(long = "iface", short = 'i')]
+        ifaces: Vec<String>,
+        /// The hook `gate on` would be asked for.
+        #[arg(long, value_enum, default_value_t = AttachChoice::Xdp)]
+        attach: AttachChoice,
+        /// The policy `gate on` would be asked for.
+        #[arg(long, value_enum, default_value_t = Policy::Drop)]
+        policy: Policy,
+        /// One JSON object: {"ok", "problem", "kernel", "checks", "interfaces"}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Turn the gate on or off.
     Gate {
         #[command(subcommand)]

@@ -20,8 +20,10 @@
 //! | [`diag`] | sock_diag (inet_diag) dumps of TCP connections |
 //! | [`netlink`] | netlink dump requests, shared by `iface` and `diag` |
 //! | [`btf`] | struct member offsets from the kernel's BTF |
+//! | [`check`] | `check`: the preflight (probes, and the decision made from them) |
 
 pub mod btf;
+pub mod check;
 pub mod cli;
 pub mod diag;
 pub mod gate;
@@ -46,8 +48,36 @@ use crate::cli::{usage, Cli, Command, Exit, GateAction};
 /// Runs one command. Errors carry their whole context; a [`cli::UsageError`] among them
 /// means exit 2, an [`output::Closed`] a quiet exit 0.
 pub fn run(cli: Cli) -> Result<Exit> {
-    require_privileges()?;
+    // The preflight reports missing privileges instead of stopping at them.
+    if !matches!(cli.command, Command::Check { .. }) {
+        require_privileges()?;
+    }
     match cli.command {
+        Command::Check {
+            ports,
+            ifaces,
+            attach,
+            policy,
+            json,
+        } => {
+            if ports.len() > drain_common::MAX_GATED_PORTS as usize {
+                return Err(usage(format!(
+                    "{} ports given: a gate holds at most {}",
+                    ports.len(),
+                    drain_common::MAX_GATED_PORTS
+                )));
+            }
+            let report = check::decide(&check::probe(&ifaces)?, &check::Wanted { attach, policy });
+            if json {
+                outln!("{}", serde_json::to_string(&report)?)?;
+            } else {
+                output::out(format_args!("{}", check::human(&report).trim_end()))?;
+            }
+            if let Some(problem) = &report.problem {
+                errln!("drain-user: error: {problem}")?;
+                return Ok(Exit::Failure);
+            }
+        }
         Command::Gate {
             action:
                 GateAction::On {
@@ -133,17 +163,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
 /// One clear line instead of a cascade of EPERMs: loading BPF and attaching to interfaces
 /// need CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN.
 fn require_privileges() -> Result<()> {
-    const CAP_NET_ADMIN: u32 = 12;
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_BPF: u32 = 39;
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |c: u32| eff & (1 << c) != 0;
-    if !(has(CAP_NET_ADMIN) && (has(CAP_BPF) || has(CAP_SYS_ADMIN))) {
+    if !check::Caps::current().can_gate() {
         bail!("drain-user needs root (or CAP_BPF and CAP_NET_ADMIN): rerun it with sudo");
     }
     Ok(())
