@@ -66,9 +66,20 @@ pub enum Command {
     ///
     /// Example: drain-user status --json
     Status {
-        /// One JSON object: {"gate", "expired", "ttl_remaining_ms", "interfaces", "ports", "allow"}.
-        #[arg(long)]
+        /// Same as --format json.
+        #[arg(long, conflicts_with = "format")]
         json: bool,
+        /// text (default); json: one object {"gate", "expired", "ttl_remaining_ms",
+        /// "interfaces", "ports", "allow", "tracker"}; prometheus: the text exposition
+        /// format (drain_* metrics, port as a label).
+        #[arg(long, value_enum)]
+        format: Option<StatusFormat>,
+        /// Write the Prometheus metrics to this file instead (atomically: a temporary file
+        /// in the same directory, then rename), for node_exporter's textfile collector.
+        ///
+        /// Example: drain-user status --textfile /var/lib/prometheus/node-exporter/drain.prom
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["format", "json"])]
+        textfile: Option<std::path::PathBuf>,
     },
     /// Block until no connection is left on the ports (exit 0), or the timeout passes
     /// (exit 3, listing what is left).
@@ -137,6 +148,14 @@ pub enum GateAction {
     ///
     /// Example: drain-user gate off
     Off,
+}
+
+/// `status --format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatusFormat {
+    Text,
+    Json,
+    Prometheus,
 }
 
 /// How `gate on` may attach where it has to attach anew.

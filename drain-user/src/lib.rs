@@ -15,6 +15,7 @@
 //! | [`state`] | [`state::OpenGate`]: one gate's pinned maps, opened once (switch, TTL, ports, counters, allowlists) |
 //! | [`track`] | the connection tracker: attach, seed, and [`track::Tracker`] (live counts, its set, its counters) |
 //! | [`status`] | `status`: collecting and printing it |
+//! | [`metrics`] | `status --format prometheus` / `--textfile`: the Prometheus exposition |
 //! | [`wait`] | `wait`: the poll loop and its outcome; `wait/report.rs` prints it (JSON, text, progress line) |
 //! | [`iface`] | the namespace's interfaces and the programs attached to them |
 //! | [`diag`] | sock_diag (inet_diag) dumps of TCP connections |
@@ -28,6 +29,7 @@ pub mod cli;
 pub mod diag;
 pub mod gate;
 pub mod iface;
+pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod object;
@@ -43,7 +45,7 @@ use std::collections::BTreeSet;
 
 use anyhow::{bail, Result};
 
-use crate::cli::{usage, Cli, Command, Exit, GateAction};
+use crate::cli::{usage, Cli, Command, Exit, GateAction, StatusFormat};
 
 /// Runs one command. Errors carry their whole context; a [`cli::UsageError`] among them
 /// means exit 2, an [`output::Closed`] a quiet exit 0.
@@ -147,13 +149,30 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 format: wait::Format::pick(json),
             }));
         }
-        Command::Status { json } => {
+        Command::Status {
+            json,
+            format,
+            textfile,
+        } => {
             let st = status::collect()?;
-            if json {
-                outln!("{}", serde_json::to_string(&st)?)?;
-            } else {
-                let text = status::human(&st);
-                output::out(format_args!("{}", text.trim_end_matches('\n')))?;
+            if let Some(path) = textfile {
+                metrics::write_textfile(&path, &metrics::prometheus(&st)?)?;
+                return Ok(Exit::Success);
+            }
+            let format = match (json, format) {
+                (true, _) => StatusFormat::Json,
+                (false, f) => f.unwrap_or(StatusFormat::Text),
+            };
+            match format {
+                StatusFormat::Json => outln!("{}", serde_json::to_string(&st)?)?,
+                StatusFormat::Prometheus => {
+                    let text = metrics::prometheus(&st)?;
+                    output::out(format_args!("{}", text.trim_end_matches('\n')))?;
+                }
+                StatusFormat::Text => {
+                    let text = status::human(&st);
+                    output::out(format_args!("{}", text.trim_end_matches('\n')))?;
+                }
             }
         }
     }

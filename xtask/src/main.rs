@@ -221,11 +221,20 @@ fn ensure_test_packages() -> Result<()> {
             .iter()
             .any(|d| Path::new(d).join(bin).exists())
     };
-    let missing: Vec<&str> = wanted
+    let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(bin, _)| !have(bin))
         .map(|(_, pkg)| *pkg)
         .collect();
+    // The metrics test makes a venv (for a Prometheus parser from PyPI): Debian splits
+    // ensurepip off python3.
+    if !Command::new("python3")
+        .args(["-c", "import ensurepip"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        missing.push("python3-venv");
+    }
     if missing.is_empty() {
         return Ok(());
     }
