@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray},
 };
 use drain_common::{
-    GateConfig, PortStats, ALLOW_V4, ALLOW_V6, GATE_ON, MAX_ALLOW_PREFIXES, MAX_GATED_PORTS,
-    POLICY_RESET,
+    GateConfig, PortStats, ALLOW_V4, ALLOW_V6, EVENT_REFUSED_DROP, EVENT_REFUSED_RST, GATE_ON,
+    MAX_ALLOW_PREFIXES, MAX_GATED_PORTS, POLICY_RESET,
 };
 
 use crate::parse::{self, Request, Source};
@@ -64,27 +64,14 @@ pub fn count_rst(slot: u32) {
     }
 }
 
-/// GCRA: one RST per `interval` on average, `burst` at once. True = send.
-/// `next` is the earliest time of the next RST; holding it no lower than
-/// `now - interval * (burst - 1)` caps what an idle bucket saves up at `burst` sends.
+/// One RST per `interval` on average, `burst` at once (GCRA). True = send.
 #[inline(always)]
 fn rst_allowed(now: u64, interval: u64, burst: u64) -> bool {
     let Some(next) = RST_RL.get_ptr_mut(0) else {
         return false;
     };
     // SAFETY: per-CPU value, only this CPU touches it while this program runs.
-    let next = unsafe { &mut *next };
-    // Plain multiply: user space keeps interval * burst far below 2^64 (a checked one
-    // would need 128-bit arithmetic, which BPF lacks).
-    let floor = now.saturating_sub(interval.wrapping_mul(burst.saturating_sub(1)));
-    if *next < floor {
-        *next = floor;
-    }
-    if *next > now {
-        return false;
-    }
-    *next += interval;
-    true
+    crate::ratelimit::gcra(unsafe { &mut *next }, now, interval, burst)
 }
 
 /// Decides one frame. Only a connection request to a gated port reaches past the first
@@ -137,9 +124,11 @@ pub fn verdict(start: usize, end: usize, hook: Hook) -> Verdict {
     // limited): not on TC, not with IPv4 options or IPv6 extension headers.
     if cfg.policy == POLICY_RESET && hook == Hook::Xdp && req.plain_headers() {
         if rst_allowed(now, cfg.rst_interval_ns, cfg.rst_burst) {
+            crate::watch::refused(start, end, &req, EVENT_REFUSED_RST);
             return Verdict::Reset(req, slot);
         }
         stats.rst_limited += 1;
     }
+    crate::watch::refused(start, end, &req, EVENT_REFUSED_DROP);
     Verdict::Refuse
 }

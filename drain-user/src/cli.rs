@@ -81,6 +81,25 @@ pub enum Command {
         #[arg(long, value_name = "PATH", conflicts_with_all = ["format", "json"])]
         textfile: Option<std::path::PathBuf>,
     },
+    /// Live view of the gate: refused SYNs, connections closing, the TTL running out.
+    ///
+    /// Each refused SYN (source address and port, destination port, drop or rst), each
+    /// tracked connection leaving the live set (with the count left on its port), the TTL
+    /// running out. The kernel samples events (--rate); what it held back is counted and
+    /// shown once a second. Ends when the gate is turned off.
+    ///
+    /// Example: drain-user watch --json --duration 5m
+    Watch {
+        /// One JSON object per line: {"event": "refused"|"left"|"limited"|"ttl_expired"|"gate_off", ...}.
+        #[arg(long)]
+        json: bool,
+        /// Most events per second of each kind (refused, closed), all CPUs together.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        rate: u32,
+        /// Stop after this long (e.g. 30s, 5m). Default: until Ctrl-C or `gate off`.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+    },
     /// Block until no connection is left on the ports (exit 0), or the timeout passes
     /// (exit 3, listing what is left).
     ///

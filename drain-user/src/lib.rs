@@ -17,6 +17,7 @@
 //! | [`status`] | `status`: collecting and printing it |
 //! | [`metrics`] | `status --format prometheus` / `--textfile`: the Prometheus exposition |
 //! | [`wait`] | `wait`: the poll loop and its outcome; `wait/report.rs` prints it (JSON, text, progress line) |
+//! | [`watch`] | `watch`: the live view (kernel events from a ring buffer) |
 //! | [`iface`] | the namespace's interfaces and the programs attached to them |
 //! | [`diag`] | sock_diag (inet_diag) dumps of TCP connections |
 //! | [`netlink`] | netlink dump requests, shared by `iface` and `diag` |
@@ -40,6 +41,7 @@ pub mod status;
 pub mod sys;
 pub mod track;
 pub mod wait;
+pub mod watch;
 
 use std::collections::BTreeSet;
 
@@ -133,6 +135,15 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 outln!("gate off: no gate in this network namespace (already off)")?;
             }
         }
+        Command::Watch {
+            json,
+            rate,
+            duration,
+        } => watch::watch(&watch::WatchArgs {
+            json,
+            rate,
+            duration,
+        })?,
         Command::Wait {
             ports,
             timeout,
