@@ -26,6 +26,15 @@ use crate::netns::NetNsPair;
 /// `status --json` and `wait --json` output.
 pub use serde_json::Value as Json;
 
+/// A `run_via` wrapper that runs drain-user as nobody, with no capabilities.
+pub const NOBODY: &[&str] = &[
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+];
+
 /// Longest a single CLI call may take before the test fails (it takes the per-namespace
 /// lock, so a hung call would otherwise hang every later one).
 pub const CLI_DEADLINE: Duration = Duration::from_secs(30);

@@ -5,7 +5,7 @@
 //! synthetic probes in drain-user/src/check.rs.)
 
 use drain_tests::{
-    cli::{CliOutput, Drain, Json, JsonExt},
+    cli::{CliOutput, Drain, Json, JsonExt, NOBODY},
     netns::NetNsPair,
     object::{link_xdp, ForeignXdp, PinDir},
 };
@@ -109,20 +109,7 @@ fn check_reports_a_foreign_xdp_program_and_blocks_attach_xdp_only() {
         .run(&["check", "--iface", &pair.veth_a, "--json"])
         .expect_ok();
     let pins = PinDir::new();
-    let pin = pins.path().join("foreign");
-    let foreign = ForeignXdp::load_pinned(&pin);
-    drain.sh(
-        "ip",
-        &[
-            "link",
-            "set",
-            "dev",
-            &pair.veth_a,
-            "xdp",
-            "pinned",
-            &pin.to_string_lossy(),
-        ],
-    );
+    let foreign = ForeignXdp::attach_with_ip(&pair, &pair.a, &pair.veth_a, &pins);
     let args = |attach: &'static str| {
         [
             "check",
@@ -174,13 +161,7 @@ fn check_reports_a_foreign_xdp_program_and_blocks_attach_xdp_only() {
 fn check_without_privileges_blocks_and_says_why() {
     let pair = NetNsPair::new();
     let drain = Drain::new(&pair, &pair.a);
-    let nobody: &[&str] = &[
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-    ];
+    let nobody = NOBODY;
     let out = drain.run_via(nobody, &["check", "--json"]);
     out.expect_code(1);
     let r = json(&out);
