@@ -9,7 +9,7 @@
 //! | [`output`] | stdout/stderr lines that end the command quietly on EPIPE |
 //! | [`object`] | the embedded eBPF object and loading it |
 //! | [`netns`] | network-namespace identity (inode + cookie), the state directory name, liveness and orphaned state |
-//! | [`pins`] | every pin path in bpffs, mounting bpffs, the lock |
+//! | [`pins`] | every pin path in bpffs, mounting bpffs, trusting what is there (owner, mode, no symlink), the lock |
 //! | [`sys`] | the raw bpf(2) commands aya lacks (link detach) |
 //! | [`gate`] | `gate on` / `gate off`: attach, pin, tear down |
 //! | [`state`] | [`state::OpenGate`]: one gate's pinned maps, opened once (switch, TTL, ports, counters, allowlists) |
@@ -19,6 +19,7 @@
 //! | [`wait`] | `wait`: the poll loop and its outcome; `wait/report.rs` prints it (JSON, text, progress line) |
 //! | [`watch`] | `watch`: the live view (kernel events from a ring buffer) |
 //! | [`iface`] | the namespace's interfaces and the programs attached to them |
+//! | [`links`] | what the kernel says about each pinned link: attached here, detached, moved away |
 //! | [`diag`] | sock_diag (inet_diag) dumps of TCP connections |
 //! | [`netlink`] | netlink dump requests, shared by `iface` and `diag` |
 //! | [`btf`] | struct member offsets from the kernel's BTF |
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod diag;
 pub mod gate;
 pub mod iface;
+pub mod links;
 pub mod metrics;
 pub mod netlink;
 pub mod netns;
@@ -52,10 +54,19 @@ use crate::cli::{usage, Cli, Command, Exit, GateAction, StatusFormat};
 /// Runs one command. Errors carry their whole context; a [`cli::UsageError`] among them
 /// means exit 2, an [`output::Closed`] a quiet exit 0.
 pub fn run(cli: Cli) -> Result<Exit> {
+    // `gate on` and `wait` load the tracker, a tracing program: CAP_PERFMON too.
+    let tracing = matches!(
+        cli.command,
+        Command::Wait { .. }
+            | Command::Gate {
+                action: GateAction::On { .. }
+            }
+    );
     // The preflight reports missing privileges instead of stopping at them.
     if !matches!(cli.command, Command::Check { .. }) {
-        require_privileges()?;
+        require_privileges(tracing)?;
     }
+    pins::check_mount_namespace()?;
     match cli.command {
         Command::Check {
             ports,
@@ -103,13 +114,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 policy,
                 rst_rate,
             };
-            if args.ports.len() > drain_common::MAX_GATED_PORTS as usize {
-                return Err(usage(format!(
-                    "{} ports given: a gate holds at most {}",
-                    args.ports.len(),
-                    drain_common::MAX_GATED_PORTS
-                )));
-            }
+            args.validate()?;
             let targets = iface::resolve(&args.ifaces)?;
             if targets.is_empty() {
                 bail!("no interface is up in this network namespace: name one with --iface");
@@ -191,10 +196,16 @@ pub fn run(cli: Cli) -> Result<Exit> {
 }
 
 /// One clear line instead of a cascade of EPERMs: loading BPF and attaching to interfaces
-/// need CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN.
-fn require_privileges() -> Result<()> {
-    if !check::Caps::current().can_gate() {
-        bail!("drain-user needs root (or CAP_BPF and CAP_NET_ADMIN): rerun it with sudo");
+/// need CAP_BPF and CAP_NET_ADMIN; a tracing program (the tracker) also CAP_PERFMON
+/// (kernel/bpf/syscall.c, bpf_prog_load: tracing types need perfmon_capable()).
+/// CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON.
+fn require_privileges(tracing: bool) -> Result<()> {
+    let caps = check::Caps::current();
+    if !(caps.can_gate() && (caps.can_trace() || !tracing)) {
+        bail!(
+            "drain-user needs root (or CAP_BPF, CAP_NET_ADMIN and, for `gate on` and `wait`, \
+             CAP_PERFMON): rerun it with sudo"
+        );
     }
     Ok(())
 }
