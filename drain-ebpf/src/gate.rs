@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray},
 };
 use drain_common::{
-    CpuClock, GateConfig, PortStats, ALLOW_V4, ALLOW_V6, CLOCK_REREAD_NS, GATE_ON,
-    MAX_ALLOW_PREFIXES, MAX_GATED_PORTS, POLICY_RESET,
+    CpuClock, GateConfig, PortStats, ALLOW_V4, ALLOW_V6, CLOCK_REREAD_NS, EVENT_REFUSED_DROP,
+    EVENT_REFUSED_RST, GATE_ON, MAX_ALLOW_PREFIXES, MAX_GATED_PORTS, POLICY_RESET,
 };
 
 use crate::{
@@ -116,10 +116,8 @@ impl Clock {
         self.read()
     }
 
-    /// GCRA: one RST per `interval` on average, `burst` at once. True = send.
-    /// `rst_next_ns` is the earliest time of the next RST; holding it no lower than
-    /// `now - interval * (burst - 1)` caps what an idle bucket saves up at `burst` sends.
-    /// `now` may lag the true time by up to a tick ([`Clock::recent`]): the limiter then
+    /// One RST per `interval` on average, `burst` at once ([`crate::ratelimit::gcra`]).
+    /// True = send. `now` may lag the true time by up to a tick ([`Clock::recent`]): the limiter then
     /// runs on a clock that is slightly late, which can delay a RST but never lets more
     /// through.
     #[inline(always)]
@@ -128,20 +126,7 @@ impl Clock {
             return false;
         };
         // SAFETY: per-CPU value, only this CPU touches it while this program runs.
-        let next = unsafe { &mut (*c).rst_next_ns };
-        // Over the limit, the common case under a flood, first: the floor is at most `now`,
-        // so it could not have moved a `next` that lies beyond `now`.
-        if *next > now {
-            return false;
-        }
-        // Plain multiply: user space keeps interval * burst far below 2^64 (a checked one
-        // would need 128-bit arithmetic, which BPF lacks).
-        let floor = now.saturating_sub(interval.wrapping_mul(burst.saturating_sub(1)));
-        if *next < floor {
-            *next = floor;
-        }
-        *next += interval;
-        true
+        crate::ratelimit::gcra(unsafe { &mut (*c).rst_next_ns }, now, interval, burst)
     }
 }
 
@@ -230,9 +215,11 @@ pub fn verdict(start: usize, end: usize, hook: Hook) -> Verdict {
     // limited): not on TC, not with IPv4 options or IPv6 extension headers.
     if reset && req.plain {
         if clock.rst_allowed(now, cfg.rst_interval_ns, cfg.rst_burst) {
+            crate::watch::refused(start, end, &req, EVENT_REFUSED_RST);
             return Verdict::Reset(req, slot);
         }
         stats.rst_limited += 1;
     }
+    crate::watch::refused(start, end, &req, EVENT_REFUSED_DROP);
     Verdict::Refuse
 }

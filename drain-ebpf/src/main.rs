@@ -7,6 +7,8 @@
 //! - `gate.rs`: the verdict (gated port? gate on? deadline? allowlisted source?) and its maps.
 //! - `reset.rs`: turning a refused SYN into its RST|ACK answer (policy reset).
 //! - `track.rs`: the connection tracker (live connections per local port).
+//! - `watch.rs`: rate-limited events for `drain-user watch` (refused SYNs, closes).
+//! - `ratelimit.rs`: the per-CPU GCRA limiter of RSTs and events.
 //! - this file: the two thin gate entry points, XDP and TC, mapping the verdict to return codes.
 //!
 //! Fail open: any packet the parser cannot read to the end of the TCP flags passes.
@@ -19,8 +21,10 @@
 mod gate;
 mod hdr;
 mod parse;
+mod ratelimit;
 mod reset;
 mod track;
+mod watch;
 
 use aya_ebpf::{
     bindings::{tcx_action_base::TCX_NEXT, xdp_action, TC_ACT_SHOT},

@@ -28,16 +28,18 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, PerCpuArray},
+    maps::{Array, PerCpuArray, PerCpuValues, RingBuf},
     programs::{ProgramFd, SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
-use drain_common::{map, prog, CpuClock, GateConfig, PortStats};
+use drain_common::{
+    map, prog, CpuClock, GateConfig, PortStats, WatchConfig, WatchCpu, GATE_ON, POLICY_DROP,
+};
 use drain_tests::{
     frames::{Ipv4, Ipv6, Packet, Tcp, TCP_ACK},
     netns::NetNsPair,
     object::{object_path, Loaded},
-    testrun::{mean_ns, try_test_run},
+    testrun::{load_xdp_pass, mean_ns, try_test_run},
     traffic::{churn, listen, ss_live, Op, Server, Stack},
 };
 use serde::Serialize;
@@ -620,6 +622,103 @@ fn kernel_memory(bpf: &Ebpf) -> Result<()> {
     Ok(())
 }
 
+/// What `drain-user watch` costs a refused SYN: the gate's path with nobody watching (one
+/// array load), with a watcher and the default sampling (a flood: nearly every event held
+/// back by the limiter), and with every event written to the ring buffer (drained between
+/// runs, in batches small enough that it never fills).
+fn watch_cost() -> Result<()> {
+    const BATCH: u32 = 4_000;
+    println!(
+        "\n== refused SYN with `watch` (BPF_PROG_TEST_RUN, {REPEAT} runs x {ROUNDS} rounds; \
+         every-event row: {BATCH}-run batches, median ns/run)"
+    );
+    let mut obj = Loaded::open();
+    let xdp = obj.load_xdp(prog::XDP);
+    Array::<_, u32>::try_from(obj.bpf.map_mut(map::PORTS).unwrap())?.set(80, 1, 0)?;
+    let n = aya::util::nr_cpus().map_err(|(w, e)| anyhow::anyhow!("{w}: {e}"))?;
+    let slot = PortStats {
+        port: 80,
+        ..Default::default()
+    };
+    PerCpuArray::<_, PortStats>::try_from(obj.bpf.map_mut(map::STATS).unwrap())?.set(
+        1,
+        PerCpuValues::try_from(vec![slot; n])?,
+        0,
+    )?;
+    let on = GateConfig {
+        enabled: GATE_ON,
+        policy: POLICY_DROP,
+        ..Default::default()
+    };
+    Array::<_, GateConfig>::try_from(obj.bpf.map_mut(map::CONFIG).unwrap())?.set(0, on, 0)?;
+    let baseline = load_xdp_pass().context("loading the baseline XDP program")?;
+    let syn = Packet::eth()
+        .ipv4(Ipv4::new(
+            Ipv4Addr::new(198, 18, 0, 2),
+            Ipv4Addr::new(198, 18, 0, 1),
+        ))
+        .tcp(Tcp::syn(40000, 80))
+        .build()
+        .bytes;
+    let (interval, burst) = drain_user::watch::limiter(100, n as u32);
+    let watchers = [
+        ("watch off (nobody watching)", WatchConfig::default()),
+        (
+            "watch on, default sampling (100/s: a flood is held back)",
+            WatchConfig {
+                until_ns: u64::MAX,
+                interval_ns: interval,
+                burst,
+            },
+        ),
+        (
+            "watch on, every refusal written to the ring",
+            WatchConfig {
+                until_ns: u64::MAX,
+                interval_ns: 0,
+                burst: 1,
+            },
+        ),
+    ];
+    let mut base = Vec::new();
+    let mut ns = vec![Vec::new(); watchers.len()];
+    for _ in 0..ROUNDS {
+        base.push(mean_ns(baseline.as_fd(), &syn, REPEAT)?);
+        for (i, (_, cfg)) in watchers.iter().enumerate() {
+            Array::<_, WatchConfig>::try_from(obj.bpf.map_mut(map::WATCH).unwrap())?
+                .set(0, cfg, 0)?;
+            if cfg.interval_ns != 0 || cfg.until_ns == 0 {
+                ns[i].push(mean_ns(xdp.as_fd(), &syn, REPEAT)?);
+                continue;
+            }
+            for _ in 0..REPEAT / BATCH / 10 {
+                ns[i].push(mean_ns(xdp.as_fd(), &syn, BATCH)?);
+                let mut ring = RingBuf::try_from(obj.bpf.map_mut(map::EVENTS).unwrap())?;
+                while ring.next().is_some() {}
+            }
+        }
+    }
+    let lost: u64 = PerCpuArray::<_, WatchCpu>::try_from(obj.bpf.map(map::WATCH_RL).unwrap())?
+        .get(&0, 0)?
+        .iter()
+        .map(|c| c.lost)
+        .sum();
+    let b = median(base);
+    println!(
+        "  {:<58} {:>6} ns",
+        "baseline: XDP program `return XDP_PASS`", b
+    );
+    for (i, (name, _)) in watchers.iter().enumerate() {
+        let x = median(ns[i].clone());
+        println!(
+            "  {name:<58} {x:>6} ns  {:>+5}",
+            i64::from(x) - i64::from(b)
+        );
+    }
+    println!("  (events lost to a full ring: {lost})");
+    Ok(())
+}
+
 /// Time from the last close to the moment each watcher reports the port drained.
 fn drain_notice(bin: &Path) -> Result<()> {
     const CONNS: usize = 20;
@@ -787,6 +886,7 @@ pub fn run(bin: &Path) -> Result<()> {
         println!("  warning: kernel.bpf_stats_enabled is on; numbers include its overhead");
     }
     print_per_packet(&per_packet(bin)?);
+    watch_cost()?;
     kernel_memory(&Loaded::open().bpf)?;
     if std::env::var_os("DRAIN_BENCH_PER_PACKET_ONLY").is_some() {
         return Ok(());

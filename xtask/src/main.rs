@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod package;
 mod toolchain;
 
 use std::{
@@ -43,6 +44,9 @@ enum Task {
     Demo,
     /// Per-packet cost, kernel memory and drain-notice latency, as side-by-side ratios.
     Bench,
+    /// The Debian package (target/debian/*.deb): release binary, man pages, shell
+    /// completions, examples, README and licences. Installs cargo-deb if missing.
+    Deb,
     /// Differential fuzzing of the gate programs against the reference classifier
     /// (needs root); prints frames, seed, mismatches and frames/s.
     Fuzz {
@@ -71,6 +75,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::Build { release } => build(release),
         Task::Test { args } => test(&args),
         Task::Lint => lint(),
+        Task::Deb => package::deb().map(drop),
         Task::Bench => {
             build(false)?;
             ensure_bpffs()?;
@@ -98,7 +103,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// Cargo's target directory: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
@@ -147,7 +152,7 @@ fn build_ebpf() -> Result<()> {
     run(&mut ebpf_cargo("build")).context("building the eBPF programs failed")
 }
 
-fn build(release: bool) -> Result<()> {
+pub fn build(release: bool) -> Result<()> {
     build_ebpf()?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
@@ -205,7 +210,8 @@ fn lint() -> Result<()> {
         "warnings",
     ]))
     .context("clippy (user crates) failed")?;
-    run(ebpf_cargo("clippy").args(["--", "-D", "warnings"])).context("clippy (eBPF crate) failed")?;
+    run(ebpf_cargo("clippy").args(["--", "-D", "warnings"]))
+        .context("clippy (eBPF crate) failed")?;
     // The Ansible collection's Python and YAML: ansible-test sanity and ansible-lint,
     // pinned, in a virtualenv the script makes under target/ on first use.
     run(Command::new("bash").arg(root.join("ansible/lint.sh")))
@@ -245,7 +251,7 @@ fn ensure_test_packages() -> Result<()> {
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    let wanted: [(&str, bool); 9] = [
+    let wanted: [(&str, bool); 10] = [
         ("nginx", have("nginx")),
         ("wrk", have("wrk")),
         ("haproxy", have("haproxy")),
@@ -255,6 +261,8 @@ fn ensure_test_packages() -> Result<()> {
         ("util-linux", have("nsenter")),
         ("bpftool", have("bpftool")),
         ("strace", have("strace")),
+        // The package test reads the installed man page.
+        ("man-db", have("man")),
     ];
     let missing: Vec<&str> = wanted
         .iter()
