@@ -205,7 +205,8 @@ fn lint() -> Result<()> {
         "warnings",
     ]))
     .context("clippy (user crates) failed")?;
-    run(ebpf_cargo("clippy").args(["--", "-D", "warnings"])).context("clippy (eBPF crate) failed")?;
+    run(ebpf_cargo("clippy").args(["--", "-D", "warnings"]))
+        .context("clippy (eBPF crate) failed")?;
     // The Ansible collection's Python and YAML: ansible-test sanity and ansible-lint,
     // pinned, in a virtualenv the script makes under target/ on first use.
     run(Command::new("bash").arg(root.join("ansible/lint.sh")))
