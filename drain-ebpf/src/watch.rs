@@ -55,7 +55,10 @@ fn emit(cpu: &mut WatchCpu, ev: &WatchEvent) {
 }
 
 /// A SYN to a gated port was refused (`kind`: drop or RST). The frame is `[start, end)`.
-#[inline(always)]
+/// A BPF subprogram of its own, not inlined: inlined into the verdict's register pressure,
+/// LLVM spills a register the verifier has not seen written on one path (`!read_ok`); the
+/// call costs only refused SYNs, and nothing while nobody watches beyond the call itself.
+#[inline(never)]
 pub fn refused(start: usize, end: usize, req: &Request, kind: u32) {
     let Some((cfg, cpu, now)) = watching() else {
         return;
