@@ -11,12 +11,22 @@
 //! Shared machines are noisy: each figure is the median of several interleaved rounds,
 //! and only ratios within this run mean anything.
 
+mod cli;
+mod count;
+mod detect;
+mod flood;
+mod memory;
+mod report;
+mod stream;
+mod sys;
+
+pub use count::hold;
+pub use sys::Ctx;
+
 use std::{
-    io::Read,
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     os::fd::AsFd,
     path::Path,
-    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
@@ -192,96 +202,6 @@ fn per_packet() -> Result<()> {
     Ok(())
 }
 
-/// Time from the last close to the moment each watcher reports the port drained.
-fn drain_notice(bin: &Path) -> Result<()> {
-    const CONNS: usize = 20;
-    const ROUNDS: usize = 5;
-    println!(
-        "\n== noticing the end of a drain ({CONNS} connections closed at once, {ROUNDS} rounds)"
-    );
-    let mut wait_ms = Vec::new();
-    let mut ss_ms = Vec::new();
-    for round in 0..ROUNDS {
-        let pair = NetNsPair::new();
-        let port = 8080;
-        let server = SocketAddr::new(pair.a_v4.into(), port);
-        let listener = pair.in_ns(&pair.a, move || TcpListener::bind(server))?;
-        let accepted = thread::spawn(move || {
-            (0..CONNS)
-                .map(|_| listener.accept().map(|(s, _)| s))
-                .collect::<std::io::Result<Vec<_>>>()
-        });
-        let clients: Vec<TcpStream> = pair.in_ns(&pair.b, move || {
-            (0..CONNS)
-                .map(|_| TcpStream::connect(server))
-                .collect::<std::io::Result<Vec<_>>>()
-        })?;
-        let accepted = accepted.join().expect("accept thread")?;
-        let out = pair
-            .cmd(&pair.a, bin.to_str().unwrap())
-            .args(["gate", "on", "--port", "8080", "--ttl", "5m"])
-            .output()?;
-        if !out.status.success() {
-            bail!("gate on failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let mut wait = pair
-            .cmd(&pair.a, bin.to_str().unwrap())
-            .args(["wait", "--json", "--timeout", "60s"])
-            .stdout(Stdio::piped())
-            .spawn()?;
-        // The folk answer: poll ss once a second until no connection is left.
-        let script = format!(
-            "while [ -n \"$(ss -Htn state established state close-wait '( sport = :{port} )')\" ]; do sleep 1; done"
-        );
-        let mut ss = pair.cmd(&pair.a, "sh").args(["-c", &script]).spawn()?;
-        // Let both settle into their loops (the ss loop's phase is random, as in real life).
-        thread::sleep(Duration::from_millis(300 + 137 * round as u64));
-        let t0 = Instant::now();
-        drop(clients);
-        drop(accepted);
-        let mut ss_done = None;
-        let mut wait_done = None;
-        while ss_done.is_none() || wait_done.is_none() {
-            if wait_done.is_none() && wait.try_wait()?.is_some() {
-                wait_done = Some(t0.elapsed());
-            }
-            if ss_done.is_none() && ss.try_wait()?.is_some() {
-                ss_done = Some(t0.elapsed());
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("a watcher did not finish within 30 s");
-            }
-            thread::sleep(Duration::from_millis(1));
-        }
-        let mut s = String::new();
-        wait.stdout.take().unwrap().read_to_string(&mut s)?;
-        if !s.contains("\"drained\"") {
-            bail!("wait did not report drained: {s}");
-        }
-        let _ = pair
-            .cmd(&pair.a, bin.to_str().unwrap())
-            .args(["gate", "off"])
-            .output();
-        wait_ms.push(wait_done.unwrap().as_secs_f64() * 1e3);
-        ss_ms.push(ss_done.unwrap().as_secs_f64() * 1e3);
-    }
-    let med = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (w, s) = (med(wait_ms.clone()), med(ss_ms.clone()));
-    println!(
-        "  drain-user wait      median {w:>8.1} ms   (rounds: {})",
-        fmt(&wait_ms)
-    );
-    println!(
-        "  ss poll every 1 s    median {s:>8.1} ms   (rounds: {})",
-        fmt(&ss_ms)
-    );
-    println!("  ratio ss/wait: {:.0}x sooner", s / w.max(0.001));
-    Ok(())
-}
-
 /// Churns many connections through a gated port (the client allowlisted) and checks the
 /// kernel's count comes back to exactly zero, equal to `ss`, with every passive open added
 /// and removed once: the set semantics leave nothing to drift.
@@ -345,24 +265,64 @@ fn drift_soak(bin: &Path, n: u64) -> Result<()> {
     Ok(())
 }
 
-fn fmt(v: &[f64]) -> String {
-    v.iter()
-        .map(|x| format!("{x:.1}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-pub fn run(bin: &Path) -> Result<()> {
+pub fn run(ctx: &Ctx) -> Result<()> {
+    let bin = ctx.bin.as_path();
     println!("drain benchmarks (kernel.bpf_stats_enabled must be off: it adds ~70 ns per run)");
     if std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() != "0")
     {
         println!("  warning: kernel.bpf_stats_enabled is on; numbers include its overhead");
     }
     per_packet()?;
-    drain_notice(bin)?;
+    let mut report = report::Report {
+        machine: report::Machine::here(),
+        smoke: ctx.smoke,
+        sections: Vec::new(),
+    };
+    // DRAIN_BENCH_ONLY=flood,count runs only those sections (while working on one).
+    let only = std::env::var("DRAIN_BENCH_ONLY").ok();
+    let want = |id: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|x| x == id))
+    };
+    let timed = |id: &str, t0: Instant| {
+        eprintln!(
+            "bench: section {id} took {:.1} s",
+            t0.elapsed().as_secs_f64()
+        )
+    };
+    let mut memlock = Vec::new();
+    for id in ["flood", "stream", "count", "detect", "cli", "memory"] {
+        if !want(id) {
+            continue;
+        }
+        let t0 = Instant::now();
+        let s = match id {
+            "flood" => flood::section(ctx),
+            "stream" => stream::section(ctx),
+            "count" => count::section(ctx).map(|(s, m)| {
+                memlock = m;
+                s
+            }),
+            "detect" => detect::section(ctx),
+            "cli" => cli::section(ctx),
+            _ => memory::section(ctx, &memlock),
+        }
+        .with_context(|| format!("bench section {id}"))?;
+        timed(id, t0);
+        println!("{}", s.markdown_string());
+        report.sections.push(s);
+    }
+    println!("{}", report.markdown());
+    if ctx.smoke {
+        println!("(smoke run: bench/ left as it is)");
+    } else {
+        let dir = crate::workspace_root().join("bench");
+        report.write(&dir)?;
+        println!("written: {}/results.md, results.json", dir.display());
+    }
     let soak = std::env::var("DRAIN_SOAK")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
+        .unwrap_or(ctx.pick(200_000, 2_000));
     drift_soak(bin, soak)
 }

@@ -39,8 +39,24 @@ enum Task {
     Lint,
     /// Show drain working in throwaway network namespaces (needs root).
     Demo,
-    /// Per-packet cost, kernel memory and drain-notice latency, as side-by-side ratios.
-    Bench,
+    /// drain against what operators use instead, as ratios measured side by side: writes
+    /// bench/results.md and bench/results.json (needs root; ~10 minutes).
+    Bench {
+        /// Tiny sizes, every section once, nothing written to bench/ (seconds: for CI).
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// (bench helper) Connects COUNT times from namespace NS to TO and holds the
+    /// connections until stdin closes.
+    #[command(hide = true)]
+    BenchHold {
+        #[arg(long)]
+        ns: String,
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -59,11 +75,19 @@ fn run_task(task: Task) -> Result<()> {
         Task::Build { release } => build(release),
         Task::Test { args } => test(&args),
         Task::Lint => lint(),
-        Task::Bench => {
-            build(false)?;
+        Task::Bench { smoke } => {
+            // Timings are of the release build; the smoke run only checks that every section
+            // works, with the debug build CI has already made.
+            build(!smoke)?;
             ensure_bpffs()?;
-            bench::run(&target_dir().join("debug/drain-user"))
+            ensure_packages(&BENCH_PACKAGES)?;
+            let profile = if smoke { "debug" } else { "release" };
+            bench::run(&bench::Ctx {
+                bin: target_dir().join(profile).join("drain-user"),
+                smoke,
+            })
         }
+        Task::BenchHold { ns, to, count } => bench::hold(&ns, to, count),
         Task::Demo => {
             build(false)?;
             ensure_bpffs()?;
@@ -202,13 +226,29 @@ fn ensure_bpffs() -> Result<()> {
 /// end-to-end drain under load, ss/ip (iproute2), nsenter/setpriv (util-linux), bpftool to
 /// look at attached programs. Installed with apt when missing (CI machines start bare).
 fn ensure_test_packages() -> Result<()> {
-    let wanted = [
+    ensure_packages(&[
         ("nginx", "nginx"),
         ("wrk", "wrk"),
         ("ss", "iproute2"),
         ("nsenter", "util-linux"),
         ("bpftool", "bpftool"),
-    ];
+    ])
+}
+
+/// What the bench compares drain with (iptables brings iptables-legacy too), and the tools
+/// it measures with: ethtool turns on the veth NAPI the flood needs, strace breaks a
+/// command's time down by syscall.
+const BENCH_PACKAGES: [(&str, &str); 6] = [
+    ("iptables", "iptables"),
+    ("nft", "nftables"),
+    ("ethtool", "ethtool"),
+    ("strace", "strace"),
+    ("ss", "iproute2"),
+    ("bpftool", "bpftool"),
+];
+
+/// Installs with apt the packages whose binary is missing: (binary, package) pairs.
+fn ensure_packages(wanted: &[(&str, &str)]) -> Result<()> {
     let have = |bin: &str| {
         ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
             .iter()
@@ -222,18 +262,20 @@ fn ensure_test_packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: installing test packages: {}", missing.join(" "));
+    eprintln!("xtask: installing packages: {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
     .with_context(|| format!("installing {} failed", missing.join(" ")))?;
-    // Debian starts nginx on install; the tests run their own instances in namespaces.
-    let _ = Command::new("systemctl")
-        .args(["disable", "--now", "nginx"])
-        .output();
-    let _ = Command::new("nginx").args(["-s", "quit"]).output();
+    if missing.contains(&"nginx") {
+        // Debian starts nginx on install; the tests run their own instances in namespaces.
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", "nginx"])
+            .output();
+        let _ = Command::new("nginx").args(["-s", "quit"]).output();
+    }
     Ok(())
 }
 

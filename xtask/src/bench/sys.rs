@@ -1,0 +1,317 @@
+//! What the bench sections share: commands run in a namespace and timed with their peak
+//! RSS, CPU time of threads and kthreads, CPU pinning, interface counters, and a program
+//! that only returns a constant.
+
+use std::{
+    fs::File,
+    io::Read,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::process::{CommandExt, ExitStatusExt},
+    },
+    process::{Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// A command whose child joins network namespace `ns` (a name under /var/run/netns) before
+/// exec, and nothing else: unlike `ip netns exec` it keeps the host's /sys (and so bpffs),
+/// and unlike `nsenter` it adds no process of its own to what is timed.
+pub fn ns_cmd(ns: &str, program: &str) -> Result<Command> {
+    let path = format!("/var/run/netns/{ns}");
+    let f = File::open(&path).with_context(|| format!("opening {path}"))?;
+    let mut c = Command::new(program);
+    // SAFETY: setns is async-signal-safe; the closure owns the file, so the fd is valid in
+    // the child until exec (where O_CLOEXEC closes it).
+    unsafe {
+        c.pre_exec(move || {
+            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(c)
+}
+
+/// One timed run of a command.
+pub struct Timed {
+    /// From just before fork to the moment wait4 returned.
+    pub wall: Duration,
+    /// The child's peak resident set (getrusage ru_maxrss), KiB.
+    pub maxrss_kib: u64,
+    pub status: ExitStatus,
+    pub stdout: String,
+}
+
+impl Timed {
+    pub fn ms(&self) -> f64 {
+        self.wall.as_secs_f64() * 1e3
+    }
+}
+
+/// Runs `cmd` to the end (stdout captured, stderr discarded unless it fails) and reports
+/// its wall time and peak RSS; fails when it exits non-zero.
+pub fn timed(cmd: &mut Command) -> Result<Timed> {
+    let t = timed_any(cmd)?;
+    if !t.status.success() {
+        bail!("{cmd:?} exited with {}: {}", t.status, t.stdout.trim());
+    }
+    Ok(t)
+}
+
+/// [`timed`] without the exit-status check.
+pub fn timed_any(cmd: &mut Command) -> Result<Timed> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let mut stdout = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        out.read_to_string(&mut stdout)?;
+    }
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid out-parameter.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, with valid out-pointers; std never waits for it
+    // afterwards (the Child is dropped without wait).
+    let rc = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let wall = t0.elapsed();
+    if rc < 0 {
+        bail!("wait4 on {cmd:?}: {}", std::io::Error::last_os_error());
+    }
+    Ok(Timed {
+        wall,
+        maxrss_kib: ru.ru_maxrss as u64,
+        status: ExitStatus::from_raw(status),
+        stdout,
+    })
+}
+
+/// Runs `sh -c script` in namespace `ns`; fails with its output when it exits non-zero.
+pub fn sh(ns: &str, script: &str) -> Result<String> {
+    let out = ns_cmd(ns, "sh")?.args(["-c", script]).output()?;
+    if !out.status.success() {
+        bail!(
+            "`{script}` in {ns} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Keeps the calling thread on `cpu`.
+pub fn pin_thread(cpu: usize) -> Result<()> {
+    // SAFETY: an all-zero cpu_set_t is empty; CPU_SET and sched_setaffinity on the calling
+    // thread with a valid set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+            bail!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Nanoseconds the task `tid` (a thread or kthread; "thread-self" for the caller) has run
+/// on a CPU: the first field of /proc/<tid>/schedstat, which the scheduler keeps exactly,
+/// unlike the tick-sampled utime/stime.
+pub fn cpu_ns(tid: &str) -> Result<u64> {
+    let p = format!("/proc/{tid}/schedstat");
+    let s = std::fs::read_to_string(&p).with_context(|| format!("reading {p}"))?;
+    s.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{p}: {s}"))
+}
+
+/// Pid of the kthread named exactly `comm` (`ksoftirqd/1`).
+pub fn kthread(comm: &str) -> Result<String> {
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm) {
+            return Ok(name.into_owned());
+        }
+    }
+    bail!("no kthread named {comm}")
+}
+
+/// utime + stime of process `pid`, in seconds (from /proc/PID/stat; clock ticks).
+pub fn process_cpu_s(pid: u32) -> Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised comm; utime and stime are fields 14 and 15.
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// Packets device `dev` in `ns` has received (`ip -s link`: on a veth, every frame its NAPI
+/// consumed, whatever the XDP verdict).
+pub fn rx_packets(ns: &str, dev: &str) -> Result<u64> {
+    let out = ns_cmd(ns, "ip")?
+        .args(["-j", "-s", "link", "show", "dev", dev])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("ip -j -s link show dev {dev} in {ns}"))?;
+    v[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .with_context(|| format!("no rx packet count for {dev}: {v}"))
+}
+
+/// A counter of /proc/net/snmp (`Tcp`, `OutRsts`) in namespace `ns`.
+pub fn snmp(ns: &str, proto: &str, field: &str) -> Result<u64> {
+    let text = sh(ns, "cat /proc/net/snmp")?;
+    let mut lines = text.lines().filter(|l| l.starts_with(&format!("{proto}:")));
+    let (names, values) = (lines.next(), lines.next());
+    let (Some(names), Some(values)) = (names, values) else {
+        bail!("no {proto} lines in /proc/net/snmp");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == field)
+        .and_then(|(_, v)| v.parse().ok())
+        .with_context(|| format!("no {proto} {field} in /proc/net/snmp"))
+}
+
+/// `bpf_prog_type` and `bpf_attach_type` values used here (include/uapi/linux/bpf.h).
+pub const BPF_PROG_TYPE_XDP: u32 = 6;
+pub const BPF_XDP: u32 = 37;
+pub const XDP_DROP: i32 = 1;
+pub const XDP_TX: i32 = 3;
+
+/// Loads a program that only returns `ret` (`r0 = ret; exit`) straight through
+/// bpf(BPF_PROG_LOAD), named `name`.
+pub fn load_trivial(prog_type: u32, attach_type: u32, ret: i32, name: &str) -> Result<OwnedFd> {
+    // BPF_MOV64_IMM(BPF_REG_0, ret), BPF_EXIT_INSN()
+    let insns: [u64; 2] = [(u64::from(ret as u32) << 32) | 0xb7, 0x95];
+    let license = c"GPL";
+    /// The BPF_PROG_LOAD member of `union bpf_attr`, up to `expected_attach_type`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct LoadAttr {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    let mut prog_name = [0u8; 16];
+    let n = name.len().min(15);
+    prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let mut attr = LoadAttr {
+        prog_type,
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name,
+        expected_attach_type: attach_type,
+        ..Default::default()
+    };
+    // SAFETY: a BPF_PROG_LOAD (5) prefix whose pointers (insns, license) outlive the call.
+    let fd = unsafe { drain_tests::object::sys_bpf(5, &mut attr) }
+        .with_context(|| format!("loading the program {name} (needs root)"))?;
+    // SAFETY: a new fd the kernel just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// What every section gets: the binary under test and how big to make things.
+pub struct Ctx {
+    pub bin: std::path::PathBuf,
+    /// `--smoke`: tiny sizes, every section once (CI), nothing written to `bench/`.
+    pub smoke: bool,
+}
+
+impl Ctx {
+    /// `full` for a full run, `smoke` for `--smoke`.
+    pub fn pick<T>(&self, full: T, smoke: T) -> T {
+        if self.smoke {
+            smoke
+        } else {
+            full
+        }
+    }
+
+    /// drain-user in namespace `ns`.
+    pub fn drain(&self, ns: &str) -> Result<Command> {
+        ns_cmd(
+            ns,
+            self.bin.to_str().context("drain-user path is not UTF-8")?,
+        )
+    }
+
+    /// `drain-user gate on <args>` in `ns`; the gate goes off when the guard drops.
+    pub fn gate_on(&self, ns: &str, args: &[&str]) -> Result<Gate> {
+        let mut c = self.drain(ns)?;
+        c.args(["gate", "on"]).args(args);
+        timed(&mut c)?;
+        Ok(Gate {
+            off: Some(self.drain(ns)?),
+        })
+    }
+}
+
+/// A gate turned on by the bench; dropping it runs `gate off` (errors printed).
+pub struct Gate {
+    off: Option<Command>,
+}
+
+impl Gate {
+    /// `gate off` now, timed.
+    pub fn off(mut self) -> Result<Timed> {
+        let mut c = self.off.take().expect("gate off runs once");
+        c.args(["gate", "off"]);
+        timed(&mut c)
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.off.take() {
+            if let Err(e) = timed(c.args(["gate", "off"])) {
+                eprintln!("bench: gate off: {e:#}");
+            }
+        }
+    }
+}
+
+/// Pins the object behind `fd` at `path` (BPF_OBJ_PIN), so `ip link set ... xdp pinned`
+/// can attach a program aya did not load.
+pub fn obj_pin(fd: &OwnedFd, path: &str) -> Result<()> {
+    let p = std::ffi::CString::new(path)?;
+    /// The BPF_OBJ_* member of `union bpf_attr`.
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut attr = ObjAttr {
+        pathname: p.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: a BPF_OBJ_PIN (6) attr whose path outlives the call.
+    unsafe { drain_tests::object::sys_bpf(6, &mut attr) }
+        .with_context(|| format!("pinning at {path}"))?;
+    Ok(())
+}
