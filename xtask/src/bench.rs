@@ -21,7 +21,7 @@ mod stream;
 mod sys;
 
 pub use count::hold;
-pub use sys::Ctx;
+pub use sys::{isolate, Ctx};
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -272,17 +272,19 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     {
         println!("  warning: kernel.bpf_stats_enabled is on; numbers include its overhead");
     }
-    per_packet()?;
-    let mut report = report::Report {
-        machine: report::Machine::here(),
-        smoke: ctx.smoke,
-        sections: Vec::new(),
-    };
     // DRAIN_BENCH_ONLY=flood,count runs only those sections (while working on one).
     let only = std::env::var("DRAIN_BENCH_ONLY").ok();
     let want = |id: &str| {
         only.as_deref()
             .is_none_or(|o| o.split(',').any(|x| x == id))
+    };
+    if want("packet") {
+        per_packet()?;
+    }
+    let mut report = report::Report {
+        machine: report::Machine::here(),
+        smoke: ctx.smoke,
+        sections: Vec::new(),
     };
     let timed = |id: &str, t0: Instant| {
         eprintln!(
@@ -319,6 +321,9 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         let dir = crate::workspace_root().join("bench");
         report.write(&dir)?;
         println!("written: {}/results.md, results.json", dir.display());
+    }
+    if !want("soak") {
+        return Ok(());
     }
     let soak = std::env::var("DRAIN_SOAK")
         .ok()

@@ -79,8 +79,8 @@ fn run_task(task: Task) -> Result<()> {
             // Timings are of the release build; the smoke run only checks that every section
             // works, with the debug build CI has already made.
             build(!smoke)?;
-            ensure_bpffs()?;
             ensure_packages(&BENCH_PACKAGES)?;
+            bench::isolate()?;
             let profile = if smoke { "debug" } else { "release" };
             bench::run(&bench::Ctx {
                 bin: target_dir().join(profile).join("drain-user"),

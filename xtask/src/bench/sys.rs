@@ -315,3 +315,44 @@ pub fn obj_pin(fd: &OwnedFd, path: &str) -> Result<()> {
         .with_context(|| format!("pinning at {path}"))?;
     Ok(())
 }
+
+/// Moves the bench into a mount namespace of its own with a fresh bpffs at /sys/fs/bpf and
+/// a fresh /run/lock, so drain-user runs here neither wait for the host-wide lock of other
+/// drain runs on the machine (parallel test suites) nor see their pins, and the bench
+/// leaves nothing in the host's bpffs. Must run while the process has one thread
+/// (unshare(CLONE_NEWNS) refuses threads that share their filesystem attributes).
+pub fn isolate() -> Result<()> {
+    let mount = |src: &std::ffi::CStr, target: &std::ffi::CStr, fs: &std::ffi::CStr, flags| {
+        // SAFETY: mount(2) with valid NUL-terminated strings and no data.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fs.as_ptr(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "mount {} on {}: {}",
+                fs.to_string_lossy(),
+                target.to_string_lossy(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    };
+    // SAFETY: unshare has no memory-safety preconditions.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        bail!(
+            "unshare(CLONE_NEWNS): {} (needs root)",
+            std::io::Error::last_os_error()
+        );
+    }
+    // Nothing mounted from here on propagates back to the host.
+    mount(c"none", c"/", c"", libc::MS_REC | libc::MS_PRIVATE)?;
+    mount(c"bpf", c"/sys/fs/bpf", c"bpf", 0)?;
+    std::fs::create_dir_all("/run/lock")?;
+    mount(c"tmpfs", c"/run/lock", c"tmpfs", 0)
+}
