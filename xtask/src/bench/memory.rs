@@ -45,13 +45,16 @@ pub fn gate_memlock(pair: &NetNsPair) -> Result<Vec<(String, u64)>> {
 }
 
 pub fn section(ctx: &Ctx, by_size: &MemlockBySize) -> Result<Section> {
+    let runs = ctx.pick(3, 1);
     let mut s = Section::new(
         "memory",
         "7. Memory",
-        "Peak RSS of each drain-user command (ru_maxrss of the child from wait4, the most of \
-         3 runs), in a namespace pair with one connection held open on the gated port; and \
-         the kernel memory of one gate, from the `memlock:` line of each pinned map's fdinfo, \
-         at the live-connection counts section 4 held.",
+        format!(
+            "Peak RSS of each drain-user command (ru_maxrss of the child from wait4, the most \
+             of {runs} runs), in a namespace pair with one connection held open on the gated \
+             port; and the kernel memory of one gate, from the `memlock:` line of each pinned \
+             map's fdinfo, at the live-connection counts section 4 held."
+        ),
     );
     let pair = NetNsPair::new();
     let to = SocketAddr::new(pair.a_v4.into(), 8080);
@@ -60,7 +63,7 @@ pub fn section(ctx: &Ctx, by_size: &MemlockBySize) -> Result<Section> {
     let (server, _) = listener.accept()?;
     let peak = |args: &[&str], want_ok: bool| -> Result<u64> {
         let mut most = 0;
-        for _ in 0..3 {
+        for _ in 0..runs {
             let mut c = ctx.drain(&pair.a)?;
             c.args(args);
             let t = if want_ok {
@@ -80,7 +83,7 @@ pub fn section(ctx: &Ctx, by_size: &MemlockBySize) -> Result<Section> {
     rss.push(("drain-user --version", peak(&["--version"], true)?));
     // Each first `gate on` makes a new gate: off in between.
     let mut most = 0;
-    for _ in 0..3 {
+    for _ in 0..runs {
         let mut c = ctx.drain(&pair.a)?;
         most = most.max(timed(c.args(on))?.maxrss_kib);
         timed(ctx.drain(&pair.a)?.args(["gate", "off"]))?;
@@ -98,7 +101,7 @@ pub fn section(ctx: &Ctx, by_size: &MemlockBySize) -> Result<Section> {
     std::thread::sleep(Duration::from_millis(50));
     rss.push(("wait (drained at once)", peak(&["wait", "--json"], true)?));
     let mut most = 0;
-    for _ in 0..3 {
+    for _ in 0..runs {
         most = most.max(timed(ctx.drain(&pair.a)?.args(["gate", "off"]))?.maxrss_kib);
         timed(ctx.drain(&pair.a)?.args(on))?;
     }
