@@ -46,9 +46,11 @@ pub mod map {
     pub const LIVE: &str = "DRAIN_LIVE";
     /// PerCpuArray[1] of [`TrackStats`](crate::TrackStats), written by the tracker.
     pub const TSTATS: &str = "DRAIN_TSTATS";
-    /// PerCpuArray[1] of u64: the RST rate limiter's next allowed time (GCRA), per CPU.
-    /// Written by the gate programs only.
-    pub const RST_RL: &str = "DRAIN_RST_RL";
+    /// PerCpuArray[1] of [`CpuClock`](crate::CpuClock): the RST rate limiter's next allowed
+    /// time (GCRA) and the gate's last clock reading, per CPU. Written by the gate programs
+    /// only. (Its value was a bare u64 under the name DRAIN_RST_RL; the new name keeps a
+    /// `gate on` from reusing such a pin, whose values are too small for this program.)
+    pub const RST_RL: &str = "DRAIN_RST_CLOCK";
 
     /// Every map the object defines, for the test that checks each resolves.
     pub const ALL: &[&str] = &[
@@ -130,8 +132,12 @@ pub struct TrackConfig {
     pub off_net: u32,
     /// Byte offset of `net.ns.inum` (u32).
     pub off_inum: u32,
+    /// Connections the seed (user space, at `gate on`) could not insert into the set (it was
+    /// full): counted with the tracker's `insert_failed`. The kernel never reads it.
+    pub seed_failed: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<TrackConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<TrackConfig>() == 24);
 
 /// Tracker counters, per CPU. Serialized (user side) as the `tracker` object of
 /// `drain-user status --json`.
@@ -153,6 +159,31 @@ pub struct TrackStats {
     pub read_failed: u64,
 }
 const _: () = assert!(core::mem::size_of::<TrackStats>() == 32);
+
+/// The gate's time on one CPU (the value of [`map::RST_RL`]), kernel-only state.
+///
+/// Reading CLOCK_BOOTTIME is the dearest step of a refusal (tens of ns where the clock source
+/// is virtualised), so the last reading is kept with the jiffies count taken right after it:
+/// while jiffies have not moved, the reading is less than one tick old, which is close
+/// enough for any deadline more than [`CLOCK_REREAD_NS`] away and for the RST limiter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct CpuClock {
+    /// Earliest CLOCK_BOOTTIME ns at which the next RST may go (GCRA).
+    pub rst_next_ns: u64,
+    /// The last CLOCK_BOOTTIME reading, ns.
+    pub boot_ns: u64,
+    /// `jiffies` right after that reading.
+    pub jiffies: u64,
+}
+const _: () = assert!(core::mem::size_of::<CpuClock>() == 24);
+
+/// Within this distance of the deadline every decision reads the clock afresh, so the gate
+/// opens at the deadline to the nanosecond; farther away a reading from the current tick
+/// (at most 10 ms old at HZ=100) is used. 1 s leaves two orders of magnitude for ticks that
+/// run late.
+pub const CLOCK_REREAD_NS: u64 = 1_000_000_000;
 
 /// Per-port counters, one copy per CPU (no atomics on the packet path); user space sums them.
 /// Serialized (user side) as the counters of a `ports` entry of `drain-user status --json`;
@@ -228,6 +259,7 @@ mod pod {
     unsafe impl aya::Pod for super::PortStats {}
     unsafe impl aya::Pod for super::TrackConfig {}
     unsafe impl aya::Pod for super::TrackStats {}
+    unsafe impl aya::Pod for super::CpuClock {}
 }
 
 #[cfg(all(test, feature = "user"))]

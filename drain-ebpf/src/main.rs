@@ -35,7 +35,7 @@ use crate::gate::{Hook, Verdict};
 #[xdp]
 pub fn drain_xdp(ctx: XdpContext) -> u32 {
     match gate::verdict(ctx.data(), ctx.data_end(), Hook::Xdp) {
-        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Pass | Verdict::Truncated => xdp_action::XDP_PASS,
         Verdict::Refuse => xdp_action::XDP_DROP,
         Verdict::Reset(req, slot) => match reset::xdp(&ctx, &req) {
             Ok(()) => {
@@ -53,15 +53,24 @@ pub fn drain_xdp(ctx: XdpContext) -> u32 {
 /// run; TC_ACT_OK would end the chain.
 #[classifier]
 pub fn drain_tc(ctx: TcContext) -> i32 {
-    // Headers of a SYN are nearly always in the linear part of the skb; pull them in when
-    // they are not, so a split frame is still judged (a failed pull leaves data as is, and
-    // the parser then lets the packet pass).
-    let want = core::cmp::min(ctx.len(), hdr::MAX_HEADERS);
-    if ((ctx.data_end() - ctx.data()) as u32) < want {
-        let _ = ctx.pull_data(want);
-    }
-    match gate::verdict(ctx.data(), ctx.data_end(), Hook::Tc) {
-        Verdict::Pass => TCX_NEXT,
+    let verdict = match gate::verdict(ctx.data(), ctx.data_end(), Hook::Tc) {
+        // Headers of a SYN are nearly always in the linear part of the skb; when the parser
+        // ran out of linear bytes before the TCP flags and the skb holds more, pull them in
+        // and judge again (a failed pull leaves data as is, and the frame passes). Any other
+        // verdict only read bytes that were already linear, so pulling first would not
+        // change it.
+        Verdict::Truncated => {
+            let want = core::cmp::min(ctx.len(), hdr::MAX_HEADERS);
+            if ((ctx.data_end() - ctx.data()) as u32) < want && ctx.pull_data(want).is_ok() {
+                gate::verdict(ctx.data(), ctx.data_end(), Hook::Tc)
+            } else {
+                Verdict::Pass
+            }
+        }
+        v => v,
+    };
+    match verdict {
+        Verdict::Pass | Verdict::Truncated => TCX_NEXT,
         // The TC gate refuses by dropping: policy reset answers with RSTs from XDP only.
         Verdict::Refuse | Verdict::Reset(..) => TC_ACT_SHOT,
     }

@@ -14,7 +14,7 @@ use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
 
 use crate::{
     hdr::{Be16, Be32, EthHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr, IPPROTO_TCP, TCP_ACK, TCP_RST},
-    parse::{hdr_at, ptr_at, Request, Source},
+    parse::{hdr_at, ptr_at, Family, Request},
 };
 
 /// Hop limit of the RSTs sent: the usual Linux default (net.ipv4.ip_default_ttl).
@@ -71,10 +71,10 @@ fn fold(mut acc: u32) -> Be16 {
 /// dropped (it may be trimmed already).
 #[inline(always)]
 pub fn xdp(ctx: &XdpContext, req: &Request) -> Result<(), ()> {
-    if !req.plain_headers() {
+    if !req.plain {
         return Err(()); // IPv4 options, IPv6 extension headers, or tags beyond two
     }
-    let v6 = matches!(req.source, Source::V6(_));
+    let v6 = req.family == Family::V6;
     let (l3, l4) = (req.l3, req.l4);
     let (start, end) = (ctx.data(), ctx.data_end());
     let syn: &TcpHdr = hdr_at(start, end, l4)?;

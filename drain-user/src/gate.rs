@@ -19,13 +19,14 @@ use aya::{
     },
     Ebpf,
 };
-use drain_common::{prog, GateConfig, ALLOW_V4, ALLOW_V6, GATE_OFF, GATE_ON};
+use drain_common::{prog, GateConfig, ALLOW_V4, ALLOW_V6, GATE_OFF, GATE_ON, MAX_ALLOW_PREFIXES};
 use ipnet::IpNet;
 
 use crate::{
-    cli::{AttachChoice, Policy},
+    cli::{usage, AttachChoice, Policy},
     errln,
     iface::{self, Iface},
+    links::{self, LinkState},
     netns::{self, NetnsId, StateDir},
     object,
     pins::{self, Hook, LinkPin},
@@ -45,16 +46,41 @@ pub struct OnArgs {
     pub rst_rate: u32,
 }
 
+impl OnArgs {
+    /// Everything about the input that can be checked before the host changes: a failing
+    /// `gate on` over an existing gate must leave it as it was.
+    pub fn validate(&self) -> Result<()> {
+        if self.ports.len() > drain_common::MAX_GATED_PORTS as usize {
+            return Err(usage(format!(
+                "{} ports given: a gate holds at most {}",
+                self.ports.len(),
+                drain_common::MAX_GATED_PORTS
+            )));
+        }
+        let distinct: BTreeSet<IpNet> = self.allow.iter().copied().collect();
+        for (family, v4) in [("IPv4", true), ("IPv6", false)] {
+            let n = distinct.iter().filter(|p| p.addr().is_ipv4() == v4).count();
+            if n > MAX_ALLOW_PREFIXES as usize {
+                return Err(usage(format!(
+                    "{n} {family} --allow prefixes given: a gate holds at most \
+                     {MAX_ALLOW_PREFIXES} per family; merge them into shorter prefixes"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
+    args.validate()?;
     pins::ensure_bpffs()?;
     let _lock = pins::lock()?;
     let own = NetnsId::current()?;
+    pins::make_dir(&pins::root())?;
+    reap_orphans(own);
     let dir = pins::state_path(StateDir::Gate(own));
-    for orphan in netns::orphans(&pins::root(), own) {
-        let _ = teardown(&orphan);
-    }
-    let fresh = !dir.exists();
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let fresh = !pins::trusted_dir(&dir)?;
+    pins::make_dir(&dir)?;
     let mut created: Vec<PathBuf> = Vec::new();
     let result = on_locked(args, targets, &dir, &mut created);
     if result.is_err() {
@@ -71,6 +97,14 @@ pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
     result
 }
 
+/// Removes the state namespaces and `wait`s left behind ([`netns::orphans`]). Call with
+/// the lock held.
+fn reap_orphans(own: NetnsId) {
+    for orphan in netns::orphans(&pins::root(), own) {
+        let _ = teardown(&orphan);
+    }
+}
+
 fn on_locked(
     args: &OnArgs,
     targets: &[Iface],
@@ -81,16 +115,36 @@ fn on_locked(
     let mut bpf = object::load(dir)?;
     let mut gate = OpenGate::open(dir)?;
     // The tracker first, so connections opened from here on are counted; then the seed
-    // adds those that predate it. A gate that already has a tracker keeps it (and its counts).
+    // adds those that predate it. A gate that already has a working tracker keeps it (and
+    // its counts); a pin that holds no tracker is replaced.
     let track_pin = LinkPin::Track.path(dir);
-    if !track_pin.exists() {
+    if !links::tracker_attached(&track_pin) {
+        let _ = fs::remove_file(&track_pin);
         let link = track::attach(&mut bpf)?;
         link.pin(&track_pin)
             .with_context(|| format!("pinning the tracker link at {}", track_pin.display()))?;
         created.push(track_pin);
         gate.tracker_mut().seed()?;
     }
-    let existing = pins::iface_links(dir)?;
+    // Trust the kernel, not the pins: a link that is no longer attached here (detached by
+    // another tool or a killed `gate off`, its interface deleted and maybe recreated with
+    // the same ifindex, or moved into another namespace) is detached and unpinned, and the
+    // interface is attached anew below. Such a link gates nothing here, so removing it
+    // before the rest can fail changes nothing on this namespace's data path.
+    let all = iface::interfaces()?;
+    let mut existing = Vec::new();
+    let mut repaired = Vec::new();
+    for link in pins::iface_links(dir)? {
+        let state = links::inspect(&link, &all).state;
+        if state == LinkState::Attached {
+            existing.push(link);
+            continue;
+        }
+        let _ = sys::detach_link(&link.pin);
+        fs::remove_file(&link.pin)
+            .with_context(|| format!("removing the broken link pin {}", link.pin.display()))?;
+        repaired.push((link.ifindex, state));
+    }
     let mut report = Vec::new();
     for iface in targets {
         if let Some(link) = existing.iter().find(|l| l.ifindex == iface.index) {
@@ -120,10 +174,18 @@ fn on_locked(
         link.pin(&pin)
             .with_context(|| format!("pinning the link at {}", pin.display()))?;
         created.push(pin);
-        report.push(format!("{} ({})", iface.name, describe(hook, iface.index)));
+        let was = repaired
+            .iter()
+            .find(|(i, _)| *i == iface.index)
+            .map_or(String::new(), |(_, s)| {
+                format!(", re-attached: the old link was {}", s.as_str())
+            });
+        report.push(format!(
+            "{} ({}{was})",
+            iface.name,
+            describe(hook, iface.index)
+        ));
     }
-    gate.set_ports(&args.ports)?;
-    gate.set_allow(&args.allow)?;
     let deadline_ns = match args.ttl {
         Some(ttl) => boottime_ns().saturating_add(ttl.as_nanos() as u64),
         None => 0,
@@ -136,8 +198,9 @@ fn on_locked(
     let rate = u64::from(args.rst_rate.max(1));
     let rst_interval_ns = (1_000_000_000 * ncpus).div_ceil(rate);
     let rst_burst = (rate / ncpus / 10).max(1);
-    // Last: the single write that turns the gate on.
-    gate.set_config(GateConfig {
+    // Ports, allowlists, then the single config write that turns the gate on; all of it,
+    // or (on a failed map write) the previous gate restored.
+    let cfg = GateConfig {
         enabled: GATE_ON,
         policy: args.policy.to_raw(),
         deadline_ns,
@@ -151,7 +214,8 @@ fn on_locked(
             }
         }),
         _pad: 0,
-    })?;
+    };
+    gate.replace(&args.ports, &args.allow, cfg)?;
     Ok(report)
 }
 
@@ -257,10 +321,8 @@ pub fn teardown(dir: &Path) -> Result<()> {
             first_err.get_or_insert(anyhow!(e).context(format!("removing {}", dir.display())));
         }
     }
-    // The parent /sys/fs/bpf/drain goes too once no namespace has a gate.
-    if let Some(parent) = dir.parent() {
-        let _ = fs::remove_dir(parent);
-    }
+    // The parent /sys/fs/bpf/drain stays (empty, root-only): removing it would let any user
+    // claim the name before the next `gate on` on a world-writable bpffs.
     first_err.map_or(Ok(()), Err)
 }
 
@@ -269,9 +331,14 @@ pub fn off() -> Result<bool> {
     if !pins::bpffs_mounted()? {
         return Ok(false);
     }
+    pins::check_mount_namespace()?;
     let _lock = pins::lock()?;
-    let dir = pins::gate_dir()?;
-    if !dir.exists() {
+    let own = NetnsId::current()?;
+    if pins::trusted_dir(&pins::root())? {
+        reap_orphans(own);
+    }
+    let dir = pins::state_path(StateDir::Gate(own));
+    if !pins::state_exists(&dir)? {
         return Ok(false);
     }
     // One write opens the gate on every interface at once; detaching comes after.

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod toolchain;
 
 use std::{
@@ -57,6 +58,16 @@ enum Task {
         #[arg(long)]
         count: usize,
     },
+    /// Differential fuzzing of the gate programs against the reference classifier
+    /// (needs root); prints frames, seed, mismatches and frames/s.
+    Fuzz {
+        /// Frames to run through both programs.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// PRNG seed (decimal or 0x-hex); default: a new one, printed.
+        #[arg(long, value_parser = fuzz::parse_seed)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -88,6 +99,12 @@ fn run_task(task: Task) -> Result<()> {
             })
         }
         Task::BenchHold { ns, to, count } => bench::hold(&ns, to, count),
+        Task::Fuzz { frames, seed } => {
+            build(false)?;
+            require_root("the fuzzer loads BPF programs")?;
+            ensure_bpffs()?;
+            fuzz::run(frames, seed)
+        }
         Task::Demo => {
             build(false)?;
             ensure_bpffs()?;
@@ -166,10 +183,7 @@ fn build(release: bool) -> Result<()> {
 
 fn test(args: &[String]) -> Result<()> {
     build(false)?;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the integration tests load BPF programs and create network namespaces: run `sudo cargo xtask test`");
-    }
+    require_root("the integration tests load BPF programs and create network namespaces")?;
     ensure_bpffs()?;
     ensure_test_packages()?;
     let mut cmd = Command::new("cargo");
@@ -185,6 +199,15 @@ fn test(args: &[String]) -> Result<()> {
         ])
         .args(args);
     run(&mut cmd).context("tests failed")
+}
+
+/// Fails with `why` and the sudo hint unless running as root.
+fn require_root(why: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{why}: run it as root (sudo cargo xtask ...)");
+    }
+    Ok(())
 }
 
 fn lint() -> Result<()> {
@@ -224,7 +247,8 @@ fn ensure_bpffs() -> Result<()> {
 
 /// The programs the integration tests drive besides drain itself: nginx and wrk for the
 /// end-to-end drain under load, ss/ip (iproute2), nsenter/setpriv (util-linux), bpftool to
-/// look at attached programs. Installed with apt when missing (CI machines start bare).
+/// look at attached programs, strace to kill drain-user at chosen syscalls (the fault
+/// tests). Installed with apt when missing (CI machines start bare).
 fn ensure_test_packages() -> Result<()> {
     ensure_packages(&[
         ("nginx", "nginx"),
@@ -232,6 +256,8 @@ fn ensure_test_packages() -> Result<()> {
         ("ss", "iproute2"),
         ("nsenter", "util-linux"),
         ("bpftool", "bpftool"),
+        // Fault injection (SIGKILL at a chosen syscall) in the hardening and fault tests.
+        ("strace", "strace"),
     ])
 }
 
