@@ -83,8 +83,8 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         report.sections.push(s);
     }
     println!("{}", report.markdown());
-    if ctx.smoke {
-        println!("(smoke run: bench/ left as it is)");
+    if ctx.smoke || only.is_some() {
+        println!("(smoke or partial run: bench/ left as it is)");
     } else {
         let dir = crate::workspace_root().join("bench");
         report.write(&dir)?;

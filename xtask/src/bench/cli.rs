@@ -69,6 +69,22 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
     )?;
     let _ = timed(ctx.drain(&pair.a)?.args(["gate", "off"]));
     let text = std::fs::read_to_string(&out)?;
+    // The same, tracing only the calls that mark its phases (seccomp-filtered, so the
+    // rest runs at full speed): a timeline.
+    timed(
+        ns_cmd(&pair.a, "strace")?
+            .args([
+                "-f",
+                "--seccomp-bpf",
+                "-ttt",
+                "-e",
+                "trace=execve,openat,bpf,exit_group",
+            ])
+            .args(["-o", &out, bin])
+            .args(on),
+    )?;
+    let _ = timed(ctx.drain(&pair.a)?.args(["gate", "off"]));
+    let timeline = phases(&std::fs::read_to_string(&out)?);
     let _ = std::fs::remove_file(&out);
     drop(pair);
 
@@ -96,6 +112,10 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
         f(traced.ms(), 0),
         summarize_strace(&text, 6)
     ));
+    s.note(format!(
+        "Timeline of a cold `gate on` (`strace --seccomp-bpf -e trace=execve,openat,bpf`, \
+         ms from exec): {timeline}"
+    ));
     s.data = json!(names
         .iter()
         .zip(&ms)
@@ -121,4 +141,42 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
         off <= 20.0,
     );
     Ok(s)
+}
+
+/// The phases of a `gate on` from an `strace -ttt` of execve, openat and bpf: when the
+/// kernel's BTF is opened (each open is followed by reading and parsing its ~5 MB), when
+/// the 1M-entry connection set is created and how long that takes, when each program is
+/// loaded (the verifier runs until the next call), and the exit.
+fn phases(trace: &str) -> String {
+    let mut t0 = None;
+    let mut out = Vec::new();
+    let mut lines = trace.lines().peekable();
+    while let Some(l) = lines.next() {
+        let mut w = l.split_whitespace();
+        let (Some(_pid), Some(ts)) = (w.next(), w.next().and_then(|t| t.parse::<f64>().ok()))
+        else {
+            continue;
+        };
+        let start = *t0.get_or_insert(ts);
+        let ms = (ts - start) * 1e3;
+        let next_ms = lines
+            .peek()
+            .and_then(|n| n.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map(|n| (n - start) * 1e3);
+        if l.contains("/sys/kernel/btf/vmlinux") {
+            out.push(format!("{} vmlinux BTF opened", f(ms, 1)));
+        } else if l.contains("BPF_MAP_CREATE") && l.contains("max_entries=1048576") {
+            let took = next_ms.map_or(String::new(), |n| format!(" ({} ms)", f(n - ms, 1)));
+            out.push(format!("{} connection set created{took}", f(ms, 1)));
+        } else if l.contains("BPF_PROG_LOAD") && !l.contains("insn_cnt=2,") {
+            if let Some(ty) = l.split("prog_type=BPF_PROG_TYPE_").nth(1) {
+                let ty = ty.split(',').next().unwrap_or("");
+                let took = next_ms.map_or(String::new(), |n| format!(" ({} ms)", f(n - ms, 1)));
+                out.push(format!("{} {ty} program loaded{took}", f(ms, 1)));
+            }
+        } else if l.contains("exit_group") {
+            out.push(format!("{} exit", f(ms, 1)));
+        }
+    }
+    out.join("; ")
 }

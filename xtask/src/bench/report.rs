@@ -124,10 +124,12 @@ impl Section {
     fn markdown(&self, out: &mut String) {
         let _ = writeln!(out, "\n## {}\n\n{}\n", self.title, self.method);
         if !self.columns.is_empty() {
-            let _ = writeln!(out, "| {} |", self.columns.join(" | "));
+            let cols: Vec<String> = self.columns.iter().map(|c| cell(c)).collect();
+            let _ = writeln!(out, "| {} |", cols.join(" | "));
             let _ = writeln!(out, "|{}", "---|".repeat(self.columns.len()));
             for r in &self.rows {
-                let _ = writeln!(out, "| {} |", r.join(" | "));
+                let cells: Vec<String> = r.iter().map(|c| cell(c)).collect();
+                let _ = writeln!(out, "| {} |", cells.join(" | "));
             }
         }
         if !self.notes.is_empty() {
@@ -168,9 +170,9 @@ impl Report {
                     out,
                     "| {} | {} | {} | {} | {} |",
                     s.id,
-                    t.what,
-                    t.goal,
-                    t.measured,
+                    cell(&t.what),
+                    cell(&t.goal),
+                    cell(&t.measured),
                     if t.met { "yes" } else { "**no**" }
                 );
             }
@@ -190,6 +192,11 @@ impl Report {
         std::fs::write(dir.join("results.json"), json)?;
         Ok(())
     }
+}
+
+/// A table cell: a `|` inside it (`ss | wc -l`) would end the cell.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|")
 }
 
 /// `x` with `digits` decimals.

@@ -3,6 +3,7 @@
 //! that only returns a constant.
 
 use std::{
+    ffi::CStr,
     fs::File,
     io::Read,
     os::{
@@ -317,22 +318,16 @@ pub fn obj_pin(fd: &OwnedFd, path: &str) -> Result<()> {
 }
 
 /// Moves the bench into a mount namespace of its own with a fresh bpffs at /sys/fs/bpf and
-/// a fresh /run/lock, so drain-user runs here neither wait for the host-wide lock of other
-/// drain runs on the machine (parallel test suites) nor see their pins, and the bench
-/// leaves nothing in the host's bpffs. Must run while the process has one thread
-/// (unshare(CLONE_NEWNS) refuses threads that share their filesystem attributes).
+/// a fresh root-only tmpfs on drain's lock directory (/run/drain), so drain-user runs here
+/// neither wait for the host-wide lock of other drain runs on the machine (parallel test
+/// suites) nor see their pins, and the bench leaves nothing in the host's bpffs. Must run
+/// while the process has one thread (unshare(CLONE_NEWNS) refuses threads that share
+/// their filesystem attributes).
 pub fn isolate() -> Result<()> {
-    let mount = |src: &std::ffi::CStr, target: &std::ffi::CStr, fs: &std::ffi::CStr, flags| {
-        // SAFETY: mount(2) with valid NUL-terminated strings and no data.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                fs.as_ptr(),
-                flags,
-                std::ptr::null(),
-            )
-        };
+    let mount = |src: &CStr, target: &CStr, fs: &CStr, flags, data: Option<&CStr>| {
+        let data = data.map_or(std::ptr::null(), |d| d.as_ptr().cast());
+        // SAFETY: mount(2) with valid NUL-terminated strings (data may be null).
+        let rc = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fs.as_ptr(), flags, data) };
         if rc != 0 {
             bail!(
                 "mount {} on {}: {}",
@@ -351,8 +346,9 @@ pub fn isolate() -> Result<()> {
         );
     }
     // Nothing mounted from here on propagates back to the host.
-    mount(c"none", c"/", c"", libc::MS_REC | libc::MS_PRIVATE)?;
-    mount(c"bpf", c"/sys/fs/bpf", c"bpf", 0)?;
-    std::fs::create_dir_all("/run/lock")?;
-    mount(c"tmpfs", c"/run/lock", c"tmpfs", 0)
+    mount(c"none", c"/", c"", libc::MS_REC | libc::MS_PRIVATE, None)?;
+    mount(c"bpf", c"/sys/fs/bpf", c"bpf", 0, Some(c"mode=0700"))?;
+    // drain-user takes its lock there (and checks that the directory is root-only).
+    std::fs::create_dir_all("/run/drain")?;
+    mount(c"tmpfs", c"/run/drain", c"tmpfs", 0, Some(c"mode=0700"))
 }
