@@ -311,7 +311,7 @@ fn absorb(pair: &NetNsPair, cpu: usize, window: Duration) -> Result<Absorbed> {
 /// A fresh namespace pair whose receiving veth has NAPI (GRO on), so XDP_TX frames from the
 /// peer are taken in whatever filter is on it.
 fn flood_pair() -> Result<NetNsPair> {
-    let pair = NetNsPair::new();
+    let pair = super::stream::stream_pair()?;
     sh(&pair.a, &format!("ethtool -K {} gro on", pair.veth_a))?;
     Ok(pair)
 }
