@@ -416,7 +416,8 @@ impl Gate {
         }
     }
 
-    fn fd(&self, p: Prog) -> std::os::fd::BorrowedFd<'_> {
+    /// The loaded program of hook `p`, for tests that drive BPF_PROG_TEST_RUN themselves.
+    pub fn fd(&self, p: Prog) -> std::os::fd::BorrowedFd<'_> {
         match p {
             Prog::Xdp => self.xdp.as_fd(),
             Prog::Tc => self.tc.as_fd(),

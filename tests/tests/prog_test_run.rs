@@ -17,6 +17,7 @@ use drain_tests::{
     frames::*,
     fuzz::{mutate, random_frame, Coverage, Rng},
     gatemodel::*,
+    testrun::try_test_run,
 };
 
 #[test]
@@ -698,7 +699,7 @@ fn deadline_holds_to_the_clock_despite_the_kept_reading() {
         // A deadline 300 µs away: the first run refuses and leaves its reading behind...
         let deadline = boottime_ns() + 300_000;
         g.set_config(GATE_ON, deadline);
-        let (ret, _) = try_test_run(g.xdp.as_fd(), &frame).unwrap();
+        let (ret, _) = try_test_run(g.fd(Prog::Xdp), &frame).unwrap();
         if ret != Prog::Xdp.retval(true) {
             continue; // this run came after the deadline already: nothing was kept
         }
@@ -709,11 +710,7 @@ fn deadline_holds_to_the_clock_despite_the_kept_reading() {
         }
         let before = g.stats(1);
         for p in [Prog::Xdp, Prog::Tc] {
-            let fd = match p {
-                Prog::Xdp => g.xdp.as_fd(),
-                Prog::Tc => g.tc.as_fd(),
-            };
-            let (ret, _) = try_test_run(fd, &frame).unwrap();
+            let (ret, _) = try_test_run(g.fd(p), &frame).unwrap();
             assert_eq!(
                 ret,
                 p.retval(false),
