@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead, BufReader, Read},
     net::{SocketAddr, TcpStream},
-    process::{Child, Stdio},
+    process::{Child, ChildStdout, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -58,6 +58,23 @@ fn process_cpu_ns(pid: u32) -> Result<u64> {
     Ok(sum)
 }
 
+/// Starts `wait --json` in namespace `a` and returns once its first progress line says it
+/// is in its loop; the rest of its stdout is left to read.
+fn start_wait(ctx: &Ctx, pair: &NetNsPair) -> Result<(Child, BufReader<ChildStdout>)> {
+    let mut wait = ctx
+        .drain(&pair.a)?
+        .args(["wait", "--json", "--timeout", "60s"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = BufReader::new(wait.stdout.take().context("wait stdout")?);
+    let mut first = String::new();
+    out.read_line(&mut first)?;
+    if !first.contains("progress") {
+        bail!("wait printed {first:?} first, not a progress event");
+    }
+    Ok((wait, out))
+}
+
 pub fn section(ctx: &Ctx) -> Result<Section> {
     let rounds = ctx.pick(21, 3);
     let pair = NetNsPair::new();
@@ -74,18 +91,7 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
     let (mut wait_ms, mut line_ms, mut ss_ms) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let conns = open(&pair, &listener)?;
-        let mut wait = ctx
-            .drain(&pair.a)?
-            .args(["wait", "--json", "--timeout", "60s"])
-            .stdout(Stdio::piped())
-            .spawn()?;
-        // Its first progress line says it is in its loop.
-        let mut out = BufReader::new(wait.stdout.take().context("wait stdout")?);
-        let mut first = String::new();
-        out.read_line(&mut first)?;
-        if !first.contains("progress") {
-            bail!("wait printed {first:?} first, not a progress event");
-        }
+        let (wait, mut out) = start_wait(ctx, &pair)?;
         // When the "drained" line arrives: the detection itself, before the process exits.
         let rest = thread::spawn(move || {
             let (mut s, mut line, mut at) = (String::new(), String::new(), None);
@@ -118,13 +124,7 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
     // What wait costs while it waits: one connection held for a window.
     let window = ctx.pick(Duration::from_secs(3), Duration::from_millis(500));
     let conns = open(&pair, &listener)?;
-    let mut wait = ctx
-        .drain(&pair.a)?
-        .args(["wait", "--json", "--timeout", "60s"])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut first = String::new();
-    BufReader::new(wait.stdout.as_mut().context("wait stdout")?).read_line(&mut first)?;
+    let (mut wait, out) = start_wait(ctx, &pair)?;
     let pid = wait.id();
     let c0 = process_cpu_ns(pid)?;
     let t0 = Instant::now();
@@ -133,6 +133,7 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
     let cpu_per_s = (c1 - c0) as f64 / 1e9 / t0.elapsed().as_secs_f64();
     let utime_stime = super::sys::process_cpu_s(pid)?;
     drop(conns);
+    drop(out);
     let done = wait.wait()?;
     if !done.success() {
         bail!("wait exited with {done}");

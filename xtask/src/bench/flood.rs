@@ -11,7 +11,7 @@
 //! frame at once.
 
 use std::{
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, BorrowedFd},
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc, Arc,
@@ -24,81 +24,25 @@ use anyhow::{bail, Context, Result};
 use drain_tests::{
     frames::{Ipv4, Layer, Packet, Tcp},
     netns::{enter_netns, NetNsPair},
+    object::{load_trivial, pin_fd, BPF_PROG_TYPE_XDP, BPF_XDP, XDP_DROP, XDP_TX},
+    testrun,
 };
 use serde_json::json;
 
 use super::{
     report::{f, median, Section},
     stream::Stream,
-    sys::{
-        cpu_ns, kthread, load_trivial, obj_pin, pin_thread, rx_packets, sh, snmp, Ctx, Gate,
-        BPF_PROG_TYPE_XDP, BPF_XDP, XDP_DROP, XDP_TX,
-    },
+    sys::{cpu_ns, kthread, pin_thread, rx_packets, sh, snmp, Ctx, Gate},
 };
 
 /// The flooded port: nothing listens there, so with no filter the stack answers each SYN
 /// with a RST.
 const PORT: u16 = 9999;
 
-/// BPF_PROG_TEST_RUN's `test` attr with a context (include/uapi/linux/bpf.h).
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-/// `struct xdp_md`: the context a live-frame run needs (the ingress interface).
-#[repr(C)]
-#[derive(Default)]
-struct XdpMd {
-    data: u32,
-    data_end: u32,
-    data_meta: u32,
-    ingress_ifindex: u32,
-    rx_queue_index: u32,
-    egress_ifindex: u32,
-}
-
-const BPF_PROG_TEST_RUN: u32 = 10;
-const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
-
 /// Sends `frame` out of `ifindex` (of the calling thread's namespace) `repeat` times.
 fn send_live(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32, repeat: u32) -> Result<()> {
-    let md = XdpMd {
-        data_end: frame.len() as u32,
-        ingress_ifindex: ifindex,
-        ..Default::default()
-    };
-    let mut attr = TestRunAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        data_size_in: frame.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        repeat,
-        ctx_size_in: std::mem::size_of::<XdpMd>() as u32,
-        ctx_in: &md as *const XdpMd as u64,
-        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
-        ..Default::default()
-    };
-    // SAFETY: a BPF_PROG_TEST_RUN attr whose data and ctx pointers outlive the call; live
-    // frames mode writes no output.
-    unsafe { drain_tests::object::sys_bpf(BPF_PROG_TEST_RUN, &mut attr) }
-        .context("BPF_PROG_TEST_RUN with live frames (kernel ≥ 5.18)")?;
-    Ok(())
+    testrun::send_live(prog, frame, ifindex, repeat)
+        .context("BPF_PROG_TEST_RUN with live frames (kernel ≥ 5.18)")
 }
 
 /// A generator thread flooding from namespace `b` on CPU `cpu` until dropped.
@@ -232,7 +176,7 @@ impl Filter {
             Filter::Floor => {
                 let prog = load_trivial(BPF_PROG_TYPE_XDP, BPF_XDP, XDP_DROP, "bench_floor")?;
                 let pin = format!("/sys/fs/bpf/drain-bench-floor-{}", std::process::id());
-                obj_pin(&prog, &pin)?;
+                pin_fd(&prog, std::path::Path::new(&pin))?;
                 let r = sh(
                     &pair.a,
                     &format!("ip link set dev {dev} xdpdrv pinned {pin}"),

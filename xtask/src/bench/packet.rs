@@ -22,19 +22,16 @@ use drain_common::{map, prog, CpuClock, GateConfig, PortStats};
 use drain_tests::{
     frames::{Ipv4, Ipv6, Packet, Tcp, TCP_ACK},
     netns::NetNsPair,
-    object::object_path,
+    object::{
+        load_trivial, object_path, BPF_PROG_TYPE_SCHED_CLS, BPF_PROG_TYPE_XDP, BPF_XDP, XDP_DROP,
+        XDP_PASS, XDP_TX,
+    },
     testrun::{mean_ns, try_test_run},
 };
 use serde::Serialize;
 use serde_json::json;
 
-use super::{
-    report::Section,
-    sys::{load_trivial, Ctx, BPF_PROG_TYPE_XDP, BPF_XDP, XDP_DROP, XDP_TX},
-};
-
-/// `bpf_prog_type` of TC programs (include/uapi/linux/bpf.h).
-const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+use super::{report::Section, sys::Ctx};
 
 fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
     v.sort_unstable();
@@ -134,7 +131,6 @@ struct Case {
     tc_ret: Option<i32>,
 }
 
-const XDP_PASS: i32 = 2;
 const TC_ACT_SHOT: i32 = 2;
 const TCX_NEXT: i32 = -1;
 

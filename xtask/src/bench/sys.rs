@@ -1,13 +1,13 @@
 //! What the bench sections share: commands run in a namespace and timed with their peak
-//! RSS, CPU time of threads and kthreads, CPU pinning, interface counters, and a program
-//! that only returns a constant.
+//! RSS, CPU time of threads and kthreads, CPU pinning, interface counters, the bench's own
+//! mount namespace.
 
 use std::{
     ffi::CStr,
     fs::File,
     io::Read,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
+        fd::AsRawFd,
         unix::process::{CommandExt, ExitStatusExt},
     },
     process::{Command, ExitStatus, Stdio},
@@ -187,54 +187,6 @@ pub fn snmp(ns: &str, proto: &str, field: &str) -> Result<u64> {
         .with_context(|| format!("no {proto} {field} in /proc/net/snmp"))
 }
 
-/// `bpf_prog_type` and `bpf_attach_type` values used here (include/uapi/linux/bpf.h).
-pub const BPF_PROG_TYPE_XDP: u32 = 6;
-pub const BPF_XDP: u32 = 37;
-pub const XDP_DROP: i32 = 1;
-pub const XDP_TX: i32 = 3;
-
-/// Loads a program that only returns `ret` (`r0 = ret; exit`) straight through
-/// bpf(BPF_PROG_LOAD), named `name`.
-pub fn load_trivial(prog_type: u32, attach_type: u32, ret: i32, name: &str) -> Result<OwnedFd> {
-    // BPF_MOV64_IMM(BPF_REG_0, ret), BPF_EXIT_INSN()
-    let insns: [u64; 2] = [(u64::from(ret as u32) << 32) | 0xb7, 0x95];
-    let license = c"GPL";
-    /// The BPF_PROG_LOAD member of `union bpf_attr`, up to `expected_attach_type`.
-    #[repr(C)]
-    #[derive(Default)]
-    struct LoadAttr {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        prog_name: [u8; 16],
-        prog_ifindex: u32,
-        expected_attach_type: u32,
-    }
-    let mut prog_name = [0u8; 16];
-    let n = name.len().min(15);
-    prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
-    let mut attr = LoadAttr {
-        prog_type,
-        insn_cnt: 2,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        prog_name,
-        expected_attach_type: attach_type,
-        ..Default::default()
-    };
-    // SAFETY: a BPF_PROG_LOAD (5) prefix whose pointers (insns, license) outlive the call.
-    let fd = unsafe { drain_tests::object::sys_bpf(5, &mut attr) }
-        .with_context(|| format!("loading the program {name} (needs root)"))?;
-    // SAFETY: a new fd the kernel just returned, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// What every section gets: the binary under test and how big to make things.
 pub struct Ctx {
     pub bin: std::path::PathBuf,
@@ -293,28 +245,6 @@ impl Drop for Gate {
             }
         }
     }
-}
-
-/// Pins the object behind `fd` at `path` (BPF_OBJ_PIN), so `ip link set ... xdp pinned`
-/// can attach a program aya did not load.
-pub fn obj_pin(fd: &OwnedFd, path: &str) -> Result<()> {
-    let p = std::ffi::CString::new(path)?;
-    /// The BPF_OBJ_* member of `union bpf_attr`.
-    #[repr(C)]
-    struct ObjAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let mut attr = ObjAttr {
-        pathname: p.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        file_flags: 0,
-    };
-    // SAFETY: a BPF_OBJ_PIN (6) attr whose path outlives the call.
-    unsafe { drain_tests::object::sys_bpf(6, &mut attr) }
-        .with_context(|| format!("pinning at {path}"))?;
-    Ok(())
 }
 
 /// Moves the bench into a mount namespace of its own with a fresh bpffs at /sys/fs/bpf and
