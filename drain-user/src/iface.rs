@@ -86,11 +86,7 @@ pub fn resolve(names: &[String]) -> Result<Vec<Iface>> {
 
 /// "name, id N" of a program by id, for messages about programs other tools attached.
 pub fn program_name(id: u32) -> String {
-    let name = aya::programs::loaded_programs()
-        .flatten()
-        .find(|p| p.id() == id)
-        .and_then(|p| p.name_as_str().map(str::to_owned));
-    match name {
+    match crate::sys::prog_name(id) {
         Some(n) if !n.is_empty() => format!("{n}, id {id}"),
         _ => format!("id {id}"),
     }

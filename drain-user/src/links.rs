@@ -80,10 +80,7 @@ pub fn inspect(link: &IfaceLink, ifaces: &[Iface]) -> Inspected {
 
 /// True when the program with id `id` is named `name` (drain's programs by name).
 pub fn program_is(id: u32, name: &str) -> bool {
-    aya::programs::loaded_programs()
-        .flatten()
-        .find(|p| p.id() == id)
-        .is_some_and(|p| p.name_as_str() == Some(name))
+    sys::prog_name(id).is_some_and(|n| n == name)
 }
 
 /// True when the interface this namespace has at the link's ifindex runs program `id` on

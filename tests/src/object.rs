@@ -241,8 +241,28 @@ const BPF_OBJ_PIN: u32 = 6;
 /// 15 bytes), straight through BPF_PROG_LOAD: aya only loads programs from an object file.
 /// The baseline benchmarks subtract, and the stand-in for another tool's program.
 pub fn load_xdp_pass(name: &str) -> io::Result<OwnedFd> {
-    // BPF_MOV64_IMM(BPF_REG_0, XDP_PASS), BPF_EXIT_INSN()
-    let insns: [u64; 2] = [0x0000_0002_0000_00b7, 0x0000_0000_0000_0095];
+    load_trivial(BPF_PROG_TYPE_XDP, BPF_XDP, XDP_PASS, name)
+}
+
+/// `bpf_prog_type`, `bpf_attach_type` and XDP verdict values (include/uapi/linux/bpf.h).
+pub const BPF_PROG_TYPE_XDP: u32 = 6;
+pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+pub const BPF_XDP: u32 = 37;
+pub const XDP_DROP: i32 = 1;
+pub const XDP_PASS: i32 = 2;
+pub const XDP_TX: i32 = 3;
+
+/// Loads a program of `prog_type` that only returns `ret` (`r0 = ret; exit`), named `name`
+/// (at most 15 bytes), straight through BPF_PROG_LOAD: baselines for benchmarks, a flood
+/// generator (`XDP_TX`), another tool's program.
+pub fn load_trivial(
+    prog_type: u32,
+    expected_attach_type: u32,
+    ret: i32,
+    name: &str,
+) -> io::Result<OwnedFd> {
+    // BPF_MOV64_IMM(BPF_REG_0, ret), BPF_EXIT_INSN()
+    let insns: [u64; 2] = [(u64::from(ret as u32) << 32) | 0xb7, 0x95];
     let license = c"GPL";
     /// The BPF_PROG_LOAD member of `union bpf_attr`, up to `expected_attach_type`.
     #[repr(C)]
@@ -265,12 +285,12 @@ pub fn load_xdp_pass(name: &str) -> io::Result<OwnedFd> {
     let mut prog_name = [0u8; 16];
     prog_name[..name.len()].copy_from_slice(name.as_bytes());
     let mut attr = LoadAttr {
-        prog_type: 6, // BPF_PROG_TYPE_XDP
+        prog_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
         prog_name,
-        expected_attach_type: 37, // BPF_XDP
+        expected_attach_type,
         ..Default::default()
     };
     // SAFETY: a BPF_PROG_LOAD prefix whose pointers (insns, license) outlive the call.
@@ -280,7 +300,7 @@ pub fn load_xdp_pass(name: &str) -> io::Result<OwnedFd> {
 }
 
 /// Pins the object behind `fd` at `path` (BPF_OBJ_PIN; aya pins only its own objects).
-fn pin_fd(fd: &OwnedFd, path: &Path) -> io::Result<()> {
+pub fn pin_fd(fd: &OwnedFd, path: &Path) -> io::Result<()> {
     let p = CString::new(path.as_os_str().as_encoded_bytes()).expect("path without NUL");
     /// The BPF_OBJ_* member of `union bpf_attr`.
     #[repr(C)]

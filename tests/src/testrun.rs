@@ -68,6 +68,51 @@ fn run(prog_fd: BorrowedFd<'_>, data: &[u8], repeat: u32) -> io::Result<(i32, Ve
     Ok((attr.retval as i32, out, attr.duration))
 }
 
+/// `struct xdp_md`, the context of an XDP test run (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct XdpMd {
+    data: u32,
+    data_end: u32,
+    data_meta: u32,
+    ingress_ifindex: u32,
+    rx_queue_index: u32,
+    egress_ifindex: u32,
+}
+
+/// BPF_F_TEST_XDP_LIVE_FRAMES (kernel ≥ 5.18): frames the program returns XDP_TX or
+/// XDP_REDIRECT for really leave through the interface.
+const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+
+/// Runs the XDP program `repeat` times on `data` in live-frame mode, as if it arrived on
+/// `ifindex` (of the calling thread's network namespace): with a program that returns
+/// XDP_TX, a packet generator sending `data` out of that interface `repeat` times.
+pub fn send_live(
+    prog_fd: BorrowedFd<'_>,
+    data: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> io::Result<()> {
+    let md = XdpMd {
+        data_end: data.len() as u32,
+        ingress_ifindex: ifindex,
+        ..Default::default()
+    };
+    let mut attr = TestRunAttr {
+        prog_fd: prog_fd.as_raw_fd() as u32,
+        data_size_in: data.len() as u32,
+        data_in: data.as_ptr() as u64,
+        repeat,
+        ctx_size_in: std::mem::size_of::<XdpMd>() as u32,
+        ctx_in: &md as *const XdpMd as u64,
+        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
+        ..Default::default()
+    };
+    // SAFETY: a BPF_PROG_TEST_RUN attr whose data and ctx pointers outlive the call; live
+    // frames mode writes no output.
+    unsafe { crate::object::sys_bpf(BPF_PROG_TEST_RUN, &mut attr) }.map(|_| ())
+}
+
 /// [`try_test_run`], panicking with the frame length and errno on failure.
 pub fn test_run(prog_fd: BorrowedFd<'_>, data: &[u8]) -> (i32, Vec<u8>) {
     try_test_run(prog_fd, data).unwrap_or_else(|e| {

@@ -42,8 +42,24 @@ enum Task {
     Lint,
     /// Show drain working in throwaway network namespaces (needs root).
     Demo,
-    /// Per-packet cost, kernel memory and drain-notice latency, as side-by-side ratios.
-    Bench,
+    /// drain against what operators use instead, as ratios measured side by side: writes
+    /// bench/results.md and bench/results.json (needs root; ~5 minutes).
+    Bench {
+        /// Tiny sizes, every section once, nothing written to bench/ (seconds: for CI).
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// (bench helper) Connects COUNT times from namespace NS to TO and holds the
+    /// connections until stdin closes.
+    #[command(hide = true)]
+    BenchHold {
+        #[arg(long)]
+        ns: String,
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
     /// The Debian package (target/debian/*.deb): release binary, man pages, shell
     /// completions, examples, README and licences. Installs cargo-deb if missing.
     Deb,
@@ -76,11 +92,19 @@ fn run_task(task: Task) -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Lint => lint(),
         Task::Deb => package::deb().map(drop),
-        Task::Bench => {
-            build(false)?;
-            ensure_bpffs()?;
-            bench::run(&target_dir().join("debug/drain-user"))
+        Task::Bench { smoke } => {
+            // Timings are of the release build; the smoke run only checks that every section
+            // works, with the debug build CI has already made.
+            build(!smoke)?;
+            ensure_bench_packages()?;
+            bench::isolate()?;
+            let profile = if smoke { "debug" } else { "release" };
+            bench::run(&bench::Ctx {
+                bin: target_dir().join(profile).join("drain-user"),
+                smoke,
+            })
         }
+        Task::BenchHold { ns, to, count } => bench::hold(&ns, to, count),
         Task::Fuzz { frames, seed } => {
             build(false)?;
             require_root("the fuzzer loads BPF programs")?;
@@ -239,11 +263,6 @@ fn ensure_bpffs() -> Result<()> {
 /// look at attached programs, strace to kill drain-user at chosen syscalls (the fault and
 /// hardening tests). Installed with apt when missing (CI machines start bare).
 fn ensure_test_packages() -> Result<()> {
-    let have = |bin: &str| {
-        ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-            .iter()
-            .any(|d| Path::new(d).join(bin).exists())
-    };
     // python3-venv ships no program of its own: ask Debian's python whether it can make one.
     let have_venv = || {
         Command::new("/usr/bin/python3")
@@ -251,7 +270,7 @@ fn ensure_test_packages() -> Result<()> {
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    let wanted: [(&str, bool); 10] = [
+    ensure_packages(&[
         ("nginx", have("nginx")),
         ("wrk", have("wrk")),
         ("haproxy", have("haproxy")),
@@ -263,7 +282,33 @@ fn ensure_test_packages() -> Result<()> {
         ("strace", have("strace")),
         // The package test reads the installed man page.
         ("man-db", have("man")),
-    ];
+    ])
+}
+
+/// What the bench compares drain with (iptables brings iptables-legacy too), and the tools
+/// it measures with: ethtool turns on the veth NAPI the flood needs, strace breaks a
+/// command's time down by syscall.
+fn ensure_bench_packages() -> Result<()> {
+    ensure_packages(&[
+        ("iptables", have("iptables")),
+        ("nftables", have("nft")),
+        ("ethtool", have("ethtool")),
+        ("strace", have("strace")),
+        ("iproute2", have("ss")),
+        ("bpftool", have("bpftool")),
+    ])
+}
+
+/// Whether a program is installed in one of the usual directories.
+fn have(bin: &str) -> bool {
+    ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(bin).exists())
+}
+
+/// Installs with apt the packages not present: (package, present) pairs. No daemon it
+/// brings starts.
+fn ensure_packages(wanted: &[(&str, bool)]) -> Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(_, present)| !present)
@@ -272,7 +317,7 @@ fn ensure_test_packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: installing test packages: {}", missing.join(" "));
+    eprintln!("xtask: installing packages: {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     // Debian's maintainer scripts start nginx, haproxy and sshd on the host on install. A
     // policy-rc.d that answers 101 ("action forbidden") keeps them from starting at all; it
