@@ -84,7 +84,7 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
                 ns[i].push(mean_ns(xdp.as_fd(), &syn, repeat)?);
                 continue;
             }
-            for _ in 0..repeat / BATCH / 10 {
+            for _ in 0..(repeat / BATCH / 10).max(1) {
                 ns[i].push(mean_ns(xdp.as_fd(), &syn, BATCH)?);
                 let mut ring = RingBuf::try_from(obj.bpf.map_mut(map::EVENTS).unwrap())?;
                 while ring.next().is_some() {}
