@@ -124,6 +124,9 @@ attributes:
     details:
       - For O(state=closed) and O(state=open) the module compares the wanted state with
         C(drain-user status --json) and changes nothing.
+      - For O(state=closed) it also runs the preflight C(drain-user check) with the requested
+        ports, interfaces, attach mode and policy, returns it as RV(preflight), and fails when
+        a gate could not work on the host.
       - For O(state=drained) and O(state=idle) it does not wait; it reports the live count
         now (a wait with a zero deadline, which does not renew the TTL; without a gate,
         drain-user counts with a tracker that lives only for that call).
@@ -179,6 +182,17 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+preflight:
+  description:
+    - With O(state=closed) in check mode, the C(drain-user check --json) report for the
+      requested ports, interfaces, attach mode and policy; the task fails when it says a
+      gate cannot work on the host (its C(problem) names the first blocker).
+  returned: check mode, state=closed
+  type: dict
+  sample:
+    ok: true
+    problem: null
+    kernel: 6.18.44
 status:
   description:
     - The C(drain-user status --json) object after the action (in check mode, the current
@@ -377,6 +391,17 @@ class Gate(object):
             **extra
         )
 
+    def preflight(self, ports, interfaces, attach, policy):
+        """drain-user check --json for the settings a gate on would use (check mode)."""
+        args = ["check", "--json", "--port", ",".join(str(x) for x in ports), "--attach", attach, "--policy", policy]
+        for name in interfaces:
+            args += ["--iface", name]
+        rc, out, err = self.run(args, check_rc=False)
+        try:
+            return json.loads(out)
+        except ValueError:
+            self.fail(args, rc, out, err)
+
     def status(self):
         _rc, out, err = self.run(["status", "--json"])
         try:
@@ -478,7 +503,17 @@ def do_closed(module, gate, norm):
     changed = bool(diffs)
     renewed = not changed
     if module.check_mode:
-        module.exit_json(changed=changed, status=before, previous_status=before, differences=diffs, ttl_renewed=renewed)
+        preflight = gate.preflight(norm["ports"], p["interfaces"], p["attach"], p["policy"])
+        if not preflight.get("ok"):
+            module.fail_json(
+                msg="drain-user check: a gate cannot work here: %s" % preflight.get("problem"),
+                preflight=preflight,
+                status=before,
+            )
+        module.exit_json(
+            changed=changed, status=before, previous_status=before, differences=diffs, ttl_renewed=renewed,
+            preflight=preflight,
+        )
     args = ["gate", "on", "--port", ",".join(str(x) for x in norm["ports"]), "--ttl", norm["ttl"],
             "--policy", p["policy"], "--rst-rate", str(p["rst_rate"]), "--attach", p["attach"]]
     for name in p["interfaces"]:
