@@ -14,6 +14,10 @@ pub mod prog {
     pub const TC: &str = "drain_tc";
     /// tp_btf/inet_sock_set_state: keeps the live-connection counts.
     pub const TRACK: &str = "drain_track";
+    /// sk_lookup, attached to the gate's network namespace: policy reset's refusal.
+    pub const LOOKUP: &str = "drain_lookup";
+    /// tp_btf/tcp_send_reset: counts the RSTs the kernel sends for those refusals.
+    pub const RST: &str = "drain_rst";
 }
 
 /// Map names (at most 15 bytes: BPF_OBJ_NAME_LEN - 1). User code only uses these constants;
@@ -49,10 +53,16 @@ pub mod map {
     /// PerCpuArray[1] of u64: the RST rate limiter's next allowed time (GCRA), per CPU.
     /// Written by the gate programs only.
     pub const RST_RL: &str = "DRAIN_RST_RL";
+    /// PerCpuArray[1]: the last lookup the sk_lookup program refused on this CPU, until the
+    /// tcp_send_reset tracepoint sees its RST. Kernel-only state.
+    pub const REFUSED: &str = "DRAIN_REFUSED";
+    /// Array[1] of [`ResetTraceConfig`](crate::ResetTraceConfig): sk_buff offsets for the
+    /// tcp_send_reset tracepoint. Written by user space before it attaches.
+    pub const RSTCFG: &str = "DRAIN_RSTCFG";
 
     /// Every map the object defines, for the test that checks each resolves.
     pub const ALL: &[&str] = &[
-        CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS, RST_RL,
+        CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS, RST_RL, REFUSED, RSTCFG,
     ];
 }
 
@@ -68,7 +78,9 @@ pub const GATE_ON: u32 = 1;
 /// `GateConfig::policy` values: how a refused SYN is answered.
 /// Drop it: the client retransmits (1, 2, 3... s) and eventually times out.
 pub const POLICY_DROP: u32 = 0;
-/// Answer it with RST|ACK (XDP_TX), rate-limited: the client gets ECONNREFUSED at once.
+/// Answer it with a RST, rate-limited: the client gets ECONNREFUSED at once. The XDP/TC
+/// gate passes the SYNs the budget allows on to the stack, where the sk_lookup program
+/// refuses the listener lookup and the kernel's TCP sends the RST.
 pub const POLICY_RESET: u32 = 1;
 
 /// The one global switch of a gate. One map write turns a gate on or off.
@@ -78,7 +90,7 @@ pub const POLICY_RESET: u32 = 1;
 pub struct GateConfig {
     /// [`GATE_ON`] or [`GATE_OFF`].
     pub enabled: u32,
-    /// [`POLICY_DROP`].
+    /// [`POLICY_DROP`] or [`POLICY_RESET`].
     pub policy: u32,
     /// CLOCK_BOOTTIME (`bpf_ktime_get_boot_ns`) deadline in ns after which the programs stop
     /// refusing by themselves; 0 = no deadline.
@@ -133,6 +145,22 @@ pub struct TrackConfig {
 }
 const _: () = assert!(core::mem::size_of::<TrackConfig>() == 16);
 
+/// What the tcp_send_reset tracepoint needs to read the segment a RST answers: byte
+/// offsets in `struct sk_buff`, from the running kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ResetTraceConfig {
+    /// `sk_buff.head` (unsigned char *).
+    pub off_head: u32,
+    /// `sk_buff.transport_header` (u16, offset from head).
+    pub off_transport: u32,
+    /// `sk_buff.network_header` (u16, offset from head).
+    pub off_network: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ResetTraceConfig>() == 16);
+
 /// Tracker counters, per CPU. Serialized (user side) as the `tracker` object of
 /// `drain-user status --json`.
 #[repr(C)]
@@ -170,7 +198,9 @@ pub struct PortStats {
     pub port: u32,
     #[cfg_attr(feature = "user", serde(skip))]
     pub _pad: u32,
-    /// Connection requests refused because the gate was on.
+    /// Connection requests refused because the gate was on. Policy drop: dropped by the
+    /// XDP/TC gate. Policy reset: `rst_sent + rst_limited`, each counted once its fate is
+    /// known.
     pub syns_refused: u64,
     /// Connection requests let through (gate off, deadline passed, or allowlisted source).
     pub syns_passed: u64,
@@ -178,12 +208,17 @@ pub struct PortStats {
     pub syns_allowed: u64,
     /// Of `syns_passed`: let through because the deadline (`--ttl`) had passed.
     pub syns_expired: u64,
-    /// Of `syns_refused`: answered with a RST (policy reset).
+    /// Of `syns_refused`: answered with a RST, counted when the kernel sends it
+    /// (tp_btf/tcp_send_reset after the sk_lookup refusal).
     pub rst_sent: u64,
-    /// Of `syns_refused`: dropped instead of reset because the RST rate limit was reached.
+    /// Of `syns_refused`: dropped by the XDP/TC gate instead of reset because the RST rate
+    /// limit was reached.
     pub rst_limited: u64,
+    /// RSTs the refusal made the kernel send to segments other than connection requests:
+    /// a SYN-cookie ACK completing a handshake begun before the gate closed, a stray ACK.
+    pub rst_not_syn: u64,
 }
-const _: () = assert!(core::mem::size_of::<PortStats>() == 56);
+const _: () = assert!(core::mem::size_of::<PortStats>() == 64);
 
 /// `Sum` over the per-CPU copies of a counter struct: every counter added up, fields that
 /// are not counters (`keep`) taken from the copies, which all hold the same value.
@@ -211,7 +246,8 @@ per_cpu_sum!(PortStats {
         syns_allowed,
         syns_expired,
         rst_sent,
-        rst_limited
+        rst_limited,
+        rst_not_syn
     ]
 });
 #[cfg(feature = "user")]
@@ -228,6 +264,7 @@ mod pod {
     unsafe impl aya::Pod for super::PortStats {}
     unsafe impl aya::Pod for super::TrackConfig {}
     unsafe impl aya::Pod for super::TrackStats {}
+    unsafe impl aya::Pod for super::ResetTraceConfig {}
 }
 
 #[cfg(all(test, feature = "user"))]
@@ -245,6 +282,7 @@ mod tests {
             syns_expired: 4 * n,
             rst_sent: 5 * n,
             rst_limited: 6 * n,
+            rst_not_syn: 7 * n,
         };
         let sum: PortStats = [cpu(1), cpu(10), cpu(100)].iter().sum();
         assert_eq!(

@@ -10,58 +10,42 @@ use drain_common::{
     POLICY_RESET,
 };
 
-use crate::parse::{self, Request, Source};
+use crate::parse::{self, Source};
 
 /// Array[1] of GateConfig: the global switch, written by `drain-user gate on|off`.
 #[map(name = "DRAIN_CONFIG")]
-static CONFIG: Array<GateConfig> = Array::pinned(1, 0);
+pub(crate) static CONFIG: Array<GateConfig> = Array::pinned(1, 0);
 
 /// Array[65536] of u32 by local port: 0 = not gated, else the port's stats slot.
 /// Written by `drain-user gate on`.
 #[map(name = "DRAIN_PORTS")]
-static PORTS: Array<u32> = Array::pinned(65536, 0);
+pub(crate) static PORTS: Array<u32> = Array::pinned(65536, 0);
 
 /// PerCpuArray of PortStats by slot; written here, summed by `drain-user status`.
 #[map(name = "DRAIN_STATS")]
-static STATS: PerCpuArray<PortStats> = PerCpuArray::pinned(MAX_GATED_PORTS + 1, 0);
+pub(crate) static STATS: PerCpuArray<PortStats> = PerCpuArray::pinned(MAX_GATED_PORTS + 1, 0);
 
 /// IPv4 sources allowed through a closed gate; written by `drain-user gate on --allow`.
 #[map(name = "DRAIN_ALLOW4")]
-static ALLOW4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
+pub(crate) static ALLOW4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
 
 /// IPv6 sources allowed through a closed gate; written by `drain-user gate on --allow`.
 #[map(name = "DRAIN_ALLOW6")]
-static ALLOW6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
+pub(crate) static ALLOW6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
 
 /// Per-CPU RST limiter state: the earliest time (CLOCK_BOOTTIME ns) the next RST may go
 /// (GCRA). Per CPU so the packet path needs no atomics; the user side divides the rate.
 #[map(name = "DRAIN_RST_RL")]
 static RST_RL: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
-/// Where a gate program runs; decides how a refusal can be answered.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Hook {
-    /// XDP: a refused SYN can be turned around into a RST and sent back (XDP_TX).
-    Xdp,
-    /// TC ingress: refusals are dropped (policy reset answers from XDP only).
-    Tc,
-}
-
 pub enum Verdict {
     Pass,
+    /// Refuse by dropping (policy drop, or the RST budget is spent).
     Refuse,
-    /// Refuse, and answer with a RST built from this request (the caller counts
-    /// `rst_sent` in this slot once the RST is built).
-    Reset(Request, u32),
-}
-
-/// Counts one more RST sent from `slot`.
-#[inline(always)]
-pub fn count_rst(slot: u32) {
-    if let Some(s) = STATS.get_ptr_mut(slot) {
-        // SAFETY: per-CPU slot, only this CPU touches it while this program runs.
-        unsafe { (*s).rst_sent += 1 };
-    }
+    /// Refuse with a RST (policy reset, within the RST budget): the frame goes on to the
+    /// stack, where the namespace-wide refusal (refuse.rs) makes TCP answer it with a RST.
+    /// Counted there, once the kernel sends that RST.
+    Reset,
 }
 
 /// GCRA: one RST per `interval` on average, `burst` at once. True = send.
@@ -90,7 +74,7 @@ fn rst_allowed(now: u64, interval: u64, burst: u64) -> bool {
 /// Decides one frame. Only a connection request to a gated port reaches past the first
 /// array lookup, so everything else costs a parse and one inlined array read.
 #[inline(always)]
-pub fn verdict(start: usize, end: usize, hook: Hook) -> Verdict {
+pub fn verdict(start: usize, end: usize) -> Verdict {
     let Ok(Some(req)) = parse::connection_request(start, end) else {
         return Verdict::Pass;
     };
@@ -132,14 +116,14 @@ pub fn verdict(start: usize, end: usize, hook: Hook) -> Verdict {
         stats.syns_allowed += 1;
         return Verdict::Pass;
     }
-    stats.syns_refused += 1;
-    // Only a refusal that would really be answered spends the RST budget (or counts as
-    // limited): not on TC, not with IPv4 options or IPv6 extension headers.
-    if cfg.policy == POLICY_RESET && hook == Hook::Xdp && req.plain_headers() {
+    // Under policy reset a refusal is counted where its fate is known: here when the RST
+    // budget is spent (dropped), in refuse.rs when the kernel sends the RST.
+    if cfg.policy == POLICY_RESET {
         if rst_allowed(now, cfg.rst_interval_ns, cfg.rst_burst) {
-            return Verdict::Reset(req, slot);
+            return Verdict::Reset;
         }
         stats.rst_limited += 1;
     }
+    stats.syns_refused += 1;
     Verdict::Refuse
 }

@@ -5,9 +5,13 @@
 //! - `parse.rs`: the packet parser (Ethernet, 802.1Q/QinQ, IPv4 with options, IPv6 with
 //!   extension headers, TCP) that finds connection requests.
 //! - `gate.rs`: the verdict (gated port? gate on? deadline? allowlisted source?) and its maps.
-//! - `reset.rs`: turning a refused SYN into its RST|ACK answer (policy reset).
+//! - `refuse.rs`: policy reset past the first line: the namespace-wide refusal (sk_lookup)
+//!   that makes the kernel's TCP answer a refused SYN with its RST, and the count of those RSTs
+//!   (tp_btf/tcp_send_reset).
 //! - `track.rs`: the connection tracker (live connections per local port).
 //! - this file: the two thin gate entry points, XDP and TC, mapping the verdict to return codes.
+//!   Under policy reset they are the first line: they pass the refused SYNs the RST budget
+//!   allows on to the stack (where refuse.rs refuses them) and drop the rest.
 //!
 //! Fail open: any packet the parser cannot read to the end of the TCP flags passes.
 #![no_std]
@@ -19,7 +23,7 @@
 mod gate;
 mod hdr;
 mod parse;
-mod reset;
+mod refuse;
 mod track;
 
 use aya_ebpf::{
@@ -28,23 +32,16 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use crate::gate::{Hook, Verdict};
+use crate::gate::Verdict;
 
 /// XDP gate. Runs in the driver (native) or, where the driver has no XDP support such as
 /// `lo`, in generic mode; either way before the stack and netfilter see the packet.
 #[xdp]
 pub fn drain_xdp(ctx: XdpContext) -> u32 {
-    match gate::verdict(ctx.data(), ctx.data_end(), Hook::Xdp) {
-        Verdict::Pass => xdp_action::XDP_PASS,
+    match gate::verdict(ctx.data(), ctx.data_end()) {
+        // Reset: on to the stack, whose TCP answers it with a RST (refuse.rs).
+        Verdict::Pass | Verdict::Reset => xdp_action::XDP_PASS,
         Verdict::Refuse => xdp_action::XDP_DROP,
-        Verdict::Reset(req, slot) => match reset::xdp(&ctx, &req) {
-            Ok(()) => {
-                gate::count_rst(slot);
-                xdp_action::XDP_TX
-            }
-            // Not turned around (IP options, IPv6 extension headers): still refused.
-            Err(()) => xdp_action::XDP_DROP,
-        },
     }
 }
 
@@ -60,10 +57,9 @@ pub fn drain_tc(ctx: TcContext) -> i32 {
     if ((ctx.data_end() - ctx.data()) as u32) < want {
         let _ = ctx.pull_data(want);
     }
-    match gate::verdict(ctx.data(), ctx.data_end(), Hook::Tc) {
-        Verdict::Pass => TCX_NEXT,
-        // The TC gate refuses by dropping: policy reset answers with RSTs from XDP only.
-        Verdict::Refuse | Verdict::Reset(..) => TC_ACT_SHOT,
+    match gate::verdict(ctx.data(), ctx.data_end()) {
+        Verdict::Pass | Verdict::Reset => TCX_NEXT,
+        Verdict::Refuse => TC_ACT_SHOT,
     }
 }
 

@@ -18,32 +18,11 @@ pub enum Source {
     V6([u8; 16]),
 }
 
-/// A connection request: destination port (host order), source address, and where its
-/// headers are, for answering it with a RST.
+/// A connection request: destination port (host order) and source address.
 pub struct Request {
     pub dport: u16,
     pub source: Source,
-    /// Offset of the IP header.
-    pub l3: usize,
-    /// Offset of the TCP header.
-    pub l4: usize,
 }
-
-impl Request {
-    /// IPv4 without options or IPv6 without extension headers, at most two VLAN tags in:
-    /// the headers `reset::xdp` can turn around.
-    #[inline(always)]
-    pub fn plain_headers(&self) -> bool {
-        let ip = match self.source {
-            Source::V4(_) => size_of::<Ipv4Hdr>(),
-            Source::V6(_) => size_of::<Ipv6Hdr>(),
-        };
-        self.l3 <= MAX_L3 && self.l4 == self.l3 + ip
-    }
-}
-
-/// Largest offset of the IP header: Ethernet plus the most VLAN tags followed.
-pub const MAX_L3: usize = size_of::<EthHdr>() + MAX_VLAN_TAGS * size_of::<VlanHdr>();
 
 /// Bounds-checked pointer to a `T` at `off` bytes into the packet `[start, end)`: the one
 /// check every packet access goes through.
@@ -99,7 +78,7 @@ fn ipv4(start: usize, end: usize, off: usize) -> Result<Option<Request>, ()> {
         return Ok(None);
     }
     // Options, if any, are skipped by the header length.
-    tcp(start, end, off, off + ihl, Source::V4(ip.saddr))
+    tcp(start, end, off + ihl, Source::V4(ip.saddr))
 }
 
 #[inline(always)]
@@ -110,11 +89,10 @@ fn ipv6(start: usize, end: usize, off: usize) -> Result<Option<Request>, ()> {
     }
     let mut next = ip.next_hdr;
     let saddr = ip.saddr;
-    let l3 = off;
     let mut off = off + size_of::<Ipv6Hdr>();
     for _ in 0..MAX_EXT_HEADERS {
         match next {
-            IPPROTO_TCP => return tcp(start, end, l3, off, Source::V6(saddr)),
+            IPPROTO_TCP => return tcp(start, end, off, Source::V6(saddr)),
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
                 let x: &Ipv6ExtHdr = hdr_at(start, end, off)?;
                 next = x.next_hdr;
@@ -139,19 +117,13 @@ fn ipv6(start: usize, end: usize, off: usize) -> Result<Option<Request>, ()> {
     // The last extension header allowed may be followed by TCP; anything deeper is not
     // understood and passes.
     if next == IPPROTO_TCP {
-        return tcp(start, end, l3, off, Source::V6(saddr));
+        return tcp(start, end, off, Source::V6(saddr));
     }
     Ok(None)
 }
 
 #[inline(always)]
-fn tcp(
-    start: usize,
-    end: usize,
-    l3: usize,
-    off: usize,
-    source: Source,
-) -> Result<Option<Request>, ()> {
+fn tcp(start: usize, end: usize, off: usize, source: Source) -> Result<Option<Request>, ()> {
     // The whole fixed header is required: a shorter segment is not a valid SYN.
     let tcp: &TcpHdr = hdr_at(start, end, off)?;
     if !tcp.is_request() {
@@ -160,7 +132,5 @@ fn tcp(
     Ok(Some(Request {
         dport: tcp.dport.get(),
         source,
-        l3,
-        l4: off,
     }))
 }

@@ -3,6 +3,13 @@
 //! Order matters for fail-open: `on` attaches with the switch still off, fills the ports, and
 //! turns the switch on last; `off` turns the switch off first (one map write, no window),
 //! then detaches and unpins. A failure in the middle of `on` rolls back what that call did.
+//!
+//! Besides one link per interface, a gate has three links of its own: the tracker, the
+//! namespace-wide refusal of policy reset (sk_lookup on the gate's network namespace, so it
+//! covers every interface, those created after `gate on` too) and the count of the RSTs the
+//! kernel sends for it (tp_btf/tcp_send_reset). Those two are attached whatever the policy
+//! (under policy drop the sk_lookup program lets every lookup through), so switching the
+//! policy is one map write like everything else.
 
 use std::{
     collections::BTreeSet,
@@ -13,16 +20,20 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
+    maps::{Array, MapData},
     programs::{
-        links::FdLink, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType, Xdp,
-        XdpMode as AyaXdpMode,
+        links::FdLink, tc::TcAttachOptions, BtfTracePoint, LinkOrder, SchedClassifier, SkLookup,
+        TcAttachType, Xdp, XdpMode as AyaXdpMode,
     },
     Ebpf,
 };
-use drain_common::{prog, GateConfig, ALLOW_V4, ALLOW_V6, GATE_OFF, GATE_ON};
+use drain_common::{
+    map, prog, GateConfig, ResetTraceConfig, ALLOW_V4, ALLOW_V6, GATE_OFF, GATE_ON,
+};
 use ipnet::IpNet;
 
 use crate::{
+    btf::Btf,
     cli::{AttachChoice, Policy},
     errln,
     iface::{self, Iface},
@@ -89,6 +100,19 @@ fn on_locked(
             .with_context(|| format!("pinning the tracker link at {}", track_pin.display()))?;
         created.push(track_pin);
         gate.tracker_mut().seed()?;
+    }
+    // The RST counter before the refusal, so no RST of it goes uncounted.
+    for (pin, attach) in [
+        (LinkPin::Rst, attach_rst as fn(&mut Ebpf) -> Result<FdLink>),
+        (LinkPin::Lookup, attach_lookup),
+    ] {
+        let path = pin.path(dir);
+        if !path.exists() {
+            let link = attach(&mut bpf)?;
+            link.pin(&path)
+                .with_context(|| format!("pinning the link at {}", path.display()))?;
+            created.push(path);
+        }
     }
     let existing = pins::iface_links(dir)?;
     let mut report = Vec::new();
@@ -228,6 +252,78 @@ fn attach_tc(bpf: &mut Ebpf, iface: &Iface) -> Result<FdLink> {
     })
 }
 
+/// Attaches the namespace-wide refusal: the sk_lookup program on this network namespace,
+/// after any other tool's (the last program's verdict is the lookup's).
+fn attach_lookup(bpf: &mut Ebpf) -> Result<FdLink> {
+    let prog = loaded!(bpf, SkLookup, prog::LOOKUP, "sk_lookup");
+    let netns = fs::File::open("/proc/self/ns/net").context("opening /proc/self/ns/net")?;
+    let id = prog.attach(netns).context(
+        "attaching the sk_lookup program to this network namespace (needs kernel >= 5.9)",
+    )?;
+    Ok(prog.take_link(id)?.into())
+}
+
+/// Attaches the RST counter (tp_btf/tcp_send_reset), with the sk_buff offsets it reads
+/// taken from the running kernel's BTF.
+fn attach_rst(bpf: &mut Ebpf) -> Result<FdLink> {
+    let btf = Btf::from_sys_fs()?;
+    let cfg = ResetTraceConfig {
+        off_head: btf.offset("sk_buff", "head")?,
+        off_transport: btf.offset("sk_buff", "transport_header")?,
+        off_network: btf.offset("sk_buff", "network_header")?,
+        _pad: 0,
+    };
+    let mut m: Array<&mut MapData, ResetTraceConfig> = Array::try_from(
+        bpf.map_mut(map::RSTCFG)
+            .context("the eBPF object lacks the RST counter's config map")?,
+    )?;
+    m.set(0, cfg, 0)
+        .context("writing the RST counter's config")?;
+    let btf =
+        aya::Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+    let prog: &mut BtfTracePoint = bpf
+        .program_mut(prog::RST)
+        .context("the eBPF object has no RST counter program")?
+        .try_into()?;
+    prog.load("tcp_send_reset", &btf)
+        .context("the kernel rejected the RST counter (tp_btf/tcp_send_reset)")?;
+    let id = prog.attach().context("attaching the RST counter")?;
+    Ok(prog.take_link(id)?.into())
+}
+
+/// The interfaces that are up and have no gate link: connections through them meet only
+/// the namespace-wide refusal (policy reset), or nothing at all (policy drop).
+pub fn ungated(dir: &Path) -> Result<Vec<Iface>> {
+    let links = pins::iface_links(dir)?;
+    Ok(iface::interfaces()?
+        .into_iter()
+        .filter(|i| i.up && !links.iter().any(|l| l.ifindex == i.index))
+        .collect())
+}
+
+/// The one-line warning `gate on` and `wait` print when interfaces are up but not gated
+/// under policy drop (None when there is nothing to say).
+pub fn ungated_warning(ungated: &[Iface], policy: Policy) -> Option<String> {
+    if ungated.is_empty() || policy == Policy::Reset {
+        return None;
+    }
+    let names: Vec<String> = ungated
+        .iter()
+        .map(|i| format!("{} (ifindex {})", i.name, i.index))
+        .collect();
+    let flags: Vec<String> = ungated
+        .iter()
+        .map(|i| format!("--iface {}", i.name))
+        .collect();
+    Some(format!(
+        "drain-user: warning: not gated: {}: new connections through {} are accepted          (policy drop); cover {} with `drain-user gate on --port ... {}`          (or without --iface: every interface that is up), or use --policy reset,          which refuses on every interface",
+        names.join(", "),
+        if ungated.len() == 1 { "it" } else { "them" },
+        if ungated.len() == 1 { "it" } else { "them" },
+        flags.join(" ")
+    ))
+}
+
 /// Detaches every link and removes every pin of a gate, then its directory. Removing a
 /// link's pin drops its last reference, which detaches the program; removing a map's pin
 /// frees the map once no program uses it.
@@ -244,6 +340,13 @@ pub fn teardown(dir: &Path) -> Result<()> {
         }
         if let Err(e) = fs::remove_file(&pin) {
             first_err.get_or_insert(anyhow!(e).context(format!("removing {}", pin.display())));
+        }
+    }
+    // Then the namespace-wide refusal (a netns link: detachable like the interface links).
+    let lookup = LinkPin::Lookup.path(dir);
+    if lookup.exists() {
+        if let Err(e) = sys::detach_link(&lookup) {
+            first_err.get_or_insert(e.context(format!("detaching {}", lookup.display())));
         }
     }
     for entry in fs::read_dir(dir)? {

@@ -13,8 +13,9 @@ use serde::Serialize;
 
 use crate::{
     cli::Policy,
+    gate,
     iface::{self, XdpMode},
-    pins::{self, Hook},
+    pins::{self, Hook, LinkPin},
     state::{boottime_ns, OpenGate},
 };
 
@@ -34,11 +35,19 @@ pub struct Status {
     gate: GateState,
     /// How refused connection requests are answered.
     policy: Policy,
+    /// True when the namespace-wide refusal (the sk_lookup link) is attached: policy reset
+    /// refuses through it, on every interface. False under policy reset means refused SYNs
+    /// within the RST budget reach the server: run `gate on` again.
+    sk_lookup: bool,
     /// True when a gate is installed but its TTL has run out.
     expired: bool,
     /// Milliseconds until the TTL opens the gate; null when there is no deadline.
     ttl_remaining_ms: Option<u64>,
     interfaces: Vec<IfaceStatus>,
+    /// Interfaces that are up with no gate link (created after `gate on`, or left out by
+    /// `--iface`): policy reset still refuses through them (not rate-limited), policy drop
+    /// does not refuse there at all.
+    ungated: Vec<Ungated>,
     ports: Vec<PortStatus>,
     allow: Vec<String>,
     /// The connection tracker's own counters since `gate on`; null when there is no gate.
@@ -56,6 +65,13 @@ pub struct PortStatus {
     /// Summed over CPUs.
     #[serde(flatten)]
     pub counters: PortStats,
+}
+
+/// An interface that is up and not gated.
+#[derive(Serialize)]
+pub struct Ungated {
+    pub name: String,
+    pub ifindex: u32,
 }
 
 /// One interface the gate is attached to.
@@ -76,9 +92,11 @@ pub fn collect() -> Result<Status> {
     let mut st = Status {
         gate: GateState::Off,
         policy: Policy::Drop,
+        sk_lookup: false,
         expired: false,
         ttl_remaining_ms: None,
         interfaces: vec![],
+        ungated: vec![],
         ports: vec![],
         allow: vec![],
         tracker: None,
@@ -101,7 +119,15 @@ pub fn collect() -> Result<Status> {
     if cfg.enabled == GATE_ON && !st.expired {
         st.gate = GateState::On;
     }
+    st.sk_lookup = PinnedLink::from_pin(LinkPin::Lookup.path(&dir)).is_ok();
     st.interfaces = interfaces(&gate)?;
+    st.ungated = gate::ungated(&dir)?
+        .into_iter()
+        .map(|i| Ungated {
+            name: i.name,
+            ifindex: i.index,
+        })
+        .collect();
     st.ports = gate
         .ports()?
         .into_iter()
@@ -190,6 +216,13 @@ fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
             Policy::Reset => "reset",
         };
         writeln!(s, "policy: {policy}")?;
+        if st.policy == Policy::Reset && !st.sk_lookup {
+            writeln!(
+                s,
+                "warning: the namespace-wide refusal (sk_lookup link) is missing: refused SYNs \
+                 within the RST budget reach the server; run `drain-user gate on` again"
+            )?;
+        }
     }
     if st.interfaces.is_empty() && st.ports.is_empty() {
         return Ok(());
@@ -206,21 +239,34 @@ fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
         }
         writeln!(s)?;
     }
+    if !st.ungated.is_empty() {
+        let names: Vec<String> = st
+            .ungated
+            .iter()
+            .map(|u| format!("{} (ifindex {})", u.name, u.ifindex))
+            .collect();
+        let what = match st.policy {
+            Policy::Reset => "refused there by the namespace-wide refusal only (no RST rate limit)",
+            Policy::Drop => "NOT refused there: new connections through them are accepted",
+        };
+        writeln!(s, "not gated: {}: {what}", names.join(", "))?;
+    }
     writeln!(s, "ports:")?;
     writeln!(
         s,
-        "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
-        "PORT", "LIVE", "REFUSED", "RST-SENT", "PASSED", "ALLOWED", "AFTER-TTL"
+        "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
+        "PORT", "LIVE", "REFUSED", "RST-SENT", "RST-LIMITED", "PASSED", "ALLOWED", "AFTER-TTL"
     )?;
     for p in &st.ports {
         let c = &p.counters;
         writeln!(
             s,
-            "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
+            "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
             p.port,
             p.live_connections,
             c.syns_refused,
             c.rst_sent,
+            c.rst_limited,
             c.syns_passed,
             c.syns_allowed,
             c.syns_expired
@@ -242,6 +288,7 @@ mod tests {
         let st = Status {
             gate: GateState::On,
             policy: Policy::Reset,
+            sk_lookup: true,
             expired: false,
             ttl_remaining_ms: Some(598123),
             interfaces: vec![IfaceStatus {
@@ -250,6 +297,10 @@ mod tests {
                 attach: Hook::Xdp,
                 mode: Some(XdpMode::Driver),
                 others: vec![],
+            }],
+            ungated: vec![Ungated {
+                name: "veth9".into(),
+                ifindex: 9,
             }],
             ports: vec![PortStatus {
                 port: 80,
@@ -262,6 +313,7 @@ mod tests {
                     syns_expired: 3,
                     rst_sent: 4,
                     rst_limited: 5,
+                    rst_not_syn: 6,
                     ..Default::default()
                 },
             }],
@@ -276,10 +328,12 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&st).unwrap(),
             concat!(
-                r#"{"gate":"on","policy":"reset","expired":false,"ttl_remaining_ms":598123,"#,
+                r#"{"gate":"on","policy":"reset","sk_lookup":true,"expired":false,"#,
+                r#""ttl_remaining_ms":598123,"#,
                 r#""interfaces":[{"name":"eth0","ifindex":2,"attach":"xdp","mode":"native","others":[]}],"#,
+                r#""ungated":[{"name":"veth9","ifindex":9}],"#,
                 r#""ports":[{"port":80,"live_connections":12,"syns_refused":40,"syns_passed":1,"#,
-                r#""syns_allowed":2,"syns_expired":3,"rst_sent":4,"rst_limited":5}],"#,
+                r#""syns_allowed":2,"syns_expired":3,"rst_sent":4,"rst_limited":5,"rst_not_syn":6}],"#,
                 r#""allow":["10.0.0.0/8"],"#,
                 r#""tracker":{"added":118,"removed":106,"insert_failed":0,"read_failed":7}}"#
             )
