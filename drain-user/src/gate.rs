@@ -116,6 +116,11 @@ fn on_locked(
     }
     let existing = pins::iface_links(dir)?;
     let mut report = Vec::new();
+    // Interfaces enslaved to another (bridge or bond ports) first: the kernel refuses XDP
+    // on a device whose upper device already has an XDP program (dev_xdp_attach), not the
+    // other way round.
+    let mut targets: Vec<&Iface> = targets.iter().collect();
+    targets.sort_by_key(|i| i.master.is_none());
     for iface in targets {
         if let Some(link) = existing.iter().find(|l| l.ifindex == iface.index) {
             report.push(format!(
@@ -316,7 +321,10 @@ pub fn ungated_warning(ungated: &[Iface], policy: Policy) -> Option<String> {
         .map(|i| format!("--iface {}", i.name))
         .collect();
     Some(format!(
-        "drain-user: warning: not gated: {}: new connections through {} are accepted          (policy drop); cover {} with `drain-user gate on --port ... {}`          (or without --iface: every interface that is up), or use --policy reset,          which refuses on every interface",
+        "drain-user: warning: not gated: {}: new connections through {} are accepted \
+         (policy drop); cover {} with `drain-user gate on --port ... {}` \
+         (or without --iface: every interface that is up), or use --policy reset, \
+         which refuses on every interface",
         names.join(", "),
         if ungated.len() == 1 { "it" } else { "them" },
         if ungated.len() == 1 { "it" } else { "them" },

@@ -242,6 +242,10 @@ impl Drop for Running {
     }
 }
 
+/// The links every gate pins besides one per interface, sorted: the RST counter, the
+/// namespace-wide refusal (sk_lookup) and the connection tracker.
+pub const GATE_LINKS: [&str; 3] = ["link-rst", "link-sklookup", "link-track"];
+
 /// drain-user run in one namespace of a pair. Dropping it runs `gate off` there (errors
 /// printed, never raised), so a failing test leaves no gate, pins or attached program;
 /// the pair's own drop then deletes the namespaces (declare it after the pair).
@@ -358,7 +362,7 @@ impl<'p> Drain<'p> {
         names
     }
 
-    /// The link pins (`link-xdp-N`, `link-tc-N`, `link-track`), sorted.
+    /// The link pins (`link-xdp-N`, `link-tc-N` and the [`GATE_LINKS`]), sorted.
     pub fn link_pins(&self) -> Vec<String> {
         self.pins()
             .into_iter()

@@ -2,9 +2,10 @@
 //! echo server, connections whose both ends the test holds, the churn server, raw sockets,
 //! and `ss`.
 //!
-//! - [`connect`], [`connect_from`], [`probe_all`], [`probe_all_from`]: a connect from a
-//!   namespace (optionally from a chosen source address), as a [`Connect`] (ok, refused and
-//!   how fast, timed out); several at once so their timeouts overlap.
+//! - [`connect`], [`connect_from`], [`connect_with_opts`], [`probe_all`], [`probe_all_from`]:
+//!   a connect from a namespace (optionally from a chosen source address, with socket
+//!   options), as a [`Connect`] (ok, refused and how fast, timed out); several at once so
+//!   their timeouts overlap.
 //! - [`bind`], [`listen`], [`accept_queued`], [`EchoServer`], [`round_trip`], [`tcp_pair`],
 //!   [`transfer`]: listeners and data that must arrive intact.
 //! - [`Server`], [`Op`], [`churn`], [`open_held`]: the churn protocol (below).
@@ -109,8 +110,38 @@ pub fn connect_from(
     to: SocketAddr,
     timeout: Duration,
 ) -> Connect {
+    connect_with_opts(pair, ns, from, to, &[], timeout)
+}
+
+/// A socket option set before connecting: (level, name, value bytes), e.g. IP_OPTIONS, so
+/// the SYN carries IPv4 options, or IPV6_DSTOPTS for an IPv6 extension header.
+pub type SockOpt<'a> = (libc::c_int, libc::c_int, &'a [u8]);
+
+/// [`connect_from`] with socket options set on the socket first.
+pub fn connect_with_opts(
+    pair: &NetNsPair,
+    ns: &str,
+    from: Option<IpAddr>,
+    to: SocketAddr,
+    opts: &[SockOpt<'_>],
+    timeout: Duration,
+) -> Connect {
     pair.in_ns(ns, || {
         let sock = tcp_socket(family(to), libc::SOCK_NONBLOCK);
+        for &(level, name, value) in opts {
+            // SAFETY: a valid fd and an option value of the length passed.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    level,
+                    name,
+                    value.as_ptr().cast(),
+                    value.len() as libc::socklen_t,
+                )
+            };
+            check(rc, &format!("setsockopt({level}, {name}) in {ns}"))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
         if let Some(src) = from {
             let (sa, len) = sockaddr(SocketAddr::new(src, 0));
             // SAFETY: a valid fd and a sockaddr of the length passed.

@@ -15,7 +15,7 @@ use std::{
 };
 
 use drain_tests::{
-    cli::{gated_ports, iface_status, port_status, CliOutput, Drain, Json},
+    cli::{gated_ports, iface_status, port_status, CliOutput, Drain, Json, GATE_LINKS},
     netns::NetNsPair,
     object::{
         bpf_link_exists, bpftool, link_xdp, open_pinned_link, pinned_link_id, tcx_ingress,
@@ -90,8 +90,8 @@ fn xdp_link_pins(d: &Drain, veth: &str) -> Vec<String> {
     let mut v = vec![
         format!("link-xdp-{}", d.ifindex("lo")),
         format!("link-xdp-{}", d.ifindex(veth)),
-        "link-track".to_owned(),
     ];
+    v.extend(GATE_LINKS.map(String::from));
     v.sort();
     v
 }
@@ -453,8 +453,8 @@ fn gates_in_two_namespaces_are_independent() {
 // ---------------------------------------------------------------------------------------
 
 /// After `gate off`: no pin directory, no XDP program on lo or the veth (ip and bpftool
-/// agree), no TC program, none of the gate's bpf_links (interface links and the tracker)
-/// exists any more; a second `gate off` exits 0 saying the gate was already off.
+/// agree), no TC program, none of the gate's bpf_links (interface links, tracker,
+/// sk_lookup, RST counter) exists any more; a second `gate off` exits 0 saying the gate was already off.
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn gate_off_leaves_no_pins_links_or_programs() {
@@ -470,7 +470,11 @@ fn gate_off_leaves_no_pins_links_or_programs() {
             (name, id)
         })
         .collect();
-    assert_eq!(link_ids.len(), 3, "lo, veth and the tracker: {link_ids:?}");
+    assert_eq!(
+        link_ids.len(),
+        2 + GATE_LINKS.len(),
+        "lo, veth and the gate's own links: {link_ids:?}"
+    );
     // So that the check after gate off can fail: the kernel lists each link now.
     for (name, id) in &link_ids {
         assert!(bpf_link_exists(*id), "link {name} (id {id}) not listed");
@@ -539,7 +543,7 @@ fn gate_off_detaches_even_while_another_process_holds_the_links() {
             .iter()
             .map(|l| open_pinned_link(&drain.state_dir().join(l)))
             .collect();
-        assert_eq!(held.len(), 3, "{:?}", drain.link_pins());
+        assert_eq!(held.len(), 2 + GATE_LINKS.len(), "{:?}", drain.link_pins());
         drain.off();
         assert!(!drain.state_dir().exists());
         for dev in ["lo", pair.veth_a.as_str()] {
@@ -729,8 +733,8 @@ fn attach_tc_gates_the_same_way() {
     let mut want = vec![
         format!("link-tc-{}", drain.ifindex("lo")),
         format!("link-tc-{}", drain.ifindex(&pair.veth_a)),
-        "link-track".to_owned(),
     ];
+    want.extend(GATE_LINKS.map(String::from));
     want.sort();
     assert_eq!(drain.link_pins(), want);
     assert_eq!(link_xdp(&pair, &pair.a, &pair.veth_a), None, "tc, not xdp");
