@@ -896,7 +896,7 @@ fn interfaces_created_after_gate_on() {
     let late = Link::veth(&pair);
     let late_ifindex = gate.ifindex(&late.dev_a);
     let st = gate.status();
-    assert_eq!(ungated(&st), [late.dev_a.clone()], "{st}");
+    assert_eq!(ungated(&st), std::slice::from_ref(&late.dev_a), "{st}");
     assert_eq!(
         st["ungated"][0]["ifindex"].u64(),
         u64::from(late_ifindex),
@@ -933,7 +933,7 @@ fn interfaces_created_after_gate_on() {
         "{out}"
     );
     let st = gate.status();
-    assert_eq!(ungated(&st), [late.dev_a.clone()], "{st}");
+    assert_eq!(ungated(&st), std::slice::from_ref(&late.dev_a), "{st}");
     let human = gate.run(&["status"]);
     human.expect_ok();
     assert!(
