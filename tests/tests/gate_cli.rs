@@ -21,7 +21,9 @@ use drain_tests::{
         bpf_link_exists, bpftool, link_xdp, open_pinned_link, pinned_link_id, tcx_ingress,
         ForeignXdp, PinDir,
     },
-    traffic::{bind, connect, probe_all, round_trip, tcp_pair, transfer, Connect, EchoServer},
+    traffic::{
+        bind, connect, exchange, probe_all, round_trip, tcp_pair, transfer, Connect, EchoServer,
+    },
 };
 
 /// The gated port, and another one that is never gated.
@@ -125,15 +127,7 @@ fn established_connections_keep_flowing_through_gate_on_and_off() {
         .iter()
         .map(|(l, from)| tcp_pair(&pair, l, from))
         .collect();
-    let exchange = |phase: u8, len: usize| {
-        std::thread::scope(|s| {
-            for (client, server) in &conns {
-                s.spawn(move || transfer(client, server, len, phase));
-                s.spawn(move || transfer(server, client, len, !phase));
-            }
-        });
-    };
-    exchange(1, 1 << 20);
+    exchange(&conns, 1, 1 << 20);
 
     drain.on(&["--port", &P.to_string()]);
     // The gate really is closed for new connections on that very port, on every path.
@@ -143,14 +137,14 @@ fn established_connections_keep_flowing_through_gate_on_and_off() {
         assert_gated(&pair, &pair.a, &[sa(lo4, P), sa(lo6, P)]);
         t.join().unwrap();
     });
-    exchange(2, 1 << 20);
+    exchange(&conns, 2, 1 << 20);
     // Small writes too (one segment each): every one gets through, both ways.
     for i in 0..20u8 {
-        exchange(i, 100);
+        exchange(&conns, i, 100);
     }
 
     drain.off();
-    exchange(3, 1 << 20);
+    exchange(&conns, 3, 1 << 20);
     // New connections are accepted again, and carry data.
     for (l, from) in &listeners {
         let (client, server) = tcp_pair(&pair, l, from);

@@ -31,7 +31,7 @@ use std::{
     io,
     mem::{size_of, zeroed},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
@@ -48,8 +48,8 @@ use drain_tests::{
     object::Loaded,
     testrun::test_run,
     traffic::{
-        accept_queued, connect_from, connect_with_opts, listen, packet_socket, probe_all_from,
-        tcp_pair, transfer, Connect, SockOpt, Stack,
+        accept_queued, connect_from, connect_with_opts, exchange, listen, packet_recv, packet_send,
+        packet_socket, probe_all_from, tcp_pair, Connect, SockOpt, Stack,
     },
 };
 
@@ -598,44 +598,21 @@ fn flood(
         s.spawn(|| {
             let mut buf = vec![0u8; 2048];
             loop {
-                // SAFETY: buf is a valid buffer of the length given.
-                let r = unsafe {
-                    libc::recv(rxs.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len(), 0)
-                };
-                if r < 0 {
-                    if done.load(Ordering::Relaxed) {
-                        return;
+                match packet_recv(rxs, &mut buf) {
+                    Some(r) if is_answer(&buf[..r]) => {
+                        received.fetch_add(1, Ordering::Relaxed);
                     }
-                    continue;
-                }
-                if is_answer(&buf[..r as usize]) {
-                    received.fetch_add(1, Ordering::Relaxed);
+                    Some(_) => {}
+                    None if done.load(Ordering::Relaxed) => return,
+                    None => {}
                 }
             }
         });
         let start = Instant::now();
         let mut sent = 0u64;
-        // SAFETY: sockaddr_ll is plain data.
-        let mut to: libc::sockaddr_ll = unsafe { zeroed() };
-        to.sll_family = libc::AF_PACKET as u16;
-        to.sll_protocol = ETH_P_IPV4.to_be();
-        to.sll_ifindex = ifindex as i32;
         while start.elapsed() < time {
             for f in frames {
-                // SAFETY: f and `to` are valid for the lengths given.
-                let r = unsafe {
-                    libc::sendto(
-                        txs.as_raw_fd(),
-                        f.as_ptr() as *const _,
-                        f.len(),
-                        0,
-                        &to as *const _ as *const libc::sockaddr,
-                        size_of::<libc::sockaddr_ll>() as u32,
-                    )
-                };
-                if r == f.len() as isize {
-                    sent += 1;
-                }
+                sent += u64::from(packet_send(txs, ifindex, f));
             }
         }
         let flood_time = start.elapsed();
@@ -986,24 +963,16 @@ fn established_connections_are_untouched_by_policy_reset() {
         .iter()
         .map(|(l, from)| tcp_pair(&pair, l, from))
         .collect();
-    let exchange = |phase: u8, len: usize| {
-        std::thread::scope(|s| {
-            for (client, server) in &conns {
-                s.spawn(move || transfer(client, server, len, phase));
-                s.spawn(move || transfer(server, client, len, !phase));
-            }
-        });
-    };
-    exchange(1, 256 << 10);
+    exchange(&conns, 1, 256 << 10);
     let gate = Drain::new(&pair, &pair.a);
     gate.on(&["--port", &PORT.to_string(), "--policy", "reset"]);
     // The gate is really on: a new connection on the same path is refused.
     let to = SocketAddr::new(pair.a_v4.into(), PORT);
     let c = connect_from(&pair, &pair.b, None, to, Duration::from_secs(2));
     assert!(matches!(c, Connect::Refused(_)), "{c:?}");
-    exchange(2, 256 << 10);
+    exchange(&conns, 2, 256 << 10);
     for i in 0..20u8 {
-        exchange(i, 100);
+        exchange(&conns, i, 100);
     }
     assert_eq!(
         reset_counters(&gate, PORT),
@@ -1011,7 +980,7 @@ fn established_connections_are_untouched_by_policy_reset() {
         "one refusal, and no RST for any segment of the established connections"
     );
     gate.off();
-    exchange(3, 256 << 10);
+    exchange(&conns, 3, 256 << 10);
     for (l, _) in &listeners {
         assert_eq!(
             accept_queued(l),
@@ -1063,28 +1032,8 @@ fn handshake_across_gate_on(
         p.build().bytes
     };
     let send = |f: &[u8]| {
-        // SAFETY: sockaddr_ll is plain data.
-        let mut to: libc::sockaddr_ll = unsafe { zeroed() };
-        to.sll_family = libc::AF_PACKET as u16;
-        to.sll_protocol = ETH_P_IPV4.to_be();
-        to.sll_ifindex = ifindex_b as i32;
-        // SAFETY: f and `to` are valid for the lengths given.
-        let r = unsafe {
-            libc::sendto(
-                txs.as_raw_fd(),
-                f.as_ptr() as *const _,
-                f.len(),
-                0,
-                &to as *const _ as *const libc::sockaddr,
-                size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(
-            r,
-            f.len() as isize,
-            "sendto: {}",
-            io::Error::last_os_error()
-        );
+        let sent = packet_send(&txs, ifindex_b, f);
+        assert!(sent, "sendto: {}", io::Error::last_os_error());
     };
     // Segments from a:PORT to client:sport arriving within `time`: (flags, seq).
     let answers = |time: Duration| {
@@ -1092,13 +1041,10 @@ fn handshake_across_gate_on(
         let mut buf = vec![0u8; 2048];
         let end = Instant::now() + time;
         while Instant::now() < end {
-            // SAFETY: buf is a valid buffer of the length given.
-            let r =
-                unsafe { libc::recv(rxs.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len(), 0) };
-            if r < 34 {
+            let Some(r) = packet_recv(&rxs, &mut buf).filter(|&r| r >= 34) else {
                 continue;
-            }
-            let f = &buf[..r as usize];
+            };
+            let f = &buf[..r];
             let l4 = 14 + usize::from(f[14] & 0xf) * 4;
             if be16(f, 12) == ETH_P_IPV4
                 && f[23] == IPPROTO_TCP
