@@ -31,7 +31,8 @@ pub enum Command {
     ///
     /// Example: drain-user status --json
     Status {
-        /// One JSON object: {"gate", "expired", "ttl_remaining_ms", "interfaces", "ports", "allow"}.
+        /// One JSON object: {"gate", "policy", "sk_lookup", "expired", "ttl_remaining_ms",
+        /// "interfaces", "ungated", "ports", "allow", "tracker"}.
         #[arg(long)]
         json: bool,
     },

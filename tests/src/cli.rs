@@ -483,6 +483,18 @@ pub fn assert_status_schema(st: &Json) {
         });
         assert!(others.iter().all(|o| o.as_str().is_some()), "{}", ctx());
     }
+    assert!(st["sk_lookup"].as_bool().is_some(), "sk_lookup: {}", ctx());
+    let ungated = st["ungated"].as_array().unwrap_or_else(|| {
+        panic!("ungated must be an array: {}", ctx());
+    });
+    for u in ungated {
+        assert!(u["name"].as_str().is_some(), "ungated name: {}", ctx());
+        assert!(
+            u["ifindex"].as_u64().is_some(),
+            "ungated ifindex: {}",
+            ctx()
+        );
+    }
     let ports = st["ports"].as_array().unwrap_or_else(|| {
         panic!("ports must be an array: {}", ctx());
     });
@@ -499,6 +511,9 @@ pub fn assert_status_schema(st: &Json) {
             "syns_passed",
             "syns_allowed",
             "syns_expired",
+            "rst_sent",
+            "rst_limited",
+            "rst_not_syn",
         ] {
             assert!(p[k].as_u64().is_some(), "ports[].{k}: {}", ctx());
         }
