@@ -142,8 +142,12 @@ pub struct TrackConfig {
     pub off_net: u32,
     /// Byte offset of `net.ns.inum` (u32).
     pub off_inum: u32,
+    /// Connections the seed (user space, at `gate on`) could not insert into the set (it was
+    /// full): counted with the tracker's `insert_failed`. The kernel never reads it.
+    pub seed_failed: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<TrackConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<TrackConfig>() == 24);
 
 /// What the tcp_send_reset tracepoint needs to read the segment a RST answers: byte
 /// offsets in `struct sk_buff`, from the running kernel's BTF.

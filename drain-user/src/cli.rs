@@ -87,8 +87,8 @@ pub enum GateAction {
         #[arg(long, default_value = "10m", value_parser = parse_ttl)]
         ttl: Ttl,
         /// Source prefix whose connections still pass while the gate is on (repeatable;
-        /// IPv4 or IPv6 CIDR, e.g. 10.0.0.0/8, fd00::/8).
-        #[arg(long = "allow", value_delimiter = ',')]
+        /// IPv4 or IPv6 CIDR, e.g. 10.0.0.0/8, fd00::/8; at most 1024 of each family).
+        #[arg(long = "allow", value_delimiter = ',', value_parser = parse_allow)]
         allow: Vec<IpNet>,
         /// How a refused connection request is answered: drop (client times out) or reset
         /// (the kernel's TCP answers with a RST: ECONNREFUSED at once, on every interface of
@@ -171,7 +171,56 @@ pub fn parse_ttl(s: &str) -> Result<Ttl, String> {
     if d.is_zero() {
         return Err("a TTL of zero would open the gate at once; use `none` for no TTL".into());
     }
+    if d < MIN_TTL {
+        return Err(format!(
+            "a TTL under {} would run out before `gate on` has finished: the gate would \
+             refuse nothing; give at least 1s (or `none` for no TTL)",
+            humantime::format_duration(MIN_TTL)
+        ));
+    }
     Ok(Ttl(Some(d)))
+}
+
+/// A shorter TTL would run out while `gate on` is still attaching (tens to hundreds of ms),
+/// so the gate would report "refused" for a gate that already lets everything through.
+const MIN_TTL: Duration = Duration::from_secs(1);
+
+/// `--allow`: a CIDR prefix that means what it says. Refused (usage errors): a prefix with
+/// host bits set (`198.18.3.77/8` would silently become `198.0.0.0/8`), a /0 (it lets every
+/// client of the family through: the gate would refuse nothing over it), and IPv4-mapped
+/// IPv6 prefixes (`::ffff:a.b.c.d/n`): an IPv4 client of a dual-stack listener still sends
+/// IPv4 packets, which is what the gate sees, so such a prefix would never match.
+pub fn parse_allow(s: &str) -> Result<IpNet, String> {
+    let net: IpNet = s
+        .parse()
+        .map_err(|e| format!("{e} (examples: 10.0.0.0/8, 198.18.3.77/32, fd00::/8)"))?;
+    if net.prefix_len() == 0 {
+        let family = if net.addr().is_ipv4() { "IPv4" } else { "IPv6" };
+        return Err(format!(
+            "it lets every {family} client through, so the gate would refuse no {family} \
+             connection: name narrower prefixes"
+        ));
+    }
+    if net != net.trunc() {
+        let host = match net {
+            IpNet::V4(n) => format!("{}/32", n.addr()),
+            IpNet::V6(n) => format!("{}/128", n.addr()),
+        };
+        return Err(format!(
+            "host bits are set: write {} for the network, or {host} for the one host",
+            net.trunc()
+        ));
+    }
+    if let IpNet::V6(n) = net {
+        if let (Some(v4), true) = (n.addr().to_ipv4_mapped(), n.prefix_len() >= 96) {
+            return Err(format!(
+                "an IPv4-mapped prefix never matches: IPv4 clients reach dual-stack \
+                 listeners as IPv4 packets; write {v4}/{} instead",
+                n.prefix_len() - 96
+            ));
+        }
+    }
+    Ok(net)
 }
 
 /// `--timeout`, `--idle`: a human duration (500ms, 30s, 5m, 1h 30m).
@@ -281,6 +330,13 @@ mod tests {
         // humantime's year is 365.25 days: 100 of them are past the limit.
         assert!(parse_ttl("100y").unwrap_err().contains("over 100 years"));
         assert!(parse_ttl("0s").unwrap_err().contains("zero"));
+        for short in ["1ns", "999ms"] {
+            assert!(
+                parse_ttl(short).unwrap_err().contains("at least 1s"),
+                "{short}"
+            );
+        }
+        assert_eq!(parse_ttl("1s"), Ok(Ttl(Some(Duration::from_secs(1)))));
         assert!(parse_ttl("10").unwrap_err().contains("examples: 90s"));
         assert!(parse_ttl("soon").is_err());
     }
@@ -352,6 +408,41 @@ mod tests {
             let e = parse(args).expect_err(args);
             assert_eq!(usage_line(&e), Ok(()), "{args}");
         }
+    }
+
+    #[test]
+    fn allow_prefixes() {
+        for ok in [
+            "10.0.0.0/8",
+            "198.18.3.77/32",
+            "fd00::/8",
+            "::1/128",
+            "128.0.0.0/1",
+        ] {
+            assert_eq!(parse_allow(ok).map(|n| n.to_string()), Ok(ok.to_owned()));
+        }
+        for (bad, want) in [
+            ("0.0.0.0/0", "every IPv4 client"),
+            ("::/0", "every IPv6 client"),
+            (
+                "198.18.3.77/8",
+                "write 198.0.0.0/8 for the network, or 198.18.3.77/32",
+            ),
+            ("fd00::1/8", "write fd00::/8"),
+            ("::ffff:0:0/96", "never matches"),
+            ("::ffff:198.18.0.0/112", "write 198.18.0.0/16"),
+            ("::ffff:198.18.0.1/128", "write 198.18.0.1/32"),
+            ("10.0.0.0/33", "examples"),
+            ("10.0.0.0", "examples"),
+        ] {
+            let e = parse_allow(bad).expect_err(bad);
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+        let line = rejected("gate on --port 80 --allow 198.18.3.77/8");
+        assert!(
+            line.contains("198.18.3.77/8") && line.contains("--allow"),
+            "{line}"
+        );
     }
 
     #[test]

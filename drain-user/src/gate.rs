@@ -29,14 +29,16 @@ use aya::{
 };
 use drain_common::{
     map, prog, GateConfig, ResetTraceConfig, ALLOW_V4, ALLOW_V6, GATE_OFF, GATE_ON,
+    MAX_ALLOW_PREFIXES,
 };
 use ipnet::IpNet;
 
 use crate::{
     btf::Btf,
-    cli::{AttachChoice, Policy},
+    cli::{usage, AttachChoice, Policy},
     errln,
     iface::{self, Iface},
+    links::{self, LinkState},
     netns::{self, NetnsId, StateDir},
     object,
     pins::{self, Hook, LinkPin},
@@ -56,16 +58,41 @@ pub struct OnArgs {
     pub rst_rate: u32,
 }
 
+impl OnArgs {
+    /// Everything about the input that can be checked before the host changes: a failing
+    /// `gate on` over an existing gate must leave it as it was.
+    pub fn validate(&self) -> Result<()> {
+        if self.ports.len() > drain_common::MAX_GATED_PORTS as usize {
+            return Err(usage(format!(
+                "{} ports given: a gate holds at most {}",
+                self.ports.len(),
+                drain_common::MAX_GATED_PORTS
+            )));
+        }
+        let distinct: BTreeSet<IpNet> = self.allow.iter().copied().collect();
+        for (family, v4) in [("IPv4", true), ("IPv6", false)] {
+            let n = distinct.iter().filter(|p| p.addr().is_ipv4() == v4).count();
+            if n > MAX_ALLOW_PREFIXES as usize {
+                return Err(usage(format!(
+                    "{n} {family} --allow prefixes given: a gate holds at most \
+                     {MAX_ALLOW_PREFIXES} per family; merge them into shorter prefixes"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
+    args.validate()?;
     pins::ensure_bpffs()?;
     let _lock = pins::lock()?;
     let own = NetnsId::current()?;
+    pins::make_dir(&pins::root())?;
+    reap_orphans(own);
     let dir = pins::state_path(StateDir::Gate(own));
-    for orphan in netns::orphans(&pins::root(), own) {
-        let _ = teardown(&orphan);
-    }
-    let fresh = !dir.exists();
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let fresh = !pins::trusted_dir(&dir)?;
+    pins::make_dir(&dir)?;
     let mut created: Vec<PathBuf> = Vec::new();
     let result = on_locked(args, targets, &dir, &mut created);
     if result.is_err() {
@@ -82,6 +109,14 @@ pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
     result
 }
 
+/// Removes the state namespaces and `wait`s left behind ([`netns::orphans`]). Call with
+/// the lock held.
+fn reap_orphans(own: NetnsId) {
+    for orphan in netns::orphans(&pins::root(), own) {
+        let _ = teardown(&orphan);
+    }
+}
+
 fn on_locked(
     args: &OnArgs,
     targets: &[Iface],
@@ -92,29 +127,60 @@ fn on_locked(
     let mut bpf = object::load(dir)?;
     let mut gate = OpenGate::open(dir)?;
     // The tracker first, so connections opened from here on are counted; then the seed
-    // adds those that predate it. A gate that already has a tracker keeps it (and its counts).
+    // adds those that predate it. A gate that already has a working tracker keeps it (and
+    // its counts); a pin that holds no tracker is replaced.
     let track_pin = LinkPin::Track.path(dir);
-    if !track_pin.exists() {
+    if !links::tracker_attached(&track_pin) {
+        let _ = fs::remove_file(&track_pin);
         let link = track::attach(&mut bpf)?;
         link.pin(&track_pin)
             .with_context(|| format!("pinning the tracker link at {}", track_pin.display()))?;
         created.push(track_pin);
         gate.tracker_mut().seed()?;
     }
-    // The RST counter before the refusal, so no RST of it goes uncounted.
-    for (pin, attach) in [
-        (LinkPin::Rst, attach_rst as fn(&mut Ebpf) -> Result<FdLink>),
-        (LinkPin::Lookup, attach_lookup),
-    ] {
-        let path = pin.path(dir);
-        if !path.exists() {
+    // The RST counter before the refusal, so no RST of it goes uncounted. A pin whose link
+    // is no longer attached (the kernel says so) is replaced.
+    let lookup = LinkPin::Lookup.path(dir);
+    let rst = LinkPin::Rst.path(dir);
+    let gate_links = [
+        (
+            &rst,
+            links::tracing_attached(&rst, prog::RST),
+            attach_rst as fn(&mut Ebpf) -> Result<FdLink>,
+        ),
+        (&lookup, links::lookup_attached(&lookup), attach_lookup),
+    ];
+    for (path, attached, attach) in gate_links {
+        if !attached {
+            if path.exists() {
+                let _ = sys::detach_link(path);
+                let _ = fs::remove_file(path);
+            }
             let link = attach(&mut bpf)?;
-            link.pin(&path)
+            link.pin(path)
                 .with_context(|| format!("pinning the link at {}", path.display()))?;
-            created.push(path);
+            created.push(path.clone());
         }
     }
-    let existing = pins::iface_links(dir)?;
+    // Trust the kernel, not the pins: a link that is no longer attached here (detached by
+    // another tool or a killed `gate off`, its interface deleted and maybe recreated with
+    // the same ifindex, or moved into another namespace) is detached and unpinned, and the
+    // interface is attached anew below. Such a link gates nothing here, so removing it
+    // before the rest can fail changes nothing on this namespace's data path.
+    let all = iface::interfaces()?;
+    let mut existing = Vec::new();
+    let mut repaired = Vec::new();
+    for link in pins::iface_links(dir)? {
+        let state = links::inspect(&link, &all).state;
+        if state == LinkState::Attached {
+            existing.push(link);
+            continue;
+        }
+        let _ = sys::detach_link(&link.pin);
+        fs::remove_file(&link.pin)
+            .with_context(|| format!("removing the broken link pin {}", link.pin.display()))?;
+        repaired.push((link.ifindex, state));
+    }
     let mut report = Vec::new();
     // Interfaces enslaved to another (bridge or bond ports) first: the kernel refuses XDP
     // on a device whose upper device already has an XDP program (dev_xdp_attach), not the
@@ -149,10 +215,18 @@ fn on_locked(
         link.pin(&pin)
             .with_context(|| format!("pinning the link at {}", pin.display()))?;
         created.push(pin);
-        report.push(format!("{} ({})", iface.name, describe(hook, iface.index)));
+        let was = repaired
+            .iter()
+            .find(|(i, _)| *i == iface.index)
+            .map_or(String::new(), |(_, s)| {
+                format!(", re-attached: the old link was {}", s.as_str())
+            });
+        report.push(format!(
+            "{} ({}{was})",
+            iface.name,
+            describe(hook, iface.index)
+        ));
     }
-    gate.set_ports(&args.ports)?;
-    gate.set_allow(&args.allow)?;
     let deadline_ns = match args.ttl {
         Some(ttl) => boottime_ns().saturating_add(ttl.as_nanos() as u64),
         None => 0,
@@ -165,8 +239,9 @@ fn on_locked(
     let rate = u64::from(args.rst_rate.max(1));
     let rst_interval_ns = (1_000_000_000 * ncpus).div_ceil(rate);
     let rst_burst = (rate / ncpus / 10).max(1);
-    // Last: the single write that turns the gate on.
-    gate.set_config(GateConfig {
+    // Ports, allowlists, then the single config write that turns the gate on; all of it,
+    // or (on a failed map write) the previous gate restored.
+    let cfg = GateConfig {
         enabled: GATE_ON,
         policy: args.policy.to_raw(),
         deadline_ns,
@@ -180,7 +255,8 @@ fn on_locked(
             }
         }),
         _pad: 0,
-    })?;
+    };
+    gate.replace(&args.ports, &args.allow, cfg)?;
     Ok(report)
 }
 
@@ -368,10 +444,8 @@ pub fn teardown(dir: &Path) -> Result<()> {
             first_err.get_or_insert(anyhow!(e).context(format!("removing {}", dir.display())));
         }
     }
-    // The parent /sys/fs/bpf/drain goes too once no namespace has a gate.
-    if let Some(parent) = dir.parent() {
-        let _ = fs::remove_dir(parent);
-    }
+    // The parent /sys/fs/bpf/drain stays (empty, root-only): removing it would let any user
+    // claim the name before the next `gate on` on a world-writable bpffs.
     first_err.map_or(Ok(()), Err)
 }
 
@@ -380,9 +454,14 @@ pub fn off() -> Result<bool> {
     if !pins::bpffs_mounted()? {
         return Ok(false);
     }
+    pins::check_mount_namespace()?;
     let _lock = pins::lock()?;
-    let dir = pins::gate_dir()?;
-    if !dir.exists() {
+    let own = NetnsId::current()?;
+    if pins::trusted_dir(&pins::root())? {
+        reap_orphans(own);
+    }
+    let dir = pins::state_path(StateDir::Gate(own));
+    if !pins::state_exists(&dir)? {
         return Ok(false);
     }
     // One write opens the gate on every interface at once; detaching comes after.

@@ -9,7 +9,7 @@
 //! | [`output`] | stdout/stderr lines that end the command quietly on EPIPE |
 //! | [`object`] | the embedded eBPF object and loading it |
 //! | [`netns`] | network-namespace identity (inode + cookie), the state directory name, liveness and orphaned state |
-//! | [`pins`] | every pin path in bpffs, mounting bpffs, the lock |
+//! | [`pins`] | every pin path in bpffs, mounting bpffs, trusting what is there (owner, mode, no symlink), the lock |
 //! | [`sys`] | the raw bpf(2) commands aya lacks (link detach) |
 //! | [`gate`] | `gate on` / `gate off`: attach, pin, tear down |
 //! | [`state`] | [`state::OpenGate`]: one gate's pinned maps, opened once (switch, TTL, ports, counters, allowlists) |
@@ -17,6 +17,7 @@
 //! | [`status`] | `status`: collecting and printing it |
 //! | [`wait`] | `wait`: the poll loop and its outcome; `wait/report.rs` prints it (JSON, text, progress line) |
 //! | [`iface`] | the namespace's interfaces and the programs attached to them |
+//! | [`links`] | what the kernel says about each pinned link: attached here, detached, moved away |
 //! | [`diag`] | sock_diag (inet_diag) dumps of TCP connections |
 //! | [`netlink`] | netlink dump requests, shared by `iface` and `diag` |
 //! | [`btf`] | struct member offsets from the kernel's BTF |
@@ -26,6 +27,7 @@ pub mod cli;
 pub mod diag;
 pub mod gate;
 pub mod iface;
+pub mod links;
 pub mod netlink;
 pub mod netns;
 pub mod object;
@@ -41,12 +43,21 @@ use std::collections::BTreeSet;
 
 use anyhow::{bail, Result};
 
-use crate::cli::{usage, Cli, Command, Exit, GateAction};
+use crate::cli::{Cli, Command, Exit, GateAction};
 
 /// Runs one command. Errors carry their whole context; a [`cli::UsageError`] among them
 /// means exit 2, an [`output::Closed`] a quiet exit 0.
 pub fn run(cli: Cli) -> Result<Exit> {
-    require_privileges()?;
+    // `gate on` and `wait` load the tracker, a tracing program: CAP_PERFMON too.
+    let tracing = matches!(
+        cli.command,
+        Command::Wait { .. }
+            | Command::Gate {
+                action: GateAction::On { .. }
+            }
+    );
+    require_privileges(tracing)?;
+    pins::check_mount_namespace()?;
     match cli.command {
         Command::Gate {
             action:
@@ -69,13 +80,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 policy,
                 rst_rate,
             };
-            if args.ports.len() > drain_common::MAX_GATED_PORTS as usize {
-                return Err(usage(format!(
-                    "{} ports given: a gate holds at most {}",
-                    args.ports.len(),
-                    drain_common::MAX_GATED_PORTS
-                )));
-            }
+            args.validate()?;
             let targets = iface::resolve(&args.ifaces)?;
             if targets.is_empty() {
                 bail!("no interface is up in this network namespace: name one with --iface");
@@ -135,10 +140,13 @@ pub fn run(cli: Cli) -> Result<Exit> {
 }
 
 /// One clear line instead of a cascade of EPERMs: loading BPF and attaching to interfaces
-/// need CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN.
-fn require_privileges() -> Result<()> {
+/// need CAP_BPF and CAP_NET_ADMIN; a tracing program (the tracker) also CAP_PERFMON
+/// (kernel/bpf/syscall.c, bpf_prog_load: tracing types need perfmon_capable()).
+/// CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON.
+fn require_privileges(tracing: bool) -> Result<()> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let eff = status
@@ -147,8 +155,13 @@ fn require_privileges() -> Result<()> {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
     let has = |c: u32| eff & (1 << c) != 0;
-    if !(has(CAP_NET_ADMIN) && (has(CAP_BPF) || has(CAP_SYS_ADMIN))) {
-        bail!("drain-user needs root (or CAP_BPF and CAP_NET_ADMIN): rerun it with sudo");
+    let bpf = has(CAP_BPF) || has(CAP_SYS_ADMIN);
+    let perfmon = has(CAP_PERFMON) || has(CAP_SYS_ADMIN);
+    if !(has(CAP_NET_ADMIN) && bpf && (perfmon || !tracing)) {
+        bail!(
+            "drain-user needs root (or CAP_BPF, CAP_NET_ADMIN and, for `gate on` and `wait`, \
+             CAP_PERFMON): rerun it with sudo"
+        );
     }
     Ok(())
 }

@@ -16,6 +16,8 @@ use std::{
 
 use anyhow::{Context, Result};
 
+use crate::{pins::LinkPin, sys};
+
 /// One network namespace, for as long as the system runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NetnsId {
@@ -137,10 +139,17 @@ impl FromStr for StateDir {
 /// stay until reboot), and the trackers of `wait` processes that were killed (kill -9
 /// leaves their maps pinned; the tracker itself detached when the process died).
 ///
-/// A namespace is alive while a process is in it, or an open fd or a bind mount (`ip netns`,
-/// container runtimes) holds it, and its cookie still matches. `own` is alive by
-/// definition and skipped without scanning /proc. Getting this wrong could only remove a
-/// gate, never leave a host closed.
+/// Reaping a live gate would lift it, so a gate counts as dead only on two pieces of
+/// evidence: nothing this process can see holds its namespace (a process in it, an open fd,
+/// a bind mount in this mount namespace), or what does is a newer namespace with the same
+/// inode (the cookie differs); and the kernel says none of its links is attached any more
+/// ([`links_all_detached`]). The first alone is not enough: a process in a PID namespace
+/// this one cannot see, or a bind mount in another mount namespace, keeps a namespace alive
+/// unseen; but a namespace that is gone has had its devices unregistered, which detaches
+/// their links. A gate whose interface was a physical device (moved back to the initial
+/// namespace when its namespace died, still attached) is left for its TTL to open: leaving
+/// a dead gate's pins is the safe side. `own` is alive by definition and skipped without
+/// scanning /proc.
 pub fn orphans(root: &Path, own: NetnsId) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(root) else {
         return Vec::new();
@@ -153,10 +162,13 @@ pub fn orphans(root: &Path, own: NetnsId) -> Vec<PathBuf> {
         };
         let dead = match dir {
             StateDir::Gate(id) if id == own => false,
-            StateDir::Gate(id) => match held.get_or_insert_with(held_namespaces).get(&id.inode) {
-                None => true,
-                Some(handle) => cookie_of(handle).is_some_and(|c| c != id.cookie),
-            },
+            StateDir::Gate(id) => {
+                let unheld = match held.get_or_insert_with(held_namespaces).get(&id.inode) {
+                    None => true,
+                    Some(handle) => cookie_of(handle).is_some_and(|c| c != id.cookie),
+                };
+                unheld && links_all_detached(&e.path())
+            }
             StateDir::Wait { pid, .. } => !Path::new("/proc").join(pid.to_string()).exists(),
         };
         if dead {
@@ -164,6 +176,29 @@ pub fn orphans(root: &Path, own: NetnsId) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// True when every link pinned in the state directory `dir` is one the kernel reports
+/// attached to nothing: an XDP or TCX link with ifindex 0, a netns link with netns inode 0
+/// (tracing links, the tracker, are bound to no namespace and say nothing either way). A
+/// pin that cannot be read as a link counts as attached: no proof, no reaping.
+fn links_all_detached(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().all(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        // Maps hold no namespace; every link's pin is named link-* (the tracker's too, but
+        // a tracing link is bound to no namespace).
+        if !name.starts_with("link-") || name == LinkPin::Track.to_string() {
+            return true;
+        }
+        match sys::link_info(&e.path()) {
+            Ok(i) if i.link_type == sys::BPF_LINK_TYPE_NETNS => i.netns_ino == 0,
+            Ok(i) => i.ifindex == 0,
+            Err(_) => false,
+        }
+    })
 }
 
 /// Every network namespace something still holds, by inode, with a path that opens it:

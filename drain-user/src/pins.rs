@@ -1,5 +1,5 @@
-//! Where a gate's state lives in bpffs, mounting bpffs, and the lock that serializes CLI
-//! calls.
+//! Where a gate's state lives in bpffs, mounting bpffs, checking that what drain finds there
+//! is its own (root-only, no symlink), and the lock that serializes CLI calls.
 //!
 //! Everything a gate owns is pinned under one directory per network namespace
 //! ([`StateDir`], named `<netns inode>-<netns cookie>`):
@@ -15,9 +15,10 @@ use std::{
     fmt,
     fs::{self, File},
     io,
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
     str::FromStr,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -25,7 +26,6 @@ use anyhow::{bail, Context, Result};
 use crate::netns::{NetnsId, StateDir};
 
 pub const BPFFS: &str = "/sys/fs/bpf";
-const LOCK_DIR: &str = "/run/lock";
 
 /// `/sys/fs/bpf/drain`: the parent of every state directory.
 pub fn root() -> PathBuf {
@@ -162,41 +162,192 @@ pub fn iface_links(dir: &Path) -> Result<Vec<IfaceLink>> {
 
 /// True when bpffs is mounted at /sys/fs/bpf.
 pub fn bpffs_mounted() -> Result<bool> {
+    Ok(is_bpffs(c"/sys/fs/bpf"))
+}
+
+fn is_bpffs(path: &std::ffi::CStr) -> bool {
     // SAFETY: statfs is plain old data; zeroed is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let path = c"/sys/fs/bpf";
     // SAFETY: valid NUL-terminated path and a properly sized out-parameter.
     if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
-        return Ok(false);
+        return false;
     }
-    Ok(st.f_type == libc::BPF_FS_MAGIC)
+    st.f_type == libc::BPF_FS_MAGIC
+}
+
+/// Refuses to run where a gate would not persist: in a mount namespace of its own whose
+/// /sys/fs/bpf is not the bpffs of PID 1's (none, or a fresh instance). `ip netns exec` is
+/// the common way there: it unshares the mount namespace and mounts a fresh sysfs on /sys
+/// (iproute2 6.x also a fresh bpffs), so pins made there vanish when the command exits and
+/// nothing would stay gated. `nsenter --net` switches only the network namespace and keeps
+/// the host's bpffs. (A service with a private mount namespace of its own, e.g. systemd's
+/// PrivateTmp, still sees the host's bpffs through mount propagation: the same instance.)
+pub fn check_mount_namespace() -> Result<()> {
+    let ino = |p: &str| fs::metadata(p).map(|m| m.ino()).ok();
+    let Some(own) = ino("/proc/self/ns/mnt") else {
+        return Ok(()); // no /proc: cannot tell, let ensure_bpffs try
+    };
+    // The mount namespace to compare with: PID 1's, or where PID 1 is out of reach (a
+    // container, hidepid) the parent's (`ip netns exec` unshares in the process it then
+    // becomes, so the parent is still where the caller was).
+    // SAFETY: getppid has no preconditions.
+    let ppid = unsafe { libc::getppid() };
+    let Some((reference, other)) = ["1".to_owned(), ppid.to_string()]
+        .into_iter()
+        .find_map(|pid| ino(&format!("/proc/{pid}/ns/mnt")).map(|i| (pid, i)))
+    else {
+        return Ok(());
+    };
+    if own == other {
+        return Ok(());
+    }
+    let dev = |p: &str| {
+        let c = std::ffi::CString::new(p).ok()?;
+        is_bpffs(&c)
+            .then(|| fs::metadata(p).map(|m| m.dev()).ok())
+            .flatten()
+    };
+    let here = dev("/sys/fs/bpf");
+    if here.is_some() && here == dev(&format!("/proc/{reference}/root/sys/fs/bpf")) {
+        return Ok(());
+    }
+    let name = crate::netns::current_inode()
+        .ok()
+        .and_then(|net| {
+            fs::read_dir("/var/run/netns")
+                .ok()?
+                .flatten()
+                .find(|e| fs::metadata(e.path()).is_ok_and(|m| m.ino() == net))
+        })
+        .map_or_else(
+            || "NAME".to_owned(),
+            |e| e.file_name().to_string_lossy().into_owned(),
+        );
+    bail!(
+        "this process has a mount namespace of its own without the host's bpffs (as under \
+         `ip netns exec`), so a gate made here would vanish when it exits: run \
+         `nsenter --net=/var/run/netns/{name} drain-user ...` instead"
+    )
 }
 
 /// Mounts bpffs at /sys/fs/bpf when it is missing (systemd normally does; minimal hosts
-/// and containers often do not).
+/// and containers often do not), root-only (mode 0700) as systemd mounts it: a
+/// world-writable bpffs (its default mode is 1777) would let any user claim names in it.
 pub fn ensure_bpffs() -> Result<()> {
+    check_mount_namespace()?;
     if bpffs_mounted()? {
         return Ok(());
     }
-    // SAFETY: constant NUL-terminated strings; no data argument.
+    // SAFETY: constant NUL-terminated strings.
     let rc = unsafe {
         libc::mount(
             c"bpf".as_ptr(),
             c"/sys/fs/bpf".as_ptr(),
             c"bpf".as_ptr(),
             0,
-            std::ptr::null(),
+            c"mode=0700".as_ptr().cast(),
         )
     };
     if rc != 0 {
         bail!(
             "bpffs is not mounted at /sys/fs/bpf and mounting it failed ({}): \
-             run `mount -t bpf bpf /sys/fs/bpf`",
+             run `mount -t bpf -o mode=0700 bpf /sys/fs/bpf`",
             io::Error::last_os_error()
         );
     }
     Ok(())
 }
+
+/// Who may own a directory or file drain trusts: root, or the user drain runs as (a
+/// service account given the capabilities).
+fn trusted_owner(uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    uid == 0 || uid == unsafe { libc::geteuid() }
+}
+
+/// Checks what `meta` (from lstat) describes can be trusted: owned by root (or by the
+/// user drain runs as), not writable by group or others, and of the kind expected (a
+/// symlink never is). Err is the one line to print: what is wrong and what to do.
+fn check_trusted(path: &Path, meta: &fs::Metadata, dir: bool) -> Result<()> {
+    let ft = meta.file_type();
+    let what = if ft.is_symlink() {
+        Some("it is a symbolic link".to_owned())
+    } else if dir && !ft.is_dir() {
+        Some("it is not a directory".to_owned())
+    } else if !dir && !ft.is_file() {
+        Some("it is not a regular file".to_owned())
+    } else if !trusted_owner(meta.uid()) {
+        Some(format!("it is owned by uid {}, not root", meta.uid()))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "it is writable by other users (mode {:o})",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match what {
+        None => Ok(()),
+        Some(what) => bail!(
+            "refusing to use {}: {what}; another user may have planted it: \
+             remove it (`rm -r {}`) and run drain-user again",
+            path.display(),
+            path.display()
+        ),
+    }
+}
+
+/// True when `dir` exists and drain can trust it ([`check_trusted`]); false when it does
+/// not exist; an error saying what to do when it exists and cannot be trusted.
+pub fn trusted_dir(dir: &Path) -> Result<bool> {
+    match fs::symlink_metadata(dir) {
+        Ok(meta) => check_trusted(dir, &meta, true).map(|()| true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
+    }
+}
+
+/// Creates `dir` root-only (0700) unless it exists, then checks it can be trusted
+/// ([`trusted_dir`]): mkdir does not follow a symlink planted at the name, and the lstat
+/// after it sees one.
+pub fn make_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+    trusted_dir(dir)?;
+    Ok(())
+}
+
+/// Creates (or checks) `/sys/fs/bpf/drain` and the state directory `dir` in it, both
+/// root-only. Call with the lock held.
+pub fn make_state_dir(dir: &Path) -> Result<()> {
+    make_dir(&root())?;
+    make_dir(dir)
+}
+
+/// True when the state directory `dir` exists, and its parent and itself can be trusted;
+/// an error saying what to do when either cannot.
+pub fn state_exists(dir: &Path) -> Result<bool> {
+    if !bpffs_mounted()? || !trusted_dir(&root())? {
+        return Ok(false);
+    }
+    trusted_dir(dir)
+}
+
+/// Where the lock lives: a root-only directory of its own, not the world-writable
+/// /run/lock, where any user could create the lock file first, hold it, or plant a symlink
+/// there for root to follow.
+const RUN_DIR: &str = "/run/drain";
+/// Overrides [`RUN_DIR`]. Not an option: it lets a test hold a lock of its own (a stopped
+/// holder) without stalling every other drain call on the host. Checked like the default.
+const RUN_DIR_ENV: &str = "DRAIN_LOCK_DIR";
+const LOCK_FILE: &str = "lock";
+/// How long a call waits for another one to finish. CLI calls hold the lock for
+/// milliseconds to a few seconds (attaching, seeding); longer means the holder is stuck.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// An exclusive lock on drain's state (all namespaces), held until dropped. Two deploy
 /// scripts that run `drain-user` at once take turns instead of interleaving.
@@ -204,23 +355,109 @@ pub struct Lock {
     _file: File,
 }
 
-pub fn lock() -> Result<Lock> {
-    fs::create_dir_all(LOCK_DIR).with_context(|| format!("creating {LOCK_DIR}"))?;
-    // One lock for the host, not one per namespace: CLI calls take milliseconds, so
-    // serializing them costs nothing, no lock file is left per namespace ever gated, and
-    // the shared /sys/fs/bpf/drain directory is only ever created or removed under it.
-    let path = Path::new(LOCK_DIR).join("drain.lock");
+/// Opens (creating root-only) the lock file: no symlink followed, only a file root owns
+/// and nobody else can write.
+fn open_lock_file() -> Result<(File, PathBuf)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let run_dir =
+        std::env::var_os(RUN_DIR_ENV).map_or_else(|| PathBuf::from(RUN_DIR), PathBuf::from);
+    make_dir(&run_dir)?;
+    let path = run_dir.join(LOCK_FILE);
     let file = File::options()
+        .read(true)
+        .write(true)
         .create(true)
         .truncate(false)
-        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
         .with_context(|| format!("opening the lock file {}", path.display()))?;
+    check_trusted(&path, &file.metadata()?, false)?;
+    Ok((file, path))
+}
+
+fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
     // SAFETY: a valid open fd.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(io::Error::last_os_error()).context("taking the drain lock");
+    if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
+        return Err(io::Error::last_os_error());
     }
-    Ok(Lock { _file: file })
+    Ok(())
+}
+
+/// Records the holder's pid in the lock file, for the message of a call that gives up.
+fn claim(mut file: File) -> Lock {
+    use std::io::{Seek, Write};
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = write!(file, "{}", std::process::id());
+    Lock { _file: file }
+}
+
+/// Takes the lock, waiting at most [`LOCK_WAIT`] for another call to finish; then fails
+/// naming the holder (a process stopped with SIGSTOP would otherwise wedge every later call).
+pub fn lock() -> Result<Lock> {
+    // One lock for the host, not one per namespace: CLI calls take milliseconds, so
+    // serializing them costs nothing, no lock file is left per namespace ever gated, and
+    // the shared /sys/fs/bpf/drain directory is only ever created under it.
+    let (file, path) = open_lock_file()?;
+    let start = Instant::now();
+    loop {
+        match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => return Ok(claim(file)),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {}
+            Err(e) => return Err(e).context("taking the drain lock"),
+        }
+        if start.elapsed() >= LOCK_WAIT {
+            bail!("{}", busy_message(&path));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Takes the lock if it is free right now: for `wait`'s TTL renewal, which tries again
+/// later rather than block its poll loop (and its SIGTERM handling).
+pub fn try_lock() -> Result<Option<Lock>> {
+    let (file, _) = open_lock_file()?;
+    match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+        Ok(()) => Ok(Some(claim(file))),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+        Err(e) => Err(e).context("taking the drain lock"),
+    }
+}
+
+/// "another drain-user (pid N, stopped) has held ... : `kill -CONT N` or `kill N`".
+fn busy_message(path: &Path) -> String {
+    let pid: Option<u32> = fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let Some(pid) = pid else {
+        return format!(
+            "another drain-user call has held the lock {} for over {}s: \
+             find it with `fuser {}` and let it finish, or kill it",
+            path.display(),
+            LOCK_WAIT.as_secs(),
+            path.display()
+        );
+    };
+    // /proc/PID/stat: "pid (comm) S ...": the state letter follows the last ')'.
+    let state = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.trim().chars().next())
+        });
+    let stopped = matches!(state, Some('T' | 't'));
+    format!(
+        "another drain-user call (pid {pid}{}) has held the lock {} for over {}s: {}",
+        if stopped { ", stopped" } else { "" },
+        path.display(),
+        LOCK_WAIT.as_secs(),
+        if stopped {
+            format!("resume it with `kill -CONT {pid}`, or end it with `kill {pid}`")
+        } else {
+            format!("let it finish, or end it with `kill {pid}`")
+        }
+    )
 }
 
 #[cfg(test)]

@@ -123,7 +123,11 @@ impl OpenGate {
         }
         // Under the lock, re-read: a concurrent `gate on` may have replaced the config,
         // and a `gate off` the whole gate.
-        let _lock = pins::lock()?;
+        // Never blocks: a `wait` must keep polling (and answering SIGTERM) while another
+        // call holds the lock, or one stopped with SIGSTOP does. It tries again shortly.
+        let Some(_lock) = pins::try_lock()? else {
+            return Ok(next.min(Duration::from_millis(100)));
+        };
         if !self.still_pinned() {
             return Ok(next);
         }
@@ -203,18 +207,23 @@ impl OpenGate {
         Ok(out)
     }
 
-    /// Makes the allowlists exactly `want`.
+    /// Makes the allowlists exactly `want`: entries no longer wanted go first, then the new
+    /// ones, so a trie never holds more than the larger of the old and the new list.
     pub fn set_allow(&mut self, want: &[IpNet]) -> Result<()> {
-        let old4: Vec<_> = self.allow4.keys().collect::<Result<_, _>>()?;
-        for k in old4 {
-            self.allow4.remove(&k)?;
+        let want: BTreeSet<IpNet> = want.iter().map(IpNet::trunc).collect();
+        let have: BTreeSet<IpNet> = self.allow()?.into_iter().collect();
+        for net in have.difference(&want) {
+            match net {
+                IpNet::V4(n) => self
+                    .allow4
+                    .remove(&Key::new(n.prefix_len().into(), n.addr().octets()))?,
+                IpNet::V6(n) => self
+                    .allow6
+                    .remove(&Key::new(n.prefix_len().into(), n.addr().octets()))?,
+            }
         }
-        let old6: Vec<_> = self.allow6.keys().collect::<Result<_, _>>()?;
-        for k in old6 {
-            self.allow6.remove(&k)?;
-        }
-        for net in want {
-            match net.trunc() {
+        for net in want.difference(&have) {
+            match net {
                 IpNet::V4(n) => {
                     let key = Key::new(n.prefix_len().into(), n.addr().octets());
                     self.allow4.insert(&key, 1, 0)?
@@ -224,6 +233,40 @@ impl OpenGate {
                     self.allow6.insert(&key, 1, 0)?
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Replaces the ports, the allowlists and the config as one change: when a map write
+    /// fails part-way, the old ports, allowlists and config are written back, so the gate is
+    /// either the new one or the old one, never a mix. The config goes last: it is the one
+    /// write that makes the new gate active. (Checks that can fail on input, such as the
+    /// number of ports or prefixes, come before this.)
+    pub fn replace(
+        &mut self,
+        ports: &BTreeSet<u16>,
+        allow: &[IpNet],
+        cfg: GateConfig,
+    ) -> Result<()> {
+        let old_ports: BTreeSet<u16> = self.ports()?.iter().map(|p| p.port).collect();
+        let old_allow = self.allow()?;
+        let old_cfg = self.config()?;
+        let applied = self
+            .set_ports(ports)
+            .and_then(|()| self.set_allow(allow))
+            .and_then(|()| self.set_config(cfg));
+        if let Err(e) = applied {
+            let restored = self
+                .set_config(old_cfg)
+                .and_then(|()| self.set_allow(&old_allow))
+                .and_then(|()| self.set_ports(&old_ports));
+            return Err(match restored {
+                Ok(()) => e.context("changing the gate failed; the previous gate is unchanged"),
+                Err(r) => e.context(format!(
+                    "changing the gate failed, and so did restoring the previous one ({r:#}): \
+                     run `drain-user gate off`"
+                )),
+            });
         }
         Ok(())
     }

@@ -3,18 +3,16 @@
 use std::{fmt::Write as _, time::Duration};
 
 use anyhow::Result;
-use aya::programs::{
-    links::{FdLink, PinnedLink},
-    SchedClassifier, TcAttachType,
-};
-use drain_common::{PortStats, TrackStats, GATE_ON};
+use aya::programs::{SchedClassifier, TcAttachType};
+use drain_common::{prog, PortStats, TrackStats, GATE_ON};
 use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
     cli::Policy,
     gate,
-    iface::{self, XdpMode},
+    iface::{self, Iface, XdpMode},
+    links::{self, LinkState},
     pins::{self, Hook, LinkPin},
     state::{boottime_ns, OpenGate},
 };
@@ -32,12 +30,15 @@ pub enum GateState {
 /// serde or [`human`].
 #[derive(Serialize)]
 pub struct Status {
+    /// On when the switch is on, the TTL has not run out, and the kernel says at least one
+    /// of the gate's links is attached in this namespace.
     gate: GateState,
     /// How refused connection requests are answered.
     policy: Policy,
-    /// True when the namespace-wide refusal (the sk_lookup link) is attached: policy reset
-    /// refuses through it, on every interface. False under policy reset means refused SYNs
-    /// within the RST budget reach the server: run `gate on` again.
+    /// True when the namespace-wide refusal (drain's sk_lookup link on this namespace) is
+    /// attached, as the kernel says: policy reset refuses through it, on every interface.
+    /// False under policy reset means refused SYNs within the RST budget reach the server
+    /// (a warning says so; `gate on` re-attaches it).
     sk_lookup: bool,
     /// True when a gate is installed but its TTL has run out.
     expired: bool,
@@ -54,6 +55,9 @@ pub struct Status {
     /// Lost events (`insert_failed`, `read_failed`) mean live counts may be low, and `wait`
     /// will not report the ports drained.
     tracker: Option<TrackStats>,
+    /// Where the pins and the kernel disagree, or the counts are not exact: one sentence
+    /// each, saying what to do.
+    warnings: Vec<String>,
 }
 
 /// One gated port.
@@ -62,6 +66,9 @@ pub struct PortStatus {
     pub port: u16,
     /// Connections accepted on this port that are ESTABLISHED or CLOSE_WAIT right now.
     pub live_connections: i64,
+    /// False when the tracker lost events (its set was full, a kernel read failed) or is
+    /// not attached: `live_connections` is then a lower bound.
+    pub live_connections_exact: bool,
     /// Summed over CPUs.
     #[serde(flatten)]
     pub counters: PortStats,
@@ -74,15 +81,20 @@ pub struct Ungated {
     pub ifindex: u32,
 }
 
-/// One interface the gate is attached to.
+/// One interface the gate has a link for.
 #[derive(Serialize)]
 pub struct IfaceStatus {
     /// "(gone, ifindex N)" once the interface has been deleted.
     pub name: String,
     pub ifindex: u32,
     pub attach: Hook,
+    /// What the kernel says of the link: only "attached" gates anything here.
+    pub state: LinkState,
     /// For xdp: "native" or "generic" (as the kernel reports it).
     pub mode: Option<XdpMode>,
+    /// What a refused SYN gets on this interface: the policy, on XDP and TC alike (the RST
+    /// comes from the kernel's TCP, past the first line).
+    pub refusal: Policy,
     /// Programs other tools attached to the same interface's hooks (left untouched), as
     /// "xdp: NAME, id N" or "tcx ingress: NAME, id N".
     pub others: Vec<String>,
@@ -100,12 +112,12 @@ pub fn collect() -> Result<Status> {
         ports: vec![],
         allow: vec![],
         tracker: None,
+        warnings: vec![],
     };
-    if !pins::bpffs_mounted()? {
-        return Ok(st);
-    }
+    let all = iface::interfaces()?;
     let dir = pins::gate_dir()?;
-    if !dir.exists() {
+    if !pins::state_exists(&dir)? {
+        st.warnings = stray_programs(&all, &[]);
         return Ok(st);
     }
     let gate = OpenGate::open(&dir)?;
@@ -116,11 +128,9 @@ pub fn collect() -> Result<Status> {
         st.ttl_remaining_ms = Some(cfg.deadline_ns.saturating_sub(now) / 1_000_000);
     }
     st.policy = Policy::from_raw(cfg.policy);
-    if cfg.enabled == GATE_ON && !st.expired {
-        st.gate = GateState::On;
-    }
-    st.sk_lookup = PinnedLink::from_pin(LinkPin::Lookup.path(&dir)).is_ok();
-    st.interfaces = interfaces(&gate)?;
+    let (interfaces, ours) = interfaces(&gate, &all, st.policy)?;
+    st.interfaces = interfaces;
+    st.sk_lookup = links::lookup_attached(&LinkPin::Lookup.path(&dir));
     st.ungated = gate::ungated(&dir)?
         .into_iter()
         .map(|i| Ungated {
@@ -128,28 +138,103 @@ pub fn collect() -> Result<Status> {
             ifindex: i.index,
         })
         .collect();
+    if st.policy == Policy::Reset && !st.sk_lookup {
+        st.warnings.push(
+            "the namespace-wide refusal (sk_lookup link) is not attached: refused SYNs within \
+             the RST budget reach the server; `drain-user gate on` re-attaches it"
+                .into(),
+        );
+    }
+    if !links::tracing_attached(&LinkPin::Rst.path(&dir), prog::RST) {
+        st.warnings.push(
+            "the RST counter (tp_btf/tcp_send_reset) is not attached: rst_sent and \
+             syns_refused miss the RSTs policy reset sends; `drain-user gate on` re-attaches it"
+                .into(),
+        );
+    }
+    let attached = st.interfaces.iter().any(|i| i.state == LinkState::Attached);
+    if cfg.enabled == GATE_ON && !st.expired {
+        if attached {
+            st.gate = GateState::On;
+        } else {
+            st.warnings.push(
+                "the gate is switched on but no interface has its program attached, so \
+                 nothing is refused: run `drain-user gate on` again to re-attach, or \
+                 `drain-user gate off`"
+                    .into(),
+            );
+        }
+    }
+    for i in &st.interfaces {
+        let what = match i.state {
+            LinkState::Attached => continue,
+            LinkState::Detached => {
+                "is pinned but attached to nothing (detached by another \
+                 tool, a killed `gate off`, or its interface deleted): nothing is gated there"
+            }
+            LinkState::Elsewhere => {
+                "is attached to a device that is no longer this \
+                 namespace's (moved into another namespace?), where it still refuses \
+                 connections"
+            }
+            LinkState::Foreign => "does not hold a link to drain's program",
+        };
+        st.warnings.push(format!(
+            "the {} link of {} (ifindex {}) {what}: `drain-user gate on` re-attaches, \
+             `drain-user gate off` removes it",
+            i.attach.as_str(),
+            i.name,
+            i.ifindex
+        ));
+    }
+    st.warnings.extend(stray_programs(&all, &ours));
+    let tracker = gate.tracker().stats()?;
+    let tracking = links::tracker_attached(&LinkPin::Track.path(&dir));
+    if !tracking {
+        st.warnings.push(
+            "the connection tracker is not attached: live counts are not kept; \
+             `drain-user gate on` re-attaches it"
+                .into(),
+        );
+    }
+    let exact = tracking && tracker.insert_failed == 0 && tracker.read_failed == 0;
+    if tracker.insert_failed != 0 || tracker.read_failed != 0 {
+        st.warnings.push(format!(
+            "the connection tracker lost events ({} failed inserts: its set of {} connections \
+             was full; {} failed kernel reads): live counts are lower bounds, and `wait` will \
+             not report the ports drained",
+            tracker.insert_failed,
+            gate.tracker().capacity(),
+            tracker.read_failed
+        ));
+    }
     st.ports = gate
         .ports()?
         .into_iter()
         .map(|p| PortStatus {
             port: p.port,
             live_connections: gate.tracker().live(p.port),
+            live_connections_exact: exact,
             counters: p.stats,
         })
         .collect();
     st.allow = gate.allow()?.iter().map(IpNet::to_string).collect();
-    st.tracker = Some(gate.tracker().stats()?);
+    st.tracker = Some(tracker);
     Ok(st)
 }
 
-fn interfaces(gate: &OpenGate) -> Result<Vec<IfaceStatus>> {
-    let all = iface::interfaces()?;
+/// The interfaces the gate has links for, and the ids of the programs those links run.
+fn interfaces(
+    gate: &OpenGate,
+    all: &[Iface],
+    policy: Policy,
+) -> Result<(Vec<IfaceStatus>, Vec<u32>)> {
     let mut out = Vec::new();
+    let mut ours_all = Vec::new();
     for link in pins::iface_links(gate.dir())? {
-        let ours = PinnedLink::from_pin(&link.pin)
-            .ok()
-            .and_then(|l| FdLink::from(l).info().ok())
-            .map(|i| i.program_id());
+        let seen = links::inspect(&link, all);
+        let ours = seen.prog_id;
+        ours_all.extend(ours);
         let iface = all.iter().find(|i| i.index == link.ifindex);
         let name = iface.map_or_else(
             || format!("(gone, ifindex {})", link.ifindex),
@@ -177,15 +262,41 @@ fn interfaces(gate: &OpenGate) -> Result<Vec<IfaceStatus>> {
             name,
             ifindex: link.ifindex,
             attach: link.hook,
-            mode: if link.hook == Hook::Xdp {
+            state: seen.state,
+            mode: if link.hook == Hook::Xdp && seen.state == LinkState::Attached {
                 xdp_mode
             } else {
                 None
             },
+            refusal: policy,
             others,
         });
     }
-    Ok(out)
+    Ok((out, ours_all))
+}
+
+/// Warnings for drain's gate programs attached to interfaces of this namespace that no
+/// link of this namespace's gate accounts for (`ours`): an interface moved here from a
+/// gated namespace keeps refusing connections, though this namespace has no gate.
+fn stray_programs(all: &[Iface], ours: &[u32]) -> Vec<String> {
+    let mut out = Vec::new();
+    for i in all {
+        let mut ids: Vec<(u32, &str)> = i.xdp.map(|(id, _)| (id, prog::XDP)).into_iter().collect();
+        if let Ok((_, progs)) = SchedClassifier::query_tcx(&i.name, TcAttachType::Ingress) {
+            ids.extend(progs.iter().map(|p| (p.id(), prog::TC)));
+        }
+        for (id, name) in ids {
+            if !ours.contains(&id) && links::program_is(id, name) {
+                out.push(format!(
+                    "{} runs drain's gate program ({name}, id {id}) that no gate of this \
+                     namespace owns (moved here from a gated namespace?): it may refuse \
+                     connections; run `drain-user gate off` in the namespace it came from",
+                    i.name
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// The text `status` prints without --json.
@@ -216,13 +327,9 @@ fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
             Policy::Reset => "reset",
         };
         writeln!(s, "policy: {policy}")?;
-        if st.policy == Policy::Reset && !st.sk_lookup {
-            writeln!(
-                s,
-                "warning: the namespace-wide refusal (sk_lookup link) is missing: refused SYNs \
-                 within the RST budget reach the server; run `drain-user gate on` again"
-            )?;
-        }
+    }
+    for w in &st.warnings {
+        writeln!(s, "warning: {w}")?;
     }
     if st.interfaces.is_empty() && st.ports.is_empty() {
         return Ok(());
@@ -234,6 +341,9 @@ fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
             None => i.attach.as_str().to_string(),
         };
         write!(s, "  {:<16} {how}", i.name)?;
+        if i.state != LinkState::Attached {
+            write!(s, " ({}: gates nothing here)", i.state.as_str())?;
+        }
         if !i.others.is_empty() {
             write!(s, "   also attached: {}", i.others.join("; "))?;
         }
@@ -259,17 +369,30 @@ fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
     )?;
     for p in &st.ports {
         let c = &p.counters;
+        // A count that may be low is shown as what it is: at least this many.
+        let live = if p.live_connections_exact {
+            p.live_connections.to_string()
+        } else {
+            format!(">= {}", p.live_connections)
+        };
         writeln!(
             s,
             "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
             p.port,
-            p.live_connections,
+            live,
             c.syns_refused,
             c.rst_sent,
             c.rst_limited,
             c.syns_passed,
             c.syns_allowed,
             c.syns_expired
+        )?;
+    }
+    if let Some(t) = &st.tracker {
+        writeln!(
+            s,
+            "tracker: {} added, {} removed, {} insert failed, {} read failed",
+            t.added, t.removed, t.insert_failed, t.read_failed
         )?;
     }
     if !st.allow.is_empty() {
@@ -295,7 +418,9 @@ mod tests {
                 name: "eth0".into(),
                 ifindex: 2,
                 attach: Hook::Xdp,
+                state: LinkState::Attached,
                 mode: Some(XdpMode::Driver),
+                refusal: Policy::Reset,
                 others: vec![],
             }],
             ungated: vec![Ungated {
@@ -305,6 +430,7 @@ mod tests {
             ports: vec![PortStatus {
                 port: 80,
                 live_connections: 12,
+                live_connections_exact: false,
                 counters: PortStats {
                     port: 80,
                     syns_refused: 40,
@@ -324,18 +450,22 @@ mod tests {
                 insert_failed: 0,
                 read_failed: 7,
             }),
+            warnings: vec!["w".into()],
         };
         assert_eq!(
             serde_json::to_string(&st).unwrap(),
             concat!(
                 r#"{"gate":"on","policy":"reset","sk_lookup":true,"expired":false,"#,
                 r#""ttl_remaining_ms":598123,"#,
-                r#""interfaces":[{"name":"eth0","ifindex":2,"attach":"xdp","mode":"native","others":[]}],"#,
+                r#""interfaces":[{"name":"eth0","ifindex":2,"attach":"xdp","state":"attached","#,
+                r#""mode":"native","refusal":"reset","others":[]}],"#,
                 r#""ungated":[{"name":"veth9","ifindex":9}],"#,
-                r#""ports":[{"port":80,"live_connections":12,"syns_refused":40,"syns_passed":1,"#,
+                r#""ports":[{"port":80,"live_connections":12,"live_connections_exact":false,"#,
+                r#""syns_refused":40,"syns_passed":1,"#,
                 r#""syns_allowed":2,"syns_expired":3,"rst_sent":4,"rst_limited":5,"rst_not_syn":6}],"#,
                 r#""allow":["10.0.0.0/8"],"#,
-                r#""tracker":{"added":118,"removed":106,"insert_failed":0,"read_failed":7}}"#
+                r#""tracker":{"added":118,"removed":106,"insert_failed":0,"read_failed":7},"#,
+                r#""warnings":["w"]}"#
             )
         );
     }

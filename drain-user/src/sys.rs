@@ -1,4 +1,5 @@
-//! The bpf(2) commands aya 0.14 lacks, made raw. Nothing else in drain calls bpf(2) itself.
+//! The bpf(2) commands aya 0.14 lacks, made raw (link detach, link info). Nothing else in
+//! drain calls bpf(2) itself.
 
 use std::{
     ffi::CString,
@@ -60,4 +61,46 @@ pub fn detach_link(pin: &Path) -> Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
         Err(e) => Err(anyhow!(e).context("BPF_LINK_DETACH")),
     }
+}
+
+pub const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+/// `enum bpf_link_type` values drain looks for.
+pub const BPF_LINK_TYPE_RAW_TRACEPOINT: u32 = 1;
+pub const BPF_LINK_TYPE_TRACING: u32 = 2;
+pub const BPF_LINK_TYPE_NETNS: u32 = 5;
+pub const BPF_LINK_TYPE_XDP: u32 = 6;
+pub const BPF_LINK_TYPE_TCX: u32 = 11;
+
+/// The parts of `struct bpf_link_info` drain reads. aya 0.14's `LinkInfo` has the type and
+/// program id but not the attachment (ifindex, netns).
+#[derive(Clone, Copy, Debug)]
+pub struct LinkInfo {
+    pub link_type: u32,
+    pub prog_id: u32,
+    /// XDP and TCX links: the device's ifindex, 0 once detached (the device was deleted, or
+    /// BPF_LINK_DETACH): bpf_xdp_link_fill_link_info, tcx_link_fill_info.
+    pub ifindex: u32,
+    /// Netns links (sk_lookup, flow dissector): the namespace's inode, 0 once the namespace
+    /// is gone (netns_bpf_pernet_pre_exit detaches them): same field of the union.
+    pub netns_ino: u32,
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD on the link pinned at `pin`.
+pub fn link_info(pin: &Path) -> Result<LinkInfo> {
+    let fd = obj_get(pin).with_context(|| format!("BPF_OBJ_GET {}", pin.display()))?;
+    // struct bpf_link_info: { __u32 type; __u32 id; __u32 prog_id; union (8-aligned, at
+    // byte 16) { ... xdp { __u32 ifindex; } tcx { __u32 ifindex; __u32 attach_type; }
+    // netns { __u32 netns_ino; __u32 attach_type; } ... } }
+    let mut info = [0u32; 32];
+    // union bpf_attr, BPF_OBJ_GET_INFO_BY_FD: { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
+    let mut attr = [0u64; 16];
+    attr[0] = fd.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
+    Ok(LinkInfo {
+        link_type: info[0],
+        prog_id: info[2],
+        ifindex: info[4],
+        netns_ino: info[4],
+    })
 }

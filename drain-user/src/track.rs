@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
     programs::{links::FdLink, BtfTracePoint},
     Ebpf,
 };
@@ -28,6 +28,7 @@ fn configure(bpf: &mut Ebpf) -> Result<()> {
         off_num: btf.offset("sock", "__sk_common.skc_num")?,
         off_net: btf.offset("sock", "__sk_common.skc_net")?,
         off_inum: btf.offset("net", "ns.inum")?,
+        ..Default::default()
     };
     let mut track: Array<&mut MapData, TrackConfig> = Array::try_from(
         bpf.map_mut(map::TRACK)
@@ -110,15 +111,23 @@ pub struct Tracker {
     live: Live,
     /// The set of live passive connections (cookie -> port).
     socks: HashMap<MapData, u64, u32>,
+    /// The set's max_entries.
+    capacity: u32,
     stats: PerCpuArray<MapData, TrackStats>,
+    /// Its config, where the seed records the connections it could not insert.
+    config: Array<MapData, TrackConfig>,
 }
 
 impl Tracker {
     pub fn open(dir: &Path) -> Result<Self> {
+        let socks = pins::open_map(dir, map::SOCKS)?;
+        let capacity = socks.info().map_or(0, |i| i.max_entries());
         Ok(Tracker {
             live: Live::open(dir)?,
-            socks: HashMap::try_from(Map::HashMap(pins::open_map(dir, map::SOCKS)?))?,
+            socks: HashMap::try_from(Map::HashMap(socks))?,
+            capacity,
             stats: PerCpuArray::try_from(Map::PerCpuArray(pins::open_map(dir, map::TSTATS)?))?,
+            config: Array::try_from(Map::Array(pins::open_map(dir, map::TRACK)?))?,
         })
     }
 
@@ -133,9 +142,16 @@ impl Tracker {
         self.socks.get(&cookie, 0).is_ok()
     }
 
-    /// The tracker's counters, summed over CPUs.
+    /// How many connections the live set holds (its max_entries as created).
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// The tracker's counters, summed over CPUs; `insert_failed` includes the seed's.
     pub fn stats(&self) -> Result<TrackStats> {
-        Ok(self.stats.get(&0, 0)?.iter().sum())
+        let mut s: TrackStats = self.stats.get(&0, 0)?.iter().sum();
+        s.insert_failed += u64::from(self.config.get(&0, 0)?.seed_failed);
+        Ok(s)
     }
 
     /// Fails when the tracker has lost events: a count that may be low must not end a drain.
@@ -158,16 +174,25 @@ impl Tracker {
     /// insert would be counted forever; a second dump finds those and takes them out again.
     pub fn seed(&mut self) -> Result<usize> {
         let mut seeded = Vec::new();
+        let mut failed = 0u32;
         for c in diag::passive_live(false)? {
             let port = c.local.port();
-            if self
-                .socks
-                .insert(c.cookie, u32::from(port), NOEXIST)
-                .is_ok()
-            {
-                self.live.add(port, 1);
-                seeded.push((c.cookie, port));
+            match self.socks.insert(c.cookie, u32::from(port), NOEXIST) {
+                Ok(()) => {
+                    self.live.add(port, 1);
+                    seeded.push((c.cookie, port));
+                }
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                // The set is full: the count is now low, which must show (and stop `wait`
+                // from reporting "drained").
+                Err(_) => failed += 1,
             }
+        }
+        if failed != 0 {
+            let mut cfg = self.config.get(&0, 0)?;
+            cfg.seed_failed = cfg.seed_failed.saturating_add(failed);
+            self.config.set(0, cfg, 0)?;
         }
         let still: HashSet<u64> =
             diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, false)?

@@ -10,12 +10,11 @@ mod report;
 
 use std::{
     collections::BTreeSet,
-    fs,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use drain_common::GATE_ON;
 use serde::Serialize;
 
@@ -24,7 +23,7 @@ use crate::{
     diag, errln, gate,
     netns::{self, NetnsId, StateDir},
     object, pins,
-    state::OpenGate,
+    state::{boottime_ns, OpenGate},
     track::{self, Tracker},
 };
 
@@ -116,7 +115,7 @@ impl TempTracker {
         let _lock = pins::lock()?;
         let own = NetnsId::current()?;
         let root = pins::root();
-        fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        pins::make_dir(&root)?;
         for orphan in netns::orphans(&root, own) {
             let _ = gate::teardown(&orphan);
         }
@@ -124,7 +123,7 @@ impl TempTracker {
             inode: own.inode,
             pid: std::process::id(),
         });
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        pins::make_dir(&dir)?;
         let loaded = (|| {
             let mut bpf = object::load(&dir)?;
             let link = track::attach(&mut bpf)?;
@@ -212,7 +211,7 @@ fn all_idle(tracker: &Tracker, ports: &BTreeSet<u16>, idle: Duration, live: i64)
 
 pub async fn wait(args: WaitArgs) -> Result<Exit> {
     let gate_dir = pins::gate_dir()?;
-    let gate = if pins::bpffs_mounted()? && gate_dir.exists() {
+    let gate = if pins::state_exists(&gate_dir)? {
         Some(OpenGate::open(&gate_dir)?)
     } else {
         None
@@ -228,15 +227,21 @@ pub async fn wait(args: WaitArgs) -> Result<Exit> {
             ));
         }
     }
-    let gate_on = match &gate {
-        Some(g) => g.config()?.enabled == GATE_ON,
-        None => false,
+    let cfg = match &gate {
+        Some(g) => Some(g.config()?),
+        None => None,
     };
     let mut warned = BTreeSet::new();
     if let Some(g) = &gate {
         warn_ungated(g, &mut warned)?;
     }
-    if !gate_on {
+    let expired = cfg.is_some_and(|c| c.deadline_ns != 0 && boottime_ns() >= c.deadline_ns);
+    if expired && cfg.is_some_and(|c| c.enabled == GATE_ON) {
+        errln!(
+            "drain-user: warning: the gate's TTL ran out: new connections are accepted again, \
+             so the ports may never drain (run `drain-user gate on --port ...` to refuse them again)"
+        )?;
+    } else if cfg.is_none_or(|c| c.enabled != GATE_ON) {
         errln!(
             "drain-user: warning: the gate is off: new connections keep arriving, so the ports may never drain \
              (run `drain-user gate on --port ...` first)"

@@ -46,6 +46,9 @@ pub struct Request {
     pub dport: u16,
     /// Source address, for the allowlist.
     pub src: IpAddr,
+    /// Offsets of the IP and TCP headers in the frame.
+    pub l3: usize,
+    pub l4: usize,
 }
 
 /// Why a frame is not a connection request.
@@ -128,7 +131,7 @@ fn from_ipv4(frame: &[u8], l3: usize) -> Result<Request, NotRequest> {
         return Err(NotRequest::NotTcp(header[9]));
     }
     let src = Ipv4Addr::new(header[12], header[13], header[14], header[15]);
-    from_tcp(frame, l3 + usize::from(ihl) * 4, IpAddr::V4(src))
+    from_tcp(frame, l3, l3 + usize::from(ihl) * 4, IpAddr::V4(src))
 }
 
 fn from_ipv6(frame: &[u8], l3: usize) -> Result<Request, NotRequest> {
@@ -143,7 +146,7 @@ fn from_ipv6(frame: &[u8], l3: usize) -> Result<Request, NotRequest> {
     let mut seen = 0;
     loop {
         let len = match next {
-            6 => return from_tcp(frame, pos, src),
+            6 => return from_tcp(frame, l3, pos, src),
             0 | 43 | 60 => (usize::from(byte(frame, pos + 1)?) + 1) * 8,
             44 => {
                 let off_flags = be16(frame, pos + 2)?;
@@ -164,7 +167,7 @@ fn from_ipv6(frame: &[u8], l3: usize) -> Result<Request, NotRequest> {
     }
 }
 
-fn from_tcp(frame: &[u8], l4: usize, src: IpAddr) -> Result<Request, NotRequest> {
+fn from_tcp(frame: &[u8], l3: usize, l4: usize, src: IpAddr) -> Result<Request, NotRequest> {
     let tcp: [u8; 20] = bytes(frame, l4)?;
     let flags = tcp[13];
     // FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10.
@@ -174,6 +177,8 @@ fn from_tcp(frame: &[u8], l4: usize, src: IpAddr) -> Result<Request, NotRequest>
     Ok(Request {
         dport: u16::from_be_bytes([tcp[2], tcp[3]]),
         src,
+        l3,
+        l4,
     })
 }
 
@@ -196,7 +201,9 @@ mod tests {
             classify(&f.bytes),
             Ok(Request {
                 dport: 80,
-                src: IpAddr::V4([198, 18, 0, 1].into())
+                src: IpAddr::V4([198, 18, 0, 1].into()),
+                l3: 14,
+                l4: 34,
             })
         );
         let f = Packet::eth().ipv6(v6()).tcp(Tcp::syn(1234, 8443)).build();

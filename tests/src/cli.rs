@@ -160,6 +160,11 @@ impl Running {
         }
     }
 
+    /// The process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// True while the process runs.
     pub fn running(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
@@ -290,6 +295,12 @@ impl<'p> Drain<'p> {
     /// Starts `drain-user args...` without waiting.
     pub fn spawn(&self, args: &[&str]) -> Running {
         let (cmd, line) = self.command_via(&[], args);
+        Running::start(cmd, line)
+    }
+
+    /// Starts drain-user behind `wrapper` (e.g. `env VAR=...`) without waiting.
+    pub fn spawn_via(&self, wrapper: &[&str], args: &[&str]) -> Running {
+        let (cmd, line) = self.command_via(wrapper, args);
         Running::start(cmd, line)
     }
 

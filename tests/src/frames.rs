@@ -66,6 +66,8 @@ pub enum Mark {
     L3,
     /// IPv4 version/IHL byte.
     Ipv4VerIhl,
+    /// IPv4 total length or IPv6 payload length (2 bytes).
+    IpLen,
     /// IPv4 flags/fragment-offset field (2 bytes).
     Ipv4Frag,
     /// IPv4 protocol byte.
@@ -432,6 +434,7 @@ fn write_layer(
             marks.push((Mark::Ipv4VerIhl, b.len()));
             b.push((4 << 4) | ihl as u8); // version 4, IHL in 32-bit words
             b.push(h.tos); // DSCP + ECN
+            marks.push((Mark::IpLen, b.len()));
             b.extend_from_slice(&[0, 0]); // total length: fixed up at the end
             b.extend_from_slice(&h.id.to_be_bytes()); // identification
             let frag = (u16::from(h.dont_fragment) << 14)
@@ -453,6 +456,7 @@ fn write_layer(
             let first =
                 (6u32 << 28) | (u32::from(h.traffic_class) << 20) | (h.flow_label & 0xf_ffff);
             b.extend_from_slice(&first.to_be_bytes());
+            marks.push((Mark::IpLen, b.len()));
             b.extend_from_slice(&[0, 0]); // payload length: fixed up at the end
             marks.push((Mark::Ipv6Next, b.len()));
             b.push(h.next.unwrap_or_else(|| proto_of(next))); // next header
@@ -635,9 +639,27 @@ fn fix_lengths_and_checksums(b: &mut [u8], layers: &[Layer], starts: &[usize]) {
     }
 }
 
+/// RFC 1071 Internet checksum over `chunks` taken as one byte string (every chunk but the
+/// last of even length), for tests that check a checksum a program wrote.
+pub fn inet_checksum(chunks: &[&[u8]]) -> u16 {
+    fold(chunks.iter().fold(0, |acc, c| sum16(acc, c)))
+}
+
 /// `b` in hex, for messages about a frame.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The bytes written by [`hex`] (whitespace ignored); `None` for anything else.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if !digits.len().is_multiple_of(2) {
+        return None;
+    }
+    digits
+        .chunks(2)
+        .map(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 16).ok())
+        .collect()
 }
 
 #[cfg(test)]

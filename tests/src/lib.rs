@@ -18,6 +18,9 @@
 //! - [`classify`]: an independent reference classifier (written from the RFCs, not from
 //!   drain-ebpf/src/parse.rs) that the kernel programs' verdicts are checked against.
 //! - [`testrun`]: BPF_PROG_TEST_RUN on a program fd.
+//! - [`gatemodel`]: the gate programs under BPF_PROG_TEST_RUN next to a model of what they
+//!   must do (classifier + gate logic): verdict, output frame (RSTs included), counters.
+//! - [`fuzz`]: a seeded PRNG, random frames, mutations and the checked-in seed corpus.
 //!
 //! Everything here panics on error rather than returning `Result`: a failing helper is a
 //! failing test, and the panic message says what was being done.
@@ -25,6 +28,8 @@
 pub mod classify;
 pub mod cli;
 pub mod frames;
+pub mod fuzz;
+pub mod gatemodel;
 pub mod netns;
 pub mod object;
 pub mod testrun;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod toolchain;
 
 use std::{
@@ -41,6 +42,16 @@ enum Task {
     Demo,
     /// Per-packet cost, kernel memory and drain-notice latency, as side-by-side ratios.
     Bench,
+    /// Differential fuzzing of the gate programs against the reference classifier
+    /// (needs root); prints frames, seed, mismatches and frames/s.
+    Fuzz {
+        /// Frames to run through both programs.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// PRNG seed (decimal or 0x-hex); default: a new one, printed.
+        #[arg(long, value_parser = fuzz::parse_seed)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,6 +74,12 @@ fn run_task(task: Task) -> Result<()> {
             build(false)?;
             ensure_bpffs()?;
             bench::run(&target_dir().join("debug/drain-user"))
+        }
+        Task::Fuzz { frames, seed } => {
+            build(false)?;
+            require_root("the fuzzer loads BPF programs")?;
+            ensure_bpffs()?;
+            fuzz::run(frames, seed)
         }
         Task::Demo => {
             build(false)?;
@@ -142,10 +159,7 @@ fn build(release: bool) -> Result<()> {
 
 fn test(args: &[String]) -> Result<()> {
     build(false)?;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the integration tests load BPF programs and create network namespaces: run `sudo cargo xtask test`");
-    }
+    require_root("the integration tests load BPF programs and create network namespaces")?;
     ensure_bpffs()?;
     ensure_test_packages()?;
     let mut cmd = Command::new("cargo");
@@ -161,6 +175,15 @@ fn test(args: &[String]) -> Result<()> {
         ])
         .args(args);
     run(&mut cmd).context("tests failed")
+}
+
+/// Fails with `why` and the sudo hint unless running as root.
+fn require_root(why: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{why}: run it as root (sudo cargo xtask ...)");
+    }
+    Ok(())
 }
 
 fn lint() -> Result<()> {
@@ -200,7 +223,8 @@ fn ensure_bpffs() -> Result<()> {
 
 /// The programs the integration tests drive besides drain itself: nginx and wrk for the
 /// end-to-end drain under load, ss/ip (iproute2), nsenter/setpriv (util-linux), bpftool to
-/// look at attached programs. Installed with apt when missing (CI machines start bare).
+/// look at attached programs, strace to kill drain-user at chosen syscalls (the fault
+/// tests). Installed with apt when missing (CI machines start bare).
 fn ensure_test_packages() -> Result<()> {
     let wanted = [
         ("nginx", "nginx"),
@@ -208,6 +232,8 @@ fn ensure_test_packages() -> Result<()> {
         ("ss", "iproute2"),
         ("nsenter", "util-linux"),
         ("bpftool", "bpftool"),
+        // Fault injection (SIGKILL at a chosen syscall) in the hardening and fault tests.
+        ("strace", "strace"),
     ];
     let have = |bin: &str| {
         ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
