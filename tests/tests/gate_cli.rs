@@ -940,12 +940,18 @@ fn state_of_a_deleted_namespace_is_reaped_by_the_next_gate_on() {
     assert!(dead_dir.exists(), "pins vanished before any drain call");
     // The reaper acts on the kernel's word that the namespace's links are detached, which
     // comes once its (asynchronous) teardown has unregistered the devices.
+    // (Tests running in parallel call `gate on` too: one of them may reap it first.)
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::fs::read_dir(&dead_dir).unwrap().flatten().any(|e| {
-        let name = e.file_name().to_string_lossy().into_owned();
-        name.starts_with("link-xdp-")
-            && drain_user::sys::link_info(&e.path()).is_ok_and(|i| i.ifindex != 0)
-    }) {
+    while std::fs::read_dir(&dead_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("link-xdp-")
+                && drain_user::sys::link_info(&e.path()).is_ok_and(|i| i.ifindex != 0)
+        })
+    {
         assert!(
             Instant::now() < deadline,
             "the namespace's links stayed attached"
