@@ -46,6 +46,7 @@ fn main() {
             obj.display()
         );
         fs::write(&out, []).expect("write the placeholder object into OUT_DIR");
+        object_hash(&[]);
         return;
     };
     for src in ["drain-ebpf/src", "drain-common/src"] {
@@ -57,4 +58,23 @@ fn main() {
         }
     }
     fs::copy(&obj, &out).expect("copy the eBPF object into OUT_DIR");
+    object_hash(&fs::read(&out).expect("read the embedded eBPF object"));
+}
+
+/// `DRAIN_EBPF_SHA256`: the first 12 hex digits of the embedded object's SHA-256, shown by
+/// `drain-user --version`, so an installed binary says which kernel programs it carries
+/// ("none" for the placeholder). SHA-256 because it is the digest people compare with
+/// `sha256sum`; sha2 is a build dependency only, not in the binary.
+fn object_hash(bytes: &[u8]) {
+    use sha2::Digest;
+    let hash = if bytes.is_empty() {
+        "none".to_string()
+    } else {
+        sha2::Sha256::digest(bytes)
+            .iter()
+            .take(6)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    println!("cargo:rustc-env=DRAIN_EBPF_SHA256={hash}");
 }

@@ -50,9 +50,11 @@ pub mod map {
     pub const LIVE: &str = "DRAIN_LIVE";
     /// PerCpuArray[1] of [`TrackStats`](crate::TrackStats), written by the tracker.
     pub const TSTATS: &str = "DRAIN_TSTATS";
-    /// PerCpuArray[1] of u64: the RST rate limiter's next allowed time (GCRA), per CPU.
-    /// Written by the gate programs only.
-    pub const RST_RL: &str = "DRAIN_RST_RL";
+    /// PerCpuArray[1] of [`CpuClock`](crate::CpuClock): the RST rate limiter's next allowed
+    /// time (GCRA) and the gate's last clock reading, per CPU. Written by the gate programs
+    /// only. (Its value was a bare u64 under the name DRAIN_RST_RL; the new name keeps a
+    /// `gate on` from reusing such a pin, whose values are too small for this program.)
+    pub const RST_RL: &str = "DRAIN_RST_CLOCK";
     /// PerCpuArray[1]: the last lookup the sk_lookup program refused on this CPU, until the
     /// tcp_send_reset tracepoint sees its RST. Kernel-only state.
     pub const REFUSED: &str = "DRAIN_REFUSED";
@@ -60,9 +62,21 @@ pub mod map {
     /// tcp_send_reset tracepoint. Written by user space before it attaches.
     pub const RSTCFG: &str = "DRAIN_RSTCFG";
 
+    /// Array[1] of [`WatchConfig`](crate::WatchConfig): whether someone watches (until
+    /// when) and the events' rate limit. Written by `drain-user watch`, read by the gate
+    /// programs and the tracker before they emit an event.
+    pub const WATCH: &str = "DRAIN_WATCH";
+    /// PerCpuArray[1] of [`WatchCpu`](crate::WatchCpu): the events' rate limiter and what it
+    /// held back. Written by the gate programs and the tracker, summed by `watch`.
+    pub const WATCH_RL: &str = "DRAIN_WATCH_RL";
+    /// Ring buffer of [`WatchEvent`](crate::WatchEvent)s, written while someone watches,
+    /// read by `drain-user watch`.
+    pub const EVENTS: &str = "DRAIN_EVENTS";
+
     /// Every map the object defines, for the test that checks each resolves.
     pub const ALL: &[&str] = &[
         CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS, RST_RL, REFUSED, RSTCFG,
+        WATCH, WATCH_RL, EVENTS,
     ];
 }
 
@@ -186,6 +200,31 @@ pub struct TrackStats {
 }
 const _: () = assert!(core::mem::size_of::<TrackStats>() == 32);
 
+/// The gate's time on one CPU (the value of [`map::RST_RL`]), kernel-only state.
+///
+/// Reading CLOCK_BOOTTIME is the dearest step of a refusal (tens of ns where the clock source
+/// is virtualised), so the last reading is kept with the jiffies count taken right after it:
+/// while jiffies have not moved, the reading is less than one tick old, which is close
+/// enough for any deadline more than [`CLOCK_REREAD_NS`] away and for the RST limiter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct CpuClock {
+    /// Earliest CLOCK_BOOTTIME ns at which the next RST may go (GCRA).
+    pub rst_next_ns: u64,
+    /// The last CLOCK_BOOTTIME reading, ns.
+    pub boot_ns: u64,
+    /// `jiffies` right after that reading.
+    pub jiffies: u64,
+}
+const _: () = assert!(core::mem::size_of::<CpuClock>() == 24);
+
+/// Within this distance of the deadline every decision reads the clock afresh, so the gate
+/// opens at the deadline to the nanosecond; farther away a reading from the current tick
+/// (at most 10 ms old at HZ=100) is used. 1 s leaves two orders of magnitude for ticks that
+/// run late.
+pub const CLOCK_REREAD_NS: u64 = 1_000_000_000;
+
 /// Per-port counters, one copy per CPU (no atomics on the packet path); user space sums them.
 /// Serialized (user side) as the counters of a `ports` entry of `drain-user status --json`;
 /// the port itself is the entry's key, written there by the caller.
@@ -224,6 +263,77 @@ pub struct PortStats {
 }
 const _: () = assert!(core::mem::size_of::<PortStats>() == 64);
 
+/// Bytes of the [`map::EVENTS`] ring buffer: ~4,000 events, far more than a reader falls
+/// behind by at the default rate.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// Who watches, written by `drain-user watch`. All zero: nobody, and the data path pays one
+/// array load for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct WatchConfig {
+    /// CLOCK_BOOTTIME ns until which events are emitted; a watcher pushes it forward every
+    /// second, so one that dies stops costing anything within seconds. 0 = nobody watches.
+    pub until_ns: u64,
+    /// Per CPU and per kind of event: at most one event per `interval_ns` on average...
+    pub interval_ns: u64,
+    /// ...with bursts of up to this many.
+    pub burst: u64,
+}
+const _: () = assert!(core::mem::size_of::<WatchConfig>() == 24);
+
+/// The events' rate limiter on one CPU (GCRA, as for RSTs) and what it held back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct WatchCpu {
+    /// Earliest time of the next refused-SYN event.
+    pub next_refused_ns: u64,
+    /// Earliest time of the next connection-left event.
+    pub next_left_ns: u64,
+    /// Refused SYNs not reported because of the rate limit.
+    pub refused_limited: u64,
+    /// Connections that left the live set, not reported because of the rate limit.
+    pub left_limited: u64,
+    /// Events that found the ring buffer full.
+    pub lost: u64,
+}
+const _: () = assert!(core::mem::size_of::<WatchCpu>() == 40);
+
+/// `WatchEvent::kind` values.
+/// A SYN to a gated port was refused and dropped.
+pub const EVENT_REFUSED_DROP: u32 = 1;
+/// A SYN to a gated port was refused with a RST.
+pub const EVENT_REFUSED_RST: u32 = 2;
+/// A tracked connection left the live set.
+pub const EVENT_LEFT: u32 = 3;
+
+/// One event of `drain-user watch`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct WatchEvent {
+    /// CLOCK_BOOTTIME ns.
+    pub ts_ns: u64,
+    /// [`EVENT_REFUSED_DROP`], [`EVENT_REFUSED_RST`] or [`EVENT_LEFT`].
+    pub kind: u32,
+    /// Refused: 4 or 6 (the source address family); left: 0.
+    pub family: u32,
+    /// Refused: the source address, network order (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    /// Refused: the source port (host order).
+    pub sport: u16,
+    /// Refused: the destination (gated) port; left: the local port. Host order.
+    pub port: u16,
+    pub _pad: u32,
+    /// Left: the socket cookie (as `ss -e` and inet_diag report it).
+    pub cookie: u64,
+    /// Left: connections still live on the port after this one left.
+    pub left: i64,
+}
+const _: () = assert!(core::mem::size_of::<WatchEvent>() == 56);
+
 /// `Sum` over the per-CPU copies of a counter struct: every counter added up, fields that
 /// are not counters (`keep`) taken from the copies, which all hold the same value.
 #[cfg(feature = "user")]
@@ -259,6 +369,11 @@ per_cpu_sum!(TrackStats {
     keep: [],
     sum: [added, removed, insert_failed, read_failed]
 });
+#[cfg(feature = "user")]
+per_cpu_sum!(WatchCpu {
+    keep: [next_refused_ns, next_left_ns],
+    sum: [refused_limited, left_limited, lost]
+});
 
 #[cfg(feature = "user")]
 mod pod {
@@ -268,6 +383,9 @@ mod pod {
     unsafe impl aya::Pod for super::PortStats {}
     unsafe impl aya::Pod for super::TrackConfig {}
     unsafe impl aya::Pod for super::TrackStats {}
+    unsafe impl aya::Pod for super::CpuClock {}
+    unsafe impl aya::Pod for super::WatchConfig {}
+    unsafe impl aya::Pod for super::WatchCpu {}
     unsafe impl aya::Pod for super::ResetTraceConfig {}
 }
 

@@ -96,6 +96,9 @@ pub struct Ipv4Hdr {
 }
 
 impl Ipv4Hdr {
+    /// Version 4, 20-byte header: no options.
+    pub const VIHL_PLAIN: u8 = 0x45;
+
     #[inline(always)]
     pub fn version(&self) -> u8 {
         self.vihl >> 4

@@ -9,6 +9,8 @@
 //!   that makes the kernel's TCP answer a refused SYN with its RST, and the count of those RSTs
 //!   (tp_btf/tcp_send_reset).
 //! - `track.rs`: the connection tracker (live connections per local port).
+//! - `watch.rs`: rate-limited events for `drain-user watch` (refused SYNs, closes).
+//! - `ratelimit.rs`: the per-CPU GCRA limiter of RSTs and events.
 //! - this file: the two thin gate entry points, XDP and TC, mapping the verdict to return codes.
 //!   Under policy reset they are the first line: they pass the refused SYNs the RST budget
 //!   allows on to the stack (where refuse.rs refuses them) and drop the rest.
@@ -23,8 +25,10 @@
 mod gate;
 mod hdr;
 mod parse;
+mod ratelimit;
 mod refuse;
 mod track;
+mod watch;
 
 use aya_ebpf::{
     bindings::{tcx_action_base::TCX_NEXT, xdp_action, TC_ACT_SHOT},
@@ -40,7 +44,7 @@ use crate::gate::Verdict;
 pub fn drain_xdp(ctx: XdpContext) -> u32 {
     match gate::verdict(ctx.data(), ctx.data_end()) {
         // Reset: on to the stack, whose TCP answers it with a RST (refuse.rs).
-        Verdict::Pass | Verdict::Reset => xdp_action::XDP_PASS,
+        Verdict::Pass | Verdict::Truncated | Verdict::Reset => xdp_action::XDP_PASS,
         Verdict::Refuse => xdp_action::XDP_DROP,
     }
 }
@@ -50,15 +54,24 @@ pub fn drain_xdp(ctx: XdpContext) -> u32 {
 /// run; TC_ACT_OK would end the chain.
 #[classifier]
 pub fn drain_tc(ctx: TcContext) -> i32 {
-    // Headers of a SYN are nearly always in the linear part of the skb; pull them in when
-    // they are not, so a split frame is still judged (a failed pull leaves data as is, and
-    // the parser then lets the packet pass).
-    let want = core::cmp::min(ctx.len(), hdr::MAX_HEADERS);
-    if ((ctx.data_end() - ctx.data()) as u32) < want {
-        let _ = ctx.pull_data(want);
-    }
-    match gate::verdict(ctx.data(), ctx.data_end()) {
-        Verdict::Pass | Verdict::Reset => TCX_NEXT,
+    let verdict = match gate::verdict(ctx.data(), ctx.data_end()) {
+        // Headers of a SYN are nearly always in the linear part of the skb; when the parser
+        // ran out of linear bytes before the TCP flags and the skb holds more, pull them in
+        // and judge again (a failed pull leaves data as is, and the frame passes). Any other
+        // verdict only read bytes that were already linear, so pulling first would not
+        // change it.
+        Verdict::Truncated => {
+            let want = core::cmp::min(ctx.len(), hdr::MAX_HEADERS);
+            if ((ctx.data_end() - ctx.data()) as u32) < want && ctx.pull_data(want).is_ok() {
+                gate::verdict(ctx.data(), ctx.data_end())
+            } else {
+                Verdict::Pass
+            }
+        }
+        v => v,
+    };
+    match verdict {
+        Verdict::Pass | Verdict::Truncated | Verdict::Reset => TCX_NEXT,
         Verdict::Refuse => TC_ACT_SHOT,
     }
 }

@@ -123,6 +123,7 @@ fn try_track(ctx: &BtfTracePointContext) -> Result<(), i64> {
         if SOCKS.remove(cookie).is_ok() {
             add(port, -1);
             bump(|s| s.removed += 1);
+            crate::watch::left(cookie, port, LIVE.get(port).copied().unwrap_or(0));
         }
     }
     Ok(())

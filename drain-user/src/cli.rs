@@ -9,12 +9,21 @@ use clap::{Parser, Subcommand};
 use drain_common::{POLICY_DROP, POLICY_RESET};
 use ipnet::IpNet;
 
+/// `--version`: the crate version and the first 12 hex digits of the SHA-256 of the kernel
+/// object built into the binary (`none`: built without it).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (kernel object sha256 ",
+    env!("DRAIN_EBPF_SHA256"),
+    ")"
+);
+
 /// Refuse new TCP connections on chosen ports while established ones finish, then restore.
 ///
 /// State lives in pinned BPF objects (/sys/fs/bpf/drain/<netns>), one gate per network
 /// namespace; no daemon runs. Exit codes: 0 ok, 1 error, 2 bad usage, 3 `wait` timed out.
 #[derive(Debug, Parser)]
-#[command(name = "drain-user", version)]
+#[command(name = "drain-user", version = VERSION)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -22,6 +31,32 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Preflight: can a gate work in this network namespace? Changes nothing.
+    ///
+    /// Probes the kernel version and the BPF features drain uses, BTF, bpffs, privileges,
+    /// and each interface's XDP/TCX hooks. Exit 0 when a gate with these options can work
+    /// here, 1 with the first blocking problem and what to do. Runs without privileges too
+    /// (and then says they are missing).
+    ///
+    /// Example: drain-user check --port 80,443 --attach xdp --json
+    Check {
+        /// Ports the gate would hold (repeatable or comma-separated; at most 64).
+        #[arg(long = "port", short = 'p', value_delimiter = ',',
+              value_parser = clap::value_parser!(u16).range(1..))]
+        ports: Vec<u16>,
+        /// Interface the gate would use (repeatable). Default: every interface that is up.
+        #[arg(long = "iface", short = 'i')]
+        ifaces: Vec<String>,
+        /// The hook `gate on` would be asked for.
+        #[arg(long, value_enum, default_value_t = AttachChoice::Xdp)]
+        attach: AttachChoice,
+        /// The policy `gate on` would be asked for.
+        #[arg(long, value_enum, default_value_t = Policy::Drop)]
+        policy: Policy,
+        /// One JSON object: {"ok", "problem", "kernel", "checks", "interfaces"}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Turn the gate on or off.
     Gate {
         #[command(subcommand)]
@@ -31,10 +66,40 @@ pub enum Command {
     ///
     /// Example: drain-user status --json
     Status {
-        /// One JSON object: {"gate", "policy", "sk_lookup", "expired", "ttl_remaining_ms",
-        /// "interfaces", "ungated", "ports", "allow", "tracker"}.
+        /// Same as --format json.
+        #[arg(long, conflicts_with = "format")]
+        json: bool,
+        /// text (default); json: one object {"gate", "policy", "sk_lookup", "expired",
+        /// "ttl_remaining_ms", "interfaces", "ungated", "ports", "allow", "tracker",
+        /// "warnings"}; prometheus: the text exposition
+        /// format (drain_* metrics, port as a label).
+        #[arg(long, value_enum)]
+        format: Option<StatusFormat>,
+        /// Write the Prometheus metrics to this file instead (atomically: a temporary file
+        /// in the same directory, then rename), for node_exporter's textfile collector.
+        ///
+        /// Example: drain-user status --textfile /var/lib/prometheus/node-exporter/drain.prom
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["format", "json"])]
+        textfile: Option<std::path::PathBuf>,
+    },
+    /// Live view of the gate: refused SYNs, connections closing, the TTL running out.
+    ///
+    /// Each refused SYN (source address and port, destination port, drop or rst), each
+    /// tracked connection leaving the live set (with the count left on its port), the TTL
+    /// running out. The kernel samples events (--rate); what it held back is counted and
+    /// shown once a second. Ends when the gate is turned off.
+    ///
+    /// Example: drain-user watch --json --duration 5m
+    Watch {
+        /// One JSON object per line: {"event": "refused"|"left"|"limited"|"ttl_expired"|"gate_off", ...}.
         #[arg(long)]
         json: bool,
+        /// Most events per second of each kind (refused, closed), all CPUs together.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        rate: u32,
+        /// Stop after this long (e.g. 30s, 5m). Default: until Ctrl-C or `gate off`.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
     },
     /// Block until no connection is left on the ports (exit 0), or the timeout passes
     /// (exit 3, listing what is left).
@@ -105,6 +170,14 @@ pub enum GateAction {
     ///
     /// Example: drain-user gate off
     Off,
+}
+
+/// `status --format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatusFormat {
+    Text,
+    Json,
+    Prometheus,
 }
 
 /// How `gate on` may attach where it has to attach anew.

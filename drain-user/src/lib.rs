@@ -15,19 +15,24 @@
 //! | [`state`] | [`state::OpenGate`]: one gate's pinned maps, opened once (switch, TTL, ports, counters, allowlists) |
 //! | [`track`] | the connection tracker: attach, seed, and [`track::Tracker`] (live counts, its set, its counters) |
 //! | [`status`] | `status`: collecting and printing it |
+//! | [`metrics`] | `status --format prometheus` / `--textfile`: the Prometheus exposition |
 //! | [`wait`] | `wait`: the poll loop and its outcome; `wait/report.rs` prints it (JSON, text, progress line) |
+//! | [`watch`] | `watch`: the live view (kernel events from a ring buffer) |
 //! | [`iface`] | the namespace's interfaces and the programs attached to them |
 //! | [`links`] | what the kernel says about each pinned link: attached here, detached, moved away |
 //! | [`diag`] | sock_diag (inet_diag) dumps of TCP connections |
 //! | [`netlink`] | netlink dump requests, shared by `iface` and `diag` |
 //! | [`btf`] | struct member offsets from the kernel's BTF |
+//! | [`check`] | `check`: the preflight (probes, and the decision made from them) |
 
 pub mod btf;
+pub mod check;
 pub mod cli;
 pub mod diag;
 pub mod gate;
 pub mod iface;
 pub mod links;
+pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod object;
@@ -38,12 +43,13 @@ pub mod status;
 pub mod sys;
 pub mod track;
 pub mod wait;
+pub mod watch;
 
 use std::collections::BTreeSet;
 
 use anyhow::{bail, Result};
 
-use crate::cli::{Cli, Command, Exit, GateAction};
+use crate::cli::{usage, Cli, Command, Exit, GateAction, StatusFormat};
 
 /// Runs one command. Errors carry their whole context; a [`cli::UsageError`] among them
 /// means exit 2, an [`output::Closed`] a quiet exit 0.
@@ -56,9 +62,37 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 action: GateAction::On { .. }
             }
     );
-    require_privileges(tracing)?;
+    // The preflight reports missing privileges instead of stopping at them.
+    if !matches!(cli.command, Command::Check { .. }) {
+        require_privileges(tracing)?;
+    }
     pins::check_mount_namespace()?;
     match cli.command {
+        Command::Check {
+            ports,
+            ifaces,
+            attach,
+            policy,
+            json,
+        } => {
+            if ports.len() > drain_common::MAX_GATED_PORTS as usize {
+                return Err(usage(format!(
+                    "{} ports given: a gate holds at most {}",
+                    ports.len(),
+                    drain_common::MAX_GATED_PORTS
+                )));
+            }
+            let report = check::decide(&check::probe(&ifaces)?, &check::Wanted { attach, policy });
+            if json {
+                outln!("{}", serde_json::to_string(&report)?)?;
+            } else {
+                output::out(format_args!("{}", check::human(&report).trim_end()))?;
+            }
+            if let Some(problem) = &report.problem {
+                errln!("drain-user: error: {problem}")?;
+                return Ok(Exit::Failure);
+            }
+        }
         Command::Gate {
             action:
                 GateAction::On {
@@ -110,6 +144,15 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 outln!("gate off: no gate in this network namespace (already off)")?;
             }
         }
+        Command::Watch {
+            json,
+            rate,
+            duration,
+        } => watch::watch(&watch::WatchArgs {
+            json,
+            rate,
+            duration,
+        })?,
         Command::Wait {
             ports,
             timeout,
@@ -126,13 +169,30 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 format: wait::Format::pick(json),
             }));
         }
-        Command::Status { json } => {
+        Command::Status {
+            json,
+            format,
+            textfile,
+        } => {
             let st = status::collect()?;
-            if json {
-                outln!("{}", serde_json::to_string(&st)?)?;
-            } else {
-                let text = status::human(&st);
-                output::out(format_args!("{}", text.trim_end_matches('\n')))?;
+            if let Some(path) = textfile {
+                metrics::write_textfile(&path, &metrics::prometheus(&st)?)?;
+                return Ok(Exit::Success);
+            }
+            let format = match (json, format) {
+                (true, _) => StatusFormat::Json,
+                (false, f) => f.unwrap_or(StatusFormat::Text),
+            };
+            match format {
+                StatusFormat::Json => outln!("{}", serde_json::to_string(&st)?)?,
+                StatusFormat::Prometheus => {
+                    let text = metrics::prometheus(&st)?;
+                    output::out(format_args!("{}", text.trim_end_matches('\n')))?;
+                }
+                StatusFormat::Text => {
+                    let text = status::human(&st);
+                    output::out(format_args!("{}", text.trim_end_matches('\n')))?;
+                }
             }
         }
     }
@@ -144,20 +204,8 @@ pub fn run(cli: Cli) -> Result<Exit> {
 /// (kernel/bpf/syscall.c, bpf_prog_load: tracing types need perfmon_capable()).
 /// CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON.
 fn require_privileges(tracing: bool) -> Result<()> {
-    const CAP_NET_ADMIN: u32 = 12;
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |c: u32| eff & (1 << c) != 0;
-    let bpf = has(CAP_BPF) || has(CAP_SYS_ADMIN);
-    let perfmon = has(CAP_PERFMON) || has(CAP_SYS_ADMIN);
-    if !(has(CAP_NET_ADMIN) && bpf && (perfmon || !tracing)) {
+    let caps = check::Caps::current();
+    if !(caps.can_gate() && (caps.can_trace() || !tracing)) {
         bail!(
             "drain-user needs root (or CAP_BPF, CAP_NET_ADMIN and, for `gate on` and `wait`, \
              CAP_PERFMON): rerun it with sudo"

@@ -345,9 +345,13 @@ const RUN_DIR: &str = "/run/drain";
 /// holder) without stalling every other drain call on the host. Checked like the default.
 const RUN_DIR_ENV: &str = "DRAIN_LOCK_DIR";
 const LOCK_FILE: &str = "lock";
-/// How long a call waits for another one to finish. CLI calls hold the lock for
-/// milliseconds to a few seconds (attaching, seeding); longer means the holder is stuck.
+/// How long a call waits for a holder that is stopped (SIGSTOP, Ctrl-Z) before it gives up:
+/// such a holder makes no progress, and waiting longer would wedge every later call.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
+/// How long a call waits for a holder that is still running. CLI calls hold the lock for
+/// milliseconds to a few seconds (attaching, seeding), but on a host whose CPUs are
+/// saturated (or under a tracer) that can stretch; this bounds it all the same.
+const LOCK_WAIT_RUNNING: Duration = Duration::from_secs(60);
 
 /// An exclusive lock on drain's state (all namespaces), held until dropped. Two deploy
 /// scripts that run `drain-user` at once take turns instead of interleaving.
@@ -407,8 +411,9 @@ pub fn lock() -> Result<Lock> {
             Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {}
             Err(e) => return Err(e).context("taking the drain lock"),
         }
-        if start.elapsed() >= LOCK_WAIT {
-            bail!("{}", busy_message(&path));
+        let waited = start.elapsed();
+        if waited >= LOCK_WAIT_RUNNING || (waited >= LOCK_WAIT && holder(&path).1) {
+            bail!("{}", busy_message(&path, waited));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -425,33 +430,41 @@ pub fn try_lock() -> Result<Option<Lock>> {
     }
 }
 
-/// "another drain-user (pid N, stopped) has held ... : `kill -CONT N` or `kill N`".
-fn busy_message(path: &Path) -> String {
+/// The holder's pid as it wrote it in the lock file, and whether it is stopped (SIGSTOP;
+/// not a tracer's stop, which a running `strace` resumes).
+fn holder(path: &Path) -> (Option<u32>, bool) {
     let pid: Option<u32> = fs::read_to_string(path)
         .ok()
         .and_then(|s| s.trim().parse().ok());
+    // /proc/PID/stat: "pid (comm) S ...": the state letter follows the last ')'.
+    let state = pid.and_then(|pid| {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.trim().chars().next())
+            })
+    });
+    (pid, state == Some('T'))
+}
+
+/// "another drain-user (pid N, stopped) has held ... : `kill -CONT N` or `kill N`".
+fn busy_message(path: &Path, waited: Duration) -> String {
+    let (pid, stopped) = holder(path);
     let Some(pid) = pid else {
         return format!(
             "another drain-user call has held the lock {} for over {}s: \
              find it with `fuser {}` and let it finish, or kill it",
             path.display(),
-            LOCK_WAIT.as_secs(),
+            waited.as_secs(),
             path.display()
         );
     };
-    // /proc/PID/stat: "pid (comm) S ...": the state letter follows the last ')'.
-    let state = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, r)| r.trim().chars().next())
-        });
-    let stopped = matches!(state, Some('T' | 't'));
     format!(
         "another drain-user call (pid {pid}{}) has held the lock {} for over {}s: {}",
         if stopped { ", stopped" } else { "" },
         path.display(),
-        LOCK_WAIT.as_secs(),
+        waited.as_secs(),
         if stopped {
             format!("resume it with `kill -CONT {pid}`, or end it with `kill {pid}`")
         } else {

@@ -26,6 +26,15 @@ use crate::netns::NetNsPair;
 /// `status --json` and `wait --json` output.
 pub use serde_json::Value as Json;
 
+/// A `run_via` wrapper that runs drain-user as nobody, with no capabilities.
+pub const NOBODY: &[&str] = &[
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+];
+
 /// Longest a single CLI call may take before the test fails (it takes the per-namespace
 /// lock, so a hung call would otherwise hang every later one).
 pub const CLI_DEADLINE: Duration = Duration::from_secs(30);
@@ -257,28 +266,35 @@ pub const GATE_LINKS: [&str; 3] = ["link-rst", "link-sklookup", "link-track"];
 pub struct Drain<'p> {
     pub pair: &'p NetNsPair,
     pub ns: String,
+    /// The binary under test.
+    bin: PathBuf,
 }
 
 impl<'p> Drain<'p> {
+    /// The workspace's build ([`crate::drain_user_bin`]).
     pub fn new(pair: &'p NetNsPair, ns: &str) -> Self {
+        // Fails early with a build hint when the binary is missing.
+        Self::with_bin(pair, ns, crate::drain_user_bin())
+    }
+
+    /// Another drain-user binary (the one a package installed).
+    pub fn with_bin(pair: &'p NetNsPair, ns: &str, bin: PathBuf) -> Self {
         crate::require_root();
         crate::object::ensure_bpffs();
-        // Fails early with a build hint when the binary is missing.
-        let _ = crate::drain_user_bin();
         let ns = ns.to_owned();
         // Catches a namespace that is not the pair's before anything runs in it.
         let _ = pair.netns_inode(&ns);
-        Self { pair, ns }
+        Self { pair, ns, bin }
     }
 
     /// `nsenter --net=<ns> [wrapper...] drain-user args...`: wrapper is e.g. setpriv with
     /// its options (it runs inside the namespace, before drain-user).
     fn command_via(&self, wrapper: &[&str], args: &[&str]) -> (Command, String) {
-        let bin = crate::drain_user_bin();
+        let bin = &self.bin;
         let mut cmd = match wrapper.split_first() {
             Some((prog, rest)) => {
                 let mut c = self.pair.cmd(&self.ns, prog);
-                c.args(rest).arg(&bin);
+                c.args(rest).arg(bin);
                 c
             }
             None => self.pair.cmd(&self.ns, &bin.to_string_lossy()),

@@ -23,7 +23,8 @@ use aya::{
     programs::ProgramFd,
 };
 use drain_common::{
-    map, prog, GateConfig, PortStats, ALLOW_V4, ALLOW_V6, GATE_ON, POLICY_DROP, POLICY_RESET,
+    map, prog, CpuClock, GateConfig, PortStats, ALLOW_V4, ALLOW_V6, GATE_ON, POLICY_DROP,
+    POLICY_RESET,
 };
 
 use crate::{
@@ -303,10 +304,16 @@ impl Gate {
             RstBudget::Exhausted => u64::MAX / 2,
         };
         let cpus = aya::util::nr_cpus().expect("number of possible CPUs");
-        let mut rl: PerCpuArray<_, u64> =
+        let mut rl: PerCpuArray<_, CpuClock> =
             PerCpuArray::try_from(self.obj.bpf.map_mut(map::RST_RL).unwrap()).unwrap();
-        let values = PerCpuValues::try_from(vec![next; cpus]).expect("one value per CPU");
-        rl.set(0, values, 0).expect("writing DRAIN_RST_RL");
+        // A zero clock reading: the gate's next decision reads the clock afresh.
+        let state = CpuClock {
+            rst_next_ns: next,
+            ..Default::default()
+        };
+        let values = PerCpuValues::try_from(vec![state; cpus]).expect("one value per CPU");
+        rl.set(0, values, 0)
+            .expect("writing the RST limiter's state");
         let cfg = self.config;
         self.configure(cfg);
     }
@@ -407,7 +414,8 @@ impl Gate {
         }
     }
 
-    fn fd(&self, p: Prog) -> std::os::fd::BorrowedFd<'_> {
+    /// The loaded program of hook `p`, for tests that drive BPF_PROG_TEST_RUN themselves.
+    pub fn fd(&self, p: Prog) -> std::os::fd::BorrowedFd<'_> {
         match p {
             Prog::Xdp => self.xdp.as_fd(),
             Prog::Tc => self.tc.as_fd(),

@@ -21,12 +21,15 @@
 //! - [`gatemodel`]: the gate programs under BPF_PROG_TEST_RUN next to a model of what they
 //!   must do (classifier + gate logic): verdict, output frame (RSTs included), counters.
 //! - [`fuzz`]: a seeded PRNG, random frames, mutations and the checked-in seed corpus.
+//! - [`web`]: nginx, HAProxy and wrk in test namespaces (end-to-end tests under load).
+//! - [`fleet`]: the fleet drill's hosts, balancer and Ansible controller.
 //!
 //! Everything here panics on error rather than returning `Result`: a failing helper is a
 //! failing test, and the panic message says what was being done.
 
 pub mod classify;
 pub mod cli;
+pub mod fleet;
 pub mod frames;
 pub mod fuzz;
 pub mod gatemodel;
@@ -34,6 +37,7 @@ pub mod netns;
 pub mod object;
 pub mod testrun;
 pub mod traffic;
+pub mod web;
 
 /// The drain-user binary under test: `$DRAIN_USER`, else the workspace's debug build
 /// (`cargo xtask test` builds it first).

@@ -201,7 +201,7 @@ impl NetNsPair {
     /// the way drain-user reads its own.
     pub fn netns_id(&self, ns: &str) -> NetnsId {
         self.check_ns(ns);
-        self.in_ns(ns, || NetnsId::current().expect("the namespace's identity"))
+        netns_id(ns)
     }
 
     /// SO_NETNS_COOKIE of one of the pair's namespaces.
@@ -295,6 +295,17 @@ impl Drop for NetNsPair {
             }
         }
     }
+}
+
+/// Identity (inode, SO_NETNS_COOKIE) of namespace `ns` (any name under /var/run/netns),
+/// read on a thread inside it the way drain-user reads its own.
+pub fn netns_id(ns: &str) -> NetnsId {
+    in_netns(ns, || NetnsId::current().expect("the namespace's identity"))
+}
+
+/// Where drain pins the gate of namespace `ns` (any name under /var/run/netns).
+pub fn drain_state_dir(ns: &str) -> PathBuf {
+    state_dir(netns_id(ns))
 }
 
 /// Runs `ip args...`, panicking with its stderr on failure; returns its stdout.

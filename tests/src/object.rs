@@ -321,6 +321,21 @@ impl ForeignXdp {
             .id();
         Self { _fd: fd, id }
     }
+
+    /// Loads the program, pins it in `pins` and attaches it to `dev` in `ns` the way `ip`
+    /// and xdp-loader do it (netlink, no bpf_link): it stays attached when this process lets
+    /// go, until the namespace is deleted.
+    pub fn attach_with_ip(pair: &NetNsPair, ns: &str, dev: &str, pins: &PinDir) -> Self {
+        let pin = pins.path().join("foreign");
+        let foreign = Self::load_pinned(&pin);
+        let pin = pin.to_string_lossy();
+        pair.sh(
+            ns,
+            "ip",
+            &["link", "set", "dev", dev, "xdp", "pinned", &pin],
+        );
+        foreign
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1137,3 +1137,38 @@ pub fn ss_live(ns: &str, port: u16) -> (usize, usize) {
         ss_lines(ns, "close-wait", port).len(),
     )
 }
+
+/// Sends one SYN from `from` (port 0: an ephemeral one) to `to` with a non-blocking
+/// connect in the calling thread's namespace, without waiting for an answer. The socket
+/// stays in SYN_SENT (and retransmits after ~1 s) until the returned fd is dropped.
+pub fn send_syn(from: SocketAddr, to: SocketAddr) -> OwnedFd {
+    let fd = tcp_socket(family(to), libc::SOCK_NONBLOCK);
+    let (sa, len) = sockaddr(from);
+    // SAFETY: a valid fd and a sockaddr of the length passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    check(rc, &format!("bind {from}")).unwrap_or_else(|e| panic!("{e}"));
+    let (sa, len) = sockaddr(to);
+    // SAFETY: as above; non-blocking, so this returns EINPROGRESS once the SYN is out.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EINPROGRESS),
+            "connect {to}: {e}"
+        );
+    }
+    fd
+}

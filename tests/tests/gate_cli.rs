@@ -15,7 +15,7 @@ use std::{
 };
 
 use drain_tests::{
-    cli::{gated_ports, iface_status, port_status, CliOutput, Drain, Json, GATE_LINKS},
+    cli::{gated_ports, iface_status, port_status, CliOutput, Drain, Json, GATE_LINKS, NOBODY},
     netns::NetNsPair,
     object::{
         bpf_link_exists, bpftool, link_xdp, open_pinned_link, pinned_link_id, tcx_ingress,
@@ -577,13 +577,7 @@ fn gate_off_detaches_even_while_another_process_holds_the_links() {
 fn without_privileges_exits_1_and_changes_nothing() {
     let pair = NetNsPair::new();
     let drain = Drain::new(&pair, &pair.a);
-    let nobody: &[&str] = &[
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-    ];
+    let nobody = NOBODY;
     let root_no_caps: &[&str] = &["setpriv", "--inh-caps=-all", "--bounding-set=-all"];
     let says_why = |out: &CliOutput| {
         out.expect_code(1);
@@ -692,22 +686,7 @@ fn foreign_xdp_program_is_left_alone() {
     let pair = NetNsPair::new();
     let drain = Drain::new(&pair, &pair.a);
     let pins = PinDir::new();
-    let pin = pins.path().join("foreign");
-    let foreign = ForeignXdp::load_pinned(&pin);
-    // Attached the way `ip` and xdp-loader do it (netlink, no bpf_link): it stays attached
-    // when this process lets go, until the namespace is deleted.
-    drain.sh(
-        "ip",
-        &[
-            "link",
-            "set",
-            "dev",
-            &pair.veth_a,
-            "xdp",
-            "pinned",
-            &pin.to_string_lossy(),
-        ],
-    );
+    let foreign = ForeignXdp::attach_with_ip(&pair, &pair.a, &pair.veth_a, &pins);
     let theirs = (foreign.id, ForeignXdp::NAME.to_owned());
     assert_eq!(link_xdp(&pair, &pair.a, &pair.veth_a), Some(theirs.clone()));
     let server = EchoServer::start(&pair, &pair.a, sa(pair.a_v4, P));

@@ -17,6 +17,7 @@ use drain_tests::{
     frames::*,
     fuzz::{mutate, random_frame, Coverage, Rng},
     gatemodel::*,
+    testrun::try_test_run,
 };
 
 #[test]
@@ -683,4 +684,51 @@ fn randomized_mutations_match_the_classifier() {
             .join("\n")
     );
     seen.assert_reached(20, 5);
+}
+
+/// The gate keeps its last clock reading per CPU for the rest of a tick (reading the clock
+/// is its dearest step). Close to the deadline it must read the clock afresh: a reading
+/// kept from just before the deadline would go on refusing for up to a tick after it.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn deadline_holds_to_the_clock_despite_the_kept_reading() {
+    let mut g = Gate::new();
+    let frame = syn4(80).build().bytes;
+    let mut checked = 0;
+    for _ in 0..50 {
+        // A deadline 300 µs away: the first run refuses and leaves its reading behind...
+        let deadline = boottime_ns() + 300_000;
+        g.set_config(GATE_ON, deadline);
+        let (ret, _) = try_test_run(g.fd(Prog::Xdp), &frame).unwrap();
+        if ret != Prog::Xdp.retval(true) {
+            continue; // this run came after the deadline already: nothing was kept
+        }
+        // ...and once the deadline has passed (most often within the same tick), the
+        // next runs must let the SYN pass and count it as expired.
+        while boottime_ns() < deadline {
+            std::hint::spin_loop();
+        }
+        let before = g.stats(1);
+        for p in [Prog::Xdp, Prog::Tc] {
+            let (ret, _) = try_test_run(g.fd(p), &frame).unwrap();
+            assert_eq!(
+                ret,
+                p.retval(false),
+                "{p:?} refused a SYN after the deadline (a kept clock reading used past it)"
+            );
+        }
+        let after = g.stats(1);
+        assert_eq!(
+            (
+                after.expired - before.expired,
+                after.refused - before.refused
+            ),
+            (2, 0)
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 10,
+        "only {checked} of 50 rounds refused before the deadline"
+    );
 }

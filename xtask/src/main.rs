@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod package;
 mod toolchain;
 
 use std::{
@@ -36,12 +37,16 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// cargo fmt --check, and clippy -D warnings on the user crates and on the eBPF crate.
+    /// cargo fmt --check, clippy -D warnings on the user crates and on the eBPF crate, and
+    /// the Ansible collection's linters (ansible-test sanity, ansible-lint).
     Lint,
     /// Show drain working in throwaway network namespaces (needs root).
     Demo,
     /// Per-packet cost, kernel memory and drain-notice latency, as side-by-side ratios.
     Bench,
+    /// The Debian package (target/debian/*.deb): release binary, man pages, shell
+    /// completions, examples, README and licences. Installs cargo-deb if missing.
+    Deb,
     /// Differential fuzzing of the gate programs against the reference classifier
     /// (needs root); prints frames, seed, mismatches and frames/s.
     Fuzz {
@@ -70,6 +75,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::Build { release } => build(release),
         Task::Test { args } => test(&args),
         Task::Lint => lint(),
+        Task::Deb => package::deb().map(drop),
         Task::Bench => {
             build(false)?;
             ensure_bpffs()?;
@@ -97,7 +103,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// Cargo's target directory: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
@@ -146,7 +152,7 @@ fn build_ebpf() -> Result<()> {
     run(&mut ebpf_cargo("build")).context("building the eBPF programs failed")
 }
 
-fn build(release: bool) -> Result<()> {
+pub fn build(release: bool) -> Result<()> {
     build_ebpf()?;
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
@@ -204,7 +210,12 @@ fn lint() -> Result<()> {
         "warnings",
     ]))
     .context("clippy (user crates) failed")?;
-    run(ebpf_cargo("clippy").args(["--", "-D", "warnings"])).context("clippy (eBPF crate) failed")
+    run(ebpf_cargo("clippy").args(["--", "-D", "warnings"]))
+        .context("clippy (eBPF crate) failed")?;
+    // The Ansible collection's Python and YAML: ansible-test sanity and ansible-lint,
+    // pinned, in a virtualenv the script makes under target/ on first use.
+    run(Command::new("bash").arg(root.join("ansible/lint.sh")))
+        .context("linting the Ansible collection failed")
 }
 
 /// bpffs at /sys/fs/bpf: drain-user mounts it by itself, but the tests that load programs
@@ -222,44 +233,94 @@ fn ensure_bpffs() -> Result<()> {
 }
 
 /// The programs the integration tests drive besides drain itself: nginx and wrk for the
-/// end-to-end drain under load, ss/ip (iproute2), nsenter/setpriv (util-linux), bpftool to
-/// look at attached programs, strace to kill drain-user at chosen syscalls (the fault
-/// tests). Installed with apt when missing (CI machines start bare).
+/// end-to-end drain under load, haproxy (the balancer in front of them), openssh-server (one
+/// sshd per host of the fleet drill, which Ansible connects to) and python3-venv (the drill's
+/// virtualenv with ansible-core), ss/ip (iproute2), nsenter/setpriv (util-linux), bpftool to
+/// look at attached programs, strace to kill drain-user at chosen syscalls (the fault and
+/// hardening tests). Installed with apt when missing (CI machines start bare).
 fn ensure_test_packages() -> Result<()> {
-    let wanted = [
-        ("nginx", "nginx"),
-        ("wrk", "wrk"),
-        ("ss", "iproute2"),
-        ("nsenter", "util-linux"),
-        ("bpftool", "bpftool"),
-        // Fault injection (SIGKILL at a chosen syscall) in the hardening and fault tests.
-        ("strace", "strace"),
-    ];
     let have = |bin: &str| {
         ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
             .iter()
             .any(|d| Path::new(d).join(bin).exists())
     };
+    // python3-venv ships no program of its own: ask Debian's python whether it can make one.
+    let have_venv = || {
+        Command::new("/usr/bin/python3")
+            .args(["-c", "import ensurepip, venv"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let wanted: [(&str, bool); 10] = [
+        ("nginx", have("nginx")),
+        ("wrk", have("wrk")),
+        ("haproxy", have("haproxy")),
+        ("openssh-server", have("sshd")),
+        ("python3-venv", have_venv()),
+        ("iproute2", have("ss")),
+        ("util-linux", have("nsenter")),
+        ("bpftool", have("bpftool")),
+        ("strace", have("strace")),
+        // The package test reads the installed man page.
+        ("man-db", have("man")),
+    ];
     let missing: Vec<&str> = wanted
         .iter()
-        .filter(|(bin, _)| !have(bin))
-        .map(|(_, pkg)| *pkg)
+        .filter(|(_, present)| !present)
+        .map(|(pkg, _)| *pkg)
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
     eprintln!("xtask: installing test packages: {}", missing.join(" "));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
+    // Debian's maintainer scripts start nginx, haproxy and sshd on the host on install. A
+    // policy-rc.d that answers 101 ("action forbidden") keeps them from starting at all; it
+    // is removed again unless the machine already had one.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists();
+    if own_policy {
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# cargo xtask test: no daemon starts on install\nexit 101\n",
+        )
+        .context("writing /usr/sbin/policy-rc.d")?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let installed = run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
-    .with_context(|| format!("installing {} failed", missing.join(" ")))?;
-    // Debian starts nginx on install; the tests run their own instances in namespaces.
-    let _ = Command::new("systemctl")
-        .args(["disable", "--now", "nginx"])
-        .output();
-    let _ = Command::new("nginx").args(["-s", "quit"]).output();
+    .with_context(|| format!("installing {} failed", missing.join(" ")));
+    if own_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    installed?;
+    // Belt and braces for a host where something started them anyway (a systemd whose
+    // presets ignore policy-rc.d): the tests run their own instances inside namespaces,
+    // and a host sshd or haproxy the test suite installed must not be left running or
+    // enabled. Only daemons installed by this call are touched: an sshd the machine had
+    // before is how somebody may be logged in.
+    for (pkg, unit, pidfile) in [
+        ("nginx", "nginx", "/run/nginx.pid"),
+        ("haproxy", "haproxy", "/run/haproxy.pid"),
+        ("openssh-server", "ssh", "/run/sshd.pid"),
+    ] {
+        if !missing.contains(&pkg) {
+            continue;
+        }
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", unit])
+            .output();
+        let _ = Command::new("update-rc.d").args([unit, "disable"]).output();
+        if let Some(pid) = std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
     Ok(())
 }
 

@@ -1,0 +1,171 @@
+//! `drain-user check`, the preflight, in a test namespace: it passes here (exit 0, every
+//! documented JSON field), reports a foreign XDP program and blocks `--attach xdp` on it
+//! while `tc` and `auto` pass, blocks without privileges, and changes nothing on the host.
+//! (The decisions for kernels this machine is not — too old, no TCX — are unit tests on
+//! synthetic probes in drain-user/src/check.rs.)
+
+use drain_tests::{
+    cli::{CliOutput, Drain, Json, JsonExt, NOBODY},
+    netns::NetNsPair,
+    object::{link_xdp, ForeignXdp, PinDir},
+};
+
+fn json(out: &CliOutput) -> Json {
+    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("check --json ({e}): {out}"))
+}
+
+fn check_named<'j>(r: &'j Json, prefix: &str) -> &'j Json {
+    r["checks"]
+        .arr()
+        .iter()
+        .find(|c| c["name"].str().starts_with(prefix))
+        .unwrap_or_else(|| panic!("no check {prefix:?}: {r}"))
+}
+
+fn iface<'j>(r: &'j Json, name: &str) -> &'j Json {
+    r["interfaces"]
+        .arr()
+        .iter()
+        .find(|i| i["name"] == name)
+        .unwrap_or_else(|| panic!("no interface {name}: {r}"))
+}
+
+/// Nothing of the probe is left in bpffs, and no gate state was made. (Checks of other
+/// tests may be running: only the probe directory of a process that has exited is a leak.)
+fn assert_nothing_left(drain: &Drain) {
+    assert!(!drain.state_dir().exists(), "check made a gate");
+    let probes: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix("drain-check-")?.to_owned();
+            (!std::path::Path::new("/proc").join(pid).exists()).then_some(name)
+        })
+        .collect();
+    assert!(probes.is_empty(), "probe pins left: {probes:?}");
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn check_passes_here_and_says_what_it_probed() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let out = drain.run(&["check", "--port", "80,443", "--json"]);
+    out.expect_ok();
+    let r = json(&out);
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["problem"].is_null(), "{r}");
+    assert!(!r["kernel"].str().is_empty());
+    for c in r["checks"].arr() {
+        assert!(c["needed"].as_bool().is_some(), "{c}");
+        assert!(c["detail"].as_str().is_some(), "{c}");
+        if c["needed"] == true {
+            assert_eq!(c["status"], "ok", "{r}");
+        }
+    }
+    for name in [
+        "kernel",
+        "privileges",
+        "btf",
+        "bpffs",
+        "bpf_link for XDP",
+        "TCX",
+        "tp_btf",
+        "mmapable",
+        "ring buffer",
+        "sk_lookup",
+        "drain's programs",
+    ] {
+        let c = check_named(&r, name);
+        assert_eq!(c["status"], "ok", "this kernel (6.x) has {name}: {r}");
+    }
+    assert_eq!(check_named(&r, "kernel")["min_kernel"], "5.12");
+    assert_eq!(check_named(&r, "TCX")["min_kernel"], "6.6");
+    // The namespace's interfaces: veth has native XDP, lo only generic.
+    let veth = iface(&r, &pair.veth_a);
+    assert_eq!(veth["xdp_native"], true, "{r}");
+    assert_eq!(veth["attach"], "xdp", "{r}");
+    assert!(veth["xdp_other"].is_null(), "{r}");
+    assert_eq!(iface(&r, "lo")["xdp_native"], false, "{r}");
+    assert_nothing_left(&drain);
+
+    let out = drain.run(&["check"]);
+    out.expect_ok();
+    assert!(out.stdout.contains("result: a gate can work here"), "{out}");
+
+    // Bad input is a usage error, as for gate on.
+    drain.run(&["check", "--iface", "nosuch0"]).expect_code(2);
+    assert_nothing_left(&drain);
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn check_reports_a_foreign_xdp_program_and_blocks_attach_xdp_only() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    // Negative run first: the free interface passes.
+    drain
+        .run(&["check", "--iface", &pair.veth_a, "--json"])
+        .expect_ok();
+    let pins = PinDir::new();
+    let foreign = ForeignXdp::attach_with_ip(&pair, &pair.a, &pair.veth_a, &pins);
+    let args = |attach: &'static str| {
+        [
+            "check",
+            "--iface",
+            pair.veth_a.as_str(),
+            "--attach",
+            attach,
+            "--json",
+        ]
+    };
+    let out = drain.run(&args("xdp"));
+    out.expect_code(1);
+    let r = json(&out);
+    assert_eq!(r["ok"], false);
+    let problem = r["problem"].str();
+    assert!(
+        problem.contains(ForeignXdp::NAME)
+            && problem.contains(&foreign.id.to_string())
+            && problem.contains(&pair.veth_a)
+            && problem.contains("--attach tc"),
+        "{r}"
+    );
+    let veth = iface(&r, &pair.veth_a);
+    assert_eq!(
+        veth["xdp_other"],
+        format!("{}, id {}", ForeignXdp::NAME, foreign.id),
+        "{r}"
+    );
+    assert!(veth["attach"].is_null(), "{r}");
+    // The error is also the one line on stderr.
+    assert_eq!(out.stderr_lines().len(), 1, "{out}");
+    assert!(out.stderr.contains(ForeignXdp::NAME), "{out}");
+
+    for attach in ["tc", "auto"] {
+        let out = drain.run(&args(attach));
+        out.expect_ok();
+        assert_eq!(iface(&json(&out), &pair.veth_a)["attach"], "tc", "{out}");
+    }
+    // The foreign program was not touched.
+    assert_eq!(
+        link_xdp(&pair, &pair.a, &pair.veth_a),
+        Some((foreign.id, ForeignXdp::NAME.to_owned()))
+    );
+    assert_nothing_left(&drain);
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn check_without_privileges_blocks_and_says_why() {
+    let pair = NetNsPair::new();
+    let drain = Drain::new(&pair, &pair.a);
+    let nobody = NOBODY;
+    let out = drain.run_via(nobody, &["check", "--json"]);
+    out.expect_code(1);
+    let r = json(&out);
+    assert_eq!(check_named(&r, "privileges")["status"], "missing", "{r}");
+    assert!(r["problem"].str().contains("needs root"), "{r}");
+    assert_nothing_left(&drain);
+}
