@@ -14,6 +14,10 @@ pub mod prog {
     pub const TC: &str = "drain_tc";
     /// tp_btf/inet_sock_set_state: keeps the live-connection counts.
     pub const TRACK: &str = "drain_track";
+    /// sk_lookup, attached to the gate's network namespace: policy reset's refusal.
+    pub const LOOKUP: &str = "drain_lookup";
+    /// tp_btf/tcp_send_reset: counts the RSTs the kernel sends for those refusals.
+    pub const RST: &str = "drain_rst";
 }
 
 /// Map names (at most 15 bytes: BPF_OBJ_NAME_LEN - 1). User code only uses these constants;
@@ -51,6 +55,12 @@ pub mod map {
     /// only. (Its value was a bare u64 under the name DRAIN_RST_RL; the new name keeps a
     /// `gate on` from reusing such a pin, whose values are too small for this program.)
     pub const RST_RL: &str = "DRAIN_RST_CLOCK";
+    /// PerCpuArray[1]: the last lookup the sk_lookup program refused on this CPU, until the
+    /// tcp_send_reset tracepoint sees its RST. Kernel-only state.
+    pub const REFUSED: &str = "DRAIN_REFUSED";
+    /// Array[1] of [`ResetTraceConfig`](crate::ResetTraceConfig): sk_buff offsets for the
+    /// tcp_send_reset tracepoint. Written by user space before it attaches.
+    pub const RSTCFG: &str = "DRAIN_RSTCFG";
 
     /// Array[1] of [`WatchConfig`](crate::WatchConfig): whether someone watches (until
     /// when) and the events' rate limit. Written by `drain-user watch`, read by the gate
@@ -65,8 +75,8 @@ pub mod map {
 
     /// Every map the object defines, for the test that checks each resolves.
     pub const ALL: &[&str] = &[
-        CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS, RST_RL, WATCH, WATCH_RL,
-        EVENTS,
+        CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS, RST_RL, REFUSED, RSTCFG,
+        WATCH, WATCH_RL, EVENTS,
     ];
 }
 
@@ -82,7 +92,9 @@ pub const GATE_ON: u32 = 1;
 /// `GateConfig::policy` values: how a refused SYN is answered.
 /// Drop it: the client retransmits (1, 2, 3... s) and eventually times out.
 pub const POLICY_DROP: u32 = 0;
-/// Answer it with RST|ACK (XDP_TX), rate-limited: the client gets ECONNREFUSED at once.
+/// Answer it with a RST, rate-limited: the client gets ECONNREFUSED at once. The XDP/TC
+/// gate passes the SYNs the budget allows on to the stack, where the sk_lookup program
+/// refuses the listener lookup and the kernel's TCP sends the RST.
 pub const POLICY_RESET: u32 = 1;
 
 /// The one global switch of a gate. One map write turns a gate on or off.
@@ -92,7 +104,7 @@ pub const POLICY_RESET: u32 = 1;
 pub struct GateConfig {
     /// [`GATE_ON`] or [`GATE_OFF`].
     pub enabled: u32,
-    /// [`POLICY_DROP`].
+    /// [`POLICY_DROP`] or [`POLICY_RESET`].
     pub policy: u32,
     /// CLOCK_BOOTTIME (`bpf_ktime_get_boot_ns`) deadline in ns after which the programs stop
     /// refusing by themselves; 0 = no deadline.
@@ -150,6 +162,22 @@ pub struct TrackConfig {
     pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<TrackConfig>() == 24);
+
+/// What the tcp_send_reset tracepoint needs to read the segment a RST answers: byte
+/// offsets in `struct sk_buff`, from the running kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ResetTraceConfig {
+    /// `sk_buff.head` (unsigned char *).
+    pub off_head: u32,
+    /// `sk_buff.transport_header` (u16, offset from head).
+    pub off_transport: u32,
+    /// `sk_buff.network_header` (u16, offset from head).
+    pub off_network: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ResetTraceConfig>() == 16);
 
 /// Tracker counters, per CPU. Serialized (user side) as the `tracker` object of
 /// `drain-user status --json`.
@@ -213,7 +241,9 @@ pub struct PortStats {
     pub port: u32,
     #[cfg_attr(feature = "user", serde(skip))]
     pub _pad: u32,
-    /// Connection requests refused because the gate was on.
+    /// Connection requests refused because the gate was on. Policy drop: dropped by the
+    /// XDP/TC gate. Policy reset: `rst_sent + rst_limited`, each counted once its fate is
+    /// known.
     pub syns_refused: u64,
     /// Connection requests let through (gate off, deadline passed, or allowlisted source).
     pub syns_passed: u64,
@@ -221,12 +251,17 @@ pub struct PortStats {
     pub syns_allowed: u64,
     /// Of `syns_passed`: let through because the deadline (`--ttl`) had passed.
     pub syns_expired: u64,
-    /// Of `syns_refused`: answered with a RST (policy reset).
+    /// Of `syns_refused`: answered with a RST, counted when the kernel sends it
+    /// (tp_btf/tcp_send_reset after the sk_lookup refusal).
     pub rst_sent: u64,
-    /// Of `syns_refused`: dropped instead of reset because the RST rate limit was reached.
+    /// Of `syns_refused`: dropped by the XDP/TC gate instead of reset because the RST rate
+    /// limit was reached.
     pub rst_limited: u64,
+    /// RSTs the refusal made the kernel send to segments other than connection requests:
+    /// a SYN-cookie ACK completing a handshake begun before the gate closed, a stray ACK.
+    pub rst_not_syn: u64,
 }
-const _: () = assert!(core::mem::size_of::<PortStats>() == 56);
+const _: () = assert!(core::mem::size_of::<PortStats>() == 64);
 
 /// Bytes of the [`map::EVENTS`] ring buffer: ~4,000 events, far more than a reader falls
 /// behind by at the default rate.
@@ -325,7 +360,8 @@ per_cpu_sum!(PortStats {
         syns_allowed,
         syns_expired,
         rst_sent,
-        rst_limited
+        rst_limited,
+        rst_not_syn
     ]
 });
 #[cfg(feature = "user")]
@@ -350,6 +386,7 @@ mod pod {
     unsafe impl aya::Pod for super::CpuClock {}
     unsafe impl aya::Pod for super::WatchConfig {}
     unsafe impl aya::Pod for super::WatchCpu {}
+    unsafe impl aya::Pod for super::ResetTraceConfig {}
 }
 
 #[cfg(all(test, feature = "user"))]
@@ -367,6 +404,7 @@ mod tests {
             syns_expired: 4 * n,
             rst_sent: 5 * n,
             rst_limited: 6 * n,
+            rst_not_syn: 7 * n,
         };
         let sum: PortStats = [cpu(1), cpu(10), cpu(100)].iter().sum();
         assert_eq!(

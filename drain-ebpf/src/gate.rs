@@ -17,24 +17,24 @@ use crate::{
 
 /// Array[1] of GateConfig: the global switch, written by `drain-user gate on|off`.
 #[map(name = "DRAIN_CONFIG")]
-static CONFIG: Array<GateConfig> = Array::pinned(1, 0);
+pub(crate) static CONFIG: Array<GateConfig> = Array::pinned(1, 0);
 
 /// Array[65536] of u32 by local port: 0 = not gated, else the port's stats slot.
 /// Written by `drain-user gate on`.
 #[map(name = "DRAIN_PORTS")]
-static PORTS: Array<u32> = Array::pinned(65536, 0);
+pub(crate) static PORTS: Array<u32> = Array::pinned(65536, 0);
 
 /// PerCpuArray of PortStats by slot; written here, summed by `drain-user status`.
 #[map(name = "DRAIN_STATS")]
-static STATS: PerCpuArray<PortStats> = PerCpuArray::pinned(MAX_GATED_PORTS + 1, 0);
+pub(crate) static STATS: PerCpuArray<PortStats> = PerCpuArray::pinned(MAX_GATED_PORTS + 1, 0);
 
 /// IPv4 sources allowed through a closed gate; written by `drain-user gate on --allow`.
 #[map(name = "DRAIN_ALLOW4")]
-static ALLOW4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
+pub(crate) static ALLOW4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
 
 /// IPv6 sources allowed through a closed gate; written by `drain-user gate on --allow`.
 #[map(name = "DRAIN_ALLOW6")]
-static ALLOW6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
+pub(crate) static ALLOW6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
 
 /// Per-CPU RST limiter state (the earliest time the next RST may go, GCRA) and last clock
 /// reading (see [`Clock`]). Per CPU so the packet path needs no atomics; the user side
@@ -43,33 +43,17 @@ static ALLOW6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_ALLOW_PREFIXES, 0);
 #[map(name = "DRAIN_RST_CLOCK")]
 static CPU_CLOCK: PerCpuArray<CpuClock> = PerCpuArray::pinned(1, 0);
 
-/// Where a gate program runs; decides how a refusal can be answered.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Hook {
-    /// XDP: a refused SYN can be turned around into a RST and sent back (XDP_TX).
-    Xdp,
-    /// TC ingress: refusals are dropped (policy reset answers from XDP only).
-    Tc,
-}
-
 pub enum Verdict {
     Pass,
     /// The frame ended before its TCP flags: it passes, unless the caller can make more of
     /// it readable and ask again (TC, for a frame split across skb fragments).
     Truncated,
+    /// Refuse by dropping (policy drop, or the RST budget is spent).
     Refuse,
-    /// Refuse, and answer with a RST built from this request (the caller counts
-    /// `rst_sent` in this slot once the RST is built).
-    Reset(Request, u32),
-}
-
-/// Counts one more RST sent from `slot`.
-#[inline(always)]
-pub fn count_rst(slot: u32) {
-    if let Some(s) = STATS.get_ptr_mut(slot) {
-        // SAFETY: per-CPU slot, only this CPU touches it while this program runs.
-        unsafe { (*s).rst_sent += 1 };
-    }
+    /// Refuse with a RST (policy reset, within the RST budget): the frame goes on to the
+    /// stack, where the namespace-wide refusal (refuse.rs) makes TCP answer it with a RST.
+    /// Counted there, once the kernel sends that RST.
+    Reset,
 }
 
 /// CLOCK_BOOTTIME as the gate reads it. `bpf_ktime_get_boot_ns` is the dearest step of a
@@ -150,7 +134,7 @@ fn allowlisted(start: usize, end: usize, req: &Request, allow: u32) -> Result<bo
 /// Decides one frame. The parser rejects everything but a connection request before any
 /// map is read; a request to a port that is not gated costs one inlined array read more.
 #[inline(always)]
-pub fn verdict(start: usize, end: usize, hook: Hook) -> Verdict {
+pub fn verdict(start: usize, end: usize) -> Verdict {
     let req = match parse::connection_request(start, end) {
         Ok(Some(req)) => req,
         Ok(None) => return Verdict::Pass,
@@ -173,8 +157,8 @@ pub fn verdict(start: usize, end: usize, hook: Hook) -> Verdict {
         stats.syns_passed += 1;
         return Verdict::Pass;
     }
-    // Only XDP can answer with a RST (and only plain headers, checked at the end).
-    let reset = cfg.policy == POLICY_RESET && hook == Hook::Xdp;
+    // XDP and TC alike, any header layout: the RST is the kernel's (refuse.rs).
+    let reset = cfg.policy == POLICY_RESET;
     // The deadline is what makes a forgotten gate open by itself, with no process alive.
     let deadline = cfg.deadline_ns;
     // The clock is read only when something needs it: a deadline, or the RST limiter.
@@ -210,16 +194,16 @@ pub fn verdict(start: usize, end: usize, hook: Hook) -> Verdict {
         // Cannot happen (the parser read this header already); fail open.
         Err(()) => return Verdict::Pass,
     }
-    stats.syns_refused += 1;
-    // Only a refusal that would really be answered spends the RST budget (or counts as
-    // limited): not on TC, not with IPv4 options or IPv6 extension headers.
-    if reset && req.plain {
+    // Under policy reset a refusal is counted where its fate is known: here when the RST
+    // budget is spent (dropped), in refuse.rs when the kernel sends the RST.
+    if reset {
         if clock.rst_allowed(now, cfg.rst_interval_ns, cfg.rst_burst) {
             crate::watch::refused(start, end, &req, EVENT_REFUSED_RST);
-            return Verdict::Reset(req, slot);
+            return Verdict::Reset;
         }
         stats.rst_limited += 1;
     }
+    stats.syns_refused += 1;
     crate::watch::refused(start, end, &req, EVENT_REFUSED_DROP);
     Verdict::Refuse
 }

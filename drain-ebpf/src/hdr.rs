@@ -1,5 +1,5 @@
-//! Wire formats: header layouts and the protocol constants the parser and the RST builder
-//! share, in one place.
+//! Wire formats: header layouts and the protocol constants the parser and the
+//! sk_lookup/tracepoint programs share, in one place.
 //!
 //! Every header is `#[repr(C, packed)]` (alignment 1, no padding), so a reference to one can
 //! sit at any offset in a packet: a VLAN tag or IPv4 options shift what follows by amounts
@@ -27,17 +27,6 @@ impl Be16 {
 #[repr(transparent)]
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Be32(u32);
-
-impl Be32 {
-    pub const fn new(host: u32) -> Self {
-        Self(host.to_be())
-    }
-
-    #[inline(always)]
-    pub const fn get(self) -> u32 {
-        u32::from_be(self.0)
-    }
-}
 
 // EtherTypes (IEEE 802 numbers, as in include/uapi/linux/if_ether.h), in wire order so a
 // header field compares with them as is.
@@ -109,8 +98,6 @@ pub struct Ipv4Hdr {
 impl Ipv4Hdr {
     /// Version 4, 20-byte header: no options.
     pub const VIHL_PLAIN: u8 = 0x45;
-    /// Don't-fragment flag in `frag_off`.
-    pub const DF: u16 = 0x4000;
 
     #[inline(always)]
     pub fn version(&self) -> u8 {
@@ -192,12 +179,6 @@ pub struct TcpHdr {
 }
 
 impl TcpHdr {
-    /// Header length in bytes, options included.
-    #[inline(always)]
-    pub fn header_len(&self) -> usize {
-        usize::from(self.doff >> 4) * 4
-    }
-
     /// SYN set, ACK, RST and FIN clear: a connection request.
     #[inline(always)]
     pub fn is_request(&self) -> bool {

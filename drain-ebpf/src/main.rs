@@ -5,11 +5,15 @@
 //! - `parse.rs`: the packet parser (Ethernet, 802.1Q/QinQ, IPv4 with options, IPv6 with
 //!   extension headers, TCP) that finds connection requests.
 //! - `gate.rs`: the verdict (gated port? gate on? deadline? allowlisted source?) and its maps.
-//! - `reset.rs`: turning a refused SYN into its RST|ACK answer (policy reset).
+//! - `refuse.rs`: policy reset past the first line: the namespace-wide refusal (sk_lookup)
+//!   that makes the kernel's TCP answer a refused SYN with its RST, and the count of those RSTs
+//!   (tp_btf/tcp_send_reset).
 //! - `track.rs`: the connection tracker (live connections per local port).
 //! - `watch.rs`: rate-limited events for `drain-user watch` (refused SYNs, closes).
 //! - `ratelimit.rs`: the per-CPU GCRA limiter of RSTs and events.
 //! - this file: the two thin gate entry points, XDP and TC, mapping the verdict to return codes.
+//!   Under policy reset they are the first line: they pass the refused SYNs the RST budget
+//!   allows on to the stack (where refuse.rs refuses them) and drop the rest.
 //!
 //! Fail open: any packet the parser cannot read to the end of the TCP flags passes.
 #![no_std]
@@ -22,7 +26,7 @@ mod gate;
 mod hdr;
 mod parse;
 mod ratelimit;
-mod reset;
+mod refuse;
 mod track;
 mod watch;
 
@@ -32,23 +36,16 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use crate::gate::{Hook, Verdict};
+use crate::gate::Verdict;
 
 /// XDP gate. Runs in the driver (native) or, where the driver has no XDP support such as
 /// `lo`, in generic mode; either way before the stack and netfilter see the packet.
 #[xdp]
 pub fn drain_xdp(ctx: XdpContext) -> u32 {
-    match gate::verdict(ctx.data(), ctx.data_end(), Hook::Xdp) {
-        Verdict::Pass | Verdict::Truncated => xdp_action::XDP_PASS,
+    match gate::verdict(ctx.data(), ctx.data_end()) {
+        // Reset: on to the stack, whose TCP answers it with a RST (refuse.rs).
+        Verdict::Pass | Verdict::Truncated | Verdict::Reset => xdp_action::XDP_PASS,
         Verdict::Refuse => xdp_action::XDP_DROP,
-        Verdict::Reset(req, slot) => match reset::xdp(&ctx, &req) {
-            Ok(()) => {
-                gate::count_rst(slot);
-                xdp_action::XDP_TX
-            }
-            // Not turned around (IP options, IPv6 extension headers): still refused.
-            Err(()) => xdp_action::XDP_DROP,
-        },
     }
 }
 
@@ -57,7 +54,7 @@ pub fn drain_xdp(ctx: XdpContext) -> u32 {
 /// run; TC_ACT_OK would end the chain.
 #[classifier]
 pub fn drain_tc(ctx: TcContext) -> i32 {
-    let verdict = match gate::verdict(ctx.data(), ctx.data_end(), Hook::Tc) {
+    let verdict = match gate::verdict(ctx.data(), ctx.data_end()) {
         // Headers of a SYN are nearly always in the linear part of the skb; when the parser
         // ran out of linear bytes before the TCP flags and the skb holds more, pull them in
         // and judge again (a failed pull leaves data as is, and the frame passes). Any other
@@ -66,7 +63,7 @@ pub fn drain_tc(ctx: TcContext) -> i32 {
         Verdict::Truncated => {
             let want = core::cmp::min(ctx.len(), hdr::MAX_HEADERS);
             if ((ctx.data_end() - ctx.data()) as u32) < want && ctx.pull_data(want).is_ok() {
-                gate::verdict(ctx.data(), ctx.data_end(), Hook::Tc)
+                gate::verdict(ctx.data(), ctx.data_end())
             } else {
                 Verdict::Pass
             }
@@ -74,9 +71,8 @@ pub fn drain_tc(ctx: TcContext) -> i32 {
         v => v,
     };
     match verdict {
-        Verdict::Pass | Verdict::Truncated => TCX_NEXT,
-        // The TC gate refuses by dropping: policy reset answers with RSTs from XDP only.
-        Verdict::Refuse | Verdict::Reset(..) => TC_ACT_SHOT,
+        Verdict::Pass | Verdict::Truncated | Verdict::Reset => TCX_NEXT,
+        Verdict::Refuse => TC_ACT_SHOT,
     }
 }
 

@@ -20,8 +20,8 @@ pub enum Family {
 }
 
 /// A connection request: destination port (host order), and where its headers are, for
-/// reading its source address and for answering it with a RST. The source address is read
-/// only when an allowlist needs it.
+/// reading its source address and port (allowlist, watch events). The source address is
+/// read only when something needs it.
 pub struct Request {
     pub dport: u16,
     pub family: Family,
@@ -29,32 +29,20 @@ pub struct Request {
     pub l3: usize,
     /// Offset of the TCP header.
     pub l4: usize,
-    /// IPv4 without options or IPv6 without extension headers, at most two VLAN tags in:
-    /// the headers `reset::xdp` can turn around. Decided by the parser, where it is a
-    /// constant on the fast path.
-    pub plain: bool,
 }
 
 impl Request {
-    /// A request whose TCP header follows the fixed IP header of `family` at `l3`.
+    /// A request whose TCP header is at `l4`, its IP header of `family` at `l3`.
     #[inline(always)]
     fn new(dport: u16, family: Family, l3: usize, l4: usize) -> Self {
-        let ip = match family {
-            Family::V4 => size_of::<Ipv4Hdr>(),
-            Family::V6 => size_of::<Ipv6Hdr>(),
-        };
         Self {
             dport,
             family,
             l3,
             l4,
-            plain: l3 <= MAX_L3 && l4 == l3 + ip,
         }
     }
 }
-
-/// Largest offset of the IP header: Ethernet plus the most VLAN tags followed.
-pub const MAX_L3: usize = size_of::<EthHdr>() + MAX_VLAN_TAGS * size_of::<VlanHdr>();
 
 /// Bounds-checked pointer to a `T` at `off` bytes into the packet `[start, end)`: the one
 /// check every packet access goes through.

@@ -69,8 +69,9 @@ pub enum Command {
         /// Same as --format json.
         #[arg(long, conflicts_with = "format")]
         json: bool,
-        /// text (default); json: one object {"gate", "expired", "ttl_remaining_ms",
-        /// "interfaces", "ports", "allow", "tracker"}; prometheus: the text exposition
+        /// text (default); json: one object {"gate", "policy", "sk_lookup", "expired",
+        /// "ttl_remaining_ms", "interfaces", "ungated", "ports", "allow", "tracker",
+        /// "warnings"}; prometheus: the text exposition
         /// format (drain_* metrics, port as a label).
         #[arg(long, value_enum)]
         format: Option<StatusFormat>,
@@ -155,7 +156,9 @@ pub enum GateAction {
         #[arg(long = "allow", value_delimiter = ',', value_parser = parse_allow)]
         allow: Vec<IpNet>,
         /// How a refused connection request is answered: drop (client times out) or reset
-        /// (RST|ACK from XDP: ECONNREFUSED at once, rate-limited by --rst-rate).
+        /// (the kernel's TCP answers with a RST: ECONNREFUSED at once, on every interface of
+        /// the namespace, those created later too; rate-limited by --rst-rate on the gated
+        /// interfaces).
         #[arg(long, value_enum, default_value_t = Policy::Drop)]
         policy: Policy,
         /// Most RSTs sent per second (all CPUs together); refusals beyond it are dropped
@@ -195,8 +198,10 @@ pub enum AttachChoice {
 pub enum Policy {
     /// Drop the SYN: the client retries for a while (Linux: ~130 s) before giving up.
     Drop,
-    /// Answer with RST|ACK from XDP: the client sees ECONNREFUSED at once and a load
-    /// balancer retries elsewhere. Rate-limited; TC attachments drop instead.
+    /// Answer with a RST: the client sees ECONNREFUSED at once and a load balancer retries
+    /// elsewhere. The XDP/TC gate passes the refused SYNs the RST budget allows on to the
+    /// stack and drops the rest; an sk_lookup program on the namespace then fails their
+    /// listener lookup, and the kernel's TCP sends the RST (any interface, any headers).
     Reset,
 }
 

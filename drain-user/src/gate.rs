@@ -3,6 +3,13 @@
 //! Order matters for fail-open: `on` attaches with the switch still off, fills the ports, and
 //! turns the switch on last; `off` turns the switch off first (one map write, no window),
 //! then detaches and unpins. A failure in the middle of `on` rolls back what that call did.
+//!
+//! Besides one link per interface, a gate has three links of its own: the tracker, the
+//! namespace-wide refusal of policy reset (sk_lookup on the gate's network namespace, so it
+//! covers every interface, those created after `gate on` too) and the count of the RSTs the
+//! kernel sends for it (tp_btf/tcp_send_reset). Those two are attached whatever the policy
+//! (under policy drop the sk_lookup program lets every lookup through), so switching the
+//! policy is one map write like everything else.
 
 use std::{
     collections::BTreeSet,
@@ -13,16 +20,21 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
+    maps::{Array, MapData},
     programs::{
-        links::FdLink, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType, Xdp,
-        XdpMode as AyaXdpMode,
+        links::FdLink, tc::TcAttachOptions, BtfTracePoint, LinkOrder, SchedClassifier, SkLookup,
+        TcAttachType, Xdp, XdpMode as AyaXdpMode,
     },
     Ebpf,
 };
-use drain_common::{prog, GateConfig, ALLOW_V4, ALLOW_V6, GATE_OFF, GATE_ON, MAX_ALLOW_PREFIXES};
+use drain_common::{
+    map, prog, GateConfig, ResetTraceConfig, ALLOW_V4, ALLOW_V6, GATE_OFF, GATE_ON,
+    MAX_ALLOW_PREFIXES,
+};
 use ipnet::IpNet;
 
 use crate::{
+    btf::Btf,
     cli::{usage, AttachChoice, Policy},
     errln,
     iface::{self, Iface},
@@ -126,6 +138,30 @@ fn on_locked(
         created.push(track_pin);
         gate.tracker_mut().seed()?;
     }
+    // The RST counter before the refusal, so no RST of it goes uncounted. A pin whose link
+    // is no longer attached (the kernel says so) is replaced.
+    let lookup = LinkPin::Lookup.path(dir);
+    let rst = LinkPin::Rst.path(dir);
+    let gate_links = [
+        (
+            &rst,
+            links::tracing_attached(&rst, prog::RST),
+            attach_rst as fn(&mut Ebpf) -> Result<FdLink>,
+        ),
+        (&lookup, links::lookup_attached(&lookup), attach_lookup),
+    ];
+    for (path, attached, attach) in gate_links {
+        if !attached {
+            if path.exists() {
+                let _ = sys::detach_link(path);
+                let _ = fs::remove_file(path);
+            }
+            let link = attach(&mut bpf)?;
+            link.pin(path)
+                .with_context(|| format!("pinning the link at {}", path.display()))?;
+            created.push(path.clone());
+        }
+    }
     // Trust the kernel, not the pins: a link that is no longer attached here (detached by
     // another tool or a killed `gate off`, its interface deleted and maybe recreated with
     // the same ifindex, or moved into another namespace) is detached and unpinned, and the
@@ -146,6 +182,11 @@ fn on_locked(
         repaired.push((link.ifindex, state));
     }
     let mut report = Vec::new();
+    // Interfaces enslaved to another (bridge or bond ports) first: the kernel refuses XDP
+    // on a device whose upper device already has an XDP program (dev_xdp_attach), not the
+    // other way round.
+    let mut targets: Vec<&Iface> = targets.iter().collect();
+    targets.sort_by_key(|i| i.master.is_none());
     for iface in targets {
         if let Some(link) = existing.iter().find(|l| l.ifindex == iface.index) {
             report.push(format!(
@@ -292,6 +333,81 @@ fn attach_tc(bpf: &mut Ebpf, iface: &Iface) -> Result<FdLink> {
     })
 }
 
+/// Attaches the namespace-wide refusal: the sk_lookup program on this network namespace,
+/// after any other tool's (the last program's verdict is the lookup's).
+fn attach_lookup(bpf: &mut Ebpf) -> Result<FdLink> {
+    let prog = loaded!(bpf, SkLookup, prog::LOOKUP, "sk_lookup");
+    let netns = fs::File::open("/proc/self/ns/net").context("opening /proc/self/ns/net")?;
+    let id = prog.attach(netns).context(
+        "attaching the sk_lookup program to this network namespace (needs kernel >= 5.9)",
+    )?;
+    Ok(prog.take_link(id)?.into())
+}
+
+/// Attaches the RST counter (tp_btf/tcp_send_reset), with the sk_buff offsets it reads
+/// taken from the running kernel's BTF.
+fn attach_rst(bpf: &mut Ebpf) -> Result<FdLink> {
+    let btf = Btf::from_sys_fs()?;
+    let cfg = ResetTraceConfig {
+        off_head: btf.offset("sk_buff", "head")?,
+        off_transport: btf.offset("sk_buff", "transport_header")?,
+        off_network: btf.offset("sk_buff", "network_header")?,
+        _pad: 0,
+    };
+    let mut m: Array<&mut MapData, ResetTraceConfig> = Array::try_from(
+        bpf.map_mut(map::RSTCFG)
+            .context("the eBPF object lacks the RST counter's config map")?,
+    )?;
+    m.set(0, cfg, 0)
+        .context("writing the RST counter's config")?;
+    let btf =
+        aya::Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+    let prog: &mut BtfTracePoint = bpf
+        .program_mut(prog::RST)
+        .context("the eBPF object has no RST counter program")?
+        .try_into()?;
+    prog.load("tcp_send_reset", &btf)
+        .context("the kernel rejected the RST counter (tp_btf/tcp_send_reset)")?;
+    let id = prog.attach().context("attaching the RST counter")?;
+    Ok(prog.take_link(id)?.into())
+}
+
+/// The interfaces that are up and have no gate link: connections through them meet only
+/// the namespace-wide refusal (policy reset), or nothing at all (policy drop).
+pub fn ungated(dir: &Path) -> Result<Vec<Iface>> {
+    let links = pins::iface_links(dir)?;
+    Ok(iface::interfaces()?
+        .into_iter()
+        .filter(|i| i.up && !links.iter().any(|l| l.ifindex == i.index))
+        .collect())
+}
+
+/// The one-line warning `gate on` and `wait` print when interfaces are up but not gated
+/// under policy drop (None when there is nothing to say).
+pub fn ungated_warning(ungated: &[Iface], policy: Policy) -> Option<String> {
+    if ungated.is_empty() || policy == Policy::Reset {
+        return None;
+    }
+    let names: Vec<String> = ungated
+        .iter()
+        .map(|i| format!("{} (ifindex {})", i.name, i.index))
+        .collect();
+    let flags: Vec<String> = ungated
+        .iter()
+        .map(|i| format!("--iface {}", i.name))
+        .collect();
+    Some(format!(
+        "drain-user: warning: not gated: {}: new connections through {} are accepted \
+         (policy drop); cover {} with `drain-user gate on --port ... {}` \
+         (or without --iface: every interface that is up), or use --policy reset, \
+         which refuses on every interface",
+        names.join(", "),
+        if ungated.len() == 1 { "it" } else { "them" },
+        if ungated.len() == 1 { "it" } else { "them" },
+        flags.join(" ")
+    ))
+}
+
 /// Detaches every link and removes every pin of a gate, then its directory. Removing a
 /// link's pin drops its last reference, which detaches the program; removing a map's pin
 /// frees the map once no program uses it.
@@ -308,6 +424,13 @@ pub fn teardown(dir: &Path) -> Result<()> {
         }
         if let Err(e) = fs::remove_file(&pin) {
             first_err.get_or_insert(anyhow!(e).context(format!("removing {}", pin.display())));
+        }
+    }
+    // Then the namespace-wide refusal (a netns link: detachable like the interface links).
+    let lookup = LinkPin::Lookup.path(dir);
+    if lookup.exists() {
+        if let Err(e) = sys::detach_link(&lookup) {
+            first_err.get_or_insert(e.context(format!("detaching {}", lookup.display())));
         }
     }
     for entry in fs::read_dir(dir)? {

@@ -17,6 +17,8 @@ pub struct Iface {
     pub index: u32,
     pub name: String,
     pub up: bool,
+    /// The device this one is enslaved to (a bridge or bond port's master), if any.
+    pub master: Option<u32>,
     /// The XDP program attached, if any: (program id, mode).
     pub xdp: Option<(u32, XdpMode)>,
 }
@@ -94,11 +96,13 @@ pub fn program_name(id: u32) -> String {
 
 fn iface(link: &LinkMessage) -> Iface {
     let mut name = String::new();
+    let mut master = None;
     let mut xdp_id = 0;
     let mut mode = None;
     for attr in &link.attributes {
         match attr {
             LinkAttribute::IfName(n) => name = n.clone(),
+            LinkAttribute::Controller(m) => master = Some(*m),
             LinkAttribute::Xdp(xdp) => {
                 for x in xdp {
                     match x {
@@ -123,6 +127,7 @@ fn iface(link: &LinkMessage) -> Iface {
         index: link.header.index,
         name,
         up: link.header.flags.contains(LinkFlags::Up),
+        master,
         xdp: mode.map(|m| (xdp_id, m)),
     }
 }

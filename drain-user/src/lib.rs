@@ -120,6 +120,10 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 bail!("no interface is up in this network namespace: name one with --iface");
             }
             let report = gate::on(&args, &targets)?;
+            if let Some(w) = gate::ungated_warning(&gate::ungated(&pins::gate_dir()?)?, args.policy)
+            {
+                errln!("{w}")?;
+            }
             let ports: Vec<String> = args.ports.iter().map(u16::to_string).collect();
             let ttl = match args.ttl {
                 Some(t) => format!("the TTL ({}) runs out", humantime::format_duration(t)),

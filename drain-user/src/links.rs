@@ -2,6 +2,7 @@
 //! once. The link's own info (BPF_OBJ_GET_INFO_BY_FD) says whether it is still attached and
 //! where, and the interface that ifindex names in this namespace says whether the program
 //! there is the link's. `status` reports it, and `gate on` repairs what is not attached.
+//! The same holds for the gate's own links (tracker, RST counter, sk_lookup refusal).
 
 use std::path::Path;
 
@@ -97,14 +98,32 @@ fn runs_here(hook: Hook, id: u32, ifaces: &[Iface], link: &IfaceLink) -> bool {
     }
 }
 
-/// True when the link pinned at `pin` runs drain's tracker. (A tp_btf program attached
-/// through BPF_RAW_TRACEPOINT_OPEN, as aya does, makes a raw-tracepoint link; through
-/// BPF_LINK_CREATE a tracing link.)
+/// True when the link pinned at `pin` runs drain's tracker.
 pub fn tracker_attached(pin: &Path) -> bool {
+    tracing_attached(pin, prog::TRACK)
+}
+
+/// True when the link pinned at `pin` runs drain's tp_btf program `name` (the tracker, the
+/// RST counter). (A tp_btf program attached through BPF_RAW_TRACEPOINT_OPEN, as aya does,
+/// makes a raw-tracepoint link; through BPF_LINK_CREATE a tracing link.)
+pub fn tracing_attached(pin: &Path, name: &str) -> bool {
     sys::link_info(pin).is_ok_and(|i| {
         matches!(
             i.link_type,
             sys::BPF_LINK_TYPE_RAW_TRACEPOINT | sys::BPF_LINK_TYPE_TRACING
-        ) && program_is(i.prog_id, prog::TRACK)
+        ) && program_is(i.prog_id, name)
+    })
+}
+
+/// True when the link pinned at `pin` runs drain's sk_lookup program on the caller's
+/// network namespace (a netns link's `netns_ino` is 0 once detached).
+pub fn lookup_attached(pin: &Path) -> bool {
+    let Ok(here) = crate::netns::current_inode() else {
+        return false;
+    };
+    sys::link_info(pin).is_ok_and(|i| {
+        i.link_type == sys::BPF_LINK_TYPE_NETNS
+            && u64::from(i.netns_ino) == here
+            && program_is(i.prog_id, prog::LOOKUP)
     })
 }

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::{pins::LinkPin, sys};
+use crate::sys;
 
 /// One network namespace, for as long as the system runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -180,7 +180,8 @@ pub fn orphans(root: &Path, own: NetnsId) -> Vec<PathBuf> {
 
 /// True when every link pinned in the state directory `dir` is one the kernel reports
 /// attached to nothing: an XDP or TCX link with ifindex 0, a netns link with netns inode 0
-/// (tracing links, the tracker, are bound to no namespace and say nothing either way). A
+/// (tracing links, the tracker and the RST counter, are bound to no namespace and say
+/// nothing either way). A
 /// pin that cannot be read as a link counts as attached: no proof, no reaping.
 fn links_all_detached(dir: &Path) -> bool {
     let Ok(entries) = fs::read_dir(dir) else {
@@ -188,13 +189,21 @@ fn links_all_detached(dir: &Path) -> bool {
     };
     entries.flatten().all(|e| {
         let name = e.file_name().to_string_lossy().into_owned();
-        // Maps hold no namespace; every link's pin is named link-* (the tracker's too, but
-        // a tracing link is bound to no namespace).
-        if !name.starts_with("link-") || name == LinkPin::Track.to_string() {
+        // Maps hold no namespace; every link's pin is named link-* (the tracker's and the
+        // RST counter's too, but a tracing link is bound to no namespace).
+        if !name.starts_with("link-") {
             return true;
         }
         match sys::link_info(&e.path()) {
             Ok(i) if i.link_type == sys::BPF_LINK_TYPE_NETNS => i.netns_ino == 0,
+            Ok(i)
+                if matches!(
+                    i.link_type,
+                    sys::BPF_LINK_TYPE_RAW_TRACEPOINT | sys::BPF_LINK_TYPE_TRACING
+                ) =>
+            {
+                true
+            }
             Ok(i) => i.ifindex == 0,
             Err(_) => false,
         }

@@ -6,6 +6,8 @@
 //!   /sys/fs/bpf/drain/<state dir>/DRAIN_*                  the maps (pinned by name)
 //!   /sys/fs/bpf/drain/<state dir>/link-<xdp|tc>-<ifindex>  one bpf_link per interface
 //!   /sys/fs/bpf/drain/<state dir>/link-track               the connection tracker's link
+//!   /sys/fs/bpf/drain/<state dir>/link-sklookup            the namespace-wide refusal (sk_lookup)
+//!   /sys/fs/bpf/drain/<state dir>/link-rst                 the RST counter (tp_btf/tcp_send_reset)
 //! Keying by the namespace keeps gates in two namespaces (containers, parallel tests) apart:
 //! bpffs is per mount namespace, not per network namespace.
 
@@ -76,6 +78,10 @@ pub enum LinkPin {
     Iface(Hook, u32),
     /// `link-track`: the tracker (tp_btf/inet_sock_set_state).
     Track,
+    /// `link-sklookup`: the namespace-wide refusal of policy reset (sk_lookup on the netns).
+    Lookup,
+    /// `link-rst`: the count of the RSTs the kernel sends for it (tp_btf/tcp_send_reset).
+    Rst,
 }
 
 impl LinkPin {
@@ -89,6 +95,8 @@ impl fmt::Display for LinkPin {
         match self {
             LinkPin::Iface(hook, ifindex) => write!(f, "link-{}-{ifindex}", hook.as_str()),
             LinkPin::Track => f.write_str("link-track"),
+            LinkPin::Lookup => f.write_str("link-sklookup"),
+            LinkPin::Rst => f.write_str("link-rst"),
         }
     }
 }
@@ -98,8 +106,11 @@ impl FromStr for LinkPin {
 
     fn from_str(s: &str) -> Result<Self, ()> {
         let rest = s.strip_prefix("link-").ok_or(())?;
-        if rest == "track" {
-            return Ok(LinkPin::Track);
+        match rest {
+            "track" => return Ok(LinkPin::Track),
+            "sklookup" => return Ok(LinkPin::Lookup),
+            "rst" => return Ok(LinkPin::Rst),
+            _ => {}
         }
         let (hook, ifindex) = rest.split_once('-').ok_or(())?;
         let hook = match hook {
@@ -472,6 +483,8 @@ mod tests {
             LinkPin::Iface(Hook::Xdp, 1),
             LinkPin::Iface(Hook::Tc, 4_000_000_000),
             LinkPin::Track,
+            LinkPin::Lookup,
+            LinkPin::Rst,
         ] {
             assert_eq!(pin.to_string().parse(), Ok(pin));
         }

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::{
     cli::Policy,
+    gate,
     iface::{self, Iface, XdpMode},
     links::{self, LinkState},
     pins::{self, Hook, LinkPin},
@@ -32,14 +33,22 @@ pub struct Status {
     /// On when the switch is on, the TTL has not run out, and the kernel says at least one
     /// of the gate's links is attached in this namespace.
     gate: GateState,
-    /// How refused connection requests are answered (on XDP interfaces; see each
-    /// interface's `refusal`).
+    /// How refused connection requests are answered.
     policy: Policy,
+    /// True when the namespace-wide refusal (drain's sk_lookup link on this namespace) is
+    /// attached, as the kernel says: policy reset refuses through it, on every interface.
+    /// False under policy reset means refused SYNs within the RST budget reach the server
+    /// (a warning says so; `gate on` re-attaches it).
+    sk_lookup: bool,
     /// True when a gate is installed but its TTL has run out.
     expired: bool,
     /// Milliseconds until the TTL opens the gate; null when there is no deadline.
     ttl_remaining_ms: Option<u64>,
     interfaces: Vec<IfaceStatus>,
+    /// Interfaces that are up with no gate link (created after `gate on`, or left out by
+    /// `--iface`): policy reset still refuses through them (not rate-limited), policy drop
+    /// does not refuse there at all.
+    ungated: Vec<Ungated>,
     ports: Vec<PortStatus>,
     allow: Vec<String>,
     /// The connection tracker's own counters since `gate on`; null when there is no gate.
@@ -65,6 +74,13 @@ pub struct PortStatus {
     pub counters: PortStats,
 }
 
+/// An interface that is up and not gated.
+#[derive(Serialize)]
+pub struct Ungated {
+    pub name: String,
+    pub ifindex: u32,
+}
+
 /// One interface the gate has a link for.
 #[derive(Serialize)]
 pub struct IfaceStatus {
@@ -76,8 +92,8 @@ pub struct IfaceStatus {
     pub state: LinkState,
     /// For xdp: "native" or "generic" (as the kernel reports it).
     pub mode: Option<XdpMode>,
-    /// What a refused SYN gets on this interface: TC attachments cannot answer with a RST
-    /// and drop whatever the policy.
+    /// What a refused SYN gets on this interface: the policy, on XDP and TC alike (the RST
+    /// comes from the kernel's TCP, past the first line).
     pub refusal: Policy,
     /// Programs other tools attached to the same interface's hooks (left untouched), as
     /// "xdp: NAME, id N" or "tcx ingress: NAME, id N".
@@ -88,9 +104,11 @@ pub fn collect() -> Result<Status> {
     let mut st = Status {
         gate: GateState::Off,
         policy: Policy::Drop,
+        sk_lookup: false,
         expired: false,
         ttl_remaining_ms: None,
         interfaces: vec![],
+        ungated: vec![],
         ports: vec![],
         allow: vec![],
         tracker: None,
@@ -112,6 +130,28 @@ pub fn collect() -> Result<Status> {
     st.policy = Policy::from_raw(cfg.policy);
     let (interfaces, ours) = interfaces(&gate, &all, st.policy)?;
     st.interfaces = interfaces;
+    st.sk_lookup = links::lookup_attached(&LinkPin::Lookup.path(&dir));
+    st.ungated = gate::ungated(&dir)?
+        .into_iter()
+        .map(|i| Ungated {
+            name: i.name,
+            ifindex: i.index,
+        })
+        .collect();
+    if st.policy == Policy::Reset && !st.sk_lookup {
+        st.warnings.push(
+            "the namespace-wide refusal (sk_lookup link) is not attached: refused SYNs within \
+             the RST budget reach the server; `drain-user gate on` re-attaches it"
+                .into(),
+        );
+    }
+    if !links::tracing_attached(&LinkPin::Rst.path(&dir), prog::RST) {
+        st.warnings.push(
+            "the RST counter (tp_btf/tcp_send_reset) is not attached: rst_sent and \
+             syns_refused miss the RSTs policy reset sends; `drain-user gate on` re-attaches it"
+                .into(),
+        );
+    }
     let attached = st.interfaces.iter().any(|i| i.state == LinkState::Attached);
     if cfg.enabled == GATE_ON && !st.expired {
         if attached {
@@ -228,10 +268,7 @@ fn interfaces(
             } else {
                 None
             },
-            refusal: match link.hook {
-                Hook::Xdp => policy,
-                Hook::Tc => Policy::Drop,
-            },
+            refusal: policy,
             others,
         });
     }
@@ -289,19 +326,7 @@ fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
             Policy::Drop => "drop",
             Policy::Reset => "reset",
         };
-        let tc_drops = st.policy == Policy::Reset
-            && st
-                .interfaces
-                .iter()
-                .any(|i| i.state == LinkState::Attached && i.refusal != st.policy);
-        if tc_drops {
-            writeln!(
-                s,
-                "policy: reset on xdp interfaces; tc interfaces drop (TC cannot answer with a RST)"
-            )?;
-        } else {
-            writeln!(s, "policy: {policy}")?;
-        }
+        writeln!(s, "policy: {policy}")?;
     }
     for w in &st.warnings {
         writeln!(s, "warning: {w}")?;
@@ -324,11 +349,23 @@ fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
         }
         writeln!(s)?;
     }
+    if !st.ungated.is_empty() {
+        let names: Vec<String> = st
+            .ungated
+            .iter()
+            .map(|u| format!("{} (ifindex {})", u.name, u.ifindex))
+            .collect();
+        let what = match st.policy {
+            Policy::Reset => "refused there by the namespace-wide refusal only (no RST rate limit)",
+            Policy::Drop => "NOT refused there: new connections through them are accepted",
+        };
+        writeln!(s, "not gated: {}: {what}", names.join(", "))?;
+    }
     writeln!(s, "ports:")?;
     writeln!(
         s,
-        "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
-        "PORT", "LIVE", "REFUSED", "RST-SENT", "PASSED", "ALLOWED", "AFTER-TTL"
+        "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
+        "PORT", "LIVE", "REFUSED", "RST-SENT", "RST-LIMITED", "PASSED", "ALLOWED", "AFTER-TTL"
     )?;
     for p in &st.ports {
         let c = &p.counters;
@@ -340,8 +377,15 @@ fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
         };
         writeln!(
             s,
-            "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
-            p.port, live, c.syns_refused, c.rst_sent, c.syns_passed, c.syns_allowed, c.syns_expired
+            "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
+            p.port,
+            live,
+            c.syns_refused,
+            c.rst_sent,
+            c.rst_limited,
+            c.syns_passed,
+            c.syns_allowed,
+            c.syns_expired
         )?;
     }
     if let Some(t) = &st.tracker {
@@ -367,6 +411,7 @@ mod tests {
         let st = Status {
             gate: GateState::On,
             policy: Policy::Reset,
+            sk_lookup: true,
             expired: false,
             ttl_remaining_ms: Some(598123),
             interfaces: vec![IfaceStatus {
@@ -377,6 +422,10 @@ mod tests {
                 mode: Some(XdpMode::Driver),
                 refusal: Policy::Reset,
                 others: vec![],
+            }],
+            ungated: vec![Ungated {
+                name: "veth9".into(),
+                ifindex: 9,
             }],
             ports: vec![PortStatus {
                 port: 80,
@@ -390,6 +439,7 @@ mod tests {
                     syns_expired: 3,
                     rst_sent: 4,
                     rst_limited: 5,
+                    rst_not_syn: 6,
                     ..Default::default()
                 },
             }],
@@ -405,12 +455,14 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&st).unwrap(),
             concat!(
-                r#"{"gate":"on","policy":"reset","expired":false,"ttl_remaining_ms":598123,"#,
+                r#"{"gate":"on","policy":"reset","sk_lookup":true,"expired":false,"#,
+                r#""ttl_remaining_ms":598123,"#,
                 r#""interfaces":[{"name":"eth0","ifindex":2,"attach":"xdp","state":"attached","#,
                 r#""mode":"native","refusal":"reset","others":[]}],"#,
+                r#""ungated":[{"name":"veth9","ifindex":9}],"#,
                 r#""ports":[{"port":80,"live_connections":12,"live_connections_exact":false,"#,
                 r#""syns_refused":40,"syns_passed":1,"#,
-                r#""syns_allowed":2,"syns_expired":3,"rst_sent":4,"rst_limited":5}],"#,
+                r#""syns_allowed":2,"syns_expired":3,"rst_sent":4,"rst_limited":5,"rst_not_syn":6}],"#,
                 r#""allow":["10.0.0.0/8"],"#,
                 r#""tracker":{"added":118,"removed":106,"insert_failed":0,"read_failed":7},"#,
                 r#""warnings":["w"]}"#

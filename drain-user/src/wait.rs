@@ -19,7 +19,7 @@ use drain_common::GATE_ON;
 use serde::Serialize;
 
 use crate::{
-    cli::{usage, Exit},
+    cli::{usage, Exit, Policy},
     diag, errln, gate,
     netns::{self, NetnsId, StateDir},
     object, pins,
@@ -231,6 +231,10 @@ pub async fn wait(args: WaitArgs) -> Result<Exit> {
         Some(g) => Some(g.config()?),
         None => None,
     };
+    let mut warned = BTreeSet::new();
+    if let Some(g) = &gate {
+        warn_ungated(g, &mut warned)?;
+    }
     let expired = cfg.is_some_and(|c| c.deadline_ns != 0 && boottime_ns() >= c.deadline_ns);
     if expired && cfg.is_some_and(|c| c.enabled == GATE_ON) {
         errln!(
@@ -251,9 +255,28 @@ pub async fn wait(args: WaitArgs) -> Result<Exit> {
         }
     };
     let mut reporter = report::new(args.format, &ports);
-    let outcome = poll(&mut source, &ports, &args, reporter.as_mut()).await?;
+    let outcome = poll(&mut source, &ports, &args, reporter.as_mut(), &mut warned).await?;
     reporter.finish(&outcome)?;
     Ok(outcome.exit())
+}
+
+/// Warns once about each interface that is up and not gated while the gate drops (an
+/// interface a container brought up during the drain, say): connections through it are
+/// accepted. `warned` holds the ifindexes already warned about.
+fn warn_ungated(gate: &OpenGate, warned: &mut BTreeSet<u32>) -> Result<()> {
+    let cfg = gate.config()?;
+    if cfg.enabled != GATE_ON {
+        return Ok(());
+    }
+    let new: Vec<_> = gate::ungated(gate.dir())?
+        .into_iter()
+        .filter(|i| !warned.contains(&i.index))
+        .collect();
+    if let Some(w) = gate::ungated_warning(&new, Policy::from_raw(cfg.policy)) {
+        errln!("{w}")?;
+        warned.extend(new.iter().map(|i| i.index));
+    }
+    Ok(())
 }
 
 async fn poll(
@@ -261,6 +284,7 @@ async fn poll(
     ports: &BTreeSet<u16>,
     args: &WaitArgs,
     reporter: &mut dyn report::Reporter,
+    warned: &mut BTreeSet<u32>,
 ) -> Result<Outcome> {
     let start = Instant::now();
     let deadline = args.timeout.map(|t| start + t);
@@ -308,6 +332,7 @@ async fn poll(
                     bail!("the gate was turned off (`drain-user gate off`) while waiting");
                 }
                 next_renewal = Instant::now() + g.renew_ttl()?;
+                warn_ungated(g, warned)?;
             }
         }
         tokio::select! {

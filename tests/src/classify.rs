@@ -51,18 +51,6 @@ pub struct Request {
     pub l4: usize,
 }
 
-impl Request {
-    /// IPv4 without options or IPv6 without extension headers: the requests drain answers
-    /// with a RST under policy reset (README, `--policy`); the others it drops.
-    pub fn plain_headers(&self) -> bool {
-        let fixed = match self.src {
-            IpAddr::V4(_) => 20,
-            IpAddr::V6(_) => 40,
-        };
-        self.l4 == self.l3 + fixed
-    }
-}
-
 /// Why a frame is not a connection request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NotRequest {

@@ -256,6 +256,10 @@ impl Drop for Running {
     }
 }
 
+/// The links every gate pins besides one per interface, sorted: the RST counter, the
+/// namespace-wide refusal (sk_lookup) and the connection tracker.
+pub const GATE_LINKS: [&str; 3] = ["link-rst", "link-sklookup", "link-track"];
+
 /// drain-user run in one namespace of a pair. Dropping it runs `gate off` there (errors
 /// printed, never raised), so a failing test leaves no gate, pins or attached program;
 /// the pair's own drop then deletes the namespaces (declare it after the pair).
@@ -385,7 +389,7 @@ impl<'p> Drain<'p> {
         names
     }
 
-    /// The link pins (`link-xdp-N`, `link-tc-N`, `link-track`), sorted.
+    /// The link pins (`link-xdp-N`, `link-tc-N` and the [`GATE_LINKS`]), sorted.
     pub fn link_pins(&self) -> Vec<String> {
         self.pins()
             .into_iter()
@@ -506,6 +510,18 @@ pub fn assert_status_schema(st: &Json) {
         });
         assert!(others.iter().all(|o| o.as_str().is_some()), "{}", ctx());
     }
+    assert!(st["sk_lookup"].as_bool().is_some(), "sk_lookup: {}", ctx());
+    let ungated = st["ungated"].as_array().unwrap_or_else(|| {
+        panic!("ungated must be an array: {}", ctx());
+    });
+    for u in ungated {
+        assert!(u["name"].as_str().is_some(), "ungated name: {}", ctx());
+        assert!(
+            u["ifindex"].as_u64().is_some(),
+            "ungated ifindex: {}",
+            ctx()
+        );
+    }
     let ports = st["ports"].as_array().unwrap_or_else(|| {
         panic!("ports must be an array: {}", ctx());
     });
@@ -522,6 +538,9 @@ pub fn assert_status_schema(st: &Json) {
             "syns_passed",
             "syns_allowed",
             "syns_expired",
+            "rst_sent",
+            "rst_limited",
+            "rst_not_syn",
         ] {
             assert!(p[k].as_u64().is_some(), "ports[].{k}: {}", ctx());
         }

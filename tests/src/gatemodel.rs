@@ -29,10 +29,7 @@ use drain_common::{
 
 use crate::{
     classify::{classify, Request},
-    frames::{
-        hex, inet_checksum, Ipv4, Ipv6, Packet, Tcp, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK,
-        TCP_RST,
-    },
+    frames::{hex, Ipv4, Ipv6, Packet, Tcp, ETH_P_IPV4, ETH_P_IPV6},
     object::Loaded,
     testrun::try_test_run,
 };
@@ -122,7 +119,6 @@ pub enum Prog {
 pub const XDP_ABORTED: i32 = 0;
 pub const XDP_DROP: i32 = 1;
 pub const XDP_PASS: i32 = 2;
-pub const XDP_TX: i32 = 3;
 /// TC_ACT_SHOT (include/uapi/linux/pkt_cls.h) and TCX_NEXT (enum tcx_action_base).
 pub const TC_ACT_SHOT: i32 = 2;
 pub const TCX_NEXT: i32 = -1;
@@ -201,7 +197,7 @@ impl std::ops::Add for Counters {
 /// per-CPU GCRA (drain-ebpf gate.rs) either always has budget or never has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RstBudget {
-    /// 1 ns interval, burst 10^6: a RST for every refusal a test can send.
+    /// 1 ns interval, burst 10^6: every refusal a test can send goes on to be reset.
     Unlimited,
     /// Next allowed RST far in the future on every CPU: every refusal is `rst_limited`.
     Exhausted,
@@ -211,7 +207,7 @@ pub enum RstBudget {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Effect {
     pub retval: i32,
-    /// The frame as the program must leave it: the input, or the RST answering it.
+    /// The frame as the program must leave it: always the input (the gate never rewrites).
     pub output: Vec<u8>,
     /// The stats slot that moves, and by how much.
     pub slot: Option<u32>,
@@ -377,27 +373,22 @@ impl Gate {
 
     /// What program `p` must do with `frame`, given the model's outcome for it.
     pub fn effect(&self, p: Prog, frame: &[u8]) -> (Outcome, Effect) {
-        let (outcome, slot, req) = self.expect(frame);
+        let (outcome, slot, _) = self.expect(frame);
         let mut e = Effect {
             retval: p.retval(outcome.refuses()),
             output: frame.to_vec(),
             slot,
             delta: outcome.delta(),
         };
-        // Policy reset answers from XDP only, and only requests with plain headers.
-        let answerable = match req {
-            Some(r) if outcome.refuses() => {
-                self.config.policy == POLICY_RESET && p == Prog::Xdp && r.plain_headers()
-            }
-            _ => false,
-        };
-        if answerable {
-            let r = req.expect("answerable implies a request");
+        // Policy reset, on both programs and whatever the headers: while the RST budget
+        // lasts a refused request goes on to the stack unchanged (the kernel's TCP answers
+        // it, past the first line: drain-ebpf refuse.rs) and is counted there, not here;
+        // once the budget is spent it drops, counted as limited.
+        if outcome.refuses() && self.config.policy == POLICY_RESET {
             match self.budget {
                 RstBudget::Unlimited => {
-                    e.retval = XDP_TX;
-                    e.output = rst_answer(frame, &r);
-                    e.delta.rst_sent = 1;
+                    e.retval = p.retval(false);
+                    e.delta = Counters::default();
                 }
                 RstBudget::Exhausted => e.delta.rst_limited = 1,
             }
@@ -536,61 +527,4 @@ impl Gate {
             hex(&frame.bytes)
         );
     }
-}
-
-/// The RST|ACK that answers the refused request `req` in `frame`, as the README and
-/// RFC 9293 (3.10.7.1) describe it: MACs, addresses and ports swapped, tags kept, a bare
-/// 20-byte TCP header with RST|ACK, SEQ 0 and ACK = SEG.SEQ + 1 + the SYN's data (its
-/// length from the IP length field and the data offset), TTL / hop limit 64, IPv4 with DF,
-/// everything past it trimmed; checksums over the pseudo-header.
-pub fn rst_answer(frame: &[u8], req: &Request) -> Vec<u8> {
-    let (l3, l4) = (req.l3, req.l4);
-    let be16 = |at: usize| usize::from(u16::from_be_bytes([frame[at], frame[at + 1]]));
-    let mut o = Vec::with_capacity(l4 + 20);
-    o.extend_from_slice(&frame[6..12]);
-    o.extend_from_slice(&frame[0..6]);
-    o.extend_from_slice(&frame[12..l3]);
-    let v6 = matches!(req.src, IpAddr::V6(_));
-    let (ip_payload, src, dst) = if v6 {
-        (
-            be16(l3 + 4),
-            &frame[l3 + 8..l3 + 24],
-            &frame[l3 + 24..l3 + 40],
-        )
-    } else {
-        (
-            be16(l3 + 2).saturating_sub(20),
-            &frame[l3 + 12..l3 + 16],
-            &frame[l3 + 16..l3 + 20],
-        )
-    };
-    let doff = usize::from(frame[l4 + 12] >> 4) * 4;
-    let data = ip_payload.saturating_sub(doff) as u32;
-    let seq = u32::from_be_bytes(frame[l4 + 4..l4 + 8].try_into().expect("4 bytes"));
-    let ack = seq.wrapping_add(1).wrapping_add(data);
-    let pseudo: Vec<u8> = if v6 {
-        o.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, IPPROTO_TCP, 64]);
-        o.extend_from_slice(dst);
-        o.extend_from_slice(src);
-        [dst, src, &[0, 0, 0, 20, 0, 0, 0, IPPROTO_TCP]].concat()
-    } else {
-        let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, IPPROTO_TCP, 0, 0];
-        ip.extend_from_slice(dst);
-        ip.extend_from_slice(src);
-        let c = inet_checksum(&[&ip]);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-        o.extend_from_slice(&ip);
-        [dst, src, &[0, IPPROTO_TCP, 0, 20]].concat()
-    };
-    let mut tcp = Vec::with_capacity(20);
-    tcp.extend_from_slice(&frame[l4 + 2..l4 + 4]); // source port: the request's destination
-    tcp.extend_from_slice(&frame[l4..l4 + 2]); // destination port: the request's source
-    tcp.extend_from_slice(&[0; 4]); // sequence number 0
-    tcp.extend_from_slice(&ack.to_be_bytes());
-    tcp.extend_from_slice(&[5 << 4, TCP_RST | TCP_ACK, 0, 0, 0, 0, 0, 0]);
-    let c = inet_checksum(&[&pseudo, &tcp]);
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    o.extend_from_slice(&tcp);
-    debug_assert_eq!(o.len(), l4 + 20);
-    o
 }

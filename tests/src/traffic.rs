@@ -2,14 +2,15 @@
 //! echo server, connections whose both ends the test holds, the churn server, raw sockets,
 //! and `ss`.
 //!
-//! - [`connect`], [`connect_from`], [`probe_all`], [`probe_all_from`]: a connect from a
-//!   namespace (optionally from a chosen source address), as a [`Connect`] (ok, refused and
-//!   how fast, timed out); several at once so their timeouts overlap.
+//! - [`connect`], [`connect_from`], [`connect_with_opts`], [`probe_all`], [`probe_all_from`]:
+//!   a connect from a namespace (optionally from a chosen source address, with socket
+//!   options), as a [`Connect`] (ok, refused and how fast, timed out); several at once so
+//!   their timeouts overlap.
 //! - [`bind`], [`listen`], [`accept_queued`], [`EchoServer`], [`round_trip`], [`tcp_pair`],
-//!   [`transfer`]: listeners and data that must arrive intact.
+//!   [`transfer`], [`exchange`]: listeners and data that must arrive intact.
 //! - [`Server`], [`Op`], [`churn`], [`open_held`]: the churn protocol (below).
-//! - [`set_linger_zero`], [`connect_reuseaddr`], [`packet_socket`]: socket options and
-//!   raw sockets std does not offer.
+//! - [`set_linger_zero`], [`connect_reuseaddr`], [`packet_socket`], [`packet_send`],
+//!   [`packet_recv`]: socket options and raw sockets std does not offer.
 //! - [`ss_lines`], [`ss_live`]: what `ss` sees.
 //!
 //! The churn [`Server`] is a pool of threads accepting on one listener in namespace `a`; a
@@ -109,8 +110,38 @@ pub fn connect_from(
     to: SocketAddr,
     timeout: Duration,
 ) -> Connect {
+    connect_with_opts(pair, ns, from, to, &[], timeout)
+}
+
+/// A socket option set before connecting: (level, name, value bytes), e.g. IP_OPTIONS, so
+/// the SYN carries IPv4 options, or IPV6_DSTOPTS for an IPv6 extension header.
+pub type SockOpt<'a> = (libc::c_int, libc::c_int, &'a [u8]);
+
+/// [`connect_from`] with socket options set on the socket first.
+pub fn connect_with_opts(
+    pair: &NetNsPair,
+    ns: &str,
+    from: Option<IpAddr>,
+    to: SocketAddr,
+    opts: &[SockOpt<'_>],
+    timeout: Duration,
+) -> Connect {
     pair.in_ns(ns, || {
         let sock = tcp_socket(family(to), libc::SOCK_NONBLOCK);
+        for &(level, name, value) in opts {
+            // SAFETY: a valid fd and an option value of the length passed.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    level,
+                    name,
+                    value.as_ptr().cast(),
+                    value.len() as libc::socklen_t,
+                )
+            };
+            check(rc, &format!("setsockopt({level}, {name}) in {ns}"))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
         if let Some(src) = from {
             let (sa, len) = sockaddr(SocketAddr::new(src, 0));
             // SAFETY: a valid fd and a sockaddr of the length passed.
@@ -364,6 +395,17 @@ pub fn tcp_pair(
     (client, srv)
 }
 
+/// Sends `len` patterned bytes each way on every connection at once (client to server
+/// seeded with `seed`, the other way with `!seed`), checked on arrival.
+pub fn exchange(conns: &[(TcpStream, TcpStream)], seed: u8, len: usize) {
+    thread::scope(|s| {
+        for (client, server) in conns {
+            s.spawn(move || transfer(client, server, len, seed));
+            s.spawn(move || transfer(server, client, len, !seed));
+        }
+    });
+}
+
 /// Sends `len` patterned bytes from `from` to `to` and checks them on arrival (a writer
 /// thread, so large payloads cannot deadlock on full buffers); both directions of a
 /// connection can run at once (call it from two threads), and `from` and `to` may be one
@@ -592,6 +634,36 @@ pub fn packet_socket(ifindex: u32, rx: bool) -> OwnedFd {
         set_opt(raw, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv, "SO_RCVTIMEO");
     }
     sock
+}
+
+/// Sends one Ethernet frame out of `ifindex` on a socket from [`packet_socket`]; true when
+/// the whole frame went.
+pub fn packet_send(sock: &OwnedFd, ifindex: u32, frame: &[u8]) -> bool {
+    // SAFETY: sockaddr_ll is plain data.
+    let mut to: libc::sockaddr_ll = unsafe { mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_protocol = crate::frames::ETH_P_IPV4.to_be();
+    to.sll_ifindex = ifindex as i32;
+    // SAFETY: frame and `to` are valid for the lengths given.
+    let r = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&to as *const libc::sockaddr_ll).cast(),
+            mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    r == frame.len() as isize
+}
+
+/// The next frame a receiving [`packet_socket`] got, in `buf`: its length, or None after
+/// the socket's 50 ms receive timeout.
+pub fn packet_recv(sock: &OwnedFd, buf: &mut [u8]) -> Option<usize> {
+    // SAFETY: buf is a valid buffer of the length given.
+    let r = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    usize::try_from(r).ok()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -15,13 +15,15 @@ use std::{
 };
 
 use drain_tests::{
-    cli::{gated_ports, iface_status, port_status, CliOutput, Drain, Json, NOBODY},
+    cli::{gated_ports, iface_status, port_status, CliOutput, Drain, Json, GATE_LINKS, NOBODY},
     netns::NetNsPair,
     object::{
         bpf_link_exists, bpftool, link_xdp, open_pinned_link, pinned_link_id, tcx_ingress,
         ForeignXdp, PinDir,
     },
-    traffic::{bind, connect, probe_all, round_trip, tcp_pair, transfer, Connect, EchoServer},
+    traffic::{
+        bind, connect, exchange, probe_all, round_trip, tcp_pair, transfer, Connect, EchoServer,
+    },
 };
 
 /// The gated port, and another one that is never gated.
@@ -90,8 +92,8 @@ fn xdp_link_pins(d: &Drain, veth: &str) -> Vec<String> {
     let mut v = vec![
         format!("link-xdp-{}", d.ifindex("lo")),
         format!("link-xdp-{}", d.ifindex(veth)),
-        "link-track".to_owned(),
     ];
+    v.extend(GATE_LINKS.map(String::from));
     v.sort();
     v
 }
@@ -125,15 +127,7 @@ fn established_connections_keep_flowing_through_gate_on_and_off() {
         .iter()
         .map(|(l, from)| tcp_pair(&pair, l, from))
         .collect();
-    let exchange = |phase: u8, len: usize| {
-        std::thread::scope(|s| {
-            for (client, server) in &conns {
-                s.spawn(move || transfer(client, server, len, phase));
-                s.spawn(move || transfer(server, client, len, !phase));
-            }
-        });
-    };
-    exchange(1, 1 << 20);
+    exchange(&conns, 1, 1 << 20);
 
     drain.on(&["--port", &P.to_string()]);
     // The gate really is closed for new connections on that very port, on every path.
@@ -143,14 +137,14 @@ fn established_connections_keep_flowing_through_gate_on_and_off() {
         assert_gated(&pair, &pair.a, &[sa(lo4, P), sa(lo6, P)]);
         t.join().unwrap();
     });
-    exchange(2, 1 << 20);
+    exchange(&conns, 2, 1 << 20);
     // Small writes too (one segment each): every one gets through, both ways.
     for i in 0..20u8 {
-        exchange(i, 100);
+        exchange(&conns, i, 100);
     }
 
     drain.off();
-    exchange(3, 1 << 20);
+    exchange(&conns, 3, 1 << 20);
     // New connections are accepted again, and carry data.
     for (l, from) in &listeners {
         let (client, server) = tcp_pair(&pair, l, from);
@@ -453,8 +447,8 @@ fn gates_in_two_namespaces_are_independent() {
 // ---------------------------------------------------------------------------------------
 
 /// After `gate off`: no pin directory, no XDP program on lo or the veth (ip and bpftool
-/// agree), no TC program, none of the gate's bpf_links (interface links and the tracker)
-/// exists any more; a second `gate off` exits 0 saying the gate was already off.
+/// agree), no TC program, none of the gate's bpf_links (interface links, tracker,
+/// sk_lookup, RST counter) exists any more; a second `gate off` exits 0 saying the gate was already off.
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn gate_off_leaves_no_pins_links_or_programs() {
@@ -470,7 +464,11 @@ fn gate_off_leaves_no_pins_links_or_programs() {
             (name, id)
         })
         .collect();
-    assert_eq!(link_ids.len(), 3, "lo, veth and the tracker: {link_ids:?}");
+    assert_eq!(
+        link_ids.len(),
+        2 + GATE_LINKS.len(),
+        "lo, veth and the gate's own links: {link_ids:?}"
+    );
     // So that the check after gate off can fail: the kernel lists each link now.
     for (name, id) in &link_ids {
         assert!(bpf_link_exists(*id), "link {name} (id {id}) not listed");
@@ -539,7 +537,7 @@ fn gate_off_detaches_even_while_another_process_holds_the_links() {
             .iter()
             .map(|l| open_pinned_link(&drain.state_dir().join(l)))
             .collect();
-        assert_eq!(held.len(), 3, "{:?}", drain.link_pins());
+        assert_eq!(held.len(), 2 + GATE_LINKS.len(), "{:?}", drain.link_pins());
         drain.off();
         assert!(!drain.state_dir().exists());
         for dev in ["lo", pair.veth_a.as_str()] {
@@ -638,8 +636,8 @@ fn attach_tc_gates_the_same_way() {
     let mut want = vec![
         format!("link-tc-{}", drain.ifindex("lo")),
         format!("link-tc-{}", drain.ifindex(&pair.veth_a)),
-        "link-track".to_owned(),
     ];
+    want.extend(GATE_LINKS.map(String::from));
     want.sort();
     assert_eq!(drain.link_pins(), want);
     assert_eq!(link_xdp(&pair, &pair.a, &pair.veth_a), None, "tc, not xdp");
@@ -921,12 +919,18 @@ fn state_of_a_deleted_namespace_is_reaped_by_the_next_gate_on() {
     assert!(dead_dir.exists(), "pins vanished before any drain call");
     // The reaper acts on the kernel's word that the namespace's links are detached, which
     // comes once its (asynchronous) teardown has unregistered the devices.
+    // (Tests running in parallel call `gate on` too: one of them may reap it first.)
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::fs::read_dir(&dead_dir).unwrap().flatten().any(|e| {
-        let name = e.file_name().to_string_lossy().into_owned();
-        name.starts_with("link-xdp-")
-            && drain_user::sys::link_info(&e.path()).is_ok_and(|i| i.ifindex != 0)
-    }) {
+    while std::fs::read_dir(&dead_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("link-xdp-")
+                && drain_user::sys::link_info(&e.path()).is_ok_and(|i| i.ifindex != 0)
+        })
+    {
         assert!(
             Instant::now() < deadline,
             "the namespace's links stayed attached"

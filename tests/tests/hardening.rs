@@ -11,7 +11,7 @@
 //! - The reaper leaves a gate whose namespace is held only by a bind mount in another mount
 //!   namespace; reaps it once the namespace is gone; `gate off` reaps a killed `wait`'s pins.
 //! - Atomic `gate on`; capacity of the live set (lower bounds, `wait` refuses "drained");
-//!   `--policy reset` under tc; `wait` on an expired gate; CAP_PERFMON.
+//!   `--policy reset` under tc resets; `wait` on an expired gate; CAP_PERFMON.
 
 use std::{
     net::SocketAddr,
@@ -525,22 +525,25 @@ fn a_gated_interface_moved_to_another_namespace_is_reported_and_detached() {
     assert!(warnings(&there.status()).is_empty());
 }
 
-/// `--policy reset` under `--attach tc`: TC cannot answer with a RST, and status says so.
+/// `--policy reset` under `--attach tc`: the RST comes from the kernel's TCP past the first
+/// line, so TC interfaces reset like XDP ones, and status says so (policy.rs's
+/// `reset_contract_tc` checks real clients get it).
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
-fn status_says_tc_interfaces_drop_under_policy_reset() {
+fn status_says_tc_interfaces_reset_under_policy_reset() {
     let pair = NetNsPair::new();
     let drain = Drain::new(&pair, &pair.a);
     on_veth(&drain, &pair, &["--attach", "tc", "--policy", "reset"]);
     let st = drain.status();
     assert_eq!(st["policy"].str(), "reset");
+    assert!(st["sk_lookup"].bool(), "{st}");
     assert_eq!(
         iface_status(&st, &pair.veth_a).unwrap()["refusal"].str(),
-        "drop",
+        "reset",
         "{st}"
     );
     let human = drain.run(&["status"]);
-    assert!(human.stdout.contains("tc interfaces drop"), "{human}");
+    assert!(human.stdout.contains("policy: reset\n"), "{human}");
 }
 
 // ---------------------------------------------------------------------------------------
