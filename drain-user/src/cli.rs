@@ -44,12 +44,8 @@ pub enum Command {
         #[arg(long = "port", short = 'p', value_delimiter = ',',
               value_parser = clap::value_parser!(u16).range(1..))]
         ports: Vec<u16>,
-        /// Interface the gate would use (repeatable). Default: every interface that is up.
-        #[arg(long = "iface", short = 'i')]
-        ifaces: Vec<String>,
-        /// The hook `gate on` would be asked for.
-        #[arg(long, value_enum, default_value_t = AttachChoice::Xdp)]
-        attach: AttachChoice,
+        #[command(flatten)]
+        place: Placement,
         /// The policy `gate on` would be asked for.
         #[arg(long, value_enum, default_value_t = Policy::Drop)]
         policy: Policy,
@@ -126,6 +122,18 @@ pub enum Command {
     },
 }
 
+/// Where a gate goes: its interfaces and its hook (`gate on`, and `check` asking about it).
+#[derive(Debug, clap::Args)]
+pub struct Placement {
+    /// Interface to gate (repeatable). Default: every interface that is up, lo included.
+    #[arg(long = "iface", short = 'i')]
+    pub ifaces: Vec<String>,
+    /// Hook: xdp (fastest; refuses if another XDP program holds the interface), tc
+    /// (TCX ingress, alongside other programs), auto (xdp where free, tc elsewhere).
+    #[arg(long, value_enum, default_value_t = AttachChoice::Xdp)]
+    pub attach: AttachChoice,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum GateAction {
     /// Refuse new connections (SYNs) to PORTs; established connections keep flowing.
@@ -140,13 +148,8 @@ pub enum GateAction {
         #[arg(long = "port", short = 'p', required = true, value_delimiter = ',',
               value_parser = clap::value_parser!(u16).range(1..))]
         ports: Vec<u16>,
-        /// Interface to gate (repeatable). Default: every interface that is up, lo included.
-        #[arg(long = "iface", short = 'i')]
-        ifaces: Vec<String>,
-        /// Hook: xdp (fastest; refuses if another XDP program holds the interface), tc
-        /// (TCX ingress, alongside other programs), auto (xdp where free, tc elsewhere).
-        #[arg(long, value_enum, default_value_t = AttachChoice::Xdp)]
-        attach: AttachChoice,
+        #[command(flatten)]
+        place: Placement,
         /// The kernel opens the gate by itself after this long, even if nothing is left
         /// running to call `gate off` (e.g. 90s, 15m, 2h). `none` disables the safety net.
         #[arg(long, default_value = "10m", value_parser = parse_ttl)]
@@ -436,7 +439,7 @@ mod tests {
                 GateAction::On {
                     ports,
                     ttl,
-                    attach,
+                    place: Placement { attach, .. },
                     policy,
                     rst_rate,
                     ..

@@ -22,8 +22,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, MapData},
     programs::{
-        links::FdLink, tc::TcAttachOptions, BtfTracePoint, LinkOrder, SchedClassifier, SkLookup,
-        TcAttachType, Xdp, XdpMode as AyaXdpMode,
+        links::FdLink, tc::TcAttachOptions, LinkOrder, SchedClassifier, SkLookup, TcAttachType,
+        Xdp, XdpMode as AyaXdpMode,
     },
     Ebpf,
 };
@@ -360,16 +360,7 @@ fn attach_rst(bpf: &mut Ebpf) -> Result<FdLink> {
     )?;
     m.set(0, cfg, 0)
         .context("writing the RST counter's config")?;
-    let btf =
-        aya::Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
-    let prog: &mut BtfTracePoint = bpf
-        .program_mut(prog::RST)
-        .context("the eBPF object has no RST counter program")?
-        .try_into()?;
-    prog.load("tcp_send_reset", &btf)
-        .context("the kernel rejected the RST counter (tp_btf/tcp_send_reset)")?;
-    let id = prog.attach().context("attaching the RST counter")?;
-    Ok(prog.take_link(id)?.into())
+    crate::object::attach_btf_tracepoint(bpf, prog::RST, "tcp_send_reset", "the RST counter")
 }
 
 /// The interfaces that are up and have no gate link: connections through them meet only

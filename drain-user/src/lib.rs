@@ -49,7 +49,7 @@ use std::collections::BTreeSet;
 
 use anyhow::{bail, Result};
 
-use crate::cli::{usage, Cli, Command, Exit, GateAction, StatusFormat};
+use crate::cli::{usage, Cli, Command, Exit, GateAction, Placement, StatusFormat};
 
 /// Runs one command. Errors carry their whole context; a [`cli::UsageError`] among them
 /// means exit 2, an [`output::Closed`] a quiet exit 0.
@@ -70,8 +70,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
     match cli.command {
         Command::Check {
             ports,
-            ifaces,
-            attach,
+            place: Placement { ifaces, attach },
             policy,
             json,
         } => {
@@ -97,8 +96,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             action:
                 GateAction::On {
                     ports,
-                    ifaces,
-                    attach,
+                    place: Placement { ifaces, attach },
                     ttl,
                     allow,
                     policy,

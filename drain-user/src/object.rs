@@ -4,7 +4,10 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use aya::{Ebpf, EbpfLoader};
+use aya::{
+    programs::{links::FdLink, BtfTracePoint},
+    Ebpf, EbpfLoader,
+};
 use drain_common::map;
 
 /// The eBPF object; empty when the binary was built without it (see build.rs).
@@ -40,4 +43,28 @@ fn max_connections() -> Result<Option<u32>> {
             _ => bail!("DRAIN_MAX_CONNECTIONS={v:?} is not a positive number of connections"),
         },
     }
+}
+
+/// Loads the object's `tp_btf` program `prog` for the kernel tracepoint `tracepoint` and
+/// attaches it; `what` names it in errors ("the connection tracker"). The returned link
+/// detaches when dropped unless pinned.
+pub fn attach_btf_tracepoint(
+    bpf: &mut Ebpf,
+    prog: &str,
+    tracepoint: &str,
+    what: &str,
+) -> Result<FdLink> {
+    let btf =
+        aya::Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+    let program: &mut BtfTracePoint = bpf
+        .program_mut(prog)
+        .with_context(|| format!("the eBPF object has no {what} program"))?
+        .try_into()?;
+    program
+        .load(tracepoint, &btf)
+        .with_context(|| format!("the kernel rejected {what} (tp_btf/{tracepoint})"))?;
+    let id = program
+        .attach()
+        .with_context(|| format!("attaching {what}"))?;
+    Ok(program.take_link(id)?.into())
 }

@@ -13,7 +13,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
-    programs::{links::FdLink, BtfTracePoint},
+    programs::links::FdLink,
     Ebpf,
 };
 use drain_common::{map, prog, TrackConfig, TrackStats};
@@ -41,16 +41,12 @@ fn configure(bpf: &mut Ebpf) -> Result<()> {
 /// Loads and attaches the tracker; the returned link detaches when dropped unless pinned.
 pub fn attach(bpf: &mut Ebpf) -> Result<FdLink> {
     configure(bpf)?;
-    let btf =
-        aya::Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
-    let prog: &mut BtfTracePoint = bpf
-        .program_mut(prog::TRACK)
-        .context("the eBPF object has no tracker program")?
-        .try_into()?;
-    prog.load("inet_sock_set_state", &btf)
-        .context("the kernel rejected the connection tracker (tp_btf/inet_sock_set_state)")?;
-    let id = prog.attach().context("attaching the connection tracker")?;
-    Ok(prog.take_link(id)?.into())
+    crate::object::attach_btf_tracepoint(
+        bpf,
+        prog::TRACK,
+        "inet_sock_set_state",
+        "the connection tracker",
+    )
 }
 
 /// The live counters, mapped into this process: reading them is a memory load, so `wait`
