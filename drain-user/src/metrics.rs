@@ -45,6 +45,11 @@ const PORT_COUNTERS: &[(&str, &str, &str)] = &[
         "drain_port_rst_limited_total",
         "Of the refused requests: dropped instead of reset by the RST rate limit.",
     ),
+    (
+        "rst_not_syn",
+        "drain_port_rst_not_syn_total",
+        "RSTs the refusal caused for segments other than a SYN (a SYN-cookie ACK, a stray ACK).",
+    ),
 ];
 
 /// (JSON key in `tracker`, metric name, help) of each tracker counter.

@@ -37,6 +37,17 @@ pub const NOBODY: &[&str] = &[
 
 /// Longest a single CLI call may take before the test fails (it takes the per-namespace
 /// lock, so a hung call would otherwise hang every later one).
+/// The counters of each `ports[]` entry of `status --json`.
+pub const PORT_COUNTERS: &[&str] = &[
+    "syns_refused",
+    "syns_passed",
+    "syns_allowed",
+    "syns_expired",
+    "rst_sent",
+    "rst_limited",
+    "rst_not_syn",
+];
+
 pub const CLI_DEADLINE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------
@@ -533,15 +544,7 @@ pub fn assert_status_schema(st: &Json) {
             ctx()
         );
         assert!(p["live_connections"].as_i64().is_some(), "{}", ctx());
-        for k in [
-            "syns_refused",
-            "syns_passed",
-            "syns_allowed",
-            "syns_expired",
-            "rst_sent",
-            "rst_limited",
-            "rst_not_syn",
-        ] {
+        for k in PORT_COUNTERS {
             assert!(p[k].as_u64().is_some(), "ports[].{k}: {}", ctx());
         }
     }
