@@ -55,11 +55,21 @@ fn emit(cpu: &mut WatchCpu, ev: &WatchEvent) {
 }
 
 /// A SYN to a gated port was refused (`kind`: drop or RST). The frame is `[start, end)`.
-/// A BPF subprogram of its own, not inlined: inlined into the verdict's register pressure,
-/// LLVM spills a register the verifier has not seen written on one path (`!read_ok`); the
-/// call costs only refused SYNs, and nothing while nobody watches beyond the call itself.
-#[inline(never)]
+/// While nobody watches this is one inlined array load and a compare; only then is the
+/// event built, in a subprogram of its own ([`refused_event`]).
+#[inline(always)]
 pub fn refused(start: usize, end: usize, req: &Request, kind: u32) {
+    if WATCH.get(0).is_none_or(|cfg| cfg.until_ns == 0) {
+        return;
+    }
+    refused_event(start, end, req, kind);
+}
+
+/// The event of [`refused`]. A BPF subprogram of its own, not inlined: inlined into the
+/// verdict's register pressure, LLVM spills a register the verifier has not seen written on
+/// one path (`!read_ok`); the call is made only while someone watches.
+#[inline(never)]
+fn refused_event(start: usize, end: usize, req: &Request, kind: u32) {
     let Some((cfg, cpu, now)) = watching() else {
         return;
     };
