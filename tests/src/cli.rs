@@ -344,6 +344,27 @@ impl<'p> Drain<'p> {
         Running::start(cmd, line).wait()
     }
 
+    /// drain-user `args` under strace, killed with SIGKILL at the `point`-th call of the
+    /// syscalls in `group` (e.g. `bpf`, `unlink,unlinkat`): a crash at a chosen step,
+    /// deterministic where a timed kill would not be. strace ends with the tracee's signal,
+    /// so a killed run has no exit code.
+    pub fn run_killed_at(&self, group: &str, point: usize, args: &[&str]) -> CliOutput {
+        let trace = format!("trace={group}");
+        let inject = format!("inject={group}:signal=SIGKILL:when={point}");
+        let wrapper = [
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            &trace,
+            "-e",
+            &inject,
+        ];
+        self.run_via(&wrapper, args)
+    }
+
     /// `gate on <args>`, which must exit 0.
     #[track_caller]
     pub fn on(&self, args: &[&str]) -> CliOutput {

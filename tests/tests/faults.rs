@@ -220,20 +220,7 @@ impl<'p> Fixture<'p> {
             self.force_clean();
             return None;
         }
-        let trace = format!("trace={group}");
-        let inject = format!("inject={group}:signal=SIGKILL:when={point}");
-        let wrapper = [
-            "strace",
-            "-f",
-            "-qq",
-            "-o",
-            "/dev/null",
-            "-e",
-            &trace,
-            "-e",
-            &inject,
-        ];
-        let out = self.drain.run_via(&wrapper, args);
+        let out = self.drain.run_killed_at(group, point, args);
         // strace ends itself with the signal that ended the tracee: no exit code.
         let killed = match out.code {
             None => true,

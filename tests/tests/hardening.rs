@@ -416,18 +416,7 @@ fn a_gate_off_killed_between_detach_and_unlink_is_repaired() {
     let (_s, p, _q) = servers(&pair);
     let drain = Drain::new(&pair, &pair.a);
     on_veth(&drain, &pair, &[]);
-    let out = drain.run_via(
-        &[
-            "strace",
-            "-f",
-            "-qq",
-            "-o",
-            "/dev/null",
-            "-e",
-            "inject=unlink,unlinkat:signal=SIGKILL:when=1",
-        ],
-        &["gate", "off"],
-    );
+    let out = drain.run_killed_at("unlink,unlinkat", 1, &["gate", "off"]);
     assert_ne!(out.code, Some(0), "gate off was not killed: {out}");
     assert!(
         veth_pin(&drain, &pair).exists(),
