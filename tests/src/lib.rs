@@ -23,6 +23,8 @@
 //! - [`fuzz`]: a seeded PRNG, random frames, mutations and the checked-in seed corpus.
 //! - [`web`]: nginx, HAProxy and wrk in test namespaces (end-to-end tests under load).
 //! - [`fleet`]: the fleet drill's hosts, balancer and Ansible controller.
+//! - [`kernel`]: what a test needs from the kernel (`require!(Feature::Tcx)`): probed by
+//!   trying it; reported as not run under `cargo xtask vmtest`, a failure anywhere else.
 //!
 //! Everything here panics on error rather than returning `Result`: a failing helper is a
 //! failing test, and the panic message says what was being done.
@@ -33,6 +35,7 @@ pub mod fleet;
 pub mod frames;
 pub mod fuzz;
 pub mod gatemodel;
+pub mod kernel;
 pub mod netns;
 pub mod object;
 pub mod testrun;

@@ -34,12 +34,17 @@ use crate::{run, target_dir, workspace_root};
 
 pub struct Args {
     pub kernels: Vec<String>,
+    pub quick: bool,
     pub refresh_lock: bool,
     pub timeout: u64,
     pub test_timeout: u64,
     pub cpus: u32,
     pub args: Vec<String>,
 }
+
+/// `--quick`: the subset CI runs on every kernel it boots (TCG is ~10-30x slower than the
+/// host; README's "Kernel matrix" gives the timings): (test binary, libtest filter).
+const QUICK: &[(&str, &[&str])] = &[("load", &[]), ("check", &[]), ("gate_cli", &[])];
 
 /// Test binaries that cannot run in the guest, and why: they need the network (PyPI) or
 /// things a kernel matrix does not test (packaging). Every other test binary runs there, so
@@ -77,12 +82,29 @@ pub fn run_matrix(a: Args) -> Result<()> {
     qemu::catch_signals();
     let started = Instant::now();
 
-    // What runs: the test binaries, built on the host.
-    crate::build(false)?;
+    // What runs: the test binaries, built on the host, and the release drain-user (what
+    // ships; under TCG the debug build's `gate on` takes ~3x longer).
+    crate::build(true)?;
     let all = build_tests()?;
     let (picked, filter) = split_args(&a.args)?;
     let mut skipped_bins = Vec::new();
-    let bins: Vec<&(String, PathBuf)> = if picked.is_empty() {
+    let bins: Vec<Selected> = if a.quick {
+        ensure!(
+            picked.is_empty() && filter.is_empty(),
+            "--quick is a fixed subset: give either it or test arguments"
+        );
+        QUICK
+            .iter()
+            .map(|(n, f)| {
+                let exe = exe_of(&all, n)?;
+                Ok(Selected {
+                    name: n.to_string(),
+                    exe,
+                    filter: f.iter().map(|s| s.to_string()).collect(),
+                })
+            })
+            .collect::<Result<_>>()?
+    } else if picked.is_empty() {
         all.iter()
             .filter(|(n, _)| match HOST_ONLY.iter().find(|(h, _)| h == n) {
                 Some((h, why)) => {
@@ -91,29 +113,36 @@ pub fn run_matrix(a: Args) -> Result<()> {
                 }
                 None => true,
             })
+            .map(|(n, e)| Selected {
+                name: n.clone(),
+                exe: e.clone(),
+                filter: filter.clone(),
+            })
             .collect()
     } else {
         picked
             .iter()
             .map(|p| {
-                all.iter()
-                    .find(|(n, _)| n == p)
-                    .with_context(|| format!("no test binary named {p}"))
+                Ok(Selected {
+                    name: p.clone(),
+                    exe: exe_of(&all, p)?,
+                    filter: filter.clone(),
+                })
             })
             .collect::<Result<_>>()?
     };
     // What each binary should run, listed on the host: the summary can then say which tests
     // a guest never reached.
     let mut expected = Vec::new();
-    for (name, exe) in &bins {
+    for b in &bins {
         let out = crate::capture(
-            Command::new(exe)
+            Command::new(&b.exe)
                 .args(["--list", "--include-ignored"])
-                .args(&filter),
+                .args(&b.filter),
         )?;
         for l in out.lines() {
             if let Some(t) = l.strip_suffix(": test") {
-                expected.push((name.clone(), t.to_owned()));
+                expected.push((b.name.clone(), t.to_owned()));
             }
         }
     }
@@ -126,7 +155,7 @@ pub fn run_matrix(a: Args) -> Result<()> {
 
     let rundir = RunDir::new(&cache)?;
     let payload = rundir.0.join("payload.cpio");
-    write_payload(&payload, &rundir.0, &bins, &filter, a.test_timeout)?;
+    write_payload(&payload, &rundir.0, &bins, a.test_timeout)?;
     let logs = cache.join("logs");
     fs::create_dir_all(&logs)?;
 
@@ -186,6 +215,20 @@ pub fn run_matrix(a: Args) -> Result<()> {
         bail!("tests failed on at least one kernel (see above)");
     }
     Ok(())
+}
+
+/// A test binary to run in the guest, with the libtest arguments that select its tests.
+struct Selected {
+    name: String,
+    exe: PathBuf,
+    filter: Vec<String>,
+}
+
+fn exe_of(all: &[(String, PathBuf)], name: &str) -> Result<PathBuf> {
+    all.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, e)| e.clone())
+        .with_context(|| format!("no test binary named {name}"))
 }
 
 fn select_kernels(names: &[String]) -> Result<Vec<&'static kernels::Line>> {
@@ -309,11 +352,11 @@ const RUNNER: &str = r#"#!/bin/bash
 export DRAIN_USER=/vmtest/drain-user DRAIN_EBPF_OBJECT=/vmtest/drain.o
 export DRAIN_TEST_MISSING_FEATURE=skip RUST_BACKTRACE=1
 T=$(cat /vmtest/test-timeout)
-mapfile -t FILTER < /vmtest/filter
 echo "@@VMTEST kernel $(uname -r)"
 cd /tmp
 for bin in /vmtest/bin/*; do
   b=${bin##*/}
+  mapfile -t FILTER < "/vmtest/filter/$b"
   "$bin" --list --include-ignored "${FILTER[@]}" 2>&1 | sed -n 's/: test$//p' > /tmp/names
   while IFS= read -r name; do
     echo "@@VMTEST begin $b $name"
@@ -336,13 +379,7 @@ echo "@@VMTEST done"
 /// The run's own archive: /init, the runner, the stripped test binaries, drain-user, the
 /// kernel object, and the files the tests read from the source tree at the paths they were
 /// compiled with.
-fn write_payload(
-    path: &Path,
-    scratch: &Path,
-    bins: &[&(String, PathBuf)],
-    filter: &[String],
-    test_timeout: u64,
-) -> Result<()> {
+fn write_payload(path: &Path, scratch: &Path, bins: &[Selected], test_timeout: u64) -> Result<()> {
     let mut c = cpio::Cpio::create(path)?;
     c.bytes("init", 0o755, INIT.as_bytes())?;
     c.bytes("vmtest/run", 0o755, RUNNER.as_bytes())?;
@@ -351,11 +388,6 @@ fn write_payload(
         0o644,
         format!("{test_timeout}\n").as_bytes(),
     )?;
-    let mut f = filter.join("\n");
-    if !f.is_empty() {
-        f.push('\n');
-    }
-    c.bytes("vmtest/filter", 0o644, f.as_bytes())?;
     let strip = |src: &Path, name: &str| -> Result<PathBuf> {
         let dst = scratch.join(name);
         run(Command::new("objcopy")
@@ -364,12 +396,14 @@ fn write_payload(
             .arg(&dst))?;
         Ok(dst)
     };
-    for (name, exe) in bins {
-        let s = strip(exe, name)?;
-        c.file(&format!("vmtest/bin/{name}"), &s)?;
+    for b in bins {
+        let s = strip(&b.exe, &b.name)?;
+        c.file(&format!("vmtest/bin/{}", b.name), &s)?;
         fs::remove_file(s)?;
+        let f: String = b.filter.iter().map(|a| format!("{a}\n")).collect();
+        c.bytes(&format!("vmtest/filter/{}", b.name), 0o644, f.as_bytes())?;
     }
-    let du = strip(&target_dir().join("debug/drain-user"), "drain-user")?;
+    let du = strip(&target_dir().join("release/drain-user"), "drain-user")?;
     c.file("vmtest/drain-user", &du)?;
     fs::remove_file(du)?;
     c.file(
