@@ -40,10 +40,19 @@ pub const MISSING_FEATURE_ENV: &str = "DRAIN_TEST_MISSING_FEATURE";
 
 /// Whether the test may go on (see the module comment); use [`require!`](crate::require).
 pub fn require(feature: Feature) -> bool {
-    let Err(why) = feature.probe() else {
+    decide(
+        feature,
+        feature.probe(),
+        std::env::var(MISSING_FEATURE_ENV).ok().as_deref(),
+    )
+}
+
+/// [`require`]'s decision, given the probe's result and the environment variable's value.
+fn decide(feature: Feature, probe: Result<(), String>, mode: Option<&str>) -> bool {
+    let Err(why) = probe else {
         return true;
     };
-    if std::env::var(MISSING_FEATURE_ENV).as_deref() == Ok("skip") {
+    if mode == Some("skip") {
         let release = uname_release().unwrap_or_else(|e| format!("? ({e})"));
         println!("drain-tests: NOT RUN: kernel {release}: {why}");
         return false;
@@ -72,4 +81,26 @@ fn uname_release() -> io::Result<String> {
     Ok(std::fs::read_to_string("/proc/sys/kernel/osrelease")?
         .trim()
         .to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{decide, Feature};
+
+    #[test]
+    fn a_present_feature_lets_the_test_run() {
+        assert!(decide(Feature::Tcx, Ok(()), None));
+        assert!(decide(Feature::Tcx, Ok(()), Some("skip")));
+    }
+
+    #[test]
+    fn a_missing_feature_is_not_run_in_the_matrix() {
+        assert!(!decide(Feature::Tcx, Err("gone".into()), Some("skip")));
+    }
+
+    #[test]
+    #[should_panic(expected = "needs Tcx and the kernel lacks it: gone")]
+    fn a_missing_feature_fails_the_test_anywhere_else() {
+        decide(Feature::Tcx, Err("gone".into()), None);
+    }
 }
