@@ -38,6 +38,12 @@ impl Feature {
 /// The environment variable the guest runner of `cargo xtask vmtest` sets.
 pub const MISSING_FEATURE_ENV: &str = "DRAIN_TEST_MISSING_FEATURE";
 
+/// Whether the running kernel has the feature, for a test that checks a different outcome
+/// on kernels without it (`check` reporting TCX missing on 6.1) rather than not running.
+pub fn has(feature: Feature) -> bool {
+    feature.probe().is_ok()
+}
+
 /// Whether the test may go on (see the module comment); use [`require!`](crate::require).
 pub fn require(feature: Feature) -> bool {
     decide(

@@ -367,7 +367,8 @@ for bin in /vmtest/bin/*; do
     ms=$(( ($(date +%s%N) - s) / 1000000 ))
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then st=timeout
     elif [ "$rc" -ne 0 ]; then st=failed
-    elif grep -q '^drain-tests: NOT RUN' /tmp/out; then st=notrun
+    # (with --nocapture the marker can follow libtest's `test NAME ... ` on its line)
+    elif grep -q 'drain-tests: NOT RUN: ' /tmp/out; then st=notrun
     elif grep -q '^test result: ok. 1 passed' /tmp/out; then st=ok
     else st=failed; fi
     echo "@@VMTEST result $b $st $ms $name"
