@@ -279,6 +279,17 @@ pub fn run_here(args: &[&str]) -> CliOutput {
     Running::start(cmd, format!("drain-user {}", args.join(" "))).wait()
 }
 
+/// [`run_here`] with environment variables set for the call (e.g. `DOCKER_HOST`, which
+/// `--container` passes on to the runtime's CLI).
+#[track_caller]
+pub fn run_here_env(env: &[(&str, &str)], args: &[&str]) -> CliOutput {
+    crate::require_root();
+    crate::object::ensure_bpffs();
+    let mut cmd = Command::new(crate::drain_user_bin());
+    cmd.args(args).envs(env.iter().copied());
+    Running::start(cmd, format!("drain-user {}", args.join(" "))).wait()
+}
+
 /// Starts `drain-user args...` in the test's own namespaces without waiting (see
 /// [`run_here`]).
 pub fn spawn_here(args: &[&str]) -> Running {
