@@ -613,6 +613,28 @@ pub fn assert_status_schema(st: &Json) {
             ctx()
         );
         assert!(p["live_connections"].as_i64().is_some(), "{}", ctx());
+        let counted_in = p["counted_in"].as_array().unwrap_or_else(|| {
+            panic!("ports[].counted_in must be an array: {}", ctx());
+        });
+        assert!(
+            counted_in.iter().any(|c| c["where"] == "local"),
+            "ports[].counted_in names the gate's own namespace: {}",
+            ctx()
+        );
+        for c in counted_in {
+            assert!(
+                matches!(c["where"].as_str(), Some("local" | "netns"))
+                    && c["port"].as_u64().is_some()
+                    && (c["where"] == "local" || c["netns_inode"].as_u64().is_some()),
+                "ports[].counted_in entry: {}",
+                ctx()
+            );
+        }
+        assert!(
+            p["forwarded_connections"].as_u64().is_some(),
+            "ports[].forwarded_connections: {}",
+            ctx()
+        );
         for k in PORT_COUNTERS {
             assert!(p[k].as_u64().is_some(), "ports[].{k}: {}", ctx());
         }
