@@ -239,6 +239,11 @@ fn published_port_is_never_falsely_drained() {
             && c["port"].u64() == u64::from(p.backend_port)),
         "status does not say the count follows into the container ({ctr_inode}): {st}"
     );
+    // Quiet keep-alives: `--idle` judges them where they live (tcp_info from the
+    // container's namespace) and ends the wait.
+    let out = host_run(&p, &["wait", "--idle", "300ms", "--timeout", "10s"]);
+    out.expect_ok();
+    assert!(out.stdout.contains("idle"), "{out}");
     // One closes (server side), then the other two (client FIN, then the server): the
     // count follows each to exactly 0, and wait, running meanwhile, reports drained.
     let mut wait = host_spawn(&p, &["wait", "--timeout", "30s", "--json"]);
