@@ -478,3 +478,44 @@ fn open_held_http(pair: &NetNsPair, to: SocketAddr) -> std::net::TcpStream {
     );
     s
 }
+
+/// A forwarded connection whose socket is in no namespace this host can find (what a DNAT
+/// to another machine looks like from here): it cannot be counted exactly, so `gate on`
+/// says so in one line naming where it goes and the command to drain it there, and `wait`
+/// does not report "drained" while conntrack says it may be live (exit 3, listing it);
+/// once it closes, `wait` reports drained.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn forwarded_elsewhere_is_never_drained() {
+    let pair = NetNsPair::new();
+    let mut p = Published::new(&pair, 8080, 80);
+    let server = Server::start(listen(&p.ctr, Stack::V4, p.backend_port), 2);
+    let held = open_held(&pair.b, p.published(), 1);
+    server.wait_held(1, Duration::from_secs(5));
+    p.hide();
+    let _gate = HostGate(pair.a.clone());
+    let on = run_in(&pair.a, &["gate", "on", "--port", "8080", "--ttl", "2m"]);
+    on.expect_ok();
+    let warning: Vec<&str> = on
+        .stderr_lines()
+        .into_iter()
+        .filter(|l| l.contains(&p.backend().to_string()))
+        .collect();
+    assert!(
+        warning.len() == 1
+            && warning[0].contains("no network namespace of this host")
+            && warning[0].contains("drain-user wait --port 80"),
+        "{on}"
+    );
+    let out = run_in(&pair.a, &["wait", "--timeout", "2s"]);
+    assert_eq!(out.code, Some(3), "{out}");
+    assert!(out.stderr.contains(&pair.b_v4.to_string()), "{out}");
+    let st = host_status(&p);
+    let ps = port_status(&st, 8080).unwrap();
+    assert_eq!(ps["forwarded_connections"].u64(), 1, "{st}");
+    drop(held);
+    server.close_held(1, Close::Fin);
+    let out = run_in(&pair.a, &["wait", "--timeout", "10s"]);
+    out.expect_ok();
+    assert!(out.stdout.contains("drained"), "{out}");
+}
