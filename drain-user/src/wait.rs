@@ -172,7 +172,7 @@ fn tracked(tracker: &Tracker, ports: &BTreeSet<u16>) -> Result<Vec<diag::Conn>> 
     Ok(
         diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, true)?
             .into_iter()
-            .filter(|c| ports.contains(&c.local.port()) && tracker.contains(c.cookie))
+            .filter(|c| ports.contains(&c.local.port()) && tracker.contains(c))
             .collect(),
     )
 }
