@@ -17,8 +17,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use drain_common::{
-    is_live, v4_mapped, ConnKey, TrackConfig, TrackStats, MAX_TRACKED_SOCKS, TCP_ESTABLISHED,
-    TCP_SYN_RECV,
+    is_live, v4_mapped, ConnKey, FollowKey, TrackConfig, TrackStats, MAX_FOLLOWED,
+    MAX_TRACKED_SOCKS, TCP_ESTABLISHED, TCP_SYN_RECV,
 };
 
 /// Array[1] of TrackConfig; written by user space before attaching.
@@ -32,6 +32,11 @@ static SOCKS: HashMap<ConnKey, u32> = HashMap::pinned(MAX_TRACKED_SOCKS, BPF_F_N
 /// Live connections per local port; mmapped by user space, which adds seeds atomically.
 #[map(name = "DRAIN_LIVE")]
 static LIVE: Array<i64> = Array::pinned(65536, BPF_F_MMAPABLE);
+
+/// Servers in other namespaces whose passive opens count under a gated port (a published
+/// port's DNAT target): (netns inode, local port) -> gated port. Written by user space.
+#[map(name = "DRAIN_FOLLOW")]
+static FOLLOW: HashMap<FollowKey, u32> = HashMap::pinned(MAX_FOLLOWED, 0);
 
 /// Tracker counters.
 #[map(name = "DRAIN_TSTATS")]
@@ -120,17 +125,35 @@ fn try_track(ctx: &BtfTracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     // The tracepoint fires for every namespace: count only the one this gate serves.
+    // The tracepoint fires for every namespace: count the one this gate serves, and the
+    // servers it follows elsewhere (FOLLOW), once it follows any.
     let net: *const u8 = kread(sk, cfg.off_net)?;
     let inum: u32 = kread(net, cfg.off_inum)?;
-    if inum != cfg.netns_inum {
+    let own = inum == cfg.netns_inum;
+    if !own && cfg.follow == 0 {
         return Ok(());
     }
     // The 4-tuple is complete by ESTABLISHED (a child socket's remote port may not be
     // filled in at SYN_RECV, hence entering at SYN_RECV -> ESTABLISHED only), and it does
-    // not change while the socket is live.
+    // not change while the socket is live. With the namespace's inode in it, the key is
+    // unique across namespaces too.
     let key = conn_key(sk, cfg, inum)?;
     if entering {
-        let port = u32::from(key.lport);
+        // Elsewhere only a followed server's opens count, under the gated port that leads
+        // there. (Leaving needs no such check: the set holds only what was counted.)
+        let port = if own {
+            u32::from(key.lport)
+        } else {
+            let follow = FollowKey {
+                netns_inum: inum,
+                port: u32::from(key.lport),
+            };
+            // SAFETY: the value is copied out at once.
+            match unsafe { FOLLOW.get(follow) } {
+                Some(&gated) => gated,
+                None => return Ok(()),
+            }
+        };
         match SOCKS.insert(key, port, BPF_NOEXIST as u64) {
             Ok(()) => {
                 add(port, 1);

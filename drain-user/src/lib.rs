@@ -21,14 +21,19 @@
 //! | [`iface`] | the namespace's interfaces and the programs attached to them |
 //! | [`links`] | what the kernel says about each pinned link: attached here, detached, moved away |
 //! | [`diag`] | sock_diag (inet_diag) dumps of TCP connections |
+//! | [`conntrack`] | ctnetlink dumps: connections to a local port destination-NATed elsewhere (published ports) |
+//! | [`follow`] | following a gated port's forwarded connections into the namespace they end in ([`follow::Follower`]) |
 //! | [`netlink`] | netlink dump requests, shared by `iface` and `diag` |
 //! | [`btf`] | struct member offsets from the kernel's BTF |
 //! | [`check`] | `check`: the preflight (probes, and the decision made from them) |
+//! | [`target`] | `--netns`, `--pid`, `--container`: the network namespace a command acts on, entered first |
 
 pub mod btf;
 pub mod check;
 pub mod cli;
+pub mod conntrack;
 pub mod diag;
+pub mod follow;
 pub mod gate;
 pub mod iface;
 pub mod links;
@@ -41,6 +46,7 @@ pub mod pins;
 pub mod state;
 pub mod status;
 pub mod sys;
+pub mod target;
 pub mod track;
 pub mod wait;
 pub mod watch;
@@ -66,6 +72,8 @@ pub fn run(cli: Cli) -> Result<Exit> {
     if !matches!(cli.command, Command::Check { .. }) {
         require_privileges(tracing)?;
     }
+    // Before any thread starts (the tokio runtime, scoped helpers): they inherit it.
+    target::enter(&cli.target)?;
     pins::check_mount_namespace()?;
     match cli.command {
         Command::Check {
@@ -113,11 +121,16 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 rst_rate,
             };
             args.validate()?;
+            follow::check_policy(&args.ports, args.policy)?;
             let targets = iface::resolve(&args.ifaces)?;
             if targets.is_empty() {
                 bail!("no interface is up in this network namespace: name one with --iface");
             }
             let report = gate::on(&args, &targets)?;
+            // A published port: its connections live where a DNAT sends them.
+            for line in follow::after_gate_on(&pins::gate_dir()?, &args.ports)? {
+                errln!("{line}")?;
+            }
             if let Some(w) = gate::ungated_warning(&gate::ungated(&pins::gate_dir()?)?, args.policy)
             {
                 errln!("{w}")?;

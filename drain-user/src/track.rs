@@ -16,7 +16,7 @@ use aya::{
     programs::links::FdLink,
     Ebpf,
 };
-use drain_common::{map, prog, v4_mapped, ConnKey, TrackConfig, TrackStats};
+use drain_common::{map, prog, v4_mapped, ConnKey, FollowKey, TrackConfig, TrackStats};
 
 use crate::{btf::Btf, diag, netns, pins};
 
@@ -134,6 +134,9 @@ pub struct Tracker {
     stats: PerCpuArray<MapData, TrackStats>,
     /// Its config, where the seed records the connections it could not insert.
     config: Array<MapData, TrackConfig>,
+    /// The servers in other namespaces counted under a gated port (None: a gate pinned by
+    /// a version without it; `gate on` again adds it).
+    follow: Option<HashMap<MapData, FollowKey, u32>>,
 }
 
 impl Tracker {
@@ -148,6 +151,9 @@ impl Tracker {
             capacity,
             stats: PerCpuArray::try_from(Map::PerCpuArray(pins::open_map(dir, map::TSTATS)?))?,
             config,
+            follow: pins::open_map(dir, map::FOLLOW)
+                .ok()
+                .and_then(|m| HashMap::try_from(Map::HashMap(m)).ok()),
         })
     }
 
@@ -160,8 +166,12 @@ impl Tracker {
     /// True when the connection `c` (of the tracker's namespace) is one the counts are made
     /// of.
     pub fn contains(&self, c: &diag::Conn) -> bool {
-        self.netns()
-            .is_ok_and(|ns| self.socks.get(&key(ns, c), 0).is_ok())
+        self.netns().is_ok_and(|ns| self.contains_in(ns, c))
+    }
+
+    /// The same for a connection of the namespace with inode `netns` (a followed one).
+    pub fn contains_in(&self, netns: u64, c: &diag::Conn) -> bool {
+        self.socks.get(&key(netns, c), 0).is_ok()
     }
 
     /// The inode of the namespace the tracker counts in, as its config says (read when
@@ -232,6 +242,77 @@ impl Tracker {
         for (k, port) in &seeded {
             if !still.contains(k) && self.socks.remove(k).is_ok() {
                 self.live.add(*port, -1);
+            }
+        }
+        Ok(seeded.len())
+    }
+
+    /// The servers followed in other namespaces: (key, gated port).
+    pub fn followed(&self) -> Vec<(FollowKey, u16)> {
+        self.follow.as_ref().map_or_else(Vec::new, |m| {
+            m.iter().flatten().map(|(k, v)| (k, v as u16)).collect()
+        })
+    }
+
+    /// Stops counting new passive opens of a followed server (its namespace is gone).
+    /// Connections already counted still leave the set exactly: leaving needs no entry.
+    pub fn unfollow(&mut self, key: FollowKey) {
+        if let Some(m) = self.follow.as_mut() {
+            let _ = m.remove(&key);
+        }
+    }
+
+    /// Counts the passive connections of the server on `key.port` in another namespace
+    /// (entered through `handle`) under `gated`: from now on in the kernel, and those that
+    /// predate it by a seed made there, with the same rules as [`Tracker::seed`] (the
+    /// entry first, then the dump; a second dump takes out what closed in between).
+    /// Returns how many it seeded.
+    pub fn follow(&mut self, key: FollowKey, gated: u16, handle: &Path) -> Result<usize> {
+        let Some(follow) = self.follow.as_mut() else {
+            bail!(
+                "this gate was made by an older drain-user and cannot follow connections into \
+                 other namespaces: run `drain-user gate on` again"
+            );
+        };
+        follow
+            .insert(key, u32::from(gated), 0)
+            .context("adding a followed server (DRAIN_FOLLOW)")?;
+        let mut cfg = self.config.get(&0, 0)?;
+        if cfg.follow == 0 {
+            cfg.follow = 1;
+            self.config.set(0, cfg, 0)?;
+        }
+        let port = key.port as u16;
+        let there = u64::from(key.netns_inum);
+        let conns = netns::run_in(handle, || diag::passive_live(false))??;
+        let mut seeded = Vec::new();
+        let mut failed = 0u32;
+        for c in conns.iter().filter(|c| c.local.port() == port) {
+            let k = self::key(there, c);
+            match self.socks.insert(k, u32::from(gated), NOEXIST) {
+                Ok(()) => {
+                    self.live.add(gated, 1);
+                    seeded.push(k);
+                }
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(_) => failed += 1,
+            }
+        }
+        if failed != 0 {
+            let mut cfg = self.config.get(&0, 0)?;
+            cfg.seed_failed = cfg.seed_failed.saturating_add(failed);
+            self.config.set(0, cfg, 0)?;
+        }
+        let still: HashSet<ConnKey> = netns::run_in(handle, || {
+            diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, false)
+        })??
+        .iter()
+        .map(|c| self::key(there, c))
+        .collect();
+        for k in &seeded {
+            if !still.contains(k) && self.socks.remove(k).is_ok() {
+                self.live.add(gated, -1);
             }
         }
         Ok(seeded.len())
