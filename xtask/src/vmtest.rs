@@ -155,7 +155,12 @@ pub fn run_matrix(a: Args) -> Result<()> {
 
     let rundir = RunDir::new(&cache)?;
     let payload = rundir.0.join("payload.cpio");
-    write_payload(&payload, &rundir.0, &bins, a.test_timeout)?;
+    // The harness's per-call deadlines, scaled for emulation.
+    let slowdown = match accel {
+        qemu::Accel::Tcg => 5,
+        qemu::Accel::Kvm => 1,
+    };
+    write_payload(&payload, &rundir.0, &bins, a.test_timeout, slowdown)?;
     let logs = cache.join("logs");
     fs::create_dir_all(&logs)?;
 
@@ -350,7 +355,7 @@ sleep 30
 /// event, which the host parses (report.rs).
 const RUNNER: &str = r#"#!/bin/bash
 export DRAIN_USER=/vmtest/drain-user DRAIN_EBPF_OBJECT=/vmtest/drain.o
-export DRAIN_TEST_MISSING_FEATURE=skip RUST_BACKTRACE=1
+export DRAIN_TEST_MISSING_FEATURE=skip RUST_BACKTRACE=1 DRAIN_TEST_SLOWDOWN=$(cat /vmtest/slowdown)
 T=$(cat /vmtest/test-timeout)
 echo "@@VMTEST kernel $(uname -r)"
 cd /tmp
@@ -384,6 +389,7 @@ fn write_payload(path: &Path, scratch: &Path, bins: &[Selected], test_timeout: u
     let mut c = cpio::Cpio::create(path)?;
     c.bytes("init", 0o755, INIT.as_bytes())?;
     c.bytes("vmtest/run", 0o755, RUNNER.as_bytes())?;
+    c.bytes("vmtest/slowdown", 0o644, format!("{slowdown}\n").as_bytes())?;
     c.bytes(
         "vmtest/test-timeout",
         0o644,
