@@ -385,7 +385,13 @@ echo "@@VMTEST done"
 /// The run's own archive: /init, the runner, the stripped test binaries, drain-user, the
 /// kernel object, and the files the tests read from the source tree at the paths they were
 /// compiled with.
-fn write_payload(path: &Path, scratch: &Path, bins: &[Selected], test_timeout: u64) -> Result<()> {
+fn write_payload(
+    path: &Path,
+    scratch: &Path,
+    bins: &[Selected],
+    test_timeout: u64,
+    slowdown: u32,
+) -> Result<()> {
     let mut c = cpio::Cpio::create(path)?;
     c.bytes("init", 0o755, INIT.as_bytes())?;
     c.bytes("vmtest/run", 0o755, RUNNER.as_bytes())?;
