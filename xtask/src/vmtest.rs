@@ -79,7 +79,6 @@ pub fn run_matrix(a: Args) -> Result<()> {
         }
     }
     let lines = select_kernels(&a.kernels)?;
-    qemu::catch_signals();
     let started = Instant::now();
 
     // What runs: the test binaries, built on the host, and the release drain-user (what
@@ -164,8 +163,14 @@ pub fn run_matrix(a: Args) -> Result<()> {
     let logs = cache.join("logs");
     fs::create_dir_all(&logs)?;
 
+    // From here on a QEMU may run: SIGINT/SIGTERM end the run through the guards (before,
+    // the default action is right: nothing needs cleaning that the next run does not).
+    qemu::catch_signals();
     let mut results = Vec::new();
     for line in lines {
+        if qemu::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+            bail!("interrupted");
+        }
         let t = Instant::now();
         let kernel = kernels::prepare(&cache, line.name)?;
         let initrd = rundir.0.join(format!("initrd-{}", line.name));
