@@ -9,8 +9,8 @@
 //! keeps serving, as the rest of a fleet would. Namespace `b` holds the clients:
 //! - HAProxy pooling keep-alive connections to both, with wrk behind it (short requests and
 //!   6–14 s downloads, so responses are in flight at every moment);
-//! - a trickle of NEW connections straight at the published port, one every 100 ms, each a
-//!   patient client (SYN retries up to 60 s): with the gate's policy `drop` the ones that
+//! - a trickle of NEW connections straight at the published port, one every 100 ms, each
+//!   with a blocking connect()'s patience (the kernel's SYN retries, ~127 s): with the gate's policy `drop` the ones that
 //!   arrive while the host is drained and restarting retry their SYN and get in once the
 //!   gate opens.
 //!
@@ -27,12 +27,13 @@ use std::{
 
 use drain_tests::{
     cli::{port_status, Drain},
-    drain_user_bin,
     docker::Dockerd,
+    drain_user_bin,
     netns::NetNsPair,
     require_root,
     web::{
-        connects, ns_cmd, wait_until, Attempt, Backend, HaProxy, Load, Nginx, TempDir, Trickle, WrkResult,
+        connects, ns_cmd, wait_until, Attempt, Backend, HaProxy, Load, Nginx, TempDir, Trickle,
+        WrkResult,
     },
 };
 
