@@ -433,8 +433,12 @@ pub fn bpf_link_exists(id: u32) -> bool {
 
 /// The programs in the TCX ingress chain of `dev` in `ns`, in order: (id, name). Asked of
 /// the kernel (BPF_PROG_QUERY) on a thread inside the namespace, since Debian's bpftool 7.1
-/// predates TCX and does not list it.
+/// predates TCX and does not list it. A kernel without TCX (before 6.6) has no such chain:
+/// empty.
 pub fn tcx_ingress(pair: &NetNsPair, ns: &str, dev: &str) -> Vec<(u32, String)> {
+    if !crate::kernel::has(crate::kernel::Feature::Tcx) {
+        return Vec::new();
+    }
     let (_, progs) = pair
         .in_ns(ns, || {
             SchedClassifier::query_tcx(dev, TcAttachType::Ingress)
