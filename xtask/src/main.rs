@@ -326,6 +326,8 @@ fn ensure_test_packages() -> Result<()> {
         ("strace", have("strace")),
         // The package test reads the installed man page.
         ("man-db", have("man")),
+        // systemd-socket-activate: the agent tests hand it its socket as a .socket unit does.
+        ("systemd", have("systemd-socket-activate")),
     ])
 }
 
