@@ -58,6 +58,9 @@ play "$here/gate.yml"
 echo "=== role: a whole cycle"
 play "$here/role.yml"
 
+echo "=== role: a whole cycle that tells the balancer first (drain_announce)"
+play "$here/role.yml" -e scenario=announce
+
 echo "=== role: the wait times out before the stop: the rescue reopens and fails the play"
 client
 # Two names for this host, serial 1: the second batch must not start after the first fails.

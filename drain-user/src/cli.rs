@@ -202,8 +202,10 @@ pub struct AnnounceArgs {
     #[arg(long, value_name = "DELAY", value_parser = parse_duration)]
     pub announce: Option<Duration>,
     /// With --announce: how long the ports must see no new connection request before `wait`
-    /// closes the gate early. Make it longer than the balancer's check interval.
-    #[arg(long, default_value = "1s", value_parser = parse_duration, requires = "announce")]
+    /// closes the gate early. Make it longer than the balancer takes to act on the agent
+    /// (its check interval, e.g. HAProxy's agent-inter, 2s by default, plus the answer's
+    /// time): a balancer that pools connections may open none for a while anyway.
+    #[arg(long, default_value = "3s", value_parser = parse_duration, requires = "announce")]
     pub quiet: Duration,
     /// The agent answers `maint` instead of `drain` (HAProxy: maintenance mode).
     #[arg(long)]
