@@ -963,3 +963,24 @@ fn agent_answers_every_phase_and_bad_input_gets_one_line() {
     drain_ok(&ns, &["gate", "off"]);
     assert!(!state_dir.exists());
 }
+
+/// The shipped units load cleanly in systemd (`systemd-analyze verify`, no warning) and keep
+/// their contract: a socket with Accept=yes and a template service that runs the agent.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn agent_units_verify() {
+    require_root();
+    ensure_socket_activate();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/systemd/verify-agent.sh");
+    let out = Command::new(&script)
+        .arg(drain_user_bin())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed: {}{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
