@@ -305,7 +305,9 @@ fn ensure_bpffs() -> Result<()> {
 /// sshd per host of the fleet drill, which Ansible connects to) and python3-venv (the drill's
 /// virtualenv with ansible-core), ss/ip (iproute2), nsenter/setpriv (util-linux), bpftool to
 /// look at attached programs, strace to kill drain-user at chosen syscalls (the fault and
-/// hardening tests). Installed with apt when missing (CI machines start bare).
+/// hardening tests), docker.io (the Docker test runs its own dockerd inside a test namespace:
+/// dockerd, containerd, runc, iptables come with it). Installed with apt when missing (CI
+/// machines start bare).
 fn ensure_test_packages() -> Result<()> {
     // python3-venv ships no program of its own: ask Debian's python whether it can make one.
     let have_venv = || {
@@ -328,6 +330,8 @@ fn ensure_test_packages() -> Result<()> {
         ("man-db", have("man")),
         // systemd-socket-activate: the agent tests hand it its socket as a .socket unit does.
         ("systemd", have("systemd-socket-activate")),
+        // /usr/bin/docker by path: another client may be installed elsewhere on PATH.
+        ("docker.io", have("dockerd") && have("docker")),
     ])
 }
 
@@ -396,6 +400,9 @@ pub(crate) fn ensure_packages(wanted: &[(&str, bool)]) -> Result<()> {
         ("nginx", "nginx", "/run/nginx.pid"),
         ("haproxy", "haproxy", "/run/haproxy.pid"),
         ("openssh-server", "ssh", "/run/sshd.pid"),
+        // A dockerd in the host's namespace would turn on ip_forward and set FORWARD to DROP.
+        ("docker.io", "docker", "/run/docker.pid"),
+        ("docker.io", "containerd", "/run/containerd/containerd.pid"),
     ] {
         if !missing.contains(&pkg) {
             continue;
