@@ -118,8 +118,8 @@ options:
         HTTP health endpoint, see the collection README) answers C(drain) at once, and the
         kernel keeps accepting new connections for up to this long, then refuses them by
         itself. A O(state=drained) or O(state=idle) wait ends the announcement earlier as
-        soon as no new connection request has reached the ports for O(quiet): the balancer
-        has stopped sending. Same duration syntax as O(ttl); must be shorter than O(ttl).
+        soon as no new connection request has reached the ports for O(quiet) (the balancer
+        has stopped sending). Same duration syntax as O(ttl); must be shorter than O(ttl).
       - Unset, the gate refuses at once. A gate already refusing is not reopened.
     type: str
   quiet:
@@ -279,7 +279,7 @@ differences:
 closed_by:
   description:
     - When the wait began on an announced gate (O(announce)), how the announcement ended
-      before the wait proper: V(quiet) (no new connection request for O(quiet): the wait
+      before the wait proper, V(quiet) (no new connection request for O(quiet), so the wait
       closed the gate) or V(delay) (the kernel closed it at the end of O(announce)).
   returned: when state is drained or idle and the gate was announced
   type: str
