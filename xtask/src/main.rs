@@ -326,6 +326,8 @@ fn ensure_test_packages() -> Result<()> {
         ("util-linux", have("nsenter")),
         ("bpftool", have("bpftool")),
         ("strace", have("strace")),
+        // The published-port tests make Docker's DNAT with nft.
+        ("nftables", have("nft")),
         // The package test reads the installed man page.
         ("man-db", have("man")),
         // systemd-socket-activate: the agent tests hand it its socket as a .socket unit does.
