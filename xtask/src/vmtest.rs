@@ -44,7 +44,19 @@ pub struct Args {
 
 /// `--quick`: the subset CI runs on every kernel it boots (TCG is ~10-30x slower than the
 /// host; README's "Kernel matrix" gives the timings): (test binary, libtest filter).
-const QUICK: &[(&str, &[&str])] = &[("load", &[]), ("check", &[]), ("gate_cli", &[])];
+const QUICK: &[(&str, &[&str])] = &[
+    ("load", &[]),
+    ("check", &[]),
+    ("gate_cli", &[]),
+    (
+        "tracker",
+        &[
+            "connections_opened_before_gate_on_are_counted",
+            "wait_exits_0_after_the_last_connection_closes",
+        ],
+    ),
+    ("policy", &["reset_contract_xdp"]),
+];
 
 /// Test binaries that cannot run in the guest, and why: they need the network (PyPI) or
 /// things a kernel matrix does not test (packaging). Every other test binary runs there, so
