@@ -335,6 +335,8 @@ fn ensure_test_packages() -> Result<()> {
         ("nftables", have("nft")),
         // The package test reads the installed man page.
         ("man-db", have("man")),
+        // systemd-socket-activate: the agent tests hand it its socket as a .socket unit does.
+        ("systemd", have("systemd-socket-activate")),
         // /usr/bin/docker by path: another client may be installed elsewhere on PATH.
         ("docker.io", have("dockerd") && have("docker")),
     ])
