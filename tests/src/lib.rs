@@ -22,11 +22,15 @@
 //!   must do (classifier + gate logic): verdict, output frame (RSTs included), counters.
 //! - [`fuzz`]: a seeded PRNG, random frames, mutations and the checked-in seed corpus.
 //! - [`web`]: nginx, HAProxy and wrk in test namespaces (end-to-end tests under load).
+//! - [`booted`]: booted hosts: a cached Debian root file system booted with systemd as
+//!   PID 1 under systemd-nspawn in a test namespace, with drain-user and a bpffs bound in;
+//!   `systemctl`/`journalctl` inside; everything torn down on drop.
 //! - [`fleet`]: the fleet drill's hosts, balancer and Ansible controller.
 //!
 //! Everything here panics on error rather than returning `Result`: a failing helper is a
 //! failing test, and the panic message says what was being done.
 
+pub mod booted;
 pub mod classify;
 pub mod cli;
 pub mod fleet;
