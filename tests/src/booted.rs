@@ -422,20 +422,16 @@ impl Booted {
             .to_string()
     }
 
-    /// The journal of `unit` since boot, one message per line: `<µs since boot> <message>`
-    /// (`-o json` is parsed: messages are the unit's and drain-user's own lines, and what
-    /// systemd logs about the unit).
-    pub fn journal(&self, unit: &str) -> Vec<(u64, String)> {
-        let out = run_ok(&mut self.command(&[
-            "journalctl",
-            "-b",
-            "-u",
-            unit,
-            "-o",
-            "json",
-            "--no-pager",
-            "--output-fields=MESSAGE,__MONOTONIC_TIMESTAMP",
-        ]));
+    /// The journal of `units` since boot, in order: (µs since boot, message) (`-o json`
+    /// parsed: the units' own lines, drain-user's included, and what systemd logs about
+    /// them).
+    pub fn journal(&self, units: &[&str]) -> Vec<(u64, String)> {
+        let mut argv = vec!["journalctl", "-b", "-o", "json", "--no-pager"];
+        for u in units {
+            argv.extend(["-u", u]);
+        }
+        argv.push("--output-fields=MESSAGE,__MONOTONIC_TIMESTAMP");
+        let out = run_ok(&mut self.command(&argv));
         out.lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .map(|v| {

@@ -127,11 +127,11 @@ impl Host {
 
     /// The journal of nginx.service from line `from` on.
     fn journal_since(&self, from: usize) -> Vec<(u64, String)> {
-        self.booted.journal("nginx.service").split_off(from)
+        self.booted.journal(&["nginx.service"]).split_off(from)
     }
 
     fn journal_len(&self) -> usize {
-        self.booted.journal("nginx.service").len()
+        self.booted.journal(&["nginx.service"]).len()
     }
 }
 
@@ -148,42 +148,58 @@ struct Steps {
 }
 
 impl Steps {
-    fn of(journal: &[(u64, String)]) -> Self {
+    /// `unit`: the service stopped and started (systemd's lines name it).
+    fn of(journal: &[(u64, String)], unit: &str) -> Self {
         let mut s = Steps::default();
+        let stopped = format!("Stopped {unit}");
+        // A Type=simple service is never "Starting": systemd logs only its "Started".
+        let starting = format!("Starting {unit}");
+        let started = format!("Started {unit}");
         for (t, m) in journal {
+            // The first stop of any unit: the drain@ unit's stop comes before the service's.
             let slot = if m.starts_with("Stopping ") {
                 &mut s.stopping
             } else if m.starts_with("gate on: new connections to port") {
                 &mut s.gate_on
             } else if m.starts_with("drained: ") || m.starts_with("idle: ") {
                 &mut s.wait
-            } else if m.starts_with("Stopped ") {
+            } else if m.starts_with(&stopped) {
                 &mut s.stopped
-            } else if m.starts_with("Starting ") {
+            } else if m.starts_with(&starting) {
                 &mut s.starting
             } else if m.starts_with("gate off: ") {
                 &mut s.gate_off
-            } else if m.starts_with("Started ") {
+            } else if m.starts_with(&started) {
                 &mut s.started
             } else {
                 continue;
             };
             slot.get_or_insert(*t);
         }
+        s.starting = s.starting.or(s.started);
         s
     }
 
     /// gate on -> wait -> stop -> start -> gate off, each exactly where it belongs.
-    fn assert_in_order(&self, journal: &[(u64, String)]) {
-        let all = [
+    /// `off_before_started`: the drop-in opens in ExecStartPost, before systemd says
+    /// Started; the drain@ unit opens after the service has started.
+    fn assert_in_order(&self, journal: &[(u64, String)], off_before_started: bool) {
+        let mut all = vec![
             ("systemd: Stopping", self.stopping),
             ("drain-user: gate on", self.gate_on),
             ("drain-user wait: drained/idle", self.wait),
             ("systemd: Stopped", self.stopped),
             ("systemd: Starting", self.starting),
+        ];
+        let (off, started) = (
             ("drain-user: gate off", self.gate_off),
             ("systemd: Started", self.started),
-        ];
+        );
+        if off_before_started {
+            all.extend([off, started]);
+        } else {
+            all.extend([started, off]);
+        }
         let text = || {
             journal
                 .iter()
@@ -219,14 +235,16 @@ impl Steps {
 
     /// Where the stop's time went, for the README.
     fn breakdown(&self) -> String {
+        let end = self.gate_off.max(self.started);
         format!(
-            "gate on {} s, wait {} s, graceful stop {} s, start {} s, gate off -> Started {} s (Stopping -> Started {} s)",
+            "Stopping -> gate on {} s, wait {} s, stop {} s, start {} s (Starting -> Started), \
+             stopped -> gate off {} s; Stopping -> open and started {} s",
             Self::secs(self.stopping, self.gate_on),
             Self::secs(self.gate_on, self.wait),
             Self::secs(self.wait, self.stopped),
+            Self::secs(self.starting, self.started),
             Self::secs(self.stopped, self.gate_off),
-            Self::secs(self.gate_off, self.started),
-            Self::secs(self.stopping, self.started),
+            Self::secs(self.stopping, end),
         )
     }
 }
@@ -289,6 +307,7 @@ impl Front {
             Duration::from_secs(LOAD_SECS),
         );
         thread::sleep(Duration::from_secs(3));
+        let started = load.fast.started;
         let mut loaded = |when: &str| {
             let elapsed = load.fast.started.elapsed();
             assert!(
@@ -306,7 +325,14 @@ impl Front {
             Duration::from_secs(20),
             || self.lb.servers().get("web").is_some_and(|s| s == "UP"),
         );
+        // 2 s more, and at least as long as the longest download: every phase has some
+        // finished, wrk counts a cut one only once another connection's request completed.
         thread::sleep(Duration::from_secs(2));
+        let longest =
+            Duration::from_secs(u64::from(*drain_tests::web::SLOW_SECS.last().unwrap()) + 2);
+        if let Some(more) = longest.checked_sub(started.elapsed()) {
+            thread::sleep(more);
+        }
         loaded("at the end");
         (load.stop(), took)
     }
@@ -335,7 +361,9 @@ fn systemd_drop_in_restart_under_load_fails_no_request_and_without_it_some() {
         plain.timeouts
     );
     assert!(
-        Steps::of(&h.journal_since(from)).gate_on.is_none(),
+        Steps::of(&h.journal_since(from), "nginx.service")
+            .gate_on
+            .is_none(),
         "a gate closed without the drop-in"
     );
     assert!(
@@ -360,7 +388,7 @@ fn systemd_drop_in_restart_under_load_fails_no_request_and_without_it_some() {
             }
         });
         let journal = h.journal_since(from);
-        let steps = Steps::of(&journal);
+        let steps = Steps::of(&journal, "nginx.service");
         println!(
             "with the drop-in: {what} took {took:?}; {} requests, {} failed (non-2xx {}, \
              socket errors {}); journal: {}",
@@ -370,7 +398,7 @@ fn systemd_drop_in_restart_under_load_fails_no_request_and_without_it_some() {
             r.failures() - r.non_2xx,
             steps.breakdown()
         );
-        steps.assert_in_order(&journal);
+        steps.assert_in_order(&journal, true);
         assert_eq!(
             (r.non_2xx, r.failures()),
             (0, 0),
@@ -592,4 +620,145 @@ fn systemd_drop_in_with_a_wrong_port_list_says_so_and_still_stops_and_starts() {
     let st = h.booted.drain_status();
     assert_eq!(st["gate"], "off", "a bad port list closed a gate: {st}");
     assert!(connects(&h.pair.b, h.web(), Duration::from_secs(2)));
+}
+
+/// A TCP service that is not nginx: Python's ThreadingHTTPServer with HTTP/1.1 keep-alive,
+/// `/slow/<s>.bin` sent over about `s` seconds (a chunk every 100 ms, never idle), anything else
+/// answered at once. No ExecStop=: systemd stops it with SIGTERM, which Python's default
+/// handler answers by exiting on the spot, cutting whatever is in flight.
+const PY_SERVER: &str = r#"import http.server, sys, time
+RATE = 32768
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        if self.path.startswith("/slow/"):
+            secs = int(self.path[len("/slow/"):].split(".")[0])
+            self.send_response(200)
+            self.send_header("Content-Length", str(RATE * secs))
+            self.end_headers()
+            left = RATE * secs
+            while left > 0:
+                n = min(left, RATE // 10 + 1)
+                self.wfile.write(b"s" * n)
+                self.wfile.flush()
+                left -= n
+                time.sleep(0.1)
+        else:
+            body = b"ok\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+class S(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 512
+S(("", int(sys.argv[1])), H).serve_forever()
+"#;
+
+const PY_UNIT: &str = "[Unit]
+Description=a Python HTTP server (test service)
+[Service]
+ExecStart=/usr/bin/python3 /usr/local/lib/drain-test/slow_http.py 8080
+[Install]
+WantedBy=multi-user.target
+";
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn systemd_drain_unit_drains_a_python_server_under_load() {
+    let _one = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    let unit = std::fs::read(repo().join("examples/systemd/drain@.service")).unwrap();
+    let h = Host::boot(
+        true,
+        vec![
+            (
+                "/usr/local/lib/drain-test/slow_http.py".into(),
+                PY_SERVER.as_bytes().to_vec(),
+            ),
+            (
+                "/etc/systemd/system/slow-http.service".into(),
+                PY_UNIT.as_bytes().to_vec(),
+            ),
+            ("/etc/systemd/system/drain@.service".into(), unit),
+            (
+                "/etc/default/drain-slow-http".into(),
+                b"DRAIN_PORTS=8080\n".to_vec(),
+            ),
+        ],
+    );
+    h.booted
+        .systemctl(&["enable", "--now", "slow-http.service"]);
+    let web = SocketAddr::new(h.pair.a_v4.into(), 8080);
+    wait_until("the Python server listens", Duration::from_secs(10), || {
+        connects(&h.pair.b, web, Duration::from_millis(300))
+    });
+    let front = Front::new(&h, web);
+    let units = ["slow-http.service", "drain@slow-http.service"];
+
+    // Without drain: SIGTERM cuts the downloads in flight.
+    let (plain, took) = front.under_load(&h, || h.booted.systemctl(&["restart", "slow-http"]));
+    println!(
+        "python server without drain@: systemctl restart took {took:?}; {} requests, {} failed \
+         (non-2xx {}, read {}); HAProxy retried or failed: {:?}",
+        plain.requests,
+        plain.failures(),
+        plain.non_2xx,
+        plain.read_errors,
+        front.lb.logged_requests()
+    );
+    assert!(
+        plain.failures() > 0,
+        "restarting the Python server under load failed nothing ({plain:?}): the test cannot tell anything"
+    );
+
+    // With drain@slow-http enabled beside it: no edit to the service's own unit.
+    h.booted
+        .systemctl(&["enable", "--now", "drain@slow-http.service"]);
+    assert_eq!(h.booted.is_active("drain@slow-http.service"), "active");
+    for (what, action) in [
+        ("systemctl restart slow-http", &["restart"][..]),
+        (
+            "systemctl stop slow-http; systemctl start slow-http",
+            &["stop", "start"][..],
+        ),
+    ] {
+        let from = h.booted.journal(&units).len();
+        let (r, took) = front.under_load(&h, || {
+            for verb in action {
+                h.booted.systemctl(&[verb, "slow-http"]);
+            }
+        });
+        let journal = h.booted.journal(&units).split_off(from);
+        let steps = Steps::of(&journal, "slow-http.service");
+        println!(
+            "python server with drain@: {what} took {took:?}; {} requests, {} failed (non-2xx {}, \
+             socket errors {}); journal: {}; HAProxy retried or failed (all phases): {:?}",
+            r.requests,
+            r.failures(),
+            r.non_2xx,
+            r.failures() - r.non_2xx,
+            steps.breakdown(),
+            front.lb.logged_requests()
+        );
+        steps.assert_in_order(&journal, false);
+        assert_eq!(
+            (r.non_2xx, r.failures()),
+            (0, 0),
+            "requests failed with drain@ ({what}): {}\njournal:\n{}",
+            r.text,
+            journal
+                .iter()
+                .filter(|(_, m)| !m.starts_with(' ')
+                    && !m.starts_with("Traceback")
+                    && !m.starts_with("--"))
+                .map(|(t, m)| format!("{t} {m}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert_eq!(h.booted.drain_status()["gate"], "off");
+        assert_eq!(h.booted.is_active("drain@slow-http.service"), "active");
+    }
 }
