@@ -25,8 +25,51 @@ pub const VERSION: &str = concat!(
 #[derive(Debug, Parser)]
 #[command(name = "drain-user", version = VERSION)]
 pub struct Cli {
+    #[command(flatten)]
+    pub target: Target,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The network namespace a command acts on (default: the caller's). drain-user enters only
+/// that namespace's network stack, before anything else runs, and keeps the host's mount
+/// namespace, so the gate's pins stay in the host's bpffs: the gate, tracker, TTL, policy,
+/// status, watch and reaper then work there exactly as in any namespace. At most one.
+#[derive(Debug, Default, clap::Args)]
+pub struct Target {
+    /// Act in the network namespace at PATH (e.g. /var/run/netns/NAME, /proc/PID/ns/net).
+    ///
+    /// Example: drain-user --netns /var/run/netns/web gate on --port 80
+    #[arg(long, global = true, value_name = "PATH", conflicts_with_all = ["pid", "container"])]
+    pub netns: Option<std::path::PathBuf>,
+    /// Act in the network namespace of process PID.
+    #[arg(long, global = true, value_name = "PID", conflicts_with = "container",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub pid: Option<u32>,
+    /// Act in the network namespace of a running container, found through the runtime's own
+    /// CLI (`/usr/bin/docker inspect`, or podman's; DOCKER_HOST and CONTAINER_HOST are
+    /// honoured).
+    ///
+    /// Example: drain-user --container web gate on --port 80
+    #[arg(long, global = true, value_name = "NAME")]
+    pub container: Option<String>,
+    /// The container runtime that knows --container.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        requires = "container",
+        value_name = "RUNTIME"
+    )]
+    pub runtime: Option<Runtime>,
+}
+
+/// `--runtime`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Runtime {
+    #[default]
+    Docker,
+    Podman,
 }
 
 #[derive(Debug, Subcommand)]

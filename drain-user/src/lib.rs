@@ -24,6 +24,7 @@
 //! | [`netlink`] | netlink dump requests, shared by `iface` and `diag` |
 //! | [`btf`] | struct member offsets from the kernel's BTF |
 //! | [`check`] | `check`: the preflight (probes, and the decision made from them) |
+//! | [`target`] | `--netns`, `--pid`, `--container`: the network namespace a command acts on, entered first |
 
 pub mod btf;
 pub mod check;
@@ -41,6 +42,7 @@ pub mod pins;
 pub mod state;
 pub mod status;
 pub mod sys;
+pub mod target;
 pub mod track;
 pub mod wait;
 pub mod watch;
@@ -66,6 +68,8 @@ pub fn run(cli: Cli) -> Result<Exit> {
     if !matches!(cli.command, Command::Check { .. }) {
         require_privileges(tracing)?;
     }
+    // Before any thread starts (the tokio runtime, scoped helpers): they inherit it.
+    target::enter(&cli.target)?;
     pins::check_mount_namespace()?;
     match cli.command {
         Command::Check {

@@ -226,7 +226,7 @@ pub fn check_mount_namespace() -> Result<()> {
     bail!(
         "this process has a mount namespace of its own without the host's bpffs (as under \
          `ip netns exec`), so a gate made here would vanish when it exits: run \
-         `nsenter --net=/var/run/netns/{name} drain-user ...` instead"
+         `drain-user --netns /var/run/netns/{name} ...` (or `nsenter --net=/var/run/netns/{name} drain-user ...`) instead"
     )
 }
 

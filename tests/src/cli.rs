@@ -267,6 +267,27 @@ impl Drop for Running {
     }
 }
 
+/// Runs `drain-user args...` (the workspace's build) in the test's own namespaces, without
+/// nsenter: for calls that pick their namespace themselves (`--netns`, `--pid`,
+/// `--container`). At most [`CLI_DEADLINE`].
+#[track_caller]
+pub fn run_here(args: &[&str]) -> CliOutput {
+    crate::require_root();
+    crate::object::ensure_bpffs();
+    let mut cmd = Command::new(crate::drain_user_bin());
+    cmd.args(args);
+    Running::start(cmd, format!("drain-user {}", args.join(" "))).wait()
+}
+
+/// Starts `drain-user args...` in the test's own namespaces without waiting (see
+/// [`run_here`]).
+pub fn spawn_here(args: &[&str]) -> Running {
+    crate::require_root();
+    let mut cmd = Command::new(crate::drain_user_bin());
+    cmd.args(args);
+    Running::start(cmd, format!("drain-user {}", args.join(" ")))
+}
+
 /// The links every gate pins besides one per interface, sorted: the RST counter, the
 /// namespace-wide refusal (sk_lookup) and the connection tracker.
 pub const GATE_LINKS: [&str; 3] = ["link-rst", "link-sklookup", "link-track"];

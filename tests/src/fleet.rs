@@ -36,6 +36,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use crate::target_dir;
 use crate::web::{
     kill_group, listening, ns_cmd, run_ok, wait_until, Backend, Daemon, HaProxy, Nginx, TempDir,
 };
@@ -56,13 +57,6 @@ pub fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
-        PathBuf::from,
-    )
 }
 
 fn repo_root() -> PathBuf {

@@ -26,6 +26,10 @@
 //!   PID 1 under systemd-nspawn in a test namespace, with drain-user and a bpffs bound in;
 //!   `systemctl`/`journalctl` inside; everything torn down on drop.
 //! - [`fleet`]: the fleet drill's hosts, balancer and Ansible controller.
+//! - [`docker`]: a real dockerd started inside a test namespace (its own socket, data and
+//!   exec roots, cgroup parent, bridge), the test site's nginx image (built once, cached
+//!   under the build directory, imported without a registry), containers with published
+//!   ports, and a teardown on drop that leaves nothing behind.
 //!
 //! Everything here panics on error rather than returning `Result`: a failing helper is a
 //! failing test, and the panic message says what was being done.
@@ -33,6 +37,7 @@
 pub mod booted;
 pub mod classify;
 pub mod cli;
+pub mod docker;
 pub mod fleet;
 pub mod frames;
 pub mod fuzz;
@@ -49,17 +54,22 @@ pub fn drain_user_bin() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("DRAIN_USER") {
         return p.into();
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
-        std::path::PathBuf::from,
-    );
-    let p = target.join("debug/drain-user");
+    let p = target_dir().join("debug/drain-user");
     assert!(
         p.exists(),
         "{} is missing: run `cargo xtask build` (or set DRAIN_USER)",
         p.display()
     );
     p
+}
+
+/// The build directory: `$CARGO_TARGET_DIR`, else the workspace's `target/`. Downloads and
+/// built images the tests cache live under it.
+pub fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        std::path::PathBuf::from,
+    )
 }
 
 /// Panics with a clear message unless the process runs as root (loading BPF programs,

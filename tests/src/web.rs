@@ -186,61 +186,18 @@ impl Nginx {
     /// Writes the config and content (`version` as /version and in the index page) and
     /// starts nginx listening on `listen` (e.g. `*:80`, `198.18.0.1:8080`).
     pub fn new(ns: &str, prefix: &Path, listen: &str, port: u16, version: &str) -> Self {
-        let html = prefix.join("html");
-        fs::create_dir_all(prefix.join("logs")).unwrap();
-        fs::create_dir_all(&html).unwrap();
-        let conf = format!(
-            "worker_processes 1;
-error_log {p}/logs/error.log;
-pid {p}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {p}/body;
-    proxy_temp_path {p}/proxy;
-    fastcgi_temp_path {p}/fastcgi;
-    uwsgi_temp_path {p}/uwsgi;
-    scgi_temp_path {p}/scgi;
-    default_type text/plain;
-    keepalive_requests 100000000;
-    keepalive_timeout 300s;
-    server {{
-        listen {listen};
-        root {html};
-        location = /healthz {{ return 200 \"ok\\n\"; }}
-        location /slow/ {{ limit_rate {rate}; }}
-        location / {{ index index.html; }}
-    }}
-}}
-",
-            p = prefix.display(),
-            html = html.display(),
-            rate = SLOW_RATE,
-        );
-        fs::write(prefix.join("nginx.conf"), conf).unwrap();
-        fs::create_dir_all(html.join("slow")).unwrap();
-        for secs in SLOW_SECS {
-            let body = vec![b's'; SLOW_RATE * secs as usize];
-            fs::write(html.join(format!("slow/{secs}.bin")), body).unwrap();
-        }
+        write_site(prefix, listen, version);
         let n = Self {
             ns: ns.to_string(),
             prefix: prefix.to_path_buf(),
             port,
         };
-        n.write_content(version);
         n.start();
         n
     }
 
     pub fn write_content(&self, version: &str) {
-        let html = self.prefix.join("html");
-        fs::write(html.join("version"), format!("{version}\n")).unwrap();
-        fs::write(
-            html.join("index.html"),
-            format!("<html><body>drain test site, {version}</body></html>\n"),
-        )
-        .unwrap();
+        write_content(&self.prefix, version);
     }
 
     pub fn pid_file(&self) -> PathBuf {
@@ -304,6 +261,61 @@ impl Drop for Nginx {
             kill_group(pid, libc::SIGKILL);
         }
     }
+}
+
+/// Writes the test site under `prefix`: `nginx.conf` (listening on `listen`, every path
+/// under `prefix`, so the same tree serves from a host directory or from a container
+/// image), the endpoints of [`Nginx`] and `version`'s content.
+pub fn write_site(prefix: &Path, listen: &str, version: &str) {
+    let html = prefix.join("html");
+    fs::create_dir_all(prefix.join("logs")).unwrap();
+    fs::create_dir_all(&html).unwrap();
+    let conf = format!(
+        "worker_processes 1;
+error_log {p}/logs/error.log;
+pid {p}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {p}/body;
+    proxy_temp_path {p}/proxy;
+    fastcgi_temp_path {p}/fastcgi;
+    uwsgi_temp_path {p}/uwsgi;
+    scgi_temp_path {p}/scgi;
+    default_type text/plain;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    server {{
+        listen {listen};
+        root {html};
+        location = /healthz {{ return 200 \"ok\\n\"; }}
+        location /slow/ {{ limit_rate {rate}; }}
+        location / {{ index index.html; }}
+    }}
+}}
+",
+        p = prefix.display(),
+        html = html.display(),
+        rate = SLOW_RATE,
+    );
+    fs::write(prefix.join("nginx.conf"), conf).unwrap();
+    fs::create_dir_all(html.join("slow")).unwrap();
+    for secs in SLOW_SECS {
+        let body = vec![b's'; SLOW_RATE * secs as usize];
+        fs::write(html.join(format!("slow/{secs}.bin")), body).unwrap();
+    }
+    write_content(prefix, version);
+}
+
+/// Writes `version` as /version and into the index page of the site under `prefix`.
+pub fn write_content(prefix: &Path, version: &str) {
+    let html = prefix.join("html");
+    fs::write(html.join("version"), format!("{version}\n")).unwrap();
+    fs::write(
+        html.join("index.html"),
+        format!("<html><body>drain test site, {version}</body></html>\n"),
+    )
+    .unwrap();
 }
 
 /// The shell command that starts the [`Nginx`] of prefix `prefix` (run in its namespace; it
@@ -771,4 +783,104 @@ pub fn port_counter(st: &serde_json::Value, port: u16, name: &str) -> u64 {
     crate::cli::port_status(st, port)
         .and_then(|p| p[name].as_u64())
         .unwrap_or(0)
+}
+
+/// One client of a [`Trickle`]: when it started connecting, when it was done, and the HTTP
+/// status it got or what went wrong.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub started: Instant,
+    pub ended: Instant,
+    pub result: Result<u16, String>,
+}
+
+impl Attempt {
+    pub fn ok(&self) -> bool {
+        self.result == Ok(200)
+    }
+}
+
+/// A steady trickle of NEW connections, the clients a restart meets at the door: every
+/// `every`, a new client thread in namespace `ns` connects to `addr` (giving its SYN
+/// retries up to [`Trickle::CONNECT_TIMEOUT`], as a patient client does), sends `GET path`
+/// over HTTP/1.0 and reads the whole answer. Each attempt is recorded with its times.
+pub struct Trickle {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    spawner: Option<thread::JoinHandle<Vec<Attempt>>>,
+}
+
+impl Trickle {
+    /// Longer than the kernel's SYN retries take to reach a gate closed for a whole drain
+    /// (1, 3, 7, 15, 31 s after the first SYN).
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+    pub fn start(ns: &str, addr: SocketAddr, path: &str, every: Duration) -> Self {
+        use std::sync::{atomic::Ordering, Arc};
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ns, path, flag) = (ns.to_string(), path.to_string(), stop.clone());
+        let spawner = thread::spawn(move || {
+            // Threads spawned from here inherit this thread's network namespace.
+            crate::netns::enter_netns(&ns);
+            let mut workers = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let path = path.clone();
+                workers.push(
+                    thread::Builder::new()
+                        .stack_size(128 * 1024)
+                        .spawn(move || {
+                            let started = Instant::now();
+                            let result = one_request(addr, &path);
+                            Attempt {
+                                started,
+                                ended: Instant::now(),
+                                result,
+                            }
+                        })
+                        .expect("spawn a trickle client"),
+                );
+                thread::sleep(every);
+            }
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("a trickle client panicked"))
+                .collect()
+        });
+        Self {
+            stop,
+            spawner: Some(spawner),
+        }
+    }
+
+    /// Stops starting clients, waits for those under way and returns every attempt.
+    pub fn finish(mut self) -> Vec<Attempt> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.spawner
+            .take()
+            .unwrap()
+            .join()
+            .expect("trickle spawner")
+    }
+}
+
+impl Drop for Trickle {
+    fn drop(&mut self) {
+        // Unwinding: stop spawning; clients end by their own timeouts.
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn one_request(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let mut s = TcpStream::connect_timeout(&addr, Trickle::CONNECT_TIMEOUT)
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&resp);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no HTTP status in {} bytes", resp.len()))
 }

@@ -132,6 +132,59 @@ fn table() -> Vec<Row> {
         row(&["wait", "--bogus"], "--bogus"),
         row(&["bogus"], "bogus"),
         row(&["--port", "80"], "--port"),
+        // The target namespace (--netns, --pid, --container): resolved before anything
+        // changes, so a bad one is a usage error like any other.
+        row(
+            &["--netns", "/nonexistent/ns", "gate", "on", "--port", "80"],
+            "/nonexistent/ns",
+        ),
+        row(&["--netns", "/", "status"], "a directory"),
+        row(
+            &["--netns", "/proc/self/ns/uts", "gate", "on", "--port", "80"],
+            "another kind",
+        ),
+        row(
+            &["--netns", "/etc/hostname", "gate", "off"],
+            "not a namespace",
+        ),
+        row(&["--netns", "", "status"], "--netns"),
+        // pid_max is at most 2^22: this pid cannot exist.
+        row(
+            &["--pid", "4194304", "gate", "on", "--port", "80"],
+            "4194304",
+        ),
+        row(&["--pid", "0", "status"], "--pid"),
+        row(&["--pid", "abc", "wait", "--port", "80"], "abc"),
+        row(
+            &[
+                "--container",
+                "drain-no-such-ctr",
+                "gate",
+                "on",
+                "--port",
+                "80",
+            ],
+            "drain-no-such-ctr",
+        ),
+        row(
+            &[
+                "--container",
+                "drain-no-such-ctr",
+                "--runtime",
+                "podman",
+                "gate",
+                "off",
+            ],
+            "drain-no-such-ctr",
+        ),
+        row(&["--container", "", "status"], "not a container name"),
+        row(&["--container", "x", "--runtime", "lxc", "status"], "lxc"),
+        row(&["--runtime", "docker", "status"], "--container"),
+        row(
+            &["--netns", "/proc/1/ns/net", "--pid", "1", "status"],
+            "--pid",
+        ),
+        row(&["--pid", "1", "--container", "x", "status"], "--container"),
     ];
     // The same rows must not depend on where the bad value sits.
     t.push(gate_on(

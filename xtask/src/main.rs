@@ -5,6 +5,7 @@ mod demo;
 mod fuzz;
 mod package;
 mod toolchain;
+mod vmtest;
 
 use std::{
     path::{Path, PathBuf},
@@ -73,6 +74,34 @@ enum Task {
         #[arg(long, value_parser = fuzz::parse_seed)]
         seed: Option<u64>,
     },
+    /// drain's root integration tests on Debian's own kernels under QEMU (needs root):
+    /// kernel packages pinned in xtask/vmtest.lock, a debootstrapped guest userland, a
+    /// summary per kernel (passed / failed / not run, with reasons). Caches in target/vmtest.
+    ///
+    /// Example: cargo xtask vmtest --kernel 5.10,6.1 -- --test gate_cli gate_off
+    Vmtest {
+        /// Kernels: 5.10, 6.1, 6.12, latest (trixie-backports), all; comma-separated or
+        /// repeated. Default: all.
+        #[arg(long, value_delimiter = ',')]
+        kernel: Vec<String>,
+        /// Resolve the newest kernel package of each line through apt and rewrite
+        /// xtask/vmtest.lock (then runs the kernels given with --kernel, if any).
+        #[arg(long)]
+        refresh_lock: bool,
+        /// Hard deadline for one kernel (boot and every test), seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+        /// Deadline for one test in the guest, seconds.
+        #[arg(long, default_value_t = 900)]
+        test_timeout: u64,
+        /// Guest CPUs.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// After `--`: `--test NAME` picks test binaries (repeatable); the rest goes to
+        /// libtest (a name filter, --exact, --skip NAME).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -111,6 +140,21 @@ fn run_task(task: Task) -> Result<()> {
             ensure_bpffs()?;
             fuzz::run(frames, seed)
         }
+        Task::Vmtest {
+            kernel,
+            refresh_lock,
+            timeout,
+            test_timeout,
+            cpus,
+            args,
+        } => vmtest::run_matrix(vmtest::Args {
+            kernels: kernel,
+            refresh_lock,
+            timeout,
+            test_timeout,
+            cpus,
+            args,
+        }),
         Task::Demo => {
             build(false)?;
             ensure_bpffs()?;
@@ -208,7 +252,7 @@ fn test(args: &[String]) -> Result<()> {
 }
 
 /// Fails with `why` and the sudo hint unless running as root.
-fn require_root(why: &str) -> Result<()> {
+pub(crate) fn require_root(why: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("{why}: run it as root (sudo cargo xtask ...)");
@@ -261,9 +305,11 @@ fn ensure_bpffs() -> Result<()> {
 /// sshd per host of the fleet drill, which Ansible connects to) and python3-venv (the drill's
 /// virtualenv with ansible-core), ss/ip (iproute2), nsenter/setpriv (util-linux), bpftool to
 /// look at attached programs, strace to kill drain-user at chosen syscalls (the fault and
-/// hardening tests), debootstrap and systemd-nspawn (systemd-container) for the booted
-/// hosts (a Debian root file system with systemd as PID 1: the drop-in and the role's
-/// systemd path). Installed with apt when missing (CI machines start bare).
+/// hardening tests), docker.io (the Docker test runs its own dockerd inside a test namespace:
+/// dockerd, containerd, runc, iptables come with it), debootstrap and systemd-nspawn
+/// (systemd-container) for the booted hosts (a Debian root file system with systemd as
+/// PID 1: the drop-in and the role's systemd path). Installed with apt when missing (CI
+/// machines start bare).
 fn ensure_test_packages() -> Result<()> {
     // python3-venv ships no program of its own: ask Debian's python whether it can make one.
     let have_venv = || {
@@ -284,6 +330,8 @@ fn ensure_test_packages() -> Result<()> {
         ("strace", have("strace")),
         // The package test reads the installed man page.
         ("man-db", have("man")),
+        // /usr/bin/docker by path: another client may be installed elsewhere on PATH.
+        ("docker.io", have("dockerd") && have("docker")),
         ("debootstrap", have("debootstrap")),
         ("systemd-container", have("systemd-nspawn")),
     ])
@@ -304,7 +352,7 @@ fn ensure_bench_packages() -> Result<()> {
 }
 
 /// Whether a program is installed in one of the usual directories.
-fn have(bin: &str) -> bool {
+pub(crate) fn have(bin: &str) -> bool {
     ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
         .iter()
         .any(|d| Path::new(d).join(bin).exists())
@@ -312,7 +360,7 @@ fn have(bin: &str) -> bool {
 
 /// Installs with apt the packages not present: (package, present) pairs. No daemon it
 /// brings starts.
-fn ensure_packages(wanted: &[(&str, bool)]) -> Result<()> {
+pub(crate) fn ensure_packages(wanted: &[(&str, bool)]) -> Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(_, present)| !present)
@@ -359,6 +407,9 @@ fn ensure_packages(wanted: &[(&str, bool)]) -> Result<()> {
         ("nginx", "nginx", "/run/nginx.pid"),
         ("haproxy", "haproxy", "/run/haproxy.pid"),
         ("openssh-server", "ssh", "/run/sshd.pid"),
+        // A dockerd in the host's namespace would turn on ip_forward and set FORWARD to DROP.
+        ("docker.io", "docker", "/run/docker.pid"),
+        ("docker.io", "containerd", "/run/containerd/containerd.pid"),
     ] {
         if !missing.contains(&pkg) {
             continue;

@@ -1,0 +1,439 @@
+//! `cargo xtask vmtest`: drain's root integration tests on Debian's own kernels under QEMU.
+//!
+//! - [`kernels`]: the kernel packages (private apt configuration, lock file, download,
+//!   modules);
+//! - [`rootfs`]: the guest's Debian userland (debootstrap, cached);
+//! - [`cpio`]: the initramfs format; the guest is the Debian root + the kernel's modules + the
+//!   test binaries, three archives the kernel unpacks one after the other;
+//! - [`qemu`]: the accelerator choice and one boot under a deadline, never leaving QEMU
+//!   behind;
+//! - [`report`]: the guest's results (one line per test on the second serial port) and the
+//!   summary per kernel.
+//!
+//! In the guest each test runs alone (`--exact NAME --include-ignored --nocapture`) with a
+//! deadline. A test whose kernel lacks a feature it needs prints one `drain-tests: NOT RUN:`
+//! line (`drain_tests::kernel`) and counts as not run; on the host the same situation fails
+//! the test, because only the guest's runner sets `DRAIN_TEST_MISSING_FEATURE=skip`.
+
+mod cpio;
+mod kernels;
+mod qemu;
+mod report;
+mod rootfs;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::{run, target_dir, workspace_root};
+
+pub struct Args {
+    pub kernels: Vec<String>,
+    pub refresh_lock: bool,
+    pub timeout: u64,
+    pub test_timeout: u64,
+    pub cpus: u32,
+    pub args: Vec<String>,
+}
+
+/// Test binaries that cannot run in the guest, and why: they need the network (PyPI) or
+/// things a kernel matrix does not test (packaging). Every other test binary runs there, so
+/// a new test file joins the matrix by default.
+const HOST_ONLY: &[(&str, &str)] = &[
+    (
+        "fleet",
+        "sshd hosts rolled by ansible-core from PyPI: needs the network, host only",
+    ),
+    (
+        "deploy_tooling",
+        "the Ansible collection's smoke run (ansible-core from PyPI): host only",
+    ),
+    (
+        "metrics",
+        "parses with prometheus_client from PyPI: needs the network, host only",
+    ),
+    (
+        "package",
+        "builds and installs the Debian package (cargo-deb, dpkg, man): host only",
+    ),
+];
+
+pub fn run_matrix(a: Args) -> Result<()> {
+    crate::require_root("the guest root is built with debootstrap and QEMU is installed with apt")?;
+    let cache = target_dir().join("vmtest");
+    fs::create_dir_all(&cache)?;
+    if a.refresh_lock {
+        kernels::refresh_lock(&cache)?;
+        if a.kernels.is_empty() {
+            return Ok(());
+        }
+    }
+    let lines = select_kernels(&a.kernels)?;
+    qemu::catch_signals();
+    let started = Instant::now();
+
+    // What runs: the test binaries, built on the host.
+    crate::build(false)?;
+    let all = build_tests()?;
+    let (picked, filter) = split_args(&a.args)?;
+    let mut skipped_bins = Vec::new();
+    let bins: Vec<&(String, PathBuf)> = if picked.is_empty() {
+        all.iter()
+            .filter(|(n, _)| match HOST_ONLY.iter().find(|(h, _)| h == n) {
+                Some((h, why)) => {
+                    skipped_bins.push((h.to_string(), why.to_string()));
+                    false
+                }
+                None => true,
+            })
+            .collect()
+    } else {
+        picked
+            .iter()
+            .map(|p| {
+                all.iter()
+                    .find(|(n, _)| n == p)
+                    .with_context(|| format!("no test binary named {p}"))
+            })
+            .collect::<Result<_>>()?
+    };
+    // What each binary should run, listed on the host: the summary can then say which tests
+    // a guest never reached.
+    let mut expected = Vec::new();
+    for (name, exe) in &bins {
+        let out = crate::capture(
+            Command::new(exe)
+                .args(["--list", "--include-ignored"])
+                .args(&filter),
+        )?;
+        for l in out.lines() {
+            if let Some(t) = l.strip_suffix(": test") {
+                expected.push((name.clone(), t.to_owned()));
+            }
+        }
+    }
+    ensure!(!expected.is_empty(), "the filter selects no test");
+
+    qemu::ensure_installed()?;
+    let (accel, why) = qemu::Accel::choose();
+    let rootfs = rootfs::ensure(&cache)?;
+    let prepared_at = started.elapsed();
+
+    let rundir = RunDir::new(&cache)?;
+    let payload = rundir.0.join("payload.cpio");
+    write_payload(&payload, &rundir.0, &bins, &filter, a.test_timeout)?;
+    let logs = cache.join("logs");
+    fs::create_dir_all(&logs)?;
+
+    let mut results = Vec::new();
+    for line in lines {
+        let t = Instant::now();
+        let kernel = kernels::prepare(&cache, line.name)?;
+        let initrd = rundir.0.join(format!("initrd-{}", line.name));
+        concat(&[&rootfs, &kernel.modules_cpio, &payload], &initrd)?;
+        let initrd_mb = fs::metadata(&initrd)?.len() >> 20;
+        let console = logs.join(format!("{}.console.log", line.name));
+        let results_log = logs.join(format!("{}.results.log", line.name));
+        eprintln!(
+            "vmtest: booting {} ({}, {}) under {accel:?} ({why}); console: {}, results: {}",
+            line.name,
+            kernel.release,
+            line.about,
+            console.display(),
+            results_log.display()
+        );
+        let mut tail = report::Tail::new(&results_log, line.name);
+        let outcome = qemu::boot(
+            &qemu::Boot {
+                accel,
+                cpus: a.cpus,
+                // The initramfs is unpacked into RAM and stays there.
+                mem_mb: 1536 + 2 * initrd_mb as u32,
+                vmlinuz: &kernel.vmlinuz,
+                initrd: &initrd,
+                cmdline: "console=ttyS0 panic=-1 random.trust_cpu=on mitigations=off \
+                          net.ifnames=0 rdinit=/init",
+                console_log: &console,
+                results_log: &results_log,
+                deadline: Duration::from_secs(a.timeout),
+            },
+            || tail.poll(),
+        )?;
+        let _ = fs::remove_file(&initrd);
+        let ended = match outcome {
+            qemu::Outcome::Exited(s) => s,
+            qemu::Outcome::DeadlinePassed => {
+                format!("killed at the {} s deadline", a.timeout)
+            }
+        };
+        results.push(report::Kernel::from_log(
+            line.name,
+            &kernel.release,
+            &results_log,
+            &console,
+            &expected,
+            ended,
+            t.elapsed(),
+        )?);
+    }
+    let failed = report::summary(&results, &skipped_bins, prepared_at, started.elapsed());
+    if failed {
+        bail!("tests failed on at least one kernel (see above)");
+    }
+    Ok(())
+}
+
+fn select_kernels(names: &[String]) -> Result<Vec<&'static kernels::Line>> {
+    let names: Vec<&str> = if names.is_empty() {
+        vec!["all"]
+    } else {
+        names.iter().map(String::as_str).collect()
+    };
+    let mut out: Vec<&kernels::Line> = Vec::new();
+    for n in names {
+        let matched: Vec<&kernels::Line> = if n == "all" {
+            kernels::LINES.iter().collect()
+        } else {
+            kernels::LINES.iter().filter(|l| l.name == n).collect()
+        };
+        ensure!(
+            !matched.is_empty(),
+            "unknown kernel {n:?}: choose from {}, all",
+            kernels::LINES
+                .iter()
+                .map(|l| l.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for l in matched {
+            if !out.iter().any(|o| o.name == l.name) {
+                out.push(l);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `--test NAME` picks test binaries (repeatable, like cargo test's); everything else is
+/// handed to libtest (a name filter, `--exact`, `--skip X`).
+fn split_args(args: &[String]) -> Result<(Vec<String>, Vec<String>)> {
+    let mut picked = Vec::new();
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--test" {
+            picked.push(
+                it.next()
+                    .context("--test needs a test binary name")?
+                    .clone(),
+            );
+        } else if let Some(n) = a.strip_prefix("--test=") {
+            picked.push(n.to_owned());
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    Ok((picked, rest))
+}
+
+/// Builds the integration test binaries and returns (name, executable) for each.
+fn build_tests() -> Result<Vec<(String, PathBuf)>> {
+    let out = Command::new("cargo")
+        .current_dir(workspace_root())
+        .args([
+            "test",
+            "--package",
+            "drain-tests",
+            "--tests",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    ensure!(out.status.success(), "building the test binaries failed");
+    let mut bins = Vec::new();
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+            continue;
+        };
+        if v["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let is_test = v["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some(exe), Some(name)) = (
+            is_test,
+            v["executable"].as_str(),
+            v["target"]["name"].as_str(),
+        ) {
+            bins.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    bins.sort();
+    ensure!(!bins.is_empty(), "cargo built no test binary");
+    Ok(bins)
+}
+
+const INIT: &str = r#"#!/bin/bash
+# PID 1 of the vmtest guest: mount what a booted Debian has, run the tests, power off.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+mount -t bpf bpf /sys/fs/bpf
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+ip link set lo up
+hostname vmtest
+/vmtest/run > /dev/ttyS1 2>&1
+sync
+echo o > /proc/sysrq-trigger
+sleep 30
+"#;
+
+/// The guest's runner: each selected test alone, with a deadline; one `@@VMTEST` line per
+/// event, which the host parses (report.rs).
+const RUNNER: &str = r#"#!/bin/bash
+export DRAIN_USER=/vmtest/drain-user DRAIN_EBPF_OBJECT=/vmtest/drain.o
+export DRAIN_TEST_MISSING_FEATURE=skip RUST_BACKTRACE=1
+T=$(cat /vmtest/test-timeout)
+mapfile -t FILTER < /vmtest/filter
+echo "@@VMTEST kernel $(uname -r)"
+cd /tmp
+for bin in /vmtest/bin/*; do
+  b=${bin##*/}
+  "$bin" --list --include-ignored "${FILTER[@]}" 2>&1 | sed -n 's/: test$//p' > /tmp/names
+  while IFS= read -r name; do
+    echo "@@VMTEST begin $b $name"
+    s=$(date +%s%N)
+    timeout -k 10 "$T" "$bin" --exact "$name" --include-ignored --test-threads=1 --nocapture \
+      < /dev/null 2>&1 | tee /tmp/out
+    rc=${PIPESTATUS[0]}
+    ms=$(( ($(date +%s%N) - s) / 1000000 ))
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then st=timeout
+    elif [ "$rc" -ne 0 ]; then st=failed
+    elif grep -q '^drain-tests: NOT RUN' /tmp/out; then st=notrun
+    elif grep -q '^test result: ok. 1 passed' /tmp/out; then st=ok
+    else st=failed; fi
+    echo "@@VMTEST result $b $st $ms $name"
+  done < /tmp/names
+done
+echo "@@VMTEST done"
+"#;
+
+/// The run's own archive: /init, the runner, the stripped test binaries, drain-user, the
+/// kernel object, and the files the tests read from the source tree at the paths they were
+/// compiled with.
+fn write_payload(
+    path: &Path,
+    scratch: &Path,
+    bins: &[&(String, PathBuf)],
+    filter: &[String],
+    test_timeout: u64,
+) -> Result<()> {
+    let mut c = cpio::Cpio::create(path)?;
+    c.bytes("init", 0o755, INIT.as_bytes())?;
+    c.bytes("vmtest/run", 0o755, RUNNER.as_bytes())?;
+    c.bytes(
+        "vmtest/test-timeout",
+        0o644,
+        format!("{test_timeout}\n").as_bytes(),
+    )?;
+    let mut f = filter.join("\n");
+    if !f.is_empty() {
+        f.push('\n');
+    }
+    c.bytes("vmtest/filter", 0o644, f.as_bytes())?;
+    let strip = |src: &Path, name: &str| -> Result<PathBuf> {
+        let dst = scratch.join(name);
+        run(Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(src)
+            .arg(&dst))?;
+        Ok(dst)
+    };
+    for (name, exe) in bins {
+        let s = strip(exe, name)?;
+        c.file(&format!("vmtest/bin/{name}"), &s)?;
+        fs::remove_file(s)?;
+    }
+    let du = strip(&target_dir().join("debug/drain-user"), "drain-user")?;
+    c.file("vmtest/drain-user", &du)?;
+    fs::remove_file(du)?;
+    c.file(
+        "vmtest/drain.o",
+        &target_dir().join("bpfel-unknown-none/release/drain"),
+    )?;
+    let corpus = workspace_root().join("tests/corpus");
+    c.tree(
+        corpus.to_str().context("non-UTF-8 workspace path")?,
+        &corpus,
+    )?;
+    c.finish()
+}
+
+fn concat(parts: &[&Path], out: &Path) -> Result<()> {
+    let mut o = fs::File::create(out)?;
+    for p in parts {
+        std::io::copy(&mut fs::File::open(p)?, &mut o)
+            .with_context(|| format!("copying {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// target/vmtest/run-<pid>: this run's scratch files, removed on drop; a previous run's
+/// directory whose process is gone (SIGKILLed) is removed at the start of the next.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn new(cache: &Path) -> Result<Self> {
+        for e in fs::read_dir(cache)?.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name
+                .strip_prefix("run-")
+                .and_then(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: kill with signal 0 only checks whether the process exists.
+                let alive = unsafe { libc::kill(pid, 0) } == 0;
+                if !alive {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = cache.join(format!("run-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// FNV-1a over the parts, as 16 hex digits: a stable cache key (std's hasher may change
+/// between Rust releases).
+pub fn fnv_hex(parts: impl IntoIterator<Item = String>) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for p in parts {
+        for b in p.bytes().chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    format!("{h:016x}")
+}

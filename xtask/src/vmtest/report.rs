@@ -1,0 +1,277 @@
+//! The guest's results and the summary. The runner in the guest writes, on the second serial
+//! port, `@@VMTEST begin BIN NAME`, the test's own output, then
+//! `@@VMTEST result BIN ok|failed|notrun|timeout MILLISECONDS NAME`, and `@@VMTEST done`
+//! at the end.
+
+use std::{
+    fs,
+    io::{Read, Seek, SeekFrom},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Result;
+
+/// Follows the results log while the guest runs and prints one line per finished test.
+pub struct Tail {
+    path: PathBuf,
+    kernel: String,
+    pos: u64,
+    partial: String,
+}
+
+impl Tail {
+    pub fn new(path: &Path, kernel: &str) -> Self {
+        let _ = fs::remove_file(path);
+        Self {
+            path: path.into(),
+            kernel: kernel.into(),
+            pos: 0,
+            partial: String::new(),
+        }
+    }
+
+    pub fn poll(&mut self) {
+        let Ok(mut f) = fs::File::open(&self.path) else {
+            return;
+        };
+        if f.seek(SeekFrom::Start(self.pos)).is_err() {
+            return;
+        }
+        let mut buf = Vec::new();
+        if let Ok(n) = f.read_to_end(&mut buf) {
+            self.pos += n as u64;
+        }
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        while let Some(i) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=i).collect();
+            let line = line.trim_end();
+            if let Some(r) = line.strip_prefix("@@VMTEST result ") {
+                let f: Vec<&str> = r.splitn(4, ' ').collect();
+                if let [bin, st, ms, name] = f[..] {
+                    let secs = ms.parse::<f64>().unwrap_or(0.0) / 1000.0;
+                    eprintln!("[{}] {st:>7} {bin}::{name} ({secs:.1} s)", self.kernel);
+                }
+            } else if let Some(k) = line.strip_prefix("@@VMTEST kernel ") {
+                eprintln!("[{}] guest up: {k}", self.kernel);
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Status {
+    Passed,
+    Failed(String),
+    NotRun(String),
+}
+
+pub struct TestResult {
+    pub binary: String,
+    pub name: String,
+    pub status: Status,
+    pub secs: f64,
+    pub output: Vec<String>,
+}
+
+pub struct Kernel {
+    pub line: String,
+    pub release: String,
+    pub tests: Vec<TestResult>,
+    /// How the guest ended, when it did not finish the run.
+    pub problem: Option<String>,
+    pub wall: Duration,
+}
+
+impl Kernel {
+    pub fn from_log(
+        line: &str,
+        release: &str,
+        results_log: &Path,
+        console_log: &Path,
+        expected: &[(String, String)],
+        ended: String,
+        wall: Duration,
+    ) -> Result<Self> {
+        let text = fs::read(results_log).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let mut tests: Vec<TestResult> = Vec::new();
+        let mut current: Option<(String, String, Vec<String>)> = None;
+        let mut done = false;
+        for l in text.lines() {
+            let l = l.trim_end_matches('\r');
+            if let Some(r) = l.strip_prefix("@@VMTEST begin ") {
+                if let Some((b, n)) = r.split_once(' ') {
+                    current = Some((b.into(), n.into(), Vec::new()));
+                }
+            } else if let Some(r) = l.strip_prefix("@@VMTEST result ") {
+                let f: Vec<&str> = r.splitn(4, ' ').collect();
+                let [bin, st, ms, name] = f[..] else { continue };
+                let output = current.take().map(|c| c.2).unwrap_or_default();
+                let marker = output
+                    .iter()
+                    .find_map(|o| o.strip_prefix("drain-tests: NOT RUN: "))
+                    .map(str::to_owned);
+                let status = match st {
+                    "ok" => Status::Passed,
+                    "notrun" => Status::NotRun(marker.unwrap_or_else(|| "(no reason)".into())),
+                    "timeout" => Status::Failed("killed at the per-test deadline".into()),
+                    _ => Status::Failed(
+                        output
+                            .iter()
+                            .rev()
+                            .find(|o| o.contains("panicked at"))
+                            .cloned()
+                            .unwrap_or_else(|| "failed".into()),
+                    ),
+                };
+                tests.push(TestResult {
+                    binary: bin.into(),
+                    name: name.into(),
+                    status,
+                    secs: ms.parse::<f64>().unwrap_or(0.0) / 1000.0,
+                    output,
+                });
+            } else if l == "@@VMTEST done" {
+                done = true;
+            } else if let Some(c) = current.as_mut() {
+                c.2.push(l.to_owned());
+            }
+        }
+        let mut problem = None;
+        if !done {
+            let console = fs::read_to_string(console_log).unwrap_or_default();
+            let last: Vec<&str> = console.lines().rev().take(15).collect();
+            let why = format!(
+                "the guest did not finish the run (QEMU {ended}); last console lines:\n{}",
+                last.into_iter()
+                    .rev()
+                    .map(|l| format!("      | {l}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            if let Some((b, n, output)) = current {
+                tests.push(TestResult {
+                    binary: b,
+                    name: n,
+                    status: Status::Failed("the guest stopped during this test".into()),
+                    secs: 0.0,
+                    output,
+                });
+            }
+            problem = Some(why);
+        }
+        for (b, n) in expected {
+            if !tests.iter().any(|t| &t.binary == b && &t.name == n) {
+                tests.push(TestResult {
+                    binary: b.clone(),
+                    name: n.clone(),
+                    status: Status::NotRun("never reached: the guest stopped before it".into()),
+                    secs: 0.0,
+                    output: Vec::new(),
+                });
+            }
+        }
+        Ok(Self {
+            line: line.into(),
+            release: release.into(),
+            tests,
+            problem,
+            wall,
+        })
+    }
+
+    fn count(&self) -> (usize, usize, usize) {
+        let p = self
+            .tests
+            .iter()
+            .filter(|t| t.status == Status::Passed)
+            .count();
+        let f = self
+            .tests
+            .iter()
+            .filter(|t| matches!(t.status, Status::Failed(_)))
+            .count();
+        (p, f, self.tests.len() - p - f)
+    }
+
+    fn failed(&self) -> bool {
+        self.count().1 > 0 || self.problem.is_some()
+    }
+}
+
+/// Prints the per-kernel details and the table; returns whether anything failed.
+pub fn summary(
+    kernels: &[Kernel],
+    host_only: &[(String, String)],
+    prepared: Duration,
+    total: Duration,
+) -> bool {
+    eprintln!();
+    for k in kernels {
+        let (p, f, n) = k.count();
+        eprintln!(
+            "== kernel {} ({}): {p} passed, {f} failed, {n} not run, {:.0} s",
+            k.line,
+            k.release,
+            k.wall.as_secs_f64()
+        );
+        for t in &k.tests {
+            match &t.status {
+                Status::Passed => {}
+                Status::Failed(why) => {
+                    eprintln!(
+                        "   FAILED  {}::{} ({:.1} s): {why}",
+                        t.binary, t.name, t.secs
+                    );
+                    let tail: Vec<&String> = t
+                        .output
+                        .iter()
+                        .filter(|l| !l.is_empty())
+                        .rev()
+                        .take(12)
+                        .collect();
+                    for l in tail.into_iter().rev() {
+                        eprintln!("      | {l}");
+                    }
+                }
+                Status::NotRun(why) => {
+                    eprintln!("   NOT RUN {}::{}: {why}", t.binary, t.name);
+                }
+            }
+        }
+        if let Some(p) = &k.problem {
+            eprintln!("   {p}");
+        }
+    }
+    for (b, why) in host_only {
+        eprintln!("   not in the guest suite: {b}: {why}");
+    }
+    eprintln!();
+    eprintln!("| kernel | release | passed | failed | not run | seconds |");
+    eprintln!("|---|---|---|---|---|---|");
+    for k in kernels {
+        let (p, f, n) = k.count();
+        eprintln!(
+            "| {} | {} | {p} | {f} | {n} | {:.0} |",
+            k.line,
+            k.release,
+            k.wall.as_secs_f64()
+        );
+    }
+    eprintln!(
+        "vmtest: {:.0} s in all ({:.0} s building and preparing before the first boot)",
+        total.as_secs_f64(),
+        prepared.as_secs_f64()
+    );
+    let failed = kernels.iter().any(Kernel::failed);
+    eprintln!(
+        "vmtest: {}",
+        if failed {
+            "FAILED"
+        } else {
+            "ok on every kernel"
+        }
+    );
+    failed
+}
