@@ -197,6 +197,55 @@ fn prepare_rootfs(root: &Path) {
     let _ = fs::write(root.join("etc/machine-id"), "");
 }
 
+/// Debian's nginx (its own nginx.service) with the tests' site in `dir`/html: pooled
+/// keep-alive connections last until the client closes them (like a balancer's pool),
+/// `/healthz`, `/version` (`version`), the index page, and `/slow/<s>.bin` downloads of
+/// `s` seconds at [`crate::web::SLOW_RATE`] (s in [`crate::web::SLOW_SECS`], longer than
+/// the 5 s Debian's unit gives a graceful stop, and 3, shorter). Files to pass to
+/// [`BootOpts::files`].
+pub fn nginx_site(dir: &str, version: &str) -> Vec<(String, Vec<u8>)> {
+    let rate = crate::web::SLOW_RATE;
+    let conf = format!(
+        "user www-data;
+worker_processes 1;
+pid /run/nginx.pid;
+error_log /var/log/nginx/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    default_type text/plain;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 80;
+        root {dir}/html;
+        location = /healthz {{ return 200 \"ok\\n\"; }}
+        location /slow/ {{ limit_rate {rate}; }}
+        location / {{ index index.html; }}
+    }}
+}}
+"
+    );
+    let mut files = vec![
+        ("/etc/nginx/nginx.conf".to_string(), conf.into_bytes()),
+        (
+            format!("{dir}/html/index.html"),
+            format!("<html><body>drain test site, {version}</body></html>\n").into_bytes(),
+        ),
+        (
+            format!("{dir}/html/version"),
+            format!("{version}\n").into_bytes(),
+        ),
+    ];
+    for secs in crate::web::SLOW_SECS.iter().chain(&[3]) {
+        files.push((
+            format!("{dir}/html/slow/{secs}.bin"),
+            vec![b's'; rate * *secs as usize],
+        ));
+    }
+    files
+}
+
 /// How one container is booted.
 pub struct BootOpts<'a> {
     /// The network namespace (a name under /run/netns) the container joins.
@@ -362,6 +411,11 @@ impl Booted {
     /// The container's root as the host sees it (the overlay).
     pub fn root(&self) -> &Path {
         &self.merged
+    }
+
+    /// The container's bpffs (its /sys/fs/bpf) as the host sees it.
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
     }
 
     /// Writes a file inside the container (parents made), through the overlay.

@@ -42,8 +42,6 @@ const SPARE: u16 = 8081;
 const LB: u16 = 8000;
 /// wrk's own end (`-d`): far beyond the restart, which must happen while it still runs.
 const LOAD_SECS: u64 = 120;
-/// Downloads served at this many bytes a second (nginx's limit_rate), as in tests/src/web.rs.
-const RATE: usize = drain_tests::web::SLOW_RATE;
 
 fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -56,48 +54,6 @@ fn dropin() -> Vec<u8> {
 const DROPIN_PATH: &str = "/etc/systemd/system/nginx.service.d/drain.conf";
 const LOCAL_PATH: &str = "/etc/systemd/system/nginx.service.d/zz-local.conf";
 
-/// Debian's nginx with the test site: pooled keep-alive connections last (like a
-/// balancer's pool), `/slow/<s>.bin` downloads take `s` seconds (6 to 14: longer than the
-/// 5 s Debian's unit gives a graceful stop; 3: shorter).
-fn nginx_files() -> Vec<(String, Vec<u8>)> {
-    let conf = format!(
-        "user www-data;
-worker_processes 1;
-pid /run/nginx.pid;
-error_log /var/log/nginx/error.log;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    default_type text/plain;
-    keepalive_requests 100000000;
-    keepalive_timeout 300s;
-    server {{
-        listen 80;
-        root /var/www/drain;
-        location = /healthz {{ return 200 \"ok\\n\"; }}
-        location /slow/ {{ limit_rate {RATE}; }}
-        location / {{ index index.html; }}
-    }}
-}}
-"
-    );
-    let mut files = vec![
-        ("/etc/nginx/nginx.conf".to_string(), conf.into_bytes()),
-        (
-            "/var/www/drain/index.html".to_string(),
-            b"<html><body>drain test site in a booted container</body></html>\n".to_vec(),
-        ),
-        ("/var/www/drain/version".to_string(), b"v1\n".to_vec()),
-    ];
-    for secs in drain_tests::web::SLOW_SECS.iter().chain(&[3]) {
-        files.push((
-            format!("/var/www/drain/slow/{secs}.bin"),
-            vec![b's'; RATE * *secs as usize],
-        ));
-    }
-    files
-}
-
 /// A booted host in namespace `a` of its pair, nginx (its systemd unit) on port 80.
 struct Host {
     booted: Booted,
@@ -108,7 +64,7 @@ impl Host {
     fn boot(drain_user: bool, extra: Vec<(String, Vec<u8>)>) -> Self {
         require_root();
         let pair = NetNsPair::new();
-        let mut files = nginx_files();
+        let mut files = drain_tests::booted::nginx_site("/var/www/drain", "v1");
         files.extend(extra);
         let booted = Booted::boot(BootOpts {
             netns: &pair.a,
@@ -141,6 +97,8 @@ struct Steps {
     stopping: Option<u64>,
     gate_on: Option<u64>,
     wait: Option<u64>,
+    /// Connections the wait found live when it began ("drain: N live connection(s)").
+    live_at_wait: Option<u64>,
     stopped: Option<u64>,
     starting: Option<u64>,
     gate_off: Option<u64>,
@@ -161,6 +119,13 @@ impl Steps {
                 &mut s.stopping
             } else if m.starts_with("gate on: new connections to port") {
                 &mut s.gate_on
+            } else if let Some(n) = m
+                .strip_prefix("drain: ")
+                .and_then(|r| r.split_once(" live connection"))
+                .and_then(|(n, _)| n.parse().ok())
+            {
+                s.live_at_wait.get_or_insert(n);
+                continue;
             } else if m.starts_with("drained: ") || m.starts_with("idle: ") {
                 &mut s.wait
             } else if m.starts_with(&stopped) {
@@ -207,6 +172,14 @@ impl Steps {
                 .collect::<Vec<_>>()
                 .join("\n")
         };
+        // The gate closed while the service still held the balancer's pooled connections:
+        // before its stop, not after it (a drop-in without the ExecStop= reset runs the
+        // drain steps after the unit's own stop, which has closed them by then).
+        assert!(
+            self.live_at_wait.is_some_and(|n| n > 0),
+            "the wait found no live connection when the gate closed: the service had stopped already: {self:?}\n{}",
+            text()
+        );
         for w in all.windows(2) {
             let (Some(a), Some(b)) = (w[0].1, w[1].1) else {
                 panic!(
