@@ -277,6 +277,7 @@ pub struct Booted {
 impl Booted {
     pub fn boot(opts: BootOpts) -> Self {
         let lower = rootfs();
+        sweep_stale();
         let (_, _, suffix) = crate::unique_suffix();
         let name = format!("drain-{suffix}");
         let dir = std::env::temp_dir().join(format!("drain-boot-{suffix}"));
@@ -362,6 +363,18 @@ impl Booted {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .process_group(0);
+        // A test process that dies without unwinding (SIGKILL) must not leave the
+        // container running: nspawn gets SIGTERM (and halts it) when the thread that
+        // started it is gone. The next boot sweeps the mounts and cgroups (sweep_stale).
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let t = Instant::now();
         let child = cmd.spawn().expect("start systemd-nspawn");
         let nspawn_pid = child.id() as i32;
@@ -555,6 +568,81 @@ impl Booted {
         v.sort_unstable();
         v.dedup();
         v
+    }
+}
+
+/// Tears down what a test process that died without unwinding (SIGKILL) left: its
+/// containers' directories under the temp dir name their owner's pid; for each whose owner
+/// is gone, whatever still runs in its cgroups is killed, its overlay and bpffs unmounted,
+/// its cgroups and directory removed (what [`Booted`]'s Drop would have done).
+fn sweep_stale() {
+    let Ok(dir) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(suffix) = name.strip_prefix("drain-boot-") else {
+            continue;
+        };
+        let Some(pid) = suffix
+            .split('x')
+            .next()
+            .and_then(|p| i32::from_str_radix(p, 16).ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        eprintln!(
+            "booted: sweeping {} (its test process {pid} is gone)",
+            e.path().display()
+        );
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mounted = |p: &Path| {
+            mounts
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(&*p.to_string_lossy()))
+        };
+        drop(Booted {
+            name: name.clone(),
+            netns: String::new(),
+            merged: e.path().join("root"),
+            bpffs: e.path().join("bpf"),
+            overlay_mounted: mounted(&e.path().join("root")),
+            bpffs_mounted: mounted(&e.path().join("bpf")),
+            dir: e.path(),
+            cgroup: name.clone(),
+            nspawn: None,
+            leader: 0,
+            cgroups_made: true,
+            boot_secs: 0.0,
+        });
+    }
+    // The test namespaces of such a process (the harness names them drain-t-<pid>x... and
+    // drain-f-<pid>x...): a booted container joined one, and deleting it also removes
+    // the XDP programs attached inside.
+    let out = Command::new("ip").args(["netns", "list"]).output();
+    let list = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    for ns in list.unwrap_or_default().lines() {
+        let ns = ns.split_whitespace().next().unwrap_or("");
+        let Some(rest) = ns
+            .strip_prefix("drain-t-")
+            .or_else(|| ns.strip_prefix("drain-f-"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split('x')
+            .next()
+            .and_then(|p| i32::from_str_radix(p, 16).ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("booted: deleting namespace {ns} (its test process {pid} is gone)");
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
     }
 }
 
