@@ -50,6 +50,11 @@ pub mod map {
     pub const LIVE: &str = "DRAIN_LIVE";
     /// PerCpuArray[1] of [`TrackStats`](crate::TrackStats), written by the tracker.
     pub const TSTATS: &str = "DRAIN_TSTATS";
+    /// Hash [`FollowKey`](crate::FollowKey) (another namespace's inode, a local port) ->
+    /// u32 gated port: the servers a gated port's connections are forwarded to (a published
+    /// port's DNAT into a container), whose passive opens the tracker counts under the gated
+    /// port. Written by user space when it finds where a gated port's connections end.
+    pub const FOLLOW: &str = "DRAIN_FOLLOW";
     /// PerCpuArray[1] of [`CpuClock`](crate::CpuClock): the RST rate limiter's next allowed
     /// time (GCRA) and the gate's last clock reading, per CPU. Written by the gate programs
     /// only. (Its value was a bare u64 under the name DRAIN_RST_RL; the new name keeps a
@@ -75,8 +80,8 @@ pub mod map {
 
     /// Every map the object defines, for the test that checks each resolves.
     pub const ALL: &[&str] = &[
-        CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS, RST_RL, REFUSED, RSTCFG,
-        WATCH, WATCH_RL, EVENTS,
+        CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS, FOLLOW, RST_RL, REFUSED,
+        RSTCFG, WATCH, WATCH_RL, EVENTS,
     ];
 }
 
@@ -159,9 +164,27 @@ pub struct TrackConfig {
     /// Connections the seed (user space, at `gate on`) could not insert into the set (it was
     /// full): counted with the tracker's `insert_failed`. The kernel never reads it.
     pub seed_failed: u32,
-    pub _pad: u32,
+    /// Non-zero once user space follows a gated port into another namespace
+    /// ([`map::FOLLOW`]): only then does the tracker look at other namespaces' sockets, so
+    /// a gate that follows nothing pays nothing for them.
+    pub follow: u32,
 }
 const _: () = assert!(core::mem::size_of::<TrackConfig>() == 24);
+
+/// Entries in [`map::FOLLOW`]: namespaces x backend ports one gate follows.
+pub const MAX_FOLLOWED: u32 = 1024;
+
+/// Key of [`map::FOLLOW`]: a local port in another network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FollowKey {
+    /// That namespace's inode (`net.ns.inum`, what the tracker reads from the socket).
+    pub netns_inum: u32,
+    /// The local TCP port there (host order), e.g. a container's 80 behind a published 8080.
+    pub port: u32,
+}
+const _: () = assert!(core::mem::size_of::<FollowKey>() == 8);
 
 /// What the tcp_send_reset tracepoint needs to read the segment a RST answers: byte
 /// offsets in `struct sk_buff`, from the running kernel's BTF.
@@ -383,6 +406,7 @@ mod pod {
     unsafe impl aya::Pod for super::PortStats {}
     unsafe impl aya::Pod for super::TrackConfig {}
     unsafe impl aya::Pod for super::TrackStats {}
+    unsafe impl aya::Pod for super::FollowKey {}
     unsafe impl aya::Pod for super::CpuClock {}
     unsafe impl aya::Pod for super::WatchConfig {}
     unsafe impl aya::Pod for super::WatchCpu {}

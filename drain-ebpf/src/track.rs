@@ -17,7 +17,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use drain_common::{
-    is_live, TrackConfig, TrackStats, MAX_TRACKED_SOCKS, TCP_ESTABLISHED, TCP_SYN_RECV,
+    is_live, FollowKey, TrackConfig, TrackStats, MAX_FOLLOWED, MAX_TRACKED_SOCKS, TCP_ESTABLISHED,
+    TCP_SYN_RECV,
 };
 
 /// Array[1] of TrackConfig; written by user space before attaching.
@@ -31,6 +32,11 @@ static SOCKS: HashMap<u64, u32> = HashMap::pinned(MAX_TRACKED_SOCKS, BPF_F_NO_PR
 /// Live connections per local port; mmapped by user space, which adds seeds atomically.
 #[map(name = "DRAIN_LIVE")]
 static LIVE: Array<i64> = Array::pinned(65536, BPF_F_MMAPABLE);
+
+/// Servers in other namespaces whose passive opens count under a gated port (a published
+/// port's DNAT target): (netns inode, local port) -> gated port. Written by user space.
+#[map(name = "DRAIN_FOLLOW")]
+static FOLLOW: HashMap<FollowKey, u32> = HashMap::pinned(MAX_FOLLOWED, 0);
 
 /// Tracker counters.
 #[map(name = "DRAIN_TSTATS")]
@@ -88,14 +94,16 @@ fn try_track(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if cfg.netns_inum == 0 {
         return Ok(());
     }
-    // The tracepoint fires for every namespace: count only the one this gate serves.
+    // The tracepoint fires for every namespace: count the one this gate serves, and the
+    // servers it follows elsewhere (FOLLOW), once it follows any.
     // SAFETY: bpf_probe_read_kernel checks the address; offsets come from the kernel's BTF.
     let net: *const u8 =
         unsafe { bpf_probe_read_kernel(sk.add(cfg.off_net as usize) as *const *const u8) }
             .map_err(|e| e as i64)?;
     let inum: u32 = unsafe { bpf_probe_read_kernel(net.add(cfg.off_inum as usize) as *const u32) }
         .map_err(|e| e as i64)?;
-    if inum != cfg.netns_inum {
+    let own = inum == cfg.netns_inum;
+    if !own && cfg.follow == 0 {
         return Ok(());
     }
     // SAFETY: sk is the tracepoint's struct sock pointer, which this helper accepts.
@@ -106,7 +114,21 @@ fn try_track(ctx: &BtfTracePointContext) -> Result<(), i64> {
         let port: u16 =
             unsafe { bpf_probe_read_kernel(sk.add(cfg.off_num as usize) as *const u16) }
                 .map_err(|e| e as i64)?;
-        let port = port as u32;
+        // Elsewhere only a followed server's opens count, under the gated port that leads
+        // there. (Leaving needs no such check: the set holds only what was counted.)
+        let port = if own {
+            port as u32
+        } else {
+            let key = FollowKey {
+                netns_inum: inum,
+                port: port as u32,
+            };
+            // SAFETY: the value is copied out at once.
+            match unsafe { FOLLOW.get(key) } {
+                Some(&gated) => gated,
+                None => return Ok(()),
+            }
+        };
         match SOCKS.insert(cookie, port, BPF_NOEXIST as u64) {
             Ok(()) => {
                 add(port, 1);

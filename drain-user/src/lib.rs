@@ -21,6 +21,8 @@
 //! | [`iface`] | the namespace's interfaces and the programs attached to them |
 //! | [`links`] | what the kernel says about each pinned link: attached here, detached, moved away |
 //! | [`diag`] | sock_diag (inet_diag) dumps of TCP connections |
+//! | [`conntrack`] | ctnetlink dumps: connections to a local port destination-NATed elsewhere (published ports) |
+//! | [`follow`] | following a gated port's forwarded connections into the namespace they end in ([`follow::Follower`]) |
 //! | [`netlink`] | netlink dump requests, shared by `iface` and `diag` |
 //! | [`btf`] | struct member offsets from the kernel's BTF |
 //! | [`check`] | `check`: the preflight (probes, and the decision made from them) |
@@ -29,7 +31,9 @@
 pub mod btf;
 pub mod check;
 pub mod cli;
+pub mod conntrack;
 pub mod diag;
+pub mod follow;
 pub mod gate;
 pub mod iface;
 pub mod links;
@@ -117,11 +121,16 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 rst_rate,
             };
             args.validate()?;
+            follow::check_policy(&args.ports, args.policy)?;
             let targets = iface::resolve(&args.ifaces)?;
             if targets.is_empty() {
                 bail!("no interface is up in this network namespace: name one with --iface");
             }
             let report = gate::on(&args, &targets)?;
+            // A published port: its connections live where a DNAT sends them.
+            for line in follow::after_gate_on(&pins::gate_dir()?, &args.ports)? {
+                errln!("{line}")?;
+            }
             if let Some(w) = gate::ungated_warning(&gate::ungated(&pins::gate_dir()?)?, args.policy)
             {
                 errln!("{w}")?;

@@ -212,7 +212,7 @@ fn links_all_detached(dir: &Path) -> bool {
 
 /// Every network namespace something still holds, by inode, with a path that opens it:
 /// processes (/proc/*/ns/net), open fds (/proc/*/fd/* -> "net:[N]"), nsfs bind mounts.
-fn held_namespaces() -> HashMap<u64, PathBuf> {
+pub(crate) fn held_namespaces() -> HashMap<u64, PathBuf> {
     let parse = |link: &Path| -> Option<u64> {
         let t = fs::read_link(link).ok()?;
         nsfs_inode(t.to_str()?)
@@ -263,6 +263,25 @@ fn held_namespaces() -> HashMap<u64, PathBuf> {
 /// "net:[4026531840]" -> 4026531840.
 fn nsfs_inode(name: &str) -> Option<u64> {
     name.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// Runs `f` on a thread that has joined the network namespace at `handle` (so this process
+/// stays where it is) and returns what it returns.
+pub fn run_in<R: Send>(handle: &Path, f: impl FnOnce() -> R + Send) -> Result<R> {
+    let file = fs::File::open(handle)
+        .with_context(|| format!("opening the network namespace {}", handle.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a valid nsfs fd; it moves only this short-lived thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error())
+                    .with_context(|| format!("entering {}", handle.display()));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("a thread in {} panicked", handle.display()))?
+    })
 }
 
 /// The cookie of the namespace at `handle`, read from a thread that joins it (so this

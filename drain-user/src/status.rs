@@ -69,9 +69,26 @@ pub struct PortStatus {
     /// False when the tracker lost events (its set was full, a kernel read failed) or is
     /// not attached: `live_connections` is then a lower bound.
     pub live_connections_exact: bool,
+    /// Where `live_connections` are counted: this namespace, and the namespaces a DNAT
+    /// here forwards the port's connections to (a published port's container).
+    pub counted_in: Vec<CountedIn>,
+    /// Connections to this port that conntrack says were destination-NATed elsewhere and
+    /// may still be live (its word, not the tracker's; they are in `live_connections` once
+    /// their namespace is followed).
+    pub forwarded_connections: u64,
     /// Summed over CPUs.
     #[serde(flatten)]
     pub counters: PortStats,
+}
+
+/// One place a gated port's live connections are counted.
+#[derive(Serialize)]
+#[serde(tag = "where", rename_all = "lowercase")]
+pub enum CountedIn {
+    /// The gate's own namespace, on the port itself.
+    Local { port: u16 },
+    /// Another namespace's server, followed from here.
+    Netns { netns_inode: u64, port: u16 },
 }
 
 /// An interface that is up and not gated.
@@ -208,16 +225,52 @@ pub fn collect() -> Result<Status> {
             tracker.read_failed
         ));
     }
+    let followed = gate.tracker().followed();
+    let gated: std::collections::BTreeSet<u16> = gate.ports()?.iter().map(|p| p.port).collect();
+    let forwarded = match crate::conntrack::forwarded(&gated) {
+        Ok(f) => f,
+        Err(e) => {
+            st.warnings.push(format!(
+                "reading conntrack failed ({e:#}): connections forwarded (DNAT) from the gated \
+                 ports to other namespaces cannot be shown"
+            ));
+            Vec::new()
+        }
+    };
     st.ports = gate
         .ports()?
         .into_iter()
-        .map(|p| PortStatus {
-            port: p.port,
-            live_connections: gate.tracker().live(p.port),
-            live_connections_exact: exact,
-            counters: p.stats,
+        .map(|p| {
+            let mut counted_in = vec![CountedIn::Local { port: p.port }];
+            counted_in.extend(followed.iter().filter(|(_, g)| *g == p.port).map(|(k, _)| {
+                CountedIn::Netns {
+                    netns_inode: u64::from(k.netns_inum),
+                    port: k.port as u16,
+                }
+            }));
+            let fwd = forwarded
+                .iter()
+                .filter(|f| f.port == p.port && f.maybe_live())
+                .count() as u64;
+            PortStatus {
+                port: p.port,
+                live_connections: gate.tracker().live(p.port),
+                live_connections_exact: exact,
+                counted_in,
+                forwarded_connections: fwd,
+                counters: p.stats,
+            }
         })
         .collect();
+    for p in &st.ports {
+        if p.forwarded_connections > 0 && p.counted_in.len() == 1 {
+            st.warnings.push(format!(
+                "port {}: {} connection(s) are forwarded (DNAT) to another namespace and not \
+                 counted here yet: `drain-user wait` (or `gate on` again) follows them there",
+                p.port, p.forwarded_connections
+            ));
+        }
+    }
     st.allow = gate.allow()?.iter().map(IpNet::to_string).collect();
     st.tracker = Some(tracker);
     Ok(st)
@@ -388,6 +441,30 @@ fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
             c.syns_expired
         )?;
     }
+    for p in &st.ports {
+        let elsewhere: Vec<String> = p
+            .counted_in
+            .iter()
+            .filter_map(|c| match c {
+                CountedIn::Netns { netns_inode, port } => {
+                    Some(format!("network namespace {netns_inode} port {port}"))
+                }
+                CountedIn::Local { .. } => None,
+            })
+            .collect();
+        if !elsewhere.is_empty() || p.forwarded_connections > 0 {
+            writeln!(
+                s,
+                "  {}: counted here{}; conntrack: {} forwarded (DNAT)",
+                p.port,
+                elsewhere
+                    .iter()
+                    .map(|e| format!(" and in {e}"))
+                    .collect::<String>(),
+                p.forwarded_connections
+            )?;
+        }
+    }
     if let Some(t) = &st.tracker {
         writeln!(
             s,
@@ -431,6 +508,14 @@ mod tests {
                 port: 80,
                 live_connections: 12,
                 live_connections_exact: false,
+                counted_in: vec![
+                    CountedIn::Local { port: 80 },
+                    CountedIn::Netns {
+                        netns_inode: 4026532500,
+                        port: 8080,
+                    },
+                ],
+                forwarded_connections: 3,
                 counters: PortStats {
                     port: 80,
                     syns_refused: 40,
@@ -461,6 +546,9 @@ mod tests {
                 r#""mode":"native","refusal":"reset","others":[]}],"#,
                 r#""ungated":[{"name":"veth9","ifindex":9}],"#,
                 r#""ports":[{"port":80,"live_connections":12,"live_connections_exact":false,"#,
+                r#""counted_in":[{"where":"local","port":80},"#,
+                r#"{"where":"netns","netns_inode":4026532500,"port":8080}],"#,
+                r#""forwarded_connections":3,"#,
                 r#""syns_refused":40,"syns_passed":1,"#,
                 r#""syns_allowed":2,"syns_expired":3,"rst_sent":4,"rst_limited":5,"rst_not_syn":6}],"#,
                 r#""allow":["10.0.0.0/8"],"#,

@@ -16,7 +16,7 @@ use aya::{
     programs::links::FdLink,
     Ebpf,
 };
-use drain_common::{map, prog, TrackConfig, TrackStats};
+use drain_common::{map, prog, FollowKey, TrackConfig, TrackStats};
 
 use crate::{btf::Btf, diag, netns, pins};
 
@@ -112,6 +112,9 @@ pub struct Tracker {
     stats: PerCpuArray<MapData, TrackStats>,
     /// Its config, where the seed records the connections it could not insert.
     config: Array<MapData, TrackConfig>,
+    /// The servers in other namespaces counted under a gated port (None: a gate pinned by
+    /// a version without it; `gate on` again adds it).
+    follow: Option<HashMap<MapData, FollowKey, u32>>,
 }
 
 impl Tracker {
@@ -124,6 +127,9 @@ impl Tracker {
             capacity,
             stats: PerCpuArray::try_from(Map::PerCpuArray(pins::open_map(dir, map::TSTATS)?))?,
             config: Array::try_from(Map::Array(pins::open_map(dir, map::TRACK)?))?,
+            follow: pins::open_map(dir, map::FOLLOW)
+                .ok()
+                .and_then(|m| HashMap::try_from(Map::HashMap(m)).ok()),
         })
     }
 
@@ -198,6 +204,75 @@ impl Tracker {
         for (cookie, port) in &seeded {
             if !still.contains(cookie) && self.socks.remove(cookie).is_ok() {
                 self.live.add(*port, -1);
+            }
+        }
+        Ok(seeded.len())
+    }
+
+    /// The servers followed in other namespaces: (key, gated port).
+    pub fn followed(&self) -> Vec<(FollowKey, u16)> {
+        self.follow.as_ref().map_or_else(Vec::new, |m| {
+            m.iter().flatten().map(|(k, v)| (k, v as u16)).collect()
+        })
+    }
+
+    /// Stops counting new passive opens of a followed server (its namespace is gone).
+    /// Connections already counted still leave the set exactly: leaving needs no entry.
+    pub fn unfollow(&mut self, key: FollowKey) {
+        if let Some(m) = self.follow.as_mut() {
+            let _ = m.remove(&key);
+        }
+    }
+
+    /// Counts the passive connections of the server on `key.port` in another namespace
+    /// (entered through `handle`) under `gated`: from now on in the kernel, and those that
+    /// predate it by a seed made there, with the same rules as [`Tracker::seed`] (the
+    /// entry first, then the dump; a second dump takes out what closed in between).
+    /// Returns how many it seeded.
+    pub fn follow(&mut self, key: FollowKey, gated: u16, handle: &Path) -> Result<usize> {
+        let Some(follow) = self.follow.as_mut() else {
+            bail!(
+                "this gate was made by an older drain-user and cannot follow connections into \
+                 other namespaces: run `drain-user gate on` again"
+            );
+        };
+        follow
+            .insert(key, u32::from(gated), 0)
+            .context("adding a followed server (DRAIN_FOLLOW)")?;
+        let mut cfg = self.config.get(&0, 0)?;
+        if cfg.follow == 0 {
+            cfg.follow = 1;
+            self.config.set(0, cfg, 0)?;
+        }
+        let port = key.port as u16;
+        let conns = netns::run_in(handle, || diag::passive_live(false))??;
+        let mut seeded = Vec::new();
+        let mut failed = 0u32;
+        for c in conns.iter().filter(|c| c.local.port() == port) {
+            match self.socks.insert(c.cookie, u32::from(gated), NOEXIST) {
+                Ok(()) => {
+                    self.live.add(gated, 1);
+                    seeded.push(c.cookie);
+                }
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(_) => failed += 1,
+            }
+        }
+        if failed != 0 {
+            let mut cfg = self.config.get(&0, 0)?;
+            cfg.seed_failed = cfg.seed_failed.saturating_add(failed);
+            self.config.set(0, cfg, 0)?;
+        }
+        let still: HashSet<u64> = netns::run_in(handle, || {
+            diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, false)
+        })??
+        .iter()
+        .map(|c| c.cookie)
+        .collect();
+        for cookie in &seeded {
+            if !still.contains(cookie) && self.socks.remove(cookie).is_ok() {
+                self.live.add(gated, -1);
             }
         }
         Ok(seeded.len())

@@ -20,7 +20,9 @@ use serde::Serialize;
 
 use crate::{
     cli::{usage, Exit, Policy},
-    diag, errln, gate,
+    diag, errln,
+    follow::Follower,
+    gate,
     netns::{self, NetnsId, StateDir},
     object, pins,
     state::{boottime_ns, OpenGate},
@@ -39,6 +41,10 @@ pub struct WaitArgs {
 const POLL: Duration = Duration::from_millis(5);
 /// inet_diag dumps (for --idle) are cheap but not free: this often at most.
 const IDLE_POLL: Duration = Duration::from_millis(100);
+/// How often conntrack is read for connections forwarded elsewhere (a published port's
+/// DNAT): new ones (an allowlisted client) and new namespaces (a restarted container) are
+/// followed within this; a zero count is always checked against a fresh read.
+const FOLLOW_POLL: Duration = Duration::from_millis(250);
 
 /// One reading of the live counts.
 pub struct Progress {
@@ -164,42 +170,98 @@ impl Source {
             Source::Temp(t) => &t.tracker,
         }
     }
+
+    fn tracker_mut(&mut self) -> &mut Tracker {
+        match self {
+            Source::Gate(g) => g.tracker_mut(),
+            Source::Temp(t) => &mut t.tracker,
+        }
+    }
+}
+
+/// The local ports whose counts make up each waited-for port: itself, and the ports of this
+/// namespace a DNAT here leads it to.
+fn counted_ports(ports: &BTreeSet<u16>, follower: &Follower) -> BTreeSet<u16> {
+    let mut all = ports.clone();
+    for p in ports {
+        all.extend(follower.local.get(p).into_iter().flatten());
+    }
+    all
 }
 
 /// The connections the counts are made of: an inet_diag dump filtered by the tracker's own
-/// set (not by "the port has a listener", which a graceful server stop breaks).
-fn tracked(tracker: &Tracker, ports: &BTreeSet<u16>) -> Result<Vec<diag::Conn>> {
-    Ok(
+/// set (not by "the port has a listener", which a graceful server stop breaks), here and in
+/// the namespaces followed; reported under the port waited for.
+fn tracked(
+    tracker: &Tracker,
+    ports: &BTreeSet<u16>,
+    follower: &Follower,
+) -> Result<Vec<(u16, diag::Conn)>> {
+    let local = counted_ports(ports, follower);
+    // A local port a DNAT here leads to is reported under the port waited for.
+    let waited = |p: u16| {
+        ports
+            .iter()
+            .copied()
+            .find(|w| *w == p || follower.local.get(w).is_some_and(|l| l.contains(&p)))
+            .unwrap_or(p)
+    };
+    let mut out: Vec<(u16, diag::Conn)> =
         diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, true)?
             .into_iter()
-            .filter(|c| ports.contains(&c.local.port()) && tracker.contains(c.cookie))
-            .collect(),
-    )
+            .filter(|c| local.contains(&c.local.port()) && tracker.contains(c.cookie))
+            .map(|c| (waited(c.local.port()), c))
+            .collect();
+    out.extend(follower.tracked(tracker, ports)?);
+    Ok(out)
 }
 
-fn leftovers(tracker: &Tracker, ports: &BTreeSet<u16>) -> Result<Vec<Leftover>> {
-    Ok(tracked(tracker, ports)?
+fn leftovers(
+    tracker: &Tracker,
+    ports: &BTreeSet<u16>,
+    follower: &Follower,
+) -> Result<Vec<Leftover>> {
+    let mut left: Vec<Leftover> = tracked(tracker, ports, follower)?
         .into_iter()
-        .map(|c| Leftover {
+        .map(|(port, c)| Leftover {
             peer: c.peer.to_string(),
-            port: c.local.port(),
+            port,
             state: diag::state_name(c.state),
             unread_bytes: c.rqueue,
             unsent_bytes: c.wqueue,
             idle_ms: c.info.map(|i| i.last_data_recv_ms.min(i.last_data_sent_ms)),
         })
-        .collect())
+        .collect();
+    // Those a DNAT sends to no namespace of this host: what conntrack says of them.
+    left.extend(follower.elsewhere.iter().map(|f| Leftover {
+        peer: f.client.to_string(),
+        port: f.port,
+        state: f.state_name(),
+        unread_bytes: 0,
+        unsent_bytes: 0,
+        idle_ms: None,
+    }));
+    Ok(left)
 }
 
 /// True when every live connection on `ports` has no unread, unsent or unacknowledged
 /// bytes and has exchanged no data for `idle`.
-fn all_idle(tracker: &Tracker, ports: &BTreeSet<u16>, idle: Duration, live: i64) -> Result<bool> {
+fn all_idle(
+    tracker: &Tracker,
+    ports: &BTreeSet<u16>,
+    follower: &Follower,
+    idle: Duration,
+    live: i64,
+) -> Result<bool> {
+    if !follower.elsewhere.is_empty() {
+        return Ok(false); // nothing known of their traffic
+    }
     let idle_ms = idle.as_millis().min(u32::MAX as u128) as u32;
-    let conns = tracked(tracker, ports)?;
+    let conns = tracked(tracker, ports, follower)?;
     if (conns.len() as i64) < live {
         return Ok(false); // the dump missed some (opened since): not idle yet
     }
-    Ok(conns.iter().all(|c| {
+    Ok(conns.iter().all(|(_, c)| {
         let Some(i) = c.info else { return false };
         c.rqueue == 0
             && c.wqueue == 0
@@ -279,6 +341,42 @@ fn warn_ungated(gate: &OpenGate, warned: &mut BTreeSet<u32>) -> Result<()> {
     Ok(())
 }
 
+/// Per waited-for port: the tracker's count (its own connections and those of the servers
+/// followed elsewhere), plus the local ports a DNAT here leads it to, plus the forwarded
+/// connections that end outside this host (not counted by the tracker: conntrack's word).
+fn counts(tracker: &Tracker, ports: &BTreeSet<u16>, follower: &Follower) -> Vec<(u16, i64)> {
+    ports
+        .iter()
+        .map(|&p| {
+            let local: i64 = follower
+                .local
+                .get(&p)
+                .into_iter()
+                .flatten()
+                .filter(|l| !ports.contains(l))
+                .map(|&l| tracker.live(l).max(0))
+                .sum();
+            let elsewhere = follower.elsewhere.iter().filter(|f| f.port == p).count() as i64;
+            (p, tracker.live(p).max(0) + local + elsewhere)
+        })
+        .collect()
+}
+
+/// Reads conntrack and follows what it names; says so, once per server, on stderr.
+fn refresh(follower: &mut Follower, tracker: &mut Tracker, ports: &BTreeSet<u16>) -> Result<()> {
+    let found = follower.refresh(tracker, ports)?;
+    for (f, seeded) in found.new {
+        errln!(
+            "drain-user: port {}: connections are forwarded (DNAT) to {} in network namespace \
+             {}: counted there ({seeded} open when found)",
+            f.port,
+            f.backend,
+            f.netns_inode
+        )?;
+    }
+    Ok(())
+}
+
 async fn poll(
     source: &mut Source,
     ports: &BTreeSet<u16>,
@@ -292,9 +390,22 @@ async fn poll(
     let mut last_idle_check: Option<Instant> = None;
     let mut next_renewal = start;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut follower = Follower::new(source.tracker_mut())?;
+    let mut last_follow: Option<Instant> = None;
     loop {
+        if last_follow.is_none_or(|t| t.elapsed() >= FOLLOW_POLL) {
+            refresh(&mut follower, source.tracker_mut(), ports)?;
+            last_follow = Some(Instant::now());
+        }
+        let mut counts = counts(source.tracker(), ports, &follower);
+        if counts.iter().all(|(_, n)| *n == 0) && last_follow.is_some_and(|t| t.elapsed() > POLL) {
+            // Zero: before concluding anything, follow what conntrack says now (a
+            // connection forwarded to a namespace not followed yet is not in the count).
+            refresh(&mut follower, source.tracker_mut(), ports)?;
+            last_follow = Some(Instant::now());
+            counts = self::counts(source.tracker(), ports, &follower);
+        }
         let tracker = source.tracker();
-        let counts: Vec<(u16, i64)> = ports.iter().map(|&p| (p, tracker.live(p).max(0))).collect();
         let live: i64 = counts.iter().map(|(_, n)| n).sum();
         let elapsed = start.elapsed();
         let progress = Progress {
@@ -312,7 +423,7 @@ async fn poll(
         if let Some(idle) = args.idle {
             if last_idle_check.is_none_or(|t| t.elapsed() >= IDLE_POLL) {
                 last_idle_check = Some(Instant::now());
-                if all_idle(tracker, ports, idle, live)? {
+                if all_idle(tracker, ports, &follower, idle, live)? {
                     tracker.check_exact()?;
                     return Ok(Outcome::Idle { elapsed, live });
                 }
@@ -322,7 +433,7 @@ async fn poll(
             return Ok(Outcome::Timeout {
                 elapsed,
                 live,
-                left: leftovers(tracker, ports)?,
+                left: leftovers(tracker, ports, &follower)?,
             });
         }
         // Through the maps opened at the start: no pin is opened again while waiting.

@@ -288,6 +288,22 @@ pub fn spawn_here(args: &[&str]) -> Running {
     Running::start(cmd, format!("drain-user {}", args.join(" ")))
 }
 
+/// Runs `drain-user args...` in the namespace named `ns` (under /var/run/netns, any, not
+/// only a pair's) through nsenter, as an operator without `--netns` would.
+#[track_caller]
+pub fn run_in(ns: &str, args: &[&str]) -> CliOutput {
+    spawn_in(ns, args).wait()
+}
+
+/// Starts `drain-user args...` in namespace `ns` (see [`run_in`]) without waiting.
+pub fn spawn_in(ns: &str, args: &[&str]) -> Running {
+    crate::require_root();
+    crate::object::ensure_bpffs();
+    let mut cmd = crate::netns::nsenter(ns, &crate::drain_user_bin().to_string_lossy());
+    cmd.args(args);
+    Running::start(cmd, format!("drain-user {} (in {ns})", args.join(" ")))
+}
+
 /// The links every gate pins besides one per interface, sorted: the RST counter, the
 /// namespace-wide refusal (sk_lookup) and the connection tracker.
 pub const GATE_LINKS: [&str; 3] = ["link-rst", "link-sklookup", "link-track"];

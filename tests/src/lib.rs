@@ -21,6 +21,9 @@
 //! - [`gatemodel`]: the gate programs under BPF_PROG_TEST_RUN next to a model of what they
 //!   must do (classifier + gate logic): verdict, output frame (RSTs included), counters.
 //! - [`fuzz`]: a seeded PRNG, random frames, mutations and the checked-in seed corpus.
+//! - [`published`]: a published port without a runtime: a "container" namespace behind an
+//!   nftables DNAT in the host namespace, the way Docker's `-p 8080:80` works
+//!   ([`published::Published`], RAII; `restart` replaces its namespace like `docker restart`).
 //! - [`web`]: nginx, HAProxy and wrk in test namespaces (end-to-end tests under load).
 //! - [`booted`]: booted hosts: a cached Debian root file system booted with systemd as
 //!   PID 1 under systemd-nspawn in a test namespace, with drain-user and a bpffs bound in;
@@ -44,6 +47,7 @@ pub mod fuzz;
 pub mod gatemodel;
 pub mod netns;
 pub mod object;
+pub mod published;
 pub mod testrun;
 pub mod traffic;
 pub mod web;

@@ -328,6 +328,8 @@ fn ensure_test_packages() -> Result<()> {
         ("util-linux", have("nsenter")),
         ("bpftool", have("bpftool")),
         ("strace", have("strace")),
+        // The published-port tests make Docker's DNAT with nft.
+        ("nftables", have("nft")),
         // The package test reads the installed man page.
         ("man-db", have("man")),
         // /usr/bin/docker by path: another client may be installed elsewhere on PATH.
