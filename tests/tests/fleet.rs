@@ -409,7 +409,10 @@ fn killed_playbook(kind: HostKind) {
     // A short TTL and a long pause after closing the gate: the playbook is killed while the
     // first batch is dark and nothing of drain runs on the hosts.
     let r = Rollout {
-        ttl: "5s".to_string(),
+        // 10 s: the two gates of the first batch close up to a few seconds apart on a busy
+        // machine, and the last one must still be closed when the test looks (with 5 s, a
+        // load average of 20 left one 0.4 s past its TTL before the kill).
+        ttl: "10s".to_string(),
         wait_for_lb: 60,
         ..rollout("v2-killed", true, "drop")
     };
