@@ -149,6 +149,18 @@ pub fn rootfs() -> PathBuf {
         return root;
     }
     let tmp = base.join(format!("{SUITE}-{hash:016x}.tmp"));
+    // A debootstrap killed half-way leaves /proc and /sys mounted in its tree: unmount
+    // them (deepest first) before removing it.
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut inside: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| Path::new(m).starts_with(&tmp))
+        .collect();
+    inside.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in inside {
+        umount(Path::new(m));
+    }
     let _ = fs::remove_dir_all(&tmp);
     let mirror = debian_mirror();
     eprintln!(
