@@ -39,11 +39,14 @@ pub mod map {
 
     /// Array[1] of [`TrackConfig`](crate::TrackConfig): the namespace to count in and the
     /// kernel struct offsets read from BTF. Written by user space before the tracker attaches.
-    pub const TRACK: &str = "DRAIN_TRACK";
-    /// Hash u64 socket cookie -> u32 local port: the set of live passive connections.
-    /// Inserted (BPF_NOEXIST) by the tracker on SYN_RECV -> ESTABLISHED and by user space
-    /// when seeding; deleted by whoever sees the connection leave the live states.
-    pub const SOCKS: &str = "DRAIN_SOCKS";
+    /// (DRAIN_TRACK held a smaller config; the new name keeps a `gate on` from reusing it.)
+    pub const TRACK: &str = "DRAIN_TRACKCFG";
+    /// Hash [`ConnKey`](crate::ConnKey) -> u32 local port: the set of live passive
+    /// connections. Inserted (BPF_NOEXIST) by the tracker on SYN_RECV -> ESTABLISHED and by
+    /// user space when seeding; deleted by whoever sees the connection leave the live
+    /// states. (DRAIN_SOCKS was keyed by socket cookie, which 5.10's tracing programs
+    /// cannot read; the new name keeps a `gate on` from reusing such a pin.)
+    pub const SOCKS: &str = "DRAIN_CONNS";
     /// Array[65536] of i64 by local port, BPF_F_MMAPABLE: live connections per port. Changed
     /// with atomic adds only, and only by whoever won the SOCKS insert/delete, by the tracker
     /// and by user space (through mmap) alike.
@@ -155,8 +158,10 @@ pub struct TrackConfig {
     /// Inode of the network namespace to count in (`stat -L -c %i /proc/self/ns/net`);
     /// 0 = not configured, count nothing.
     pub netns_inum: u32,
-    /// Byte offset of `sock.__sk_common.skc_num` (local port, host order u16).
-    pub off_num: u32,
+    /// Byte offset of `inet_sock.inet_sport` (local port, network order u16). Not
+    /// `skc_num`: closing a socket by RST releases its port (`inet_put_port` zeroes
+    /// skc_num) before the state change the tracker sees.
+    pub off_sport: u32,
     /// Byte offset of `sock.__sk_common.skc_net` (a `struct net *`).
     pub off_net: u32,
     /// Byte offset of `net.ns.inum` (u32).
@@ -164,12 +169,55 @@ pub struct TrackConfig {
     /// Connections the seed (user space, at `gate on`) could not insert into the set (it was
     /// full): counted with the tracker's `insert_failed`. The kernel never reads it.
     pub seed_failed: u32,
+    /// Byte offset of `sock.__sk_common.skc_family` (u16).
+    pub off_family: u32,
+    /// Byte offset of `sock.__sk_common.skc_dport` (remote port, network order u16).
+    pub off_dport: u32,
+    /// Byte offset of `sock.__sk_common.skc_daddr` (remote IPv4 address, network order).
+    pub off_daddr: u32,
+    /// Byte offset of `sock.__sk_common.skc_rcv_saddr` (local IPv4 address).
+    pub off_saddr: u32,
+    /// Byte offset of `sock.__sk_common.skc_v6_daddr` (remote IPv6 address, 16 bytes).
+    pub off_v6_daddr: u32,
+    /// Byte offset of `sock.__sk_common.skc_v6_rcv_saddr` (local IPv6 address).
+    pub off_v6_saddr: u32,
     /// Non-zero once user space follows a gated port into another namespace
     /// ([`map::FOLLOW`]): only then does the tracker look at other namespaces' sockets, so
     /// a gate that follows nothing pays nothing for them.
     pub follow: u32,
 }
-const _: () = assert!(core::mem::size_of::<TrackConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<TrackConfig>() == 48);
+
+/// The key of the live-connection set: one TCP connection, as the kernel's socket says and
+/// as inet_diag reports it, so the tracker and the seed name a connection alike. Unique
+/// among live connections across namespaces (the namespace's inode is in it; within one
+/// namespace the kernel keeps at most one established socket per 4-tuple). Read from the
+/// socket's own fields rather than its cookie, which tracing programs can ask for only
+/// from Linux 5.12.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ConnKey {
+    /// Inode of the connection's network namespace.
+    pub netns: u32,
+    /// Local port, host order.
+    pub lport: u16,
+    /// Remote port, host order.
+    pub rport: u16,
+    /// Local address: IPv6, or IPv4 as ::ffff:a.b.c.d (network order).
+    pub laddr: [u8; 16],
+    /// Remote address, the same way.
+    pub raddr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 40);
+
+/// `a` as the 16 bytes of the IPv4-mapped IPv6 address ::ffff:a (network order in, out).
+#[inline(always)]
+pub fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
 
 /// Entries in [`map::FOLLOW`]: namespaces x backend ports one gate follows.
 pub const MAX_FOLLOWED: u32 = 1024;
@@ -341,17 +389,17 @@ pub struct WatchEvent {
     pub ts_ns: u64,
     /// [`EVENT_REFUSED_DROP`], [`EVENT_REFUSED_RST`] or [`EVENT_LEFT`].
     pub kind: u32,
-    /// Refused: 4 or 6 (the source address family); left: 0.
+    /// Refused: 4 or 6 (the source address family); left: 6.
     pub family: u32,
-    /// Refused: the source address, network order (IPv4 in the first 4 bytes).
+    /// Refused: the source address, network order (IPv4 in the first 4 bytes); left: the
+    /// remote address (IPv4 as ::ffff:a.b.c.d).
     pub addr: [u8; 16],
-    /// Refused: the source port (host order).
+    /// Refused: the source port; left: the remote port (host order).
     pub sport: u16,
     /// Refused: the destination (gated) port; left: the local port. Host order.
     pub port: u16,
     pub _pad: u32,
-    /// Left: the socket cookie (as `ss -e` and inet_diag report it).
-    pub cookie: u64,
+    pub _reserved: u64,
     /// Left: connections still live on the port after this one left.
     pub left: i64,
 }
@@ -405,6 +453,7 @@ mod pod {
     unsafe impl aya::Pod for super::GateConfig {}
     unsafe impl aya::Pod for super::PortStats {}
     unsafe impl aya::Pod for super::TrackConfig {}
+    unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::TrackStats {}
     unsafe impl aya::Pod for super::FollowKey {}
     unsafe impl aya::Pod for super::CpuClock {}

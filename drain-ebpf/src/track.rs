@@ -2,7 +2,7 @@
 //!
 //! tp_btf/inet_sock_set_state sees every TCP state change, of sockets that existed before
 //! it was loaded too. Set semantics keep the counts from drifting: a connection is in the
-//! live set (SOCKS, keyed by socket cookie) or not; a port's count (LIVE) moves only when an
+//! live set (SOCKS, keyed by its namespace and 4-tuple, [`ConnKey`]) or not; a port's count (LIVE) moves only when an
 //! insert (BPF_NOEXIST) or a delete on that set succeeded, so a duplicate or missed event
 //! cannot double-count, and the count can never go below the set's true size. User space
 //! seeds the connections that predate the tracker with the same rule.
@@ -11,23 +11,23 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel},
+    helpers::bpf_probe_read_kernel,
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap, PerCpuArray},
     programs::BtfTracePointContext,
 };
 use drain_common::{
-    is_live, FollowKey, TrackConfig, TrackStats, MAX_FOLLOWED, MAX_TRACKED_SOCKS, TCP_ESTABLISHED,
-    TCP_SYN_RECV,
+    is_live, v4_mapped, ConnKey, FollowKey, TrackConfig, TrackStats, MAX_FOLLOWED,
+    MAX_TRACKED_SOCKS, TCP_ESTABLISHED, TCP_SYN_RECV,
 };
 
 /// Array[1] of TrackConfig; written by user space before attaching.
-#[map(name = "DRAIN_TRACK")]
+#[map(name = "DRAIN_TRACKCFG")]
 static TRACK: Array<TrackConfig> = Array::pinned(1, 0);
 
-/// Live passive connections: socket cookie -> local port.
-#[map(name = "DRAIN_SOCKS")]
-static SOCKS: HashMap<u64, u32> = HashMap::pinned(MAX_TRACKED_SOCKS, BPF_F_NO_PREALLOC);
+/// Live passive connections: (namespace, 4-tuple) -> local port.
+#[map(name = "DRAIN_CONNS")]
+static SOCKS: HashMap<ConnKey, u32> = HashMap::pinned(MAX_TRACKED_SOCKS, BPF_F_NO_PREALLOC);
 
 /// Live connections per local port; mmapped by user space, which adds seeds atomically.
 #[map(name = "DRAIN_LIVE")]
@@ -43,6 +43,36 @@ static FOLLOW: HashMap<FollowKey, u32> = HashMap::pinned(MAX_FOLLOWED, 0);
 static TSTATS: PerCpuArray<TrackStats> = PerCpuArray::pinned(1, 0);
 
 const EEXIST: i32 = 17;
+const AF_INET: u16 = 2;
+
+/// Reads a `T` from kernel memory at `p + off`.
+#[inline(always)]
+fn kread<T>(p: *const u8, off: u32) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly.
+    unsafe { bpf_probe_read_kernel(p.add(off as usize) as *const T) }.map_err(|e| e as i64)
+}
+
+/// The connection `sk` is, from the socket's own fields (offsets from the kernel's BTF).
+/// An IPv4 socket's addresses are given as IPv4-mapped IPv6, as a dual-stack socket's are.
+#[inline(always)]
+fn conn_key(sk: *const u8, cfg: &TrackConfig, netns: u32) -> Result<ConnKey, i64> {
+    let family: u16 = kread(sk, cfg.off_family)?;
+    let (laddr, raddr) = if family == AF_INET {
+        (
+            v4_mapped(kread(sk, cfg.off_saddr)?),
+            v4_mapped(kread(sk, cfg.off_daddr)?),
+        )
+    } else {
+        (kread(sk, cfg.off_v6_saddr)?, kread(sk, cfg.off_v6_daddr)?)
+    };
+    Ok(ConnKey {
+        netns,
+        lport: u16::from_be(kread(sk, cfg.off_sport)?),
+        rport: u16::from_be(kread(sk, cfg.off_dport)?),
+        laddr,
+        raddr,
+    })
+}
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn drain_track(ctx: BtfTracePointContext) -> i32 {
@@ -94,42 +124,37 @@ fn try_track(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if cfg.netns_inum == 0 {
         return Ok(());
     }
+    // The tracepoint fires for every namespace: count only the one this gate serves.
     // The tracepoint fires for every namespace: count the one this gate serves, and the
     // servers it follows elsewhere (FOLLOW), once it follows any.
-    // SAFETY: bpf_probe_read_kernel checks the address; offsets come from the kernel's BTF.
-    let net: *const u8 =
-        unsafe { bpf_probe_read_kernel(sk.add(cfg.off_net as usize) as *const *const u8) }
-            .map_err(|e| e as i64)?;
-    let inum: u32 = unsafe { bpf_probe_read_kernel(net.add(cfg.off_inum as usize) as *const u32) }
-        .map_err(|e| e as i64)?;
+    let net: *const u8 = kread(sk, cfg.off_net)?;
+    let inum: u32 = kread(net, cfg.off_inum)?;
     let own = inum == cfg.netns_inum;
     if !own && cfg.follow == 0 {
         return Ok(());
     }
-    // SAFETY: sk is the tracepoint's struct sock pointer, which this helper accepts.
-    let cookie = unsafe { bpf_get_socket_cookie(sk as *mut _) };
+    // The 4-tuple is complete by ESTABLISHED (a child socket's remote port may not be
+    // filled in at SYN_RECV, hence entering at SYN_RECV -> ESTABLISHED only), and it does
+    // not change while the socket is live. With the namespace's inode in it, the key is
+    // unique across namespaces too.
+    let key = conn_key(sk, cfg, inum)?;
     if entering {
-        // The local port: a child socket has it from creation (its remote port may not be
-        // filled in at SYN_RECV, hence keying by local port at ESTABLISHED).
-        let port: u16 =
-            unsafe { bpf_probe_read_kernel(sk.add(cfg.off_num as usize) as *const u16) }
-                .map_err(|e| e as i64)?;
         // Elsewhere only a followed server's opens count, under the gated port that leads
         // there. (Leaving needs no such check: the set holds only what was counted.)
         let port = if own {
-            port as u32
+            u32::from(key.lport)
         } else {
-            let key = FollowKey {
+            let follow = FollowKey {
                 netns_inum: inum,
-                port: port as u32,
+                port: u32::from(key.lport),
             };
             // SAFETY: the value is copied out at once.
-            match unsafe { FOLLOW.get(key) } {
+            match unsafe { FOLLOW.get(follow) } {
                 Some(&gated) => gated,
                 None => return Ok(()),
             }
         };
-        match SOCKS.insert(cookie, port, BPF_NOEXIST as u64) {
+        match SOCKS.insert(key, port, BPF_NOEXIST as u64) {
             Ok(()) => {
                 add(port, 1);
                 bump(|s| s.added += 1);
@@ -139,13 +164,13 @@ fn try_track(ctx: &BtfTracePointContext) -> Result<(), i64> {
         }
     } else {
         // SAFETY: the value is copied out before the delete below.
-        let Some(&port) = (unsafe { SOCKS.get(cookie) }) else {
+        let Some(&port) = (unsafe { SOCKS.get(key) }) else {
             return Ok(());
         };
-        if SOCKS.remove(cookie).is_ok() {
+        if SOCKS.remove(key).is_ok() {
             add(port, -1);
             bump(|s| s.removed += 1);
-            crate::watch::left(cookie, port, LIVE.get(port).copied().unwrap_or(0));
+            crate::watch::left(&key, port, LIVE.get(port).copied().unwrap_or(0));
         }
     }
     Ok(())

@@ -10,7 +10,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray, RingBuf},
 };
-use drain_common::{WatchConfig, WatchCpu, WatchEvent, EVENTS_BYTES, EVENT_LEFT};
+use drain_common::{ConnKey, WatchConfig, WatchCpu, WatchEvent, EVENTS_BYTES, EVENT_LEFT};
 
 use crate::{
     hdr::{Ipv4Hdr, Ipv6Hdr, TcpHdr},
@@ -108,15 +108,15 @@ fn refused_event(start: usize, end: usize, req: &Request, kind: u32) {
             sport,
             port: req.dport,
             _pad: 0,
-            cookie: 0,
+            _reserved: 0,
             left: 0,
         },
     );
 }
 
-/// The connection `cookie` on local `port` left the live set; `left` are still live there.
+/// The connection `conn` on local `port` left the live set; `left` are still live there.
 #[inline(always)]
-pub fn left(cookie: u64, port: u32, left: i64) {
+pub fn left(conn: &ConnKey, port: u32, left: i64) {
     let Some((cfg, cpu, now)) = watching() else {
         return;
     };
@@ -129,8 +129,10 @@ pub fn left(cookie: u64, port: u32, left: i64) {
         &WatchEvent {
             ts_ns: now,
             kind: EVENT_LEFT,
+            family: 6,
+            addr: conn.raddr,
+            sport: conn.rport,
             port: port as u16,
-            cookie,
             left,
             ..WatchEvent::default()
         },

@@ -188,7 +188,9 @@ impl Follower {
             out.extend(
                 conns?
                     .into_iter()
-                    .filter(|c| c.local.port() == f.backend.port() && tracker.contains(c.cookie))
+                    .filter(|c| {
+                        c.local.port() == f.backend.port() && tracker.contains_in(f.netns_inode, c)
+                    })
                     .map(|c| (f.port, c)),
             );
         }

@@ -3,7 +3,9 @@
 //! A gate is per network namespace, and its state directory is named after the namespace
 //! ([`StateDir`]). The inode tells namespaces apart while they exist; the kernel hands it to
 //! the next namespace once one is gone, so the cookie (never reused while the system runs)
-//! is in the name too. [`orphans`] finds the state left by namespaces that were deleted
+//! is in the name too. Kernels before 5.14 have no namespace cookie: there the name carries
+//! cookie 0, and the kernel's own view tells a namespace from an older one that had its
+//! inode ([`stale`]). [`orphans`] finds the state left by namespaces that were deleted
 //! with their gate on, and by `wait` processes that were killed.
 
 use std::{
@@ -24,7 +26,8 @@ pub struct NetnsId {
     /// `stat -L -c %i /proc/self/ns/net`: what the tracker compares in the kernel
     /// (`sk->skc_net->ns.inum`), and what people see in `ip netns` and `lsns`.
     pub inode: u64,
-    /// SO_NETNS_COOKIE (Linux 5.14+): unique while the system runs.
+    /// SO_NETNS_COOKIE (Linux 5.14+): unique while the system runs, never 0. 0 = this
+    /// kernel has no namespace cookies (see [`stale`]).
     pub cookie: u64,
 }
 
@@ -46,9 +49,18 @@ pub fn current_inode() -> Result<u64> {
         .ino())
 }
 
-/// The cookie of the caller's network namespace (SO_NETNS_COOKIE on a fresh socket).
+/// Makes drain behave as on a kernel without namespace cookies (see [`current_cookie`]).
+pub const NO_COOKIE_ENV: &str = "DRAIN_NO_NETNS_COOKIE";
+
+/// The cookie of the caller's network namespace (SO_NETNS_COOKIE on a fresh socket); 0 on
+/// a kernel that has none (before 5.14: ENOPROTOOPT).
 fn current_cookie() -> Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
+    // Not an option: it lets a test run the path of kernels without namespace cookies on
+    // a kernel that has them.
+    if std::env::var_os(NO_COOKIE_ENV).is_some() {
+        return Ok(0);
+    }
     let sock =
         std::os::unix::net::UnixDatagram::unbound().context("socket() for SO_NETNS_COOKIE")?;
     let mut cookie = 0u64;
@@ -64,10 +76,37 @@ fn current_cookie() -> Result<u64> {
         )
     };
     if rc != 0 {
-        return Err(io::Error::last_os_error())
-            .context("getsockopt(SO_NETNS_COOKIE) (needs Linux 5.14 or later)");
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOPROTOOPT) {
+            return Ok(0);
+        }
+        return Err(e).context("getsockopt(SO_NETNS_COOKIE)");
     }
     Ok(cookie)
+}
+
+/// True when `dir` is the state directory of a gate whose namespace is gone, named after it
+/// on a kernel without namespace cookies (`<inode>-0`), where a newer namespace may have
+/// been given the same inode. The kernel says which: every gate has its sk_lookup link
+/// attached to its namespace, and that link's info reports the namespace's inode until
+/// the namespace is dismantled, then 0 (`bpf_netns_link` drops its net at pre_exit).
+/// A live namespace's inode is unique, so a link reporting this inode is attached to this
+/// namespace. Without a readable link there is no proof: not stale.
+pub fn stale(dir: &Path) -> bool {
+    let Some(StateDir::Gate(id)) = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+    else {
+        return false;
+    };
+    if id.cookie != 0 {
+        return false;
+    }
+    match sys::link_info(&crate::pins::LinkPin::Lookup.path(dir)) {
+        Ok(i) if i.link_type == sys::BPF_LINK_TYPE_NETNS => u64::from(i.netns_ino) != id.inode,
+        _ => false,
+    }
 }
 
 /// The name of a state directory under `/sys/fs/bpf/drain`. (bpffs refuses names with
@@ -161,6 +200,11 @@ pub fn orphans(root: &Path, own: NetnsId) -> Vec<PathBuf> {
             continue;
         };
         let dead = match dir {
+            // No cookie: only the kernel's view of the namespace link can tell this
+            // namespace's gate from that of a dead one that had its inode (own included).
+            StateDir::Gate(id) if id.cookie == 0 => {
+                stale(&e.path()) && links_all_detached(&e.path())
+            }
             StateDir::Gate(id) if id == own => false,
             StateDir::Gate(id) => {
                 let unheld = match held.get_or_insert_with(held_namespaces).get(&id.inode) {

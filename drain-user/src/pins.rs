@@ -334,7 +334,9 @@ pub fn state_exists(dir: &Path) -> Result<bool> {
     if !bpffs_mounted()? || !trusted_dir(&root())? {
         return Ok(false);
     }
-    trusted_dir(dir)
+    // A dead namespace's gate under this namespace's name (kernels without namespace
+    // cookies) is not this namespace's gate; the next `gate on` or `gate off` reaps it.
+    Ok(trusted_dir(dir)? && !crate::netns::stale(dir))
 }
 
 /// Where the lock lives: a root-only directory of its own, not the world-writable

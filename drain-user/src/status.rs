@@ -263,6 +263,14 @@ pub fn collect() -> Result<Status> {
         })
         .collect();
     for p in &st.ports {
+        if st.policy == Policy::Reset && (p.forwarded_connections > 0 || p.counted_in.len() > 1) {
+            st.warnings.push(format!(
+                "port {} is forwarded (DNAT) to another namespace: under policy reset a refused \
+                 SYN is handed to the stack, which forwards it there instead of refusing it; \
+                 `drain-user gate on --policy drop` refuses it before the DNAT",
+                p.port
+            ));
+        }
         if p.forwarded_connections > 0 && p.counted_in.len() == 1 {
             st.warnings.push(format!(
                 "port {}: {} connection(s) are forwarded (DNAT) to another namespace and not \

@@ -16,7 +16,7 @@ use aya::{
     programs::links::FdLink,
     Ebpf,
 };
-use drain_common::{map, prog, FollowKey, TrackConfig, TrackStats};
+use drain_common::{map, prog, v4_mapped, ConnKey, FollowKey, TrackConfig, TrackStats};
 
 use crate::{btf::Btf, diag, netns, pins};
 
@@ -25,9 +25,15 @@ fn configure(bpf: &mut Ebpf) -> Result<()> {
     let btf = Btf::from_sys_fs()?;
     let cfg = TrackConfig {
         netns_inum: netns::current_inode()? as u32,
-        off_num: btf.offset("sock", "__sk_common.skc_num")?,
+        off_sport: btf.offset("inet_sock", "inet_sport")?,
         off_net: btf.offset("sock", "__sk_common.skc_net")?,
         off_inum: btf.offset("net", "ns.inum")?,
+        off_family: btf.offset("sock", "__sk_common.skc_family")?,
+        off_dport: btf.offset("sock", "__sk_common.skc_dport")?,
+        off_daddr: btf.offset("sock", "__sk_common.skc_daddr")?,
+        off_saddr: btf.offset("sock", "__sk_common.skc_rcv_saddr")?,
+        off_v6_daddr: btf.offset("sock", "__sk_common.skc_v6_daddr")?,
+        off_v6_saddr: btf.offset("sock", "__sk_common.skc_v6_rcv_saddr")?,
         ..Default::default()
     };
     let mut track: Array<&mut MapData, TrackConfig> = Array::try_from(
@@ -99,14 +105,30 @@ impl Drop for Live {
     }
 }
 
+/// The live set's key for a connection of the namespace with inode `netns`, as the kernel's
+/// tracker builds it from the socket (addresses IPv4-mapped where they are IPv4).
+pub fn key(netns: u64, c: &diag::Conn) -> ConnKey {
+    let bytes = |a: std::net::IpAddr| match a {
+        std::net::IpAddr::V4(a) => v4_mapped(a.octets()),
+        std::net::IpAddr::V6(a) => a.octets(),
+    };
+    ConnKey {
+        netns: netns as u32,
+        lport: c.local.port(),
+        rport: c.peer.port(),
+        laddr: bytes(c.local.ip()),
+        raddr: bytes(c.peer.ip()),
+    }
+}
+
 /// BPF_NOEXIST: insert only if the key is not there yet.
 const NOEXIST: u64 = 1;
 
 /// A tracker's maps, opened once from their pins.
 pub struct Tracker {
     live: Live,
-    /// The set of live passive connections (cookie -> port).
-    socks: HashMap<MapData, u64, u32>,
+    /// The set of live passive connections (namespace and 4-tuple -> port).
+    socks: HashMap<MapData, ConnKey, u32>,
     /// The set's max_entries.
     capacity: u32,
     stats: PerCpuArray<MapData, TrackStats>,
@@ -121,12 +143,14 @@ impl Tracker {
     pub fn open(dir: &Path) -> Result<Self> {
         let socks = pins::open_map(dir, map::SOCKS)?;
         let capacity = socks.info().map_or(0, |i| i.max_entries());
+        let config: Array<MapData, TrackConfig> =
+            Array::try_from(Map::Array(pins::open_map(dir, map::TRACK)?))?;
         Ok(Tracker {
             live: Live::open(dir)?,
             socks: HashMap::try_from(Map::HashMap(socks))?,
             capacity,
             stats: PerCpuArray::try_from(Map::PerCpuArray(pins::open_map(dir, map::TSTATS)?))?,
-            config: Array::try_from(Map::Array(pins::open_map(dir, map::TRACK)?))?,
+            config,
             follow: pins::open_map(dir, map::FOLLOW)
                 .ok()
                 .and_then(|m| HashMap::try_from(Map::HashMap(m)).ok()),
@@ -139,9 +163,21 @@ impl Tracker {
         self.live.at(port).load(Ordering::Relaxed)
     }
 
-    /// True when the connection with this socket cookie is one the counts are made of.
-    pub fn contains(&self, cookie: u64) -> bool {
-        self.socks.get(&cookie, 0).is_ok()
+    /// True when the connection `c` (of the tracker's namespace) is one the counts are made
+    /// of.
+    pub fn contains(&self, c: &diag::Conn) -> bool {
+        self.netns().is_ok_and(|ns| self.contains_in(ns, c))
+    }
+
+    /// The same for a connection of the namespace with inode `netns` (a followed one).
+    pub fn contains_in(&self, netns: u64, c: &diag::Conn) -> bool {
+        self.socks.get(&key(netns, c), 0).is_ok()
+    }
+
+    /// The inode of the namespace the tracker counts in, as its config says (read when
+    /// needed: a gate opens its tracker before `gate on` configures it).
+    fn netns(&self) -> Result<u64> {
+        Ok(u64::from(self.config.get(&0, 0)?.netns_inum))
     }
 
     /// How many connections the live set holds (its max_entries as created).
@@ -177,12 +213,14 @@ impl Tracker {
     pub fn seed(&mut self) -> Result<usize> {
         let mut seeded = Vec::new();
         let mut failed = 0u32;
+        let netns = self.netns()?;
         for c in diag::passive_live(false)? {
             let port = c.local.port();
-            match self.socks.insert(c.cookie, u32::from(port), NOEXIST) {
+            let k = key(netns, &c);
+            match self.socks.insert(k, u32::from(port), NOEXIST) {
                 Ok(()) => {
                     self.live.add(port, 1);
-                    seeded.push((c.cookie, port));
+                    seeded.push((k, port));
                 }
                 Err(MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
@@ -196,13 +234,13 @@ impl Tracker {
             cfg.seed_failed = cfg.seed_failed.saturating_add(failed);
             self.config.set(0, cfg, 0)?;
         }
-        let still: HashSet<u64> =
+        let still: HashSet<ConnKey> =
             diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, false)?
                 .iter()
-                .map(|c| c.cookie)
+                .map(|c| key(netns, c))
                 .collect();
-        for (cookie, port) in &seeded {
-            if !still.contains(cookie) && self.socks.remove(cookie).is_ok() {
+        for (k, port) in &seeded {
+            if !still.contains(k) && self.socks.remove(k).is_ok() {
                 self.live.add(*port, -1);
             }
         }
@@ -245,14 +283,16 @@ impl Tracker {
             self.config.set(0, cfg, 0)?;
         }
         let port = key.port as u16;
+        let there = u64::from(key.netns_inum);
         let conns = netns::run_in(handle, || diag::passive_live(false))??;
         let mut seeded = Vec::new();
         let mut failed = 0u32;
         for c in conns.iter().filter(|c| c.local.port() == port) {
-            match self.socks.insert(c.cookie, u32::from(gated), NOEXIST) {
+            let k = self::key(there, c);
+            match self.socks.insert(k, u32::from(gated), NOEXIST) {
                 Ok(()) => {
                     self.live.add(gated, 1);
-                    seeded.push(c.cookie);
+                    seeded.push(k);
                 }
                 Err(MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
@@ -264,14 +304,14 @@ impl Tracker {
             cfg.seed_failed = cfg.seed_failed.saturating_add(failed);
             self.config.set(0, cfg, 0)?;
         }
-        let still: HashSet<u64> = netns::run_in(handle, || {
+        let still: HashSet<ConnKey> = netns::run_in(handle, || {
             diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, false)
         })??
         .iter()
-        .map(|c| c.cookie)
+        .map(|c| self::key(there, c))
         .collect();
-        for cookie in &seeded {
-            if !still.contains(cookie) && self.socks.remove(cookie).is_ok() {
+        for k in &seeded {
+            if !still.contains(k) && self.socks.remove(k).is_ok() {
                 self.live.add(gated, -1);
             }
         }

@@ -209,7 +209,7 @@ fn tracked(
     let mut out: Vec<(u16, diag::Conn)> =
         diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, true)?
             .into_iter()
-            .filter(|c| local.contains(&c.local.port()) && tracker.contains(c.cookie))
+            .filter(|c| local.contains(&c.local.port()) && tracker.contains(c))
             .map(|c| (waited(c.local.port()), c))
             .collect();
     out.extend(follower.tracked(tracker, ports)?);

@@ -52,7 +52,13 @@ pub enum Event {
         action: &'static str,
     },
     /// A tracked connection left the live set (closed, or moved past CLOSE_WAIT).
-    Left { port: u16, cookie: u64, live: i64 },
+    Left {
+        port: u16,
+        /// The remote end.
+        peer: IpAddr,
+        peer_port: u16,
+        live: i64,
+    },
     /// What the rate limit held back (and events lost to a full ring) since the last
     /// such line; printed once a second when something was held back, and at the end.
     Limited { refused: u64, left: u64, lost: u64 },
@@ -80,8 +86,17 @@ impl Event {
                 };
                 format!("refused  {src} -> port {port} ({action})")
             }
-            Event::Left { port, cookie, live } => {
-                format!("closed   a connection on port {port} (cookie {cookie}): {live} left")
+            Event::Left {
+                port,
+                peer,
+                peer_port,
+                live,
+            } => {
+                let from = match peer {
+                    IpAddr::V6(a) => format!("[{a}]:{peer_port}"),
+                    IpAddr::V4(a) => format!("{a}:{peer_port}"),
+                };
+                format!("closed   a connection on port {port} (from {from}): {live} left")
             }
             Event::Limited { refused, left, lost } => format!(
                 "sampled  not shown: {refused} refused SYNs, {left} closes (rate limit); {lost} lost"
@@ -101,7 +116,9 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
     Some(match ev.kind {
         EVENT_LEFT => Event::Left {
             port: ev.port,
-            cookie: ev.cookie,
+            // IPv4 peers come as ::ffff:a.b.c.d: shown as IPv4.
+            peer: Ipv6Addr::from(ev.addr).to_canonical(),
+            peer_port: ev.sport,
             live: ev.left,
         },
         kind => Event::Refused {
@@ -279,14 +296,21 @@ mod tests {
         assert_eq!(e.human(), "refused  198.18.0.2:40000 -> port 80 (drop)");
         let left = WatchEvent {
             kind: EVENT_LEFT,
+            family: 6,
+            addr: drain_common::v4_mapped([198, 18, 0, 2]),
+            sport: 51234,
             port: 443,
-            cookie: 9,
             left: 2,
             ..Default::default()
         };
+        let e = decode(bytemuck::bytes_of(&left)).unwrap();
         assert_eq!(
-            serde_json::to_string(&decode(bytemuck::bytes_of(&left)).unwrap()).unwrap(),
-            r#"{"event":"left","port":443,"cookie":9,"live":2}"#
+            serde_json::to_string(&e).unwrap(),
+            r#"{"event":"left","port":443,"peer":"198.18.0.2","peer_port":51234,"live":2}"#
+        );
+        assert_eq!(
+            e.human(),
+            "closed   a connection on port 443 (from 198.18.0.2:51234): 2 left"
         );
         assert!(decode(&[0; 8]).is_none());
     }

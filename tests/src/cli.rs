@@ -279,6 +279,17 @@ pub fn run_here(args: &[&str]) -> CliOutput {
     Running::start(cmd, format!("drain-user {}", args.join(" "))).wait()
 }
 
+/// [`run_here`] with environment variables set for the call (e.g. `DOCKER_HOST`, which
+/// `--container` passes on to the runtime's CLI).
+#[track_caller]
+pub fn run_here_env(env: &[(&str, &str)], args: &[&str]) -> CliOutput {
+    crate::require_root();
+    crate::object::ensure_bpffs();
+    let mut cmd = Command::new(crate::drain_user_bin());
+    cmd.args(args).envs(env.iter().copied());
+    Running::start(cmd, format!("drain-user {}", args.join(" "))).wait()
+}
+
 /// Starts `drain-user args...` in the test's own namespaces without waiting (see
 /// [`run_here`]).
 pub fn spawn_here(args: &[&str]) -> Running {
@@ -602,6 +613,28 @@ pub fn assert_status_schema(st: &Json) {
             ctx()
         );
         assert!(p["live_connections"].as_i64().is_some(), "{}", ctx());
+        let counted_in = p["counted_in"].as_array().unwrap_or_else(|| {
+            panic!("ports[].counted_in must be an array: {}", ctx());
+        });
+        assert!(
+            counted_in.iter().any(|c| c["where"] == "local"),
+            "ports[].counted_in names the gate's own namespace: {}",
+            ctx()
+        );
+        for c in counted_in {
+            assert!(
+                matches!(c["where"].as_str(), Some("local" | "netns"))
+                    && c["port"].as_u64().is_some()
+                    && (c["where"] == "local" || c["netns_inode"].as_u64().is_some()),
+                "ports[].counted_in entry: {}",
+                ctx()
+            );
+        }
+        assert!(
+            p["forwarded_connections"].as_u64().is_some(),
+            "ports[].forwarded_connections: {}",
+            ctx()
+        );
         for k in PORT_COUNTERS {
             assert!(p[k].as_u64().is_some(), "ports[].{k}: {}", ctx());
         }

@@ -80,7 +80,7 @@ fn check_passes_here_and_says_what_it_probed() {
         let c = check_named(&r, name);
         assert_eq!(c["status"], "ok", "this kernel (6.x) has {name}: {r}");
     }
-    assert_eq!(check_named(&r, "kernel")["min_kernel"], "5.12");
+    assert_eq!(check_named(&r, "kernel")["min_kernel"], "5.10");
     assert_eq!(check_named(&r, "TCX")["min_kernel"], "6.6");
     // The namespace's interfaces: veth has native XDP, lo only generic.
     let veth = iface(&r, &pair.veth_a);

@@ -14,7 +14,10 @@ use std::{
 };
 
 use drain_tests::{
-    cli::{port_status, run_here, run_in, spawn_in, CliOutput, Json, JsonExt, Running},
+    cli::{
+        port_status, run_here, run_here_env, run_in, spawn_in, CliOutput, Json, JsonExt, Running,
+    },
+    docker::Dockerd,
     netns::NetNsPair,
     published::Published,
     traffic::{connect, listen, open_held, ss_live, Close, Server, Stack},
@@ -383,4 +386,90 @@ fn published_port_refuses_policy_reset() {
         "policy drop let a forwarded SYN through"
     );
     drop(held);
+}
+
+/// `--container NAME` with a real Docker (the suite's dockerd fixture, reached through
+/// `DOCKER_HOST`): the name is resolved by `/usr/bin/docker inspect`, and the gate, its
+/// count and `gate off` act in the container's namespace (status read there through
+/// `--pid` of the container's process agrees; the host namespace has no gate); a name
+/// Docker does not know, or a container that is not running, is one line and exit 2.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn container_target_by_name() {
+    let pair = NetNsPair::new();
+    let d = Dockerd::start(&pair);
+    d.import_nginx();
+    d.run_nginx("web", 8080, &[]);
+    let host = d.host();
+    let env = [("DOCKER_HOST", host.as_str())];
+    let pid = d.pid_of("web").expect("web runs").to_string();
+    let gate = |args: &[&str]| {
+        let mut all = vec!["--container", "web"];
+        all.extend_from_slice(args);
+        run_here_env(&env, &all)
+    };
+    let published = SocketAddr::new(pair.a_v4.into(), 8080);
+    let held = open_held_http(&pair, published);
+    gate(&["gate", "on", "--port", "80", "--ttl", "2m"]).expect_ok();
+    assert!(
+        connect(&pair, &pair.b, published, Duration::from_millis(1500)).is_timed_out(),
+        "a new connection passed the container's gate"
+    );
+    let st = status(&["--pid", &pid]);
+    assert_eq!(st["gate"].str(), "on", "{st}");
+    assert_eq!(
+        port_status(&st, 80).unwrap()["live_connections"].i64(),
+        1,
+        "the container's own count: {st}"
+    );
+    let ctr_state = drain_tests::netns::state_dir(d.netns_id("web").expect("web's namespace"));
+    assert!(
+        ctr_state.exists(),
+        "no gate pinned for the container's namespace"
+    );
+    assert!(
+        !pair.state_dir(&pair.a).exists(),
+        "--container web made a gate in the host namespace"
+    );
+    let out = gate(&["wait", "--timeout", "500ms"]);
+    out.expect_code(3);
+    drop(held);
+    gate(&["wait", "--timeout", "10s"]).expect_ok();
+    gate(&["gate", "off"]).expect_ok();
+    assert!(!ctr_state.exists(), "gate off left the container's pins");
+    for (args, names) in [
+        (
+            &["--container", "drain-no-such-ctr", "status"][..],
+            "drain-no-such-ctr",
+        ),
+        (
+            &["--container", "web", "--runtime", "docker", "gate", "off"][..],
+            "web",
+        ),
+    ] {
+        if args[1] == "web" {
+            d.run(&["stop", "-t", "1", "web"]);
+        }
+        let out = run_here_env(&env, args);
+        out.expect_code(2);
+        let lines = out.stderr_lines();
+        assert!(lines.len() == 1 && lines[0].contains(names), "{out}");
+    }
+}
+
+/// One keep-alive HTTP connection to nginx through `to`, a request answered on it and
+/// held open.
+fn open_held_http(pair: &NetNsPair, to: SocketAddr) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut s = connect(pair, &pair.b, to, Duration::from_secs(3)).stream("to nginx");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: drain\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    s
 }

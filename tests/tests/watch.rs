@@ -46,6 +46,7 @@ fn watch_reports_refusals_and_closes_sampled_within_budget_and_consistent_with_c
     let server6 = EchoServer::start(&pair, &pair.a, SocketAddr::new(pair.a_v6.into(), P));
     // Held from before the gate: its close is a "left" event.
     let held = connect(&pair, &pair.b, server.addr, Duration::from_secs(5)).stream("held");
+    let peer = held.local_addr().expect("the held connection's address");
     drain.on(&["--port", &P.to_string(), "--ttl", "10m"]);
     assert_eq!(
         port_status(&drain.status(), P).unwrap()["live_connections"],
@@ -146,7 +147,9 @@ fn watch_reports_refusals_and_closes_sampled_within_budget_and_consistent_with_c
     assert_eq!(left.len(), 1, "{evs:?}");
     assert_eq!(left[0]["port"], P);
     assert_eq!(left[0]["live"], 0);
-    assert!(left[0]["cookie"].u64() != 0);
+    // The remote end, as the connection's own socket says.
+    assert_eq!(left[0]["peer"], peer.ip().to_string());
+    assert_eq!(left[0]["peer_port"], peer.port());
     // The last line is the final summary.
     assert_eq!(evs.last().unwrap()["event"], "limited", "{evs:?}");
 }
