@@ -124,7 +124,6 @@ fn try_track(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if cfg.netns_inum == 0 {
         return Ok(());
     }
-    // The tracepoint fires for every namespace: count only the one this gate serves.
     // The tracepoint fires for every namespace: count the one this gate serves, and the
     // servers it follows elsewhere (FOLLOW), once it follows any.
     let net: *const u8 = kread(sk, cfg.off_net)?;

@@ -73,7 +73,13 @@ pub struct Follower {
     /// Forwarded connections, possibly live, whose backend socket is in no namespace of
     /// this host: not counted by the tracker.
     pub elsewhere: Vec<Forwarded>,
+    /// When each (backend, peer) was last searched for in vain: searching every namespace
+    /// again on each refresh would cost a DNAT to another machine a scan every 250 ms.
+    unfound: BTreeMap<(SocketAddr, SocketAddr), std::time::Instant>,
 }
+
+/// How long a connection found in no namespace is not searched for again.
+const RESCAN: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Follower {
     /// Also stops following, in `tracker`, the namespaces that no longer exist (followed by
@@ -95,6 +101,7 @@ impl Follower {
             followed: Vec::new(),
             local: BTreeMap::new(),
             elsewhere: Vec::new(),
+            unfound: BTreeMap::new(),
         })
     }
 
@@ -129,6 +136,13 @@ impl Follower {
             })
             .collect();
         self.elsewhere.clear();
+        self.unfound.retain(|k, at| {
+            at.elapsed() < RESCAN && unlocated.iter().any(|f| (f.backend, f.peer) == *k)
+        });
+        let (recent, unlocated): (Vec<&Forwarded>, Vec<&Forwarded>) = unlocated
+            .into_iter()
+            .partition(|f| self.unfound.contains_key(&(f.backend, f.peer)));
+        self.elsewhere.extend(recent.into_iter().copied());
         if unlocated.is_empty() {
             return Ok(found);
         }
@@ -165,7 +179,11 @@ impl Follower {
                 // The socket may have closed since the dump (conntrack lags behind it), or
                 // it lives on another machine: not counted, so it holds a drain up while
                 // conntrack says it may be live.
-                None => self.elsewhere.push(*f),
+                None => {
+                    self.unfound
+                        .insert((f.backend, f.peer), std::time::Instant::now());
+                    self.elsewhere.push(*f);
+                }
             }
         }
         Ok(found)

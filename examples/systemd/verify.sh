@@ -8,13 +8,16 @@
 #   2. What verify cannot see: ExecStop= is reset before the drain steps, the steps come in
 #      the order gate on -> wait -> the unit's own stop, ExecStartPost opens the gate, and
 #      TimeoutStopSec exceeds the wait's deadline plus the graceful stop's 5 s.
-# Usage (root, nginx installed): examples/systemd/verify.sh [path/to/drain-user]
+#   3. The same for the container unit examples/docker/web-container.service (verify with
+#      docker installed; order gate on -> wait -> docker stop, gate off after readiness).
+# Usage (root, nginx and docker.io installed): examples/systemd/verify.sh [path/to/drain-user]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 bin=${1:-$repo/target/debug/drain-user}
 unit=/usr/lib/systemd/system/nginx.service
 dropin=$here/nginx.service.d/drain.conf
+container_unit=$repo/examples/docker/web-container.service
 [ -f "$unit" ] || { echo "verify: $unit is missing: apt-get install nginx" >&2; exit 2; }
 [ -x "$bin" ] || { echo "verify: no drain-user at $bin: cargo xtask build" >&2; exit 2; }
 
@@ -24,6 +27,7 @@ mkdir -p "$work/units/nginx.service.d" "$work/upper" "$work/ovl"
 cp "$unit" "$work/units/"
 cp "$dropin" "$work/units/nginx.service.d/"
 cp "$here/drain@.service" "$work/units/"
+cp "$container_unit" "$work/units/"
 cp "$bin" "$work/upper/drain-user"
 unshare --mount --propagation private bash -c '
     set -e
@@ -31,9 +35,10 @@ unshare --mount --propagation private bash -c '
     /usr/bin/drain-user --version >/dev/null
     SYSTEMD_UNIT_PATH=$1/units: systemd-analyze verify "$1/units/nginx.service"
     SYSTEMD_UNIT_PATH=$1/units: systemd-analyze verify drain@nginx.service
+    SYSTEMD_UNIT_PATH=$1/units: systemd-analyze verify "$1/units/web-container.service"
 ' _ "$work" >"$work/out" 2>&1 || { cat "$work/out"; echo "verify: systemd-analyze verify failed"; exit 1; }
 if [ -s "$work/out" ]; then cat "$work/out"; echo "verify: systemd-analyze verify printed warnings"; exit 1; fi
-echo "verify: systemd-analyze verify nginx.service + drain.conf, drain@nginx.service: clean"
+echo "verify: systemd-analyze verify nginx.service + drain.conf, drain@nginx.service, web-container.service: clean"
 
 python3 - "$dropin" <<'PY'
 import re, sys
@@ -64,4 +69,21 @@ for p in problems:
 if problems:
     sys.exit(1)
 print("verify: ExecStop reset, order gate on -> wait -> graceful stop, ExecStartPost gate off, TimeoutStopSec %.0f s > %.0f s" % (timeout[-1], need))
+PY
+
+python3 - "$container_unit" <<'PY'
+import re, sys
+lines = [l.strip() for l in open(sys.argv[1]) if l.strip() and not l.lstrip().startswith("#")]
+stops = [l.split("=", 1)[1] for l in lines if l.startswith("ExecStop=")]
+posts = [l.split("=", 1)[1] for l in lines if l.startswith("ExecStartPost=")]
+problems = []
+if len(stops) != 3 or "gate on" not in stops[0] or " wait " not in stops[1] or "docker stop" not in stops[2]:
+    problems.append("container unit: ExecStop order must be: drain-user gate on, drain-user wait, docker stop")
+if not posts or "gate off" not in posts[-1] or len(posts) < 2:
+    problems.append("container unit: the last ExecStartPost= opens the gate, after a readiness step")
+for p in problems:
+    print("verify: " + p)
+if problems:
+    sys.exit(1)
+print("verify: container unit: order gate on -> wait -> docker stop, readiness then gate off")
 PY

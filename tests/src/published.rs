@@ -154,6 +154,15 @@ impl<'p> Published<'p> {
         format!("{NETNS_DIR}/{}", self.ctr)
     }
 
+    /// Removes the container namespace's handle, so nothing drain can find on this host
+    /// holds it any more (no process is in it, no fd or mount names it), while the sockets
+    /// opened in it keep it, its link and its server alive: what a DNAT to another machine
+    /// looks like from here.
+    pub fn hide(&mut self) {
+        ip(&["netns", "del", &self.ctr]);
+        self.made = false;
+    }
+
     /// What `docker restart` does to the container's network: its namespace is destroyed
     /// (with every socket still open in it closed by its owner first: the caller's job) and
     /// a new one takes its place, with the same name, link names and address.

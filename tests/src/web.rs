@@ -802,7 +802,7 @@ impl Attempt {
 
 /// A steady trickle of NEW connections, the clients a restart meets at the door: every
 /// `every`, a new client thread in namespace `ns` connects to `addr` (giving its SYN
-/// retries up to [`Trickle::CONNECT_TIMEOUT`], as a patient client does), sends `GET path`
+/// retries up to [`Trickle::CONNECT_TIMEOUT`], as a blocking connect() does), sends `GET path`
 /// over HTTP/1.0 and reads the whole answer. Each attempt is recorded with its times.
 pub struct Trickle {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -810,9 +810,12 @@ pub struct Trickle {
 }
 
 impl Trickle {
-    /// Longer than the kernel's SYN retries take to reach a gate closed for a whole drain
-    /// (1, 3, 7, 15, 31 s after the first SYN).
-    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+    /// What a blocking connect() gives by itself: Linux retransmits an unanswered SYN 6
+    /// times (`tcp_syn_retries`), 1, 3, 7, 15, 31 and 63 s after the first, and fails ~127 s
+    /// after it. A client that met the closed gate gets in at its first retransmission
+    /// after the gate opens; with a shorter timeout, a gate closed for longer than ~31 s
+    /// (a slow Ansible cycle) would fail clients that the kernel alone would have saved.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(130);
 
     pub fn start(ns: &str, addr: SocketAddr, path: &str, every: Duration) -> Self {
         use std::sync::{atomic::Ordering, Arc};

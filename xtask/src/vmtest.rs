@@ -61,6 +61,10 @@ const HOST_ONLY: &[(&str, &str)] = &[
         "package",
         "builds and installs the Debian package (cargo-deb, dpkg, man): host only",
     ),
+    (
+        "docker",
+        "a real dockerd (docker.io from apt) and the role's ansible-core from PyPI: host only",
+    ),
 ];
 
 pub fn run_matrix(a: Args) -> Result<()> {
