@@ -16,8 +16,13 @@ pub mod prog {
     pub const TRACK: &str = "drain_track";
     /// sk_lookup, attached to the gate's network namespace: policy reset's refusal.
     pub const LOOKUP: &str = "drain_lookup";
-    /// tp_btf/tcp_send_reset: counts the RSTs the kernel sends for those refusals.
+    /// tp_btf/tcp_send_reset: counts the RSTs the kernel sends for those refusals (kernels
+    /// whose tracepoint fires for socketless RSTs, 6.10 on).
     pub const RST: &str = "drain_rst";
+    /// fentry/tcp_v4_send_reset: the same count on older kernels...
+    pub const RST4: &str = "drain_rst4";
+    /// ...and fentry/tcp_v6_send_reset, its IPv6 half.
+    pub const RST6: &str = "drain_rst6";
 }
 
 /// Map names (at most 15 bytes: BPF_OBJ_NAME_LEN - 1). User code only uses these constants;
@@ -64,10 +69,10 @@ pub mod map {
     /// `gate on` from reusing such a pin, whose values are too small for this program.)
     pub const RST_RL: &str = "DRAIN_RST_CLOCK";
     /// PerCpuArray[1]: the last lookup the sk_lookup program refused on this CPU, until the
-    /// tcp_send_reset tracepoint sees its RST. Kernel-only state.
+    /// RST counter sees its RST. Kernel-only state.
     pub const REFUSED: &str = "DRAIN_REFUSED";
     /// Array[1] of [`ResetTraceConfig`](crate::ResetTraceConfig): sk_buff offsets for the
-    /// tcp_send_reset tracepoint. Written by user space before it attaches.
+    /// RST counter (fentry on tcp_v4/v6_send_reset). Written by user space before it attaches.
     pub const RSTCFG: &str = "DRAIN_RSTCFG";
 
     /// Array[1] of [`WatchConfig`](crate::WatchConfig): whether someone watches (until
@@ -234,7 +239,7 @@ pub struct FollowKey {
 }
 const _: () = assert!(core::mem::size_of::<FollowKey>() == 8);
 
-/// What the tcp_send_reset tracepoint needs to read the segment a RST answers: byte
+/// What the RST counter needs to read the segment a RST answers: byte
 /// offsets in `struct sk_buff`, from the running kernel's BTF.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -323,7 +328,7 @@ pub struct PortStats {
     /// Of `syns_passed`: let through because the deadline (`--ttl`) had passed.
     pub syns_expired: u64,
     /// Of `syns_refused`: answered with a RST, counted when the kernel sends it
-    /// (tp_btf/tcp_send_reset after the sk_lookup refusal).
+    /// (fentry on tcp_v4/v6_send_reset after the sk_lookup refusal).
     pub rst_sent: u64,
     /// Of `syns_refused`: dropped by the XDP/TC gate instead of reset because the RST rate
     /// limit was reached.

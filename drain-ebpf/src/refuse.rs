@@ -9,10 +9,18 @@
 //!   answers the segment with its own RST (`tcp_v4_send_reset` / `tcp_v6_send_reset`),
 //!   whatever interface it came in on and whatever its header layout. The XDP/TC gate in
 //!   front lets only the refused SYNs the RST budget allows get this far.
-//! - `drain_rst` (`tp_btf/tcp_send_reset`) counts the RSTs that follow such a refusal. The
-//!   lookup notes the refused 4-tuple in a per-CPU slot; the RST for it is sent on the same
-//!   CPU further down the same receive call (`tcp_v4_rcv` → `no_tcp_socket`), so the
-//!   tracepoint takes the note back only when the segment it answers has that tuple. A
+//! - The RST counter counts the RSTs that follow such a refusal. The lookup notes the
+//!   refused 4-tuple in a per-CPU slot; the RST for it is sent on the same CPU further down
+//!   the same receive call (`tcp_v4_rcv` → `no_tcp_socket` → `tcp_v4_send_reset`), so the
+//!   counter takes the note back only when the segment it answers has that tuple. Where it
+//!   runs depends on the kernel (user space picks, gate.rs): `drain_rst`
+//!   (`tp_btf/tcp_send_reset`) where the tracepoint fires for socketless RSTs too (the
+//!   kernels whose BTF has `enum sk_rst_reason`, 6.10 on); before that the tracepoint's
+//!   event class read the socket, so `tcp_v4_send_reset` fired it only for a RST sent on a
+//!   socket's behalf and never for the RST of a refused lookup (6.1 and 5.10 counted 0).
+//!   There `drain_rst4` and `drain_rst6` count at the entry of `tcp_v4_send_reset` and
+//!   `tcp_v6_send_reset` (fentry; both functions are in 5.10's and 6.1's BTF). Not fentry
+//!   everywhere: kernels without ftrace trampolines refuse fentry programs. A
 //!   refusal the kernel does not answer with a RST (a SYN that met a TIME_WAIT socket gets
 //!   an ACK) is therefore not counted as one, and RSTs of other namespaces, which fire the
 //!   same tracepoint, never match.
@@ -25,9 +33,9 @@
 use aya_ebpf::{
     bindings::{bpf_sk_lookup, sk_action},
     helpers::{bpf_ktime_get_boot_ns, bpf_probe_read_kernel},
-    macros::{btf_tracepoint, map, sk_lookup},
+    macros::{btf_tracepoint, fentry, map, sk_lookup},
     maps::{lpm_trie::Key, Array, PerCpuArray},
-    programs::{BtfTracePointContext, SkLookupContext},
+    programs::{BtfTracePointContext, FEntryContext, SkLookupContext},
 };
 use drain_common::{ResetTraceConfig, ALLOW_V4, ALLOW_V6, GATE_ON, POLICY_RESET};
 
@@ -142,8 +150,25 @@ fn refuse(ctx: *mut bpf_sk_lookup) -> bool {
 
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn drain_rst(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const struct sk_buff *skb, enum sk_rst_reason reason):
+    // skb is the segment being answered. Counting only: a failed read changes nothing.
+    let _ = count(ctx.arg(1));
+    0
+}
+
+// tcp_v4_send_reset(const struct sock *sk, struct sk_buff *skb) and its IPv6 twin: skb is
+// the segment being answered. Entered, they send the RST unless the segment is itself a
+// RST or was not addressed to this host, neither of which a refused SYN is.
+#[fentry(function = "tcp_v4_send_reset")]
+pub fn drain_rst4(ctx: FEntryContext) -> i32 {
     // Counting only: a failed read leaves the counters as they are.
-    let _ = count(&ctx);
+    let _ = count(ctx.arg(1));
+    0
+}
+
+#[fentry(function = "tcp_v6_send_reset")]
+pub fn drain_rst6(ctx: FEntryContext) -> i32 {
+    let _ = count(ctx.arg(1));
     0
 }
 
@@ -154,7 +179,8 @@ fn kread<T>(p: *const u8, off: u32) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel(p.add(off as usize) as *const T) }.map_err(|e| e as i64)
 }
 
-fn count(ctx: &BtfTracePointContext) -> Result<(), i64> {
+#[inline(always)]
+fn count(skb: *const u8) -> Result<(), i64> {
     // Nothing refused on this CPU: not ours (every other RST on the host ends here).
     let Some(pending) = REFUSED.get_ptr_mut(0) else {
         return Ok(());
@@ -167,9 +193,6 @@ fn count(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let Some(cfg) = RSTCFG.get(0) else {
         return Ok(());
     };
-    // TP_PROTO(const struct sock *sk, const struct sk_buff *skb, enum sk_rst_reason reason):
-    // skb is the segment being answered.
-    let skb: *const u8 = ctx.arg(1);
     if skb.is_null() {
         return Ok(());
     }

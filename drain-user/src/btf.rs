@@ -121,6 +121,14 @@ impl Btf {
         Ok(btf)
     }
 
+    /// True when the kernel's BTF has an enum named `name` (a feature marker: e.g.
+    /// `sk_rst_reason`, which came with Linux 6.10's reworked RST tracing).
+    pub fn has_enum(&self, name: &str) -> bool {
+        self.types
+            .iter()
+            .any(|t| t.kind == 6 && t.name != 0 && self.string(t.name).is_ok_and(|n| n == name))
+    }
+
     fn string(&self, off: u32) -> Result<&str> {
         let s = self
             .data

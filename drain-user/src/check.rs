@@ -15,7 +15,7 @@ use std::{
 use anyhow::Result;
 use aya::{
     maps::MapType,
-    programs::{BtfTracePoint, ProgramType, SchedClassifier, TcAttachType, Xdp},
+    programs::{BtfTracePoint, FEntry, ProgramType, SchedClassifier, SkLookup, TcAttachType, Xdp},
 };
 use drain_common::prog;
 use serde::Serialize;
@@ -53,10 +53,13 @@ pub enum Feature {
     SkLookup,
     /// drain's own programs pass this kernel's verifier (loaded, never attached).
     Programs,
+    /// TCP sock_diag (inet_diag + tcp_diag): the tracker's seed and `wait`'s leftovers. A
+    /// module on many kernels: ENOENT until it is loaded.
+    SockDiag,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 7] = [
+    pub const ALL: [Feature; 8] = [
         Feature::XdpLink,
         Feature::Tcx,
         Feature::TpBtf,
@@ -64,6 +67,7 @@ impl Feature {
         Feature::RingBuf,
         Feature::SkLookup,
         Feature::Programs,
+        Feature::SockDiag,
     ];
 
     pub fn min_kernel(self) -> Version {
@@ -73,6 +77,8 @@ impl Feature {
             Feature::TpBtf | Feature::MmapableArray => (5, 5),
             Feature::RingBuf => (5, 8),
             Feature::Programs => MIN_KERNEL,
+            // inet_diag's TCP dump is far older than drain's floor.
+            Feature::SockDiag => MIN_KERNEL,
         }
     }
 
@@ -85,6 +91,7 @@ impl Feature {
             Feature::RingBuf => "ring buffer (watch)",
             Feature::SkLookup => "sk_lookup programs",
             Feature::Programs => "drain's programs pass the verifier",
+            Feature::SockDiag => "TCP sock_diag (tcp_diag, inet_diag)",
         }
     }
 }
@@ -322,7 +329,7 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
             .or_else(|| {
                 p.kernel
                     .map(|k| k >= f.min_kernel())
-                    .filter(|_| f != Feature::Programs)
+                    .filter(|_| !matches!(f, Feature::Programs | Feature::SockDiag))
             })
     };
     let tcx = feature(Feature::Tcx);
@@ -350,6 +357,7 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
                 Feature::Programs => {
                     format!("the kernel rejected drain's programs: {detail}")
                 }
+                Feature::SockDiag => detail.clone(),
                 _ => format!(
                     "this kernel lacks {} (Linux {} or newer)",
                     f.what(),
@@ -504,6 +512,13 @@ pub fn probe(names: &[String]) -> Result<Probe> {
     };
     p.features.push((Feature::TpBtf, tp_btf.0, tp_btf.1));
     p.features.push((Feature::Programs, programs.0, programs.1));
+    let sock_diag = match crate::diag::dump(crate::diag::States::LISTEN, false) {
+        Ok(_) => (Some(true), "a TCP sock_diag dump answered".to_string()),
+        Err(e) if format!("{e:#}").contains("ENOENT") => (Some(false), format!("{e:#}")),
+        Err(e) => (None, format!("not probed: {e:#}")),
+    };
+    p.features
+        .push((Feature::SockDiag, sock_diag.0, sock_diag.1));
 
     let native = xdp_features();
     for i in iface::resolve(names)? {
@@ -743,13 +758,44 @@ fn probe_programs() -> (Probed, Probed) {
                 format!("tracker (tp_btf/inet_sock_set_state): {e}"),
             )
         })?;
+        let lookup: &mut SkLookup = bpf
+            .program_mut(prog::LOOKUP)
+            .and_then(|p| p.try_into().ok())
+            .ok_or((Some(false), "no sk_lookup program in the object".into()))?;
+        lookup
+            .load()
+            .map_err(|e| (Some(false), format!("sk_lookup program: {e}")))?;
+        let counter =
+            crate::gate::RstCounter::current().map_err(|e| (Some(false), format!("{e:#}")))?;
+        for &(_, name, function) in counter.links() {
+            let loaded = match counter {
+                crate::gate::RstCounter::Tracepoint => bpf
+                    .program_mut(name)
+                    .and_then(|p| <&mut BtfTracePoint>::try_from(p).ok())
+                    .map(|p| p.load(function, &btf)),
+                crate::gate::RstCounter::Fentry => bpf
+                    .program_mut(name)
+                    .and_then(|p| <&mut FEntry>::try_from(p).ok())
+                    .map(|p| p.load(function, &btf)),
+            };
+            match loaded {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    return Err((
+                        Some(false),
+                        format!("RST counter ({}): {e}", counter.describe()),
+                    ))
+                }
+                None => return Err((Some(false), format!("no {name} program in the object"))),
+            }
+        }
         Ok(())
     };
     match run() {
         Ok(()) => (
             (
                 Some(true),
-                "XDP, TC and tracker programs loaded (not attached)".into(),
+                "XDP, TC, tracker, sk_lookup and RST counter programs loaded (not attached)".into(),
             ),
             (Some(true), "tp_btf/inet_sock_set_state loaded".into()),
         ),

@@ -94,9 +94,28 @@ pub fn dump(states: StateFlags, info: bool) -> Result<Vec<Conn>> {
         });
         netlink::dump(NETLINK_SOCK_DIAG, request, "a sock_diag dump", |m| {
             out.extend(conn(&m));
-        })?;
+        })
+        .map_err(explain)?;
     }
     Ok(out)
+}
+
+/// ENOENT from a sock_diag dump: the kernel has no TCP handler registered, which on
+/// kernels built with tcp_diag as a module means it is not loaded (a host with modprobe
+/// loads it on demand; a minimal system may not). One line naming the fix.
+fn explain(e: anyhow::Error) -> anyhow::Error {
+    let enoent = e
+        .chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.raw_os_error() == Some(libc::ENOENT));
+    if enoent {
+        anyhow::anyhow!(
+            "the kernel has no TCP sock_diag (ENOENT from a sock_diag dump): load the \
+             tcp_diag and inet_diag modules (`modprobe tcp_diag`) and retry"
+        )
+    } else {
+        e
+    }
 }
 
 /// The connection an inet_diag answer describes; None for other messages.

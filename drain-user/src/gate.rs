@@ -7,7 +7,7 @@
 //! Besides one link per interface, a gate has three links of its own: the tracker, the
 //! namespace-wide refusal of policy reset (sk_lookup on the gate's network namespace, so it
 //! covers every interface, those created after `gate on` too) and the count of the RSTs the
-//! kernel sends for it (tp_btf/tcp_send_reset). Those two are attached whatever the policy
+//! kernel sends for it (fentry on tcp_v4_send_reset and tcp_v6_send_reset). Those two are attached whatever the policy
 //! (under policy drop the sk_lookup program lets every lookup through), so switching the
 //! policy is one map write like everything else.
 
@@ -140,27 +140,43 @@ fn on_locked(
     }
     // The RST counter before the refusal, so no RST of it goes uncounted. A pin whose link
     // is no longer attached (the kernel says so) is replaced.
-    let lookup = LinkPin::Lookup.path(dir);
-    let rst = LinkPin::Rst.path(dir);
-    let gate_links = [
-        (
-            &rst,
-            links::tracing_attached(&rst, prog::RST),
-            attach_rst as fn(&mut Ebpf) -> Result<FdLink>,
-        ),
-        (&lookup, links::lookup_attached(&lookup), attach_lookup),
-    ];
-    for (path, attached, attach) in gate_links {
-        if !attached {
-            if path.exists() {
-                let _ = sys::detach_link(path);
-                let _ = fs::remove_file(path);
-            }
-            let link = attach(&mut bpf)?;
-            link.pin(path)
-                .with_context(|| format!("pinning the link at {}", path.display()))?;
-            created.push(path.clone());
+    let counter = RstCounter::current()?;
+    let mut configured = false;
+    for &(pin, name, function) in counter.links() {
+        let path = pin.path(dir);
+        if links::tracing_attached(&path, name) {
+            continue;
         }
+        if path.exists() {
+            let _ = sys::detach_link(&path);
+            let _ = fs::remove_file(&path);
+        }
+        if !configured {
+            configure_rst(&mut bpf)?;
+            configured = true;
+        }
+        let link = match counter {
+            RstCounter::Tracepoint => {
+                object::attach_btf_tracepoint(&mut bpf, name, function, "the RST counter")?
+            }
+            RstCounter::Fentry => {
+                object::attach_fentry(&mut bpf, name, function, "the RST counter")?
+            }
+        };
+        link.pin(&path)
+            .with_context(|| format!("pinning the link at {}", path.display()))?;
+        created.push(path);
+    }
+    let lookup = LinkPin::Lookup.path(dir);
+    if !links::lookup_attached(&lookup) {
+        if lookup.exists() {
+            let _ = sys::detach_link(&lookup);
+            let _ = fs::remove_file(&lookup);
+        }
+        let link = attach_lookup(&mut bpf)?;
+        link.pin(&lookup)
+            .with_context(|| format!("pinning the link at {}", lookup.display()))?;
+        created.push(lookup);
     }
     // Trust the kernel, not the pins: a link that is no longer attached here (detached by
     // another tool or a killed `gate off`, its interface deleted and maybe recreated with
@@ -344,9 +360,47 @@ fn attach_lookup(bpf: &mut Ebpf) -> Result<FdLink> {
     Ok(prog.take_link(id)?.into())
 }
 
-/// Attaches the RST counter (tp_btf/tcp_send_reset), with the sk_buff offsets it reads
-/// taken from the running kernel's BTF.
-fn attach_rst(bpf: &mut Ebpf) -> Result<FdLink> {
+/// Where this kernel's RSTs for refused lookups can be counted (drain-ebpf refuse.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RstCounter {
+    /// tp_btf/tcp_send_reset: the tracepoint fires for socketless RSTs (6.10 on; its BTF
+    /// has `enum sk_rst_reason`, which came with that rework).
+    Tracepoint,
+    /// fentry on tcp_v4_send_reset and tcp_v6_send_reset: older kernels, where the
+    /// tracepoint never fires for the RST of a refused lookup.
+    Fentry,
+}
+
+impl RstCounter {
+    pub fn current() -> Result<Self> {
+        Ok(if Btf::from_sys_fs()?.has_enum("sk_rst_reason") {
+            RstCounter::Tracepoint
+        } else {
+            RstCounter::Fentry
+        })
+    }
+
+    /// Its links: (pin, program, kernel tracepoint or function).
+    pub fn links(self) -> &'static [(LinkPin, &'static str, &'static str)] {
+        match self {
+            RstCounter::Tracepoint => &[(LinkPin::Rst, prog::RST, "tcp_send_reset")],
+            RstCounter::Fentry => &[
+                (LinkPin::Rst, prog::RST4, "tcp_v4_send_reset"),
+                (LinkPin::Rst6, prog::RST6, "tcp_v6_send_reset"),
+            ],
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            RstCounter::Tracepoint => "tp_btf/tcp_send_reset",
+            RstCounter::Fentry => "fentry on tcp_v4_send_reset and tcp_v6_send_reset",
+        }
+    }
+}
+
+/// Writes the sk_buff offsets the RST counter reads, from the running kernel's BTF.
+fn configure_rst(bpf: &mut Ebpf) -> Result<()> {
     let btf = Btf::from_sys_fs()?;
     let cfg = ResetTraceConfig {
         off_head: btf.offset("sk_buff", "head")?,
@@ -360,7 +414,7 @@ fn attach_rst(bpf: &mut Ebpf) -> Result<FdLink> {
     )?;
     m.set(0, cfg, 0)
         .context("writing the RST counter's config")?;
-    crate::object::attach_btf_tracepoint(bpf, prog::RST, "tcp_send_reset", "the RST counter")
+    Ok(())
 }
 
 /// The interfaces that are up and have no gate link: connections through them meet only

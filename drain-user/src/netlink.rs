@@ -3,7 +3,7 @@
 
 use std::fmt::Debug;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use netlink_packet_core::{
     NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable,
     NLM_F_DUMP, NLM_F_REQUEST,
@@ -56,7 +56,13 @@ where
         let len = msg.header.length as usize;
         match msg.payload {
             NetlinkPayload::Done(_) => return Ok(true),
-            NetlinkPayload::Error(e) => bail!("{what} failed: {e:?}"),
+            // One line with the errno, not the message dump; callers look at the io::Error
+            // underneath to name a fix.
+            NetlinkPayload::Error(e) => {
+                let code = e.code.map_or(0, |c| -c.get());
+                return Err(std::io::Error::from_raw_os_error(code))
+                    .with_context(|| format!("{what} failed"));
+            }
             NetlinkPayload::InnerMessage(m) => each(m),
             _ => {}
         }

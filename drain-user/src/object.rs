@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    programs::{links::FdLink, BtfTracePoint},
+    programs::{links::FdLink, BtfTracePoint, FEntry},
     Ebpf, EbpfLoader,
 };
 use drain_common::map;
@@ -66,5 +66,23 @@ pub fn attach_btf_tracepoint(
     let id = program
         .attach()
         .with_context(|| format!("attaching {what}"))?;
+    Ok(program.take_link(id)?.into())
+}
+
+/// Loads the object's fentry program `prog` for the kernel function `function` and attaches
+/// it; `what` names it in errors. The returned link detaches when dropped unless pinned.
+pub fn attach_fentry(bpf: &mut Ebpf, prog: &str, function: &str, what: &str) -> Result<FdLink> {
+    let btf =
+        aya::Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+    let program: &mut FEntry = bpf
+        .program_mut(prog)
+        .with_context(|| format!("the eBPF object has no {what} program {prog}"))?
+        .try_into()?;
+    program
+        .load(function, &btf)
+        .with_context(|| format!("the kernel rejected {what} (fentry/{function})"))?;
+    let id = program
+        .attach()
+        .with_context(|| format!("attaching {what} (fentry/{function})"))?;
     Ok(program.take_link(id)?.into())
 }

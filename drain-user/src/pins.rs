@@ -7,7 +7,8 @@
 //!   /sys/fs/bpf/drain/<state dir>/link-<xdp|tc>-<ifindex>  one bpf_link per interface
 //!   /sys/fs/bpf/drain/<state dir>/link-track               the connection tracker's link
 //!   /sys/fs/bpf/drain/<state dir>/link-sklookup            the namespace-wide refusal (sk_lookup)
-//!   /sys/fs/bpf/drain/<state dir>/link-rst                 the RST counter (tp_btf/tcp_send_reset)
+//!   /sys/fs/bpf/drain/<state dir>/link-rst                 the RST counter (fentry/tcp_v4_send_reset)
+//!   /sys/fs/bpf/drain/<state dir>/link-rst6                its IPv6 half (fentry/tcp_v6_send_reset)
 //! Keying by the namespace keeps gates in two namespaces (containers, parallel tests) apart:
 //! bpffs is per mount namespace, not per network namespace.
 
@@ -80,8 +81,10 @@ pub enum LinkPin {
     Track,
     /// `link-sklookup`: the namespace-wide refusal of policy reset (sk_lookup on the netns).
     Lookup,
-    /// `link-rst`: the count of the RSTs the kernel sends for it (tp_btf/tcp_send_reset).
+    /// `link-rst`: the count of the RSTs the kernel sends for it (fentry/tcp_v4_send_reset).
     Rst,
+    /// `link-rst6`: the same for IPv6 (fentry/tcp_v6_send_reset).
+    Rst6,
 }
 
 impl LinkPin {
@@ -97,6 +100,7 @@ impl fmt::Display for LinkPin {
             LinkPin::Track => f.write_str("link-track"),
             LinkPin::Lookup => f.write_str("link-sklookup"),
             LinkPin::Rst => f.write_str("link-rst"),
+            LinkPin::Rst6 => f.write_str("link-rst6"),
         }
     }
 }
@@ -110,6 +114,7 @@ impl FromStr for LinkPin {
             "track" => return Ok(LinkPin::Track),
             "sklookup" => return Ok(LinkPin::Lookup),
             "rst" => return Ok(LinkPin::Rst),
+            "rst6" => return Ok(LinkPin::Rst6),
             _ => {}
         }
         let (hook, ifindex) = rest.split_once('-').ok_or(())?;
@@ -487,6 +492,7 @@ mod tests {
             LinkPin::Track,
             LinkPin::Lookup,
             LinkPin::Rst,
+            LinkPin::Rst6,
         ] {
             assert_eq!(pin.to_string().parse(), Ok(pin));
         }

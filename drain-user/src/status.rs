@@ -162,12 +162,18 @@ pub fn collect() -> Result<Status> {
                 .into(),
         );
     }
-    if !links::tracing_attached(&LinkPin::Rst.path(&dir), prog::RST) {
-        st.warnings.push(
-            "the RST counter (tp_btf/tcp_send_reset) is not attached: rst_sent and \
-             syns_refused miss the RSTs policy reset sends; `drain-user gate on` re-attaches it"
-                .into(),
-        );
+    let counter = gate::RstCounter::current();
+    let counting = counter.as_ref().is_ok_and(|c| {
+        c.links()
+            .iter()
+            .all(|&(pin, name, _)| links::tracing_attached(&pin.path(&dir), name))
+    });
+    if !counting {
+        st.warnings.push(format!(
+            "the RST counter ({}) is not attached: rst_sent and syns_refused miss the RSTs \
+             policy reset sends; `drain-user gate on` re-attaches it",
+            counter.map_or("unknown: the kernel's BTF is unreadable", |c| c.describe())
+        ));
     }
     let attached = st.interfaces.iter().any(|i| i.state == LinkState::Attached);
     if cfg.enabled == GATE_ON && !st.expired {

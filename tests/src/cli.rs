@@ -315,9 +315,24 @@ pub fn spawn_in(ns: &str, args: &[&str]) -> Running {
     Running::start(cmd, format!("drain-user {} (in {ns})", args.join(" ")))
 }
 
-/// The links every gate pins besides one per interface, sorted: the RST counter, the
-/// namespace-wide refusal (sk_lookup) and the connection tracker.
-pub const GATE_LINKS: [&str; 3] = ["link-rst", "link-sklookup", "link-track"];
+/// The links every gate pins besides one per interface, sorted: the RST counter (one
+/// tracepoint link, or two fentry links on kernels before 6.10: drain_user's
+/// `gate::RstCounter`), the namespace-wide refusal (sk_lookup) and the connection tracker.
+pub fn gate_links() -> Vec<&'static str> {
+    let counter = drain_user::gate::RstCounter::current().expect("the kernel's BTF");
+    let mut v: Vec<&'static str> = counter
+        .links()
+        .iter()
+        .map(|(pin, _, _)| match pin.to_string().as_str() {
+            "link-rst" => "link-rst",
+            "link-rst6" => "link-rst6",
+            other => panic!("unexpected RST counter pin {other}"),
+        })
+        .collect();
+    v.extend(["link-sklookup", "link-track"]);
+    v.sort();
+    v
+}
 
 /// drain-user run in one namespace of a pair. Dropping it runs `gate off` there (errors
 /// printed, never raised), so a failing test leaves no gate, pins or attached program;
@@ -469,7 +484,7 @@ impl<'p> Drain<'p> {
         names
     }
 
-    /// The link pins (`link-xdp-N`, `link-tc-N` and the [`GATE_LINKS`]), sorted.
+    /// The link pins (`link-xdp-N`, `link-tc-N` and the [`gate_links`]), sorted.
     pub fn link_pins(&self) -> Vec<String> {
         self.pins()
             .into_iter()

@@ -25,7 +25,7 @@ use std::{
 };
 
 use drain_tests::{
-    cli::{Drain, GATE_LINKS},
+    cli::{gate_links, Drain},
     netns::NetNsPair,
     object::{bpf_link_exists, link_xdp, pinned_link_id, tcx_ingress},
     traffic::{accept_queued, bind, connect},
@@ -192,9 +192,10 @@ impl<'p> Fixture<'p> {
             return Err(format!("gate on after the kill: {on}"));
         }
         let links = self.drain.link_pins();
-        if links.len() != 2 + GATE_LINKS.len() {
+        if links.len() != 2 + gate_links().len() {
             return Err(format!(
-                "gate on after the kill pinned links {links:?}, want lo, the veth and {GATE_LINKS:?}"
+                "gate on after the kill pinned links {links:?}, want lo, the veth and {:?}",
+                gate_links()
             ));
         }
         self.restored()

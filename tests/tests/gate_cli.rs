@@ -15,7 +15,7 @@ use std::{
 };
 
 use drain_tests::{
-    cli::{gated_ports, iface_status, port_status, CliOutput, Drain, Json, GATE_LINKS, NOBODY},
+    cli::{gate_links, gated_ports, iface_status, port_status, CliOutput, Drain, Json, NOBODY},
     netns::NetNsPair,
     object::{
         bpf_link_exists, bpftool, link_xdp, open_pinned_link, pinned_link_id, tcx_ingress,
@@ -93,7 +93,7 @@ fn xdp_link_pins(d: &Drain, veth: &str) -> Vec<String> {
         format!("link-xdp-{}", d.ifindex("lo")),
         format!("link-xdp-{}", d.ifindex(veth)),
     ];
-    v.extend(GATE_LINKS.map(String::from));
+    v.extend(gate_links().into_iter().map(String::from));
     v.sort();
     v
 }
@@ -466,7 +466,7 @@ fn gate_off_leaves_no_pins_links_or_programs() {
         .collect();
     assert_eq!(
         link_ids.len(),
-        2 + GATE_LINKS.len(),
+        2 + gate_links().len(),
         "lo, veth and the gate's own links: {link_ids:?}"
     );
     // So that the check after gate off can fail: the kernel lists each link now.
@@ -537,7 +537,12 @@ fn gate_off_detaches_even_while_another_process_holds_the_links() {
             .iter()
             .map(|l| open_pinned_link(&drain.state_dir().join(l)))
             .collect();
-        assert_eq!(held.len(), 2 + GATE_LINKS.len(), "{:?}", drain.link_pins());
+        assert_eq!(
+            held.len(),
+            2 + gate_links().len(),
+            "{:?}",
+            drain.link_pins()
+        );
         drain.off();
         assert!(!drain.state_dir().exists());
         for dev in ["lo", pair.veth_a.as_str()] {
@@ -637,7 +642,7 @@ fn attach_tc_gates_the_same_way() {
         format!("link-tc-{}", drain.ifindex("lo")),
         format!("link-tc-{}", drain.ifindex(&pair.veth_a)),
     ];
-    want.extend(GATE_LINKS.map(String::from));
+    want.extend(gate_links().into_iter().map(String::from));
     want.sort();
     assert_eq!(drain.link_pins(), want);
     assert_eq!(link_xdp(&pair, &pair.a, &pair.veth_a), None, "tc, not xdp");
