@@ -455,11 +455,16 @@ fn killed_playbook(kind: HostKind) {
     let deadlines: Vec<(usize, f64)> = closed
         .iter()
         .map(|&i| {
+            // The clock read before the status call: the kernel's remaining TTL is read
+            // somewhere inside it, and a status call can take a second on a busy machine
+            // (a booted host's goes through nsenter), so this end of it never places the
+            // deadline later than it is.
+            let asked = now();
             let st = fleet.hosts[i].status();
             let left = st["ttl_remaining_ms"]
                 .as_u64()
                 .unwrap_or_else(|| panic!("{}: no ttl_remaining_ms: {st}", fleet.hosts[i].name));
-            (i, now() + left as f64 / 1000.0)
+            (i, asked + left as f64 / 1000.0)
         })
         .collect();
     println!(
