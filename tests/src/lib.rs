@@ -29,6 +29,8 @@
 //!   PID 1 under systemd-nspawn in a test namespace, with drain-user and a bpffs bound in;
 //!   `systemctl`/`journalctl` inside; everything torn down on drop.
 //! - [`fleet`]: the fleet drill's hosts, balancer and Ansible controller.
+//! - [`kernel`]: what a test needs from the kernel (`require!(Feature::Tcx)`): probed by
+//!   trying it; reported as not run under `cargo xtask vmtest`, a failure anywhere else.
 //! - [`docker`]: a real dockerd started inside a test namespace (its own socket, data and
 //!   exec roots, cgroup parent, bridge), the test site's nginx image (built once, cached
 //!   under the build directory, imported without a registry), containers with published
@@ -45,6 +47,7 @@ pub mod fleet;
 pub mod frames;
 pub mod fuzz;
 pub mod gatemodel;
+pub mod kernel;
 pub mod netns;
 pub mod object;
 pub mod published;

@@ -84,6 +84,9 @@ enum Task {
         /// repeated. Default: all.
         #[arg(long, value_delimiter = ',')]
         kernel: Vec<String>,
+        /// Only the subset CI runs (listed in README's "Kernel matrix").
+        #[arg(long)]
+        quick: bool,
         /// Resolve the newest kernel package of each line through apt and rewrite
         /// xtask/vmtest.lock (then runs the kernels given with --kernel, if any).
         #[arg(long)]
@@ -142,6 +145,7 @@ fn run_task(task: Task) -> Result<()> {
         }
         Task::Vmtest {
             kernel,
+            quick,
             refresh_lock,
             timeout,
             test_timeout,
@@ -149,6 +153,7 @@ fn run_task(task: Task) -> Result<()> {
             args,
         } => vmtest::run_matrix(vmtest::Args {
             kernels: kernel,
+            quick,
             refresh_lock,
             timeout,
             test_timeout,
@@ -332,6 +337,8 @@ fn ensure_test_packages() -> Result<()> {
         ("nftables", have("nft")),
         // The package test reads the installed man page.
         ("man-db", have("man")),
+        // systemd-socket-activate: the agent tests hand it its socket as a .socket unit does.
+        ("systemd", have("systemd-socket-activate")),
         // /usr/bin/docker by path: another client may be installed elsewhere on PATH.
         ("docker.io", have("dockerd") && have("docker")),
         ("debootstrap", have("debootstrap")),
