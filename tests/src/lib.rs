@@ -25,6 +25,9 @@
 //!   nftables DNAT in the host namespace, the way Docker's `-p 8080:80` works
 //!   ([`published::Published`], RAII; `restart` replaces its namespace like `docker restart`).
 //! - [`web`]: nginx, HAProxy and wrk in test namespaces (end-to-end tests under load).
+//! - [`booted`]: booted hosts: a cached Debian root file system booted with systemd as
+//!   PID 1 under systemd-nspawn in a test namespace, with drain-user and a bpffs bound in;
+//!   `systemctl`/`journalctl` inside; everything torn down on drop.
 //! - [`fleet`]: the fleet drill's hosts, balancer and Ansible controller.
 //! - [`kernel`]: what a test needs from the kernel (`require!(Feature::Tcx)`): probed by
 //!   trying it; reported as not run under `cargo xtask vmtest`, a failure anywhere else.
@@ -36,6 +39,7 @@
 //! Everything here panics on error rather than returning `Result`: a failing helper is a
 //! failing test, and the panic message says what was being done.
 
+pub mod booted;
 pub mod classify;
 pub mod cli;
 pub mod docker;

@@ -311,7 +311,9 @@ fn ensure_bpffs() -> Result<()> {
 /// virtualenv with ansible-core), ss/ip (iproute2), nsenter/setpriv (util-linux), bpftool to
 /// look at attached programs, strace to kill drain-user at chosen syscalls (the fault and
 /// hardening tests), docker.io (the Docker test runs its own dockerd inside a test namespace:
-/// dockerd, containerd, runc, iptables come with it). Installed with apt when missing (CI
+/// dockerd, containerd, runc, iptables come with it), debootstrap and systemd-nspawn
+/// (systemd-container) for the booted hosts (a Debian root file system with systemd as
+/// PID 1: the drop-in and the role's systemd path). Installed with apt when missing (CI
 /// machines start bare).
 fn ensure_test_packages() -> Result<()> {
     // python3-venv ships no program of its own: ask Debian's python whether it can make one.
@@ -339,6 +341,8 @@ fn ensure_test_packages() -> Result<()> {
         ("systemd", have("systemd-socket-activate")),
         // /usr/bin/docker by path: another client may be installed elsewhere on PATH.
         ("docker.io", have("dockerd") && have("docker")),
+        ("debootstrap", have("debootstrap")),
+        ("systemd-container", have("systemd-nspawn")),
     ])
 }
 
@@ -375,7 +379,11 @@ pub(crate) fn ensure_packages(wanted: &[(&str, bool)]) -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing packages: {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    // Other apt users on the machine hold dpkg's lock for a while: wait for it.
+    let lock_wait = ["-o", "DPkg::Lock::Timeout=600"];
+    run(Command::new("apt-get")
+        .args(lock_wait)
+        .args(["update", "-qq"]))?;
     // Debian's maintainer scripts start nginx, haproxy and sshd on the host on install. A
     // policy-rc.d that answers 101 ("action forbidden") keeps them from starting at all; it
     // is removed again unless the machine already had one.
@@ -390,6 +398,7 @@ pub(crate) fn ensure_packages(wanted: &[(&str, bool)]) -> Result<()> {
         std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     }
     let installed = run(Command::new("apt-get")
+        .args(lock_wait)
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
