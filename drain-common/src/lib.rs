@@ -131,9 +131,21 @@ pub struct GateConfig {
     /// [`ALLOW_V4`] | [`ALLOW_V6`]: which allowlist has entries, so a refused SYN costs no
     /// trie lookup when there is none (an empty LPM lookup still costs ~25 ns).
     pub allow: u32,
-    pub _pad: u32,
+    /// [`FLAG_MAINT`]: read by `drain-user agent` only; the kernel ignores it.
+    pub flags: u32,
+    /// `gate on --announce`: CLOCK_BOOTTIME ns until which the programs still let SYNs pass
+    /// although the gate is on (the agent already tells the balancer to drain); 0 = refuse
+    /// at once. Compared like `deadline_ns`, so it needs no process alive to end.
+    pub announce_ns: u64,
+    /// `gate on --quiet`: how long no new connection request may reach the gated ports
+    /// before `drain-user wait` ends the announcement early; the kernel ignores it.
+    pub quiet_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<GateConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<GateConfig>() == 64);
+
+/// `GateConfig::flags`: the operator asked for maintenance (`gate on --maint`), so the agent
+/// answers `maint` rather than `drain`.
+pub const FLAG_MAINT: u32 = 1;
 
 /// `GateConfig::allow` bits.
 pub const ALLOW_V4: u32 = 1;

@@ -161,8 +161,11 @@ pub fn verdict(start: usize, end: usize) -> Verdict {
     let reset = cfg.policy == POLICY_RESET;
     // The deadline is what makes a forgotten gate open by itself, with no process alive.
     let deadline = cfg.deadline_ns;
-    // The clock is read only when something needs it: a deadline, or the RST limiter.
-    let mut clock = if deadline != 0 || reset {
+    // `gate on --announce`: the gate is on, but SYNs still pass until this time.
+    let announce = cfg.announce_ns;
+    // The clock is read only when something needs it: a deadline, an announcement, or the
+    // RST limiter.
+    let mut clock = if deadline != 0 || reset || announce != 0 {
         Clock::new()
     } else {
         Clock(None)
@@ -181,8 +184,14 @@ pub fn verdict(start: usize, end: usize) -> Verdict {
             stats.syns_expired += 1;
             return Verdict::Pass;
         }
-    } else if reset {
+    } else if reset || announce != 0 {
         now = clock.recent();
+    }
+    // Announced, not yet closing: the balancer has been told to drain and is given until
+    // then to stop. A reading one tick late lets SYNs pass a tick longer: the open side.
+    if now < announce {
+        stats.syns_passed += 1;
+        return Verdict::Pass;
     }
     match allowlisted(start, end, &req, cfg.allow) {
         Ok(false) => {}

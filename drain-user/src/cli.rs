@@ -163,6 +163,58 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Answer a balancer's health or agent check with this namespace's gate state; no daemon.
+    ///
+    /// Serves the connection on stdin/stdout (inetd, systemd Accept=yes), or accepts on the
+    /// listening socket systemd hands over (LISTEN_FDS, fd 3). Each answer reads the pinned
+    /// gate afresh, read-only. HAProxy agent-check: one line, `ready` (no gate, gate off or
+    /// its TTL ran out), `drain` (announced or closed), `maint` (`gate on --maint`), then the
+    /// weight if --weight is given. A request starting with an HTTP method gets HTTP:
+    /// 200 ready / 503 draining, with the state and live count as JSON. Give the agent's
+    /// port to `gate on --agent-port` so no gate can cover it.
+    ///
+    /// Example: systemd-socket-activate --inetd -l 9707 drain-user agent --weight 100
+    Agent {
+        #[command(flatten)]
+        args: AgentArgs,
+    },
+}
+
+/// `agent`'s options.
+#[derive(Debug, Default, clap::Args)]
+pub struct AgentArgs {
+    /// Weight (0 to 256, percent of the configured one) appended to `ready` in agent-check
+    /// replies as `NN%`, e.g. --weight 100 restores the full weight after a drain.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub weight: Option<u16>,
+    /// How long to wait for a request before answering as agent-check (HAProxy sends
+    /// nothing unless agent-send is set); HTTP clients speak first.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub greeting: Duration,
+}
+
+/// `gate on`'s announcement and agent options.
+#[derive(Debug, Default, clap::Args)]
+pub struct AnnounceArgs {
+    /// Tell the balancer first: `drain-user agent` answers `drain` at once, and the gate
+    /// refuses only after DELAY, or earlier once `drain-user wait` sees no new connection
+    /// request to the ports for --quiet (e.g. 3s). Without a running `wait`, DELAY it is.
+    #[arg(long, value_name = "DELAY", value_parser = parse_duration)]
+    pub announce: Option<Duration>,
+    /// With --announce: how long the ports must see no new connection request before `wait`
+    /// closes the gate early. Make it longer than the balancer takes to act on the agent
+    /// (its check interval, e.g. HAProxy's agent-inter, 2s by default, plus the answer's
+    /// time): a balancer that pools connections may open none for a while anyway.
+    #[arg(long, default_value = "3s", value_parser = parse_duration, requires = "announce")]
+    pub quiet: Duration,
+    /// The agent answers `maint` instead of `drain` (HAProxy: maintenance mode).
+    #[arg(long)]
+    pub maint: bool,
+    /// The port `drain-user agent` answers on: `gate on` refuses to gate it, since a gated
+    /// agent could never tell the balancer anything.
+    #[arg(long, env = "DRAIN_AGENT_PORT", value_name = "PORT",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub agent_port: Option<u16>,
 }
 
 /// Where a gate goes: its interfaces and its hook (`gate on`, and `check` asking about it).
@@ -211,6 +263,8 @@ pub enum GateAction {
         /// and counted, so spoofed SYNs cannot turn the host into a reflector.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
         rst_rate: u32,
+        #[command(flatten)]
+        announce: AnnounceArgs,
     },
     /// Open the gate, detach from every interface and remove every pin.
     ///

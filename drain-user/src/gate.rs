@@ -56,6 +56,8 @@ pub struct OnArgs {
     pub policy: Policy,
     /// RSTs per second, all CPUs together (policy reset).
     pub rst_rate: u32,
+    /// `--announce`, `--quiet`, `--maint`, `--agent-port` ([`crate::agent`]).
+    pub announce: crate::agent::Announce,
 }
 
 impl OnArgs {
@@ -69,6 +71,7 @@ impl OnArgs {
                 drain_common::MAX_GATED_PORTS
             )));
         }
+        self.announce.validate(&self.ports, self.ttl)?;
         let distinct: BTreeSet<IpNet> = self.allow.iter().copied().collect();
         for (family, v4) in [("IPv4", true), ("IPv6", false)] {
             let n = distinct.iter().filter(|p| p.addr().is_ipv4() == v4).count();
@@ -243,8 +246,9 @@ fn on_locked(
             describe(hook, iface.index)
         ));
     }
+    let now = boottime_ns();
     let deadline_ns = match args.ttl {
-        Some(ttl) => boottime_ns().saturating_add(ttl.as_nanos() as u64),
+        Some(ttl) => now.saturating_add(ttl.as_nanos() as u64),
         None => 0,
     };
     // The limiter is per CPU (no atomics on the packet path): split the rate between CPUs,
@@ -270,8 +274,9 @@ fn on_locked(
                 IpNet::V6(_) => ALLOW_V6,
             }
         }),
-        _pad: 0,
+        ..Default::default()
     };
+    let cfg = args.announce.apply(cfg, &gate.config()?, now);
     gate.replace(&args.ports, &args.allow, cfg)?;
     Ok(report)
 }

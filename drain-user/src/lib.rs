@@ -26,8 +26,10 @@
 //! | [`netlink`] | netlink dump requests, shared by `iface` and `diag` |
 //! | [`btf`] | struct member offsets from the kernel's BTF |
 //! | [`check`] | `check`: the preflight (probes, and the decision made from them) |
+//! | [`agent`] | `agent`: the balancer's agent-check / HTTP endpoint (no daemon), and `gate on --announce` |
 //! | [`target`] | `--netns`, `--pid`, `--container`: the network namespace a command acts on, entered first |
 
+pub mod agent;
 pub mod btf;
 pub mod check;
 pub mod cli;
@@ -69,7 +71,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             }
     );
     // The preflight reports missing privileges instead of stopping at them.
-    if !matches!(cli.command, Command::Check { .. }) {
+    if !matches!(cli.command, Command::Check { .. } | Command::Agent { .. }) {
         require_privileges(tracing)?;
     }
     // Before any thread starts (the tokio runtime, scoped helpers): they inherit it.
@@ -109,6 +111,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
                     allow,
                     policy,
                     rst_rate,
+                    announce,
                 },
         } => {
             let args = gate::OnArgs {
@@ -119,6 +122,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 allow,
                 policy,
                 rst_rate,
+                announce: agent::Announce::from(announce),
             };
             args.validate()?;
             follow::check_policy(&args.ports, args.policy)?;
@@ -140,11 +144,20 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 Some(t) => format!("the TTL ({}) runs out", humantime::format_duration(t)),
                 None => "forever (no TTL)".into(),
             };
-            outln!(
-                "gate on: new connections to port {} are refused on {}; until `drain-user gate off` or {ttl}",
-                ports.join(","),
-                report.join(", ")
-            )?;
+            match args.announce.delay {
+                Some(d) => outln!(
+                    "gate on: announced: `drain-user agent` answers drain now; new connections to port {} are refused on {} in {}, or once `drain-user wait` sees none for {}; until `drain-user gate off` or {ttl}",
+                    ports.join(","),
+                    report.join(", "),
+                    humantime::format_duration(d),
+                    humantime::format_duration(args.announce.quiet),
+                )?,
+                None => outln!(
+                    "gate on: new connections to port {} are refused on {}; until `drain-user gate off` or {ttl}",
+                    ports.join(","),
+                    report.join(", ")
+                )?,
+            }
         }
         Command::Gate {
             action: GateAction::Off,
@@ -155,6 +168,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 outln!("gate off: no gate in this network namespace (already off)")?;
             }
         }
+        Command::Agent { args } => return agent::serve(&args),
         Command::Watch {
             json,
             rate,

@@ -58,6 +58,13 @@ pub struct Status {
     /// Where the pins and the kernel disagree, or the counts are not exact: one sentence
     /// each, saying what to do.
     warnings: Vec<String>,
+    /// `gate on --announce`: true while the gate is on but still lets SYNs pass (the agent
+    /// already answers drain); false once it refuses.
+    announced: bool,
+    /// While announced: milliseconds until the gate refuses by itself.
+    closes_in_ms: Option<u64>,
+    /// `gate on --maint`: the agent answers maint.
+    maint: bool,
 }
 
 /// One gated port.
@@ -130,6 +137,9 @@ pub fn collect() -> Result<Status> {
         allow: vec![],
         tracker: None,
         warnings: vec![],
+        announced: false,
+        closes_in_ms: None,
+        maint: false,
     };
     let all = iface::interfaces()?;
     let dir = pins::gate_dir()?;
@@ -145,6 +155,11 @@ pub fn collect() -> Result<Status> {
         st.ttl_remaining_ms = Some(cfg.deadline_ns.saturating_sub(now) / 1_000_000);
     }
     st.policy = Policy::from_raw(cfg.policy);
+    if let crate::agent::Phase::Announced { closes_in_ns } = crate::agent::Phase::of(&cfg, now) {
+        st.announced = true;
+        st.closes_in_ms = Some(closes_in_ns / 1_000_000);
+    }
+    st.maint = cfg.enabled == GATE_ON && cfg.flags & drain_common::FLAG_MAINT != 0;
     let (interfaces, ours) = interfaces(&gate, &all, st.policy)?;
     st.interfaces = interfaces;
     st.sk_lookup = links::lookup_attached(&LinkPin::Lookup.path(&dir));
@@ -388,6 +403,14 @@ fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
         GateState::Off => "off",
     };
     writeln!(s, "gate: {gate}{ttl}")?;
+    if let (GateState::On, Some(ms)) = (st.gate, st.closes_in_ms) {
+        writeln!(
+            s,
+            "announced: the agent answers {}; new connections are still accepted, refused in {:.1}s",
+            if st.maint { "maint" } else { "drain" },
+            ms as f64 / 1000.0
+        )?;
+    }
     if st.gate == GateState::On {
         let policy = match st.policy {
             Policy::Drop => "drop",
@@ -550,6 +573,9 @@ mod tests {
                 read_failed: 7,
             }),
             warnings: vec!["w".into()],
+            announced: true,
+            closes_in_ms: Some(2500),
+            maint: false,
         };
         assert_eq!(
             serde_json::to_string(&st).unwrap(),
@@ -567,7 +593,7 @@ mod tests {
                 r#""syns_allowed":2,"syns_expired":3,"rst_sent":4,"rst_limited":5,"rst_not_syn":6}],"#,
                 r#""allow":["10.0.0.0/8"],"#,
                 r#""tracker":{"added":118,"removed":106,"insert_failed":0,"read_failed":7},"#,
-                r#""warnings":["w"]}"#
+                r#""warnings":["w"],"announced":true,"closes_in_ms":2500,"maint":false}"#
             )
         );
     }

@@ -316,6 +316,12 @@ pub async fn wait(args: WaitArgs) -> Result<Exit> {
             Source::Temp(TempTracker::new()?)
         }
     };
+    // `gate on --announce`: first until the gate refuses (delay, or the balancer quiet).
+    if let Source::Gate(g) = &mut source {
+        if let Some(exit) = crate::agent::settle(g, args.format).await? {
+            return Ok(exit);
+        }
+    }
     let mut reporter = report::new(args.format, &ports);
     let outcome = poll(&mut source, &ports, &args, reporter.as_mut(), &mut warned).await?;
     reporter.finish(&outcome)?;

@@ -3,6 +3,8 @@
 #   1. `systemd-analyze verify` of Debian's own nginx.service with the drop-in, with
 #      drain-user present at /usr/bin/drain-user (an overlay on /usr/bin in a private mount
 #      namespace: the host's /usr/bin is not touched). Any output, warnings included, fails.
+#      The same for drain@.service (as drain@nginx.service, loaded by its unit name so that
+#      the template is instantiated).
 #   2. What verify cannot see: ExecStop= is reset before the drain steps, the steps come in
 #      the order gate on -> wait -> the unit's own stop, ExecStartPost opens the gate, and
 #      TimeoutStopSec exceeds the wait's deadline plus the graceful stop's 5 s.
@@ -24,6 +26,7 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/units/nginx.service.d" "$work/upper" "$work/ovl"
 cp "$unit" "$work/units/"
 cp "$dropin" "$work/units/nginx.service.d/"
+cp "$here/drain@.service" "$work/units/"
 cp "$container_unit" "$work/units/"
 cp "$bin" "$work/upper/drain-user"
 unshare --mount --propagation private bash -c '
@@ -31,10 +34,11 @@ unshare --mount --propagation private bash -c '
     mount -t overlay overlay -o "lowerdir=/usr/bin,upperdir=$1/upper,workdir=$1/ovl" /usr/bin
     /usr/bin/drain-user --version >/dev/null
     SYSTEMD_UNIT_PATH=$1/units: systemd-analyze verify "$1/units/nginx.service"
+    SYSTEMD_UNIT_PATH=$1/units: systemd-analyze verify drain@nginx.service
     SYSTEMD_UNIT_PATH=$1/units: systemd-analyze verify "$1/units/web-container.service"
 ' _ "$work" >"$work/out" 2>&1 || { cat "$work/out"; echo "verify: systemd-analyze verify failed"; exit 1; }
 if [ -s "$work/out" ]; then cat "$work/out"; echo "verify: systemd-analyze verify printed warnings"; exit 1; fi
-echo "verify: systemd-analyze verify nginx.service + drain.conf, web-container.service: clean"
+echo "verify: systemd-analyze verify nginx.service + drain.conf, drain@nginx.service, web-container.service: clean"
 
 python3 - "$dropin" <<'PY'
 import re, sys

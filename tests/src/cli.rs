@@ -48,7 +48,17 @@ pub const PORT_COUNTERS: &[&str] = &[
     "rst_not_syn",
 ];
 
-pub const CLI_DEADLINE: Duration = Duration::from_secs(30);
+/// How long one drain-user call may run before the runner kills it and fails the test.
+pub fn cli_deadline() -> Duration {
+    // Under emulation (`cargo xtask vmtest` with TCG) everything runs 10-30x slower: the
+    // kernel matrix's runner scales the deadline with DRAIN_TEST_SLOWDOWN.
+    let scale = std::env::var("DRAIN_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    Duration::from_secs(30) * scale
+}
 
 // ---------------------------------------------------------------------------------------
 // Running the CLI
@@ -195,10 +205,10 @@ impl Running {
         self.seen.iter().map(|(_, _, l)| l.trim_end()).collect()
     }
 
-    /// Waits for the call to end; kills it and panics [`CLI_DEADLINE`] after it started.
+    /// Waits for the call to end; kills it and panics [`cli_deadline`] after it started.
     #[track_caller]
     pub fn wait(self) -> CliOutput {
-        let deadline = self.started + CLI_DEADLINE;
+        let deadline = self.started + cli_deadline();
         self.wait_until(deadline)
     }
 
@@ -269,7 +279,7 @@ impl Drop for Running {
 
 /// Runs `drain-user args...` (the workspace's build) in the test's own namespaces, without
 /// nsenter: for calls that pick their namespace themselves (`--netns`, `--pid`,
-/// `--container`). At most [`CLI_DEADLINE`].
+/// `--container`). At most [`cli_deadline`].
 #[track_caller]
 pub fn run_here(args: &[&str]) -> CliOutput {
     crate::require_root();
@@ -394,7 +404,7 @@ impl<'p> Drain<'p> {
         Running::start(cmd, line)
     }
 
-    /// Runs `drain-user args...` to the end (at most [`CLI_DEADLINE`]).
+    /// Runs `drain-user args...` to the end (at most [`cli_deadline`]).
     #[track_caller]
     pub fn run(&self, args: &[&str]) -> CliOutput {
         self.spawn(args).wait()
@@ -510,7 +520,7 @@ impl Drop for Drain<'_> {
         // Runs while unwinding from a failed assertion too: report, never panic.
         let (cmd, line) = self.command_via(&[], &["gate", "off"]);
         let mut off = Running::start(cmd, line);
-        match off.try_wait_until(Instant::now() + CLI_DEADLINE) {
+        match off.try_wait_until(Instant::now() + cli_deadline()) {
             Ok(out) if out.code == Some(0) => {}
             Ok(out) => eprintln!("cleanup: {out}"),
             Err(e) => eprintln!("cleanup: {e}"),

@@ -11,6 +11,12 @@
 //!   ...                      ┘
 //! ```
 //!
+//! Two kinds of host ([`HostKind`]): a network namespace with Debian's nginx and sshd run
+//! by the test (cheap: large fleets), or a booted container ([`crate::booted`]) in that
+//! namespace, systemd as PID 1 running Debian's ssh.service and nginx.service, which the
+//! role stops and starts with `drain_service: nginx` (systemd) over SSH, drain-user at
+//! /usr/bin/drain-user under nspawn's own seccomp filter, as on a real host.
+//!
 //! Addresses are 198.18.100.0/24 inside the fabric only (each fleet has a bridge of its
 //! own, so two fleets never see each other). sshd runs in its host's namespace through
 //! `nsenter --net` (not `ip netns exec`), so what it runs, drain-user included, sees that
@@ -91,13 +97,38 @@ pub fn pids_in(ns: &str) -> Vec<i32> {
         .unwrap_or_default()
 }
 
-/// Processes in namespace `ns` that run the drain-user binary.
+/// Processes in namespace `ns` that run the drain-user binary (the test's build, or the
+/// one bound at /usr/bin/drain-user in a booted host, whose exe reads as that path).
 pub fn drain_processes_in(ns: &str) -> Vec<i32> {
     let bin = fs::canonicalize(crate::drain_user_bin()).unwrap_or_default();
     pids_in(ns)
         .into_iter()
-        .filter(|p| fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == bin))
+        .filter(|p| {
+            fs::read_link(format!("/proc/{p}/exe"))
+                .is_ok_and(|e| e == bin || e == Path::new(BOOTED_DRAIN_USER))
+        })
         .collect()
+}
+
+/// Where a booted host has drain-user (the role's default `drain_binary`).
+const BOOTED_DRAIN_USER: &str = "/usr/bin/drain-user";
+/// A booted host's files for the test (nginx's root is `html/` in it), inside the container.
+const BOOTED_HOST_DIR: &str = "/var/www/drain";
+
+/// What a fleet's hosts are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostKind {
+    /// A network namespace; nginx and sshd run by the test, stopped and started by commands.
+    Netns,
+    /// A booted container in the namespace: systemd runs ssh and nginx; the role uses
+    /// `drain_service: nginx`.
+    Booted,
+}
+
+/// What runs a host's services.
+pub enum Runtime {
+    Netns { nginx: Nginx, sshd: Daemon },
+    Booted(Box<crate::booted::Booted>),
 }
 
 impl Drop for Namespaces {
@@ -146,11 +177,13 @@ pub struct Host {
     pub name: String,
     pub ns: String,
     pub addr: Ipv4Addr,
-    /// nginx prefix: config, pid file, html/, and the files the playbook leaves for the test.
+    /// nginx prefix: config, pid file, html/, and the files the playbook leaves for the test
+    /// (as the test sees it; for a booted host, through its overlay).
     pub dir: PathBuf,
-    pub nginx: Nginx,
-    pub sshd: Daemon,
-    /// Where drain pins this namespace's gate.
+    /// The same directory as the playbook sees it on the host.
+    pub remote_dir: String,
+    pub runtime: Runtime,
+    /// Where drain pins this namespace's gate (as the test sees it).
     pub state_dir: PathBuf,
 }
 
@@ -159,9 +192,34 @@ impl Host {
         SocketAddr::V4(SocketAddrV4::new(self.addr, WEB_PORT))
     }
 
-    /// `drain-user <args>` in this host's namespace; its stdout (panics unless exit 0).
+    /// `drain-user <args>` on this host; its stdout (panics unless exit 0).
     pub fn drain(&self, args: &[&str]) -> String {
-        run_ok(ns_cmd(&self.ns, crate::drain_user_bin()).args(args))
+        run_ok(&mut self.drain_cmd(args))
+    }
+
+    /// drain-user on this host: in its namespace with the host's bpffs, or inside the
+    /// booted container (its own bpffs).
+    fn drain_cmd(&self, args: &[&str]) -> Command {
+        match &self.runtime {
+            Runtime::Netns { .. } => {
+                let mut c = ns_cmd(&self.ns, crate::drain_user_bin());
+                c.args(args);
+                c
+            }
+            Runtime::Booted(b) => {
+                let mut argv = vec![BOOTED_DRAIN_USER];
+                argv.extend_from_slice(args);
+                b.command(&argv)
+            }
+        }
+    }
+
+    /// The drain-user the playbook runs on this host.
+    fn remote_drain_binary(&self) -> PathBuf {
+        match self.runtime {
+            Runtime::Netns { .. } => crate::drain_user_bin(),
+            Runtime::Booted(_) => PathBuf::from(BOOTED_DRAIN_USER),
+        }
     }
 
     pub fn status(&self) -> serde_json::Value {
@@ -171,10 +229,7 @@ impl Host {
     /// `status --json` when it succeeds. `status` takes no lock, so while a `gate on` of
     /// the playbook is half-way it can fail ("the gate state is incomplete"): pollers retry.
     pub fn try_status(&self) -> Option<serde_json::Value> {
-        let out = ns_cmd(&self.ns, crate::drain_user_bin())
-            .args(["status", "--json"])
-            .output()
-            .ok()?;
+        let out = self.drain_cmd(&["status", "--json"]).output().ok()?;
         out.status
             .success()
             .then(|| crate::web::parse_status(&String::from_utf8_lossy(&out.stdout)))
@@ -186,16 +241,40 @@ impl Host {
         serde_json::from_str(&text).ok()
     }
 
-    /// Lines `<event> <epoch seconds>` the playbook's stop and start commands appended.
+    /// Lines `<event> <epoch seconds>` the playbook's stop and start commands appended;
+    /// when the role stopped and started a systemd unit (no commands), the same events
+    /// from the role's own marks in its report.
     pub fn stamps(&self) -> Vec<(String, f64)> {
-        fs::read_to_string(self.dir.join("stamps"))
+        let stamps: Vec<(String, f64)> = fs::read_to_string(self.dir.join("stamps"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| {
                 let (k, v) = l.split_once(' ')?;
                 Some((k.to_string(), v.trim().parse().ok()?))
             })
-            .collect()
+            .collect();
+        if !stamps.is_empty() {
+            return stamps;
+        }
+        let Some(report) = self.report() else {
+            return stamps;
+        };
+        let marks = report["marks"].as_array().cloned().unwrap_or_default();
+        let mark = |name: &str| {
+            marks
+                .iter()
+                .find(|m| m[0] == name)
+                .and_then(|m| m[1].as_f64())
+        };
+        [
+            ("stop-begin", "drained"),
+            ("stop-end", "stopped"),
+            ("start-begin", "deployed"),
+            ("start-end", "started"),
+        ]
+        .iter()
+        .filter_map(|(ev, m)| Some((ev.to_string(), mark(m)?)))
+        .collect()
     }
 }
 
@@ -207,6 +286,7 @@ pub struct Fleet {
     pub lb_ns: String,
     pub ctl_ns: String,
     pub lb_addr: Ipv4Addr,
+    pub kind: HostKind,
     #[expect(
         dead_code,
         reason = "held for its Drop: the namespaces go with the fleet"
@@ -220,9 +300,14 @@ pub const LB_PORT: u16 = 80;
 pub const LB_STATS_PORT: u16 = 8404;
 
 impl Fleet {
-    /// Builds the fabric, `n` hosts serving `version`, the balancer; waits until every
-    /// backend is UP and every sshd listens.
+    /// Builds the fabric, `n` namespace hosts serving `version`, the balancer; waits until
+    /// every backend is UP and every sshd listens.
     pub fn new(n: usize) -> Self {
+        Self::with_kind(n, HostKind::Netns)
+    }
+
+    /// [`Fleet::new`] with hosts of `kind`.
+    pub fn with_kind(n: usize, kind: HostKind) -> Self {
         crate::require_root();
         assert!((1..=200).contains(&n), "a fleet of {n} hosts");
         let dir = TempDir::new("fleet");
@@ -283,74 +368,44 @@ impl Fleet {
 
         let mut hosts = Vec::new();
         let mut known_hosts = String::new();
+        let client_pub = fs::read(dir.path().join("client_key.pub")).unwrap();
         for i in 0..n {
             let name = format!("h{}", i + 1);
             let addr = node_addr(11 + i as u8);
             let ns = plug(&mut nets, &name, addr);
             nets.hosts.push(ns.clone());
-            let hdir = dir.path().join(&name);
-            fs::create_dir_all(&hdir).unwrap();
-            let key = hdir.join("ssh_host_ed25519_key");
-            keygen(&key);
-            let pubkey = fs::read_to_string(key.with_extension("pub")).unwrap();
-            let mut it = pubkey.split_whitespace();
-            known_hosts.push_str(&format!(
-                "{addr} {} {}\n",
-                it.next().unwrap(),
-                it.next().unwrap()
-            ));
-            let cfg = hdir.join("sshd_config");
-            fs::write(
-                &cfg,
-                format!(
-                    "ListenAddress {addr}:22
-HostKey {key}
-PidFile {pid}
-AuthorizedKeysFile {auth}
-StrictModes no
-UsePAM no
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UseDNS no
-PrintMotd no
-MaxStartups 100:30:200
-MaxSessions 100
-Subsystem sftp internal-sftp
-",
-                    key = key.display(),
-                    pid = hdir.join("sshd.pid").display(),
-                    auth = dir.path().join("authorized_keys").display(),
-                ),
-            )
-            .unwrap();
-            let mut cmd = ns_cmd(&ns, "/usr/sbin/sshd");
-            cmd.args(["-D", "-e", "-f"]).arg(&cfg);
-            let sshd = Daemon::spawn(&format!("sshd {name}"), cmd, &hdir.join("sshd.log"));
-            let nginx = Nginx::new(&ns, &hdir, &format!("{WEB_PORT}"), WEB_PORT, "v1");
-            let state_dir = crate::netns::drain_state_dir(&ns);
-            hosts.push(Host {
-                name,
-                ns,
-                addr,
-                dir: hdir,
-                nginx,
-                sshd,
-                state_dir,
-            });
+            let host = match kind {
+                HostKind::Netns => {
+                    netns_host(dir.path(), &name, &ns, addr, &keygen, &mut known_hosts)
+                }
+                HostKind::Booted => booted_host(&name, &ns, addr, &client_pub, &mut known_hosts),
+            };
+            hosts.push(host);
         }
         fs::write(dir.path().join("known_hosts"), known_hosts).unwrap();
         for h in &mut hosts {
-            let pid = h.sshd.pid();
-            let sshd = &mut h.sshd;
-            wait_until(
-                &format!("sshd of {} listens", h.name),
-                Duration::from_secs(10),
-                || {
-                    sshd.assert_running();
-                    listening(pid, 22)
-                },
-            );
+            let name = h.name.clone();
+            match &mut h.runtime {
+                Runtime::Netns { sshd, .. } => {
+                    let pid = sshd.pid();
+                    wait_until(
+                        &format!("sshd of {name} listens"),
+                        Duration::from_secs(10),
+                        || {
+                            sshd.assert_running();
+                            listening(pid, 22)
+                        },
+                    );
+                }
+                Runtime::Booted(b) => {
+                    // systemd said running: ssh.service has started, i.e. sshd listens.
+                    assert!(listening(b.leader, 22), "sshd of {name} does not listen");
+                    assert!(
+                        listening(b.leader, WEB_PORT),
+                        "nginx of {name} does not listen"
+                    );
+                }
+            }
         }
         let backends: Vec<Backend> = hosts
             .iter()
@@ -372,6 +427,7 @@ Subsystem sftp internal-sftp
             lb_ns,
             ctl_ns,
             lb_addr,
+            kind,
             nets,
             dir,
         }
@@ -413,10 +469,11 @@ control_path_dir = {d}/cp
         let mut inv = String::from("[web]\n");
         for h in &self.hosts {
             inv.push_str(&format!(
-                "{} ansible_host={} fleet_host_dir={}\n",
+                "{} ansible_host={} fleet_host_dir={} drain_binary={}\n",
                 h.name,
                 h.addr,
-                h.dir.display()
+                h.remote_dir,
+                h.remote_drain_binary().display()
             ));
         }
         inv.push_str(&format!(
@@ -498,6 +555,109 @@ control_path_dir = {d}/cp
     }
 }
 
+/// A namespace host: its own sshd (host key made here) and nginx, run by the test.
+fn netns_host(
+    fleet_dir: &Path,
+    name: &str,
+    ns: &str,
+    addr: Ipv4Addr,
+    keygen: &dyn Fn(&Path),
+    known_hosts: &mut String,
+) -> Host {
+    let hdir = fleet_dir.join(name);
+    fs::create_dir_all(&hdir).unwrap();
+    let key = hdir.join("ssh_host_ed25519_key");
+    keygen(&key);
+    let pubkey = fs::read_to_string(key.with_extension("pub")).unwrap();
+    let mut it = pubkey.split_whitespace();
+    known_hosts.push_str(&format!(
+        "{addr} {} {}\n",
+        it.next().unwrap(),
+        it.next().unwrap()
+    ));
+    let cfg = hdir.join("sshd_config");
+    fs::write(
+        &cfg,
+        format!(
+            "ListenAddress {addr}:22
+HostKey {key}
+PidFile {pid}
+AuthorizedKeysFile {auth}
+StrictModes no
+UsePAM no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UseDNS no
+PrintMotd no
+MaxStartups 100:30:200
+MaxSessions 100
+Subsystem sftp internal-sftp
+",
+            key = key.display(),
+            pid = hdir.join("sshd.pid").display(),
+            auth = fleet_dir.join("authorized_keys").display(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = ns_cmd(ns, "/usr/sbin/sshd");
+    cmd.args(["-D", "-e", "-f"]).arg(&cfg);
+    let sshd = Daemon::spawn(&format!("sshd {name}"), cmd, &hdir.join("sshd.log"));
+    let nginx = Nginx::new(ns, &hdir, &format!("{WEB_PORT}"), WEB_PORT, "v1");
+    Host {
+        name: name.to_string(),
+        ns: ns.to_string(),
+        addr,
+        remote_dir: hdir.display().to_string(),
+        dir: hdir,
+        runtime: Runtime::Netns { nginx, sshd },
+        state_dir: crate::netns::drain_state_dir(ns),
+    }
+}
+
+/// A booted host in namespace `ns`: Debian's ssh.service (root logs in with the
+/// controller's key) and nginx.service serving the test site, drain-user at
+/// /usr/bin/drain-user, its own bpffs (where its gate's pins are).
+fn booted_host(
+    name: &str,
+    ns: &str,
+    addr: Ipv4Addr,
+    client_pub: &[u8],
+    known_hosts: &mut String,
+) -> Host {
+    use crate::booted::{nginx_site, BootOpts, Booted};
+    let mut files = nginx_site(BOOTED_HOST_DIR, "v1");
+    files.push(("/root/.ssh/authorized_keys".into(), client_pub.to_vec()));
+    let b = Booted::boot(BootOpts {
+        netns: ns,
+        drain_user: true,
+        files,
+    });
+    eprintln!("fleet: {name} booted in {:.2} s", b.boot_secs);
+    // The host key debootstrap's openssh-server made (every booted host shares it).
+    let pubkey = fs::read_to_string(b.root().join("etc/ssh/ssh_host_ed25519_key.pub")).unwrap();
+    let mut it = pubkey.split_whitespace();
+    known_hosts.push_str(&format!(
+        "{addr} {} {}\n",
+        it.next().unwrap(),
+        it.next().unwrap()
+    ));
+    let pins = crate::netns::drain_state_dir(ns);
+    let state_dir = b.bpffs().join(
+        pins.strip_prefix("/sys/fs/bpf")
+            .expect("pins live under /sys/fs/bpf"),
+    );
+    Host {
+        name: name.to_string(),
+        ns: ns.to_string(),
+        addr,
+        dir: b.root().join(BOOTED_HOST_DIR.trim_start_matches('/')),
+        remote_dir: BOOTED_HOST_DIR.to_string(),
+        runtime: Runtime::Booted(Box::new(b)),
+        state_dir,
+    }
+}
+
 /// What one rollout does.
 #[derive(Clone, Debug)]
 pub struct Rollout {
@@ -529,9 +689,14 @@ impl Rollout {
             crate::web::nginx_start_command(prefix),
             stamp("start-end")
         );
+        // A booted host's nginx is a systemd unit: the role's systemd path.
+        let (stop, start) = match fleet.kind {
+            HostKind::Netns => (stop, start),
+            HostKind::Booted => (String::new(), String::new()),
+        };
         let vars = serde_json::json!({
             "drain_enabled": self.drain_enabled,
-            "drain_binary": crate::drain_user_bin(),
+            "drain_service": "nginx",
             "drain_ports": [WEB_PORT],
             "drain_ttl": self.ttl,
             "drain_policy": self.policy,

@@ -25,7 +25,12 @@
 //!   nftables DNAT in the host namespace, the way Docker's `-p 8080:80` works
 //!   ([`published::Published`], RAII; `restart` replaces its namespace like `docker restart`).
 //! - [`web`]: nginx, HAProxy and wrk in test namespaces (end-to-end tests under load).
+//! - [`booted`]: booted hosts: a cached Debian root file system booted with systemd as
+//!   PID 1 under systemd-nspawn in a test namespace, with drain-user and a bpffs bound in;
+//!   `systemctl`/`journalctl` inside; everything torn down on drop.
 //! - [`fleet`]: the fleet drill's hosts, balancer and Ansible controller.
+//! - [`kernel`]: what a test needs from the kernel (`require!(Feature::Tcx)`): probed by
+//!   trying it; reported as not run under `cargo xtask vmtest`, a failure anywhere else.
 //! - [`docker`]: a real dockerd started inside a test namespace (its own socket, data and
 //!   exec roots, cgroup parent, bridge), the test site's nginx image (built once, cached
 //!   under the build directory, imported without a registry), containers with published
@@ -34,6 +39,7 @@
 //! Everything here panics on error rather than returning `Result`: a failing helper is a
 //! failing test, and the panic message says what was being done.
 
+pub mod booted;
 pub mod classify;
 pub mod cli;
 pub mod docker;
@@ -41,6 +47,7 @@ pub mod fleet;
 pub mod frames;
 pub mod fuzz;
 pub mod gatemodel;
+pub mod kernel;
 pub mod netns;
 pub mod object;
 pub mod published;

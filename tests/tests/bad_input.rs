@@ -103,6 +103,23 @@ fn table() -> Vec<Row> {
         gate_on(&["--port", "80", "--rst-rate", "10000001"], "10000001"),
         gate_on(&["--port", "80", "--rst-rate", "abc"], "abc"),
         gate_on(&["--port", "80", "--rst-rate", "-1"], "-1"),
+        // --announce, --quiet, --agent-port (tests/tests/agent.rs: the agent's side)
+        gate_on(&["--port", "80", "--announce", "0s"], "announces nothing"),
+        gate_on(&["--port", "80", "--announce", "soon"], "soon"),
+        gate_on(
+            &["--port", "80", "--announce", "10m"],
+            "not shorter than the TTL",
+        ),
+        gate_on(
+            &["--port", "80", "--announce", "5s", "--quiet", "10ms"],
+            "100ms",
+        ),
+        gate_on(&["--port", "80", "--quiet", "1s"], "--announce"),
+        gate_on(&["--port", "80", "--agent-port", "0"], "0"),
+        gate_on(
+            &["--port", "80,9707", "--agent-port", "9707"],
+            "agent's port",
+        ),
         // --allow
         gate_on(&["--port", "80", "--allow", "10.0.0.0/33"], "10.0.0.0/33"),
         gate_on(&["--port", "80", "--allow", "fd00::/129"], "fd00::/129"),

@@ -22,7 +22,7 @@ use std::{
 };
 
 use drain_tests::{
-    fleet::{drain_processes_in, now, Change, Event, Fleet, Rollout, IDLE, WEB_PORT},
+    fleet::{drain_processes_in, now, Change, Event, Fleet, HostKind, Rollout, IDLE, WEB_PORT},
     web::{
         connects, http_get, port_counter, Load, WrkResult, CHECK_FALL, CHECK_INTER_MS, CHECK_RISE,
     },
@@ -238,13 +238,17 @@ fn report(fleet: &Fleet, title: &str, run: &Run) -> Vec<HostTimes> {
 }
 
 /// The positive rollout: drained, zero failures, and the gate shows it worked.
-fn drained_rollout(policy: &str) {
+fn drained_rollout(policy: &str, kind: HostKind) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let fleet = Fleet::new(fleet_size());
+    let fleet = Fleet::with_kind(fleet_size(), kind);
     let version = format!("v2-{policy}");
     let r = rollout(&version, true, policy);
     let run = run_under_load(&fleet, &r);
-    let times = report(&fleet, &format!("with drain, policy {policy}"), &run);
+    let times = report(
+        &fleet,
+        &format!("with drain, policy {policy}, {kind:?} hosts"),
+        &run,
+    );
     assert!(
         run.playbook_ok,
         "the rollout failed; ansible-playbook's log:\n{}",
@@ -318,23 +322,45 @@ fn drained_rollout(policy: &str) {
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn fleet_rollout_with_drain_drop_fails_no_request() {
-    drained_rollout("drop");
+    drained_rollout("drop", HostKind::Netns);
 }
 
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn fleet_rollout_with_drain_reset_fails_no_request() {
-    drained_rollout("reset");
+    drained_rollout("reset", HostKind::Netns);
+}
+
+/// Booted hosts: the role stops and starts Debian's nginx.service (`drain_service: nginx`)
+/// over SSH to the container's own sshd.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn fleet_booted_rollout_with_drain_fails_no_request() {
+    drained_rollout("drop", HostKind::Booted);
 }
 
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn fleet_rollout_without_drain_fails_requests() {
+    rollout_without_drain(HostKind::Netns);
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn fleet_booted_rollout_without_drain_fails_requests() {
+    rollout_without_drain(HostKind::Booted);
+}
+
+fn rollout_without_drain(kind: HostKind) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let fleet = Fleet::new(fleet_size());
+    let fleet = Fleet::with_kind(fleet_size(), kind);
     let r = rollout("v2-plain", false, "drop");
     let run = run_under_load(&fleet, &r);
-    report(&fleet, "without drain (drain_enabled: false)", &run);
+    report(
+        &fleet,
+        &format!("without drain (drain_enabled: false), {kind:?} hosts"),
+        &run,
+    );
     assert!(
         run.playbook_ok,
         "the plain rollout failed; ansible-playbook's log:\n{}",
@@ -368,12 +394,25 @@ fn fleet_rollout_without_drain_fails_requests() {
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn fleet_killed_playbook_leaves_hosts_to_reopen_at_ttl() {
+    killed_playbook(HostKind::Netns);
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn fleet_booted_killed_playbook_leaves_hosts_to_reopen_at_ttl() {
+    killed_playbook(HostKind::Booted);
+}
+
+fn killed_playbook(kind: HostKind) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let fleet = Fleet::new(fleet_size());
+    let fleet = Fleet::with_kind(fleet_size(), kind);
     // A short TTL and a long pause after closing the gate: the playbook is killed while the
     // first batch is dark and nothing of drain runs on the hosts.
     let r = Rollout {
-        ttl: "5s".to_string(),
+        // 10 s: the two gates of the first batch close up to a few seconds apart on a busy
+        // machine, and the last one must still be closed when the test looks (with 5 s, a
+        // load average of 20 left one 0.4 s past its TTL before the kill).
+        ttl: "10s".to_string(),
         wait_for_lb: 60,
         ..rollout("v2-killed", true, "drop")
     };
@@ -416,11 +455,16 @@ fn fleet_killed_playbook_leaves_hosts_to_reopen_at_ttl() {
     let deadlines: Vec<(usize, f64)> = closed
         .iter()
         .map(|&i| {
+            // The clock read before the status call: the kernel's remaining TTL is read
+            // somewhere inside it, and a status call can take a second on a busy machine
+            // (a booted host's goes through nsenter), so this end of it never places the
+            // deadline later than it is.
+            let asked = now();
             let st = fleet.hosts[i].status();
             let left = st["ttl_remaining_ms"]
                 .as_u64()
                 .unwrap_or_else(|| panic!("{}: no ttl_remaining_ms: {st}", fleet.hosts[i].name));
-            (i, now() + left as f64 / 1000.0)
+            (i, asked + left as f64 / 1000.0)
         })
         .collect();
     println!(

@@ -84,6 +84,9 @@ enum Task {
         /// repeated. Default: all.
         #[arg(long, value_delimiter = ',')]
         kernel: Vec<String>,
+        /// Only the subset CI runs (listed in README's "Kernel matrix").
+        #[arg(long)]
+        quick: bool,
         /// Resolve the newest kernel package of each line through apt and rewrite
         /// xtask/vmtest.lock (then runs the kernels given with --kernel, if any).
         #[arg(long)]
@@ -142,6 +145,7 @@ fn run_task(task: Task) -> Result<()> {
         }
         Task::Vmtest {
             kernel,
+            quick,
             refresh_lock,
             timeout,
             test_timeout,
@@ -149,6 +153,7 @@ fn run_task(task: Task) -> Result<()> {
             args,
         } => vmtest::run_matrix(vmtest::Args {
             kernels: kernel,
+            quick,
             refresh_lock,
             timeout,
             test_timeout,
@@ -306,7 +311,9 @@ fn ensure_bpffs() -> Result<()> {
 /// virtualenv with ansible-core), ss/ip (iproute2), nsenter/setpriv (util-linux), bpftool to
 /// look at attached programs, strace to kill drain-user at chosen syscalls (the fault and
 /// hardening tests), docker.io (the Docker test runs its own dockerd inside a test namespace:
-/// dockerd, containerd, runc, iptables come with it). Installed with apt when missing (CI
+/// dockerd, containerd, runc, iptables come with it), debootstrap and systemd-nspawn
+/// (systemd-container) for the booted hosts (a Debian root file system with systemd as
+/// PID 1: the drop-in and the role's systemd path). Installed with apt when missing (CI
 /// machines start bare).
 fn ensure_test_packages() -> Result<()> {
     // python3-venv ships no program of its own: ask Debian's python whether it can make one.
@@ -330,8 +337,12 @@ fn ensure_test_packages() -> Result<()> {
         ("nftables", have("nft")),
         // The package test reads the installed man page.
         ("man-db", have("man")),
+        // systemd-socket-activate: the agent tests hand it its socket as a .socket unit does.
+        ("systemd", have("systemd-socket-activate")),
         // /usr/bin/docker by path: another client may be installed elsewhere on PATH.
         ("docker.io", have("dockerd") && have("docker")),
+        ("debootstrap", have("debootstrap")),
+        ("systemd-container", have("systemd-nspawn")),
     ])
 }
 
@@ -368,7 +379,11 @@ pub(crate) fn ensure_packages(wanted: &[(&str, bool)]) -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing packages: {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    // Other apt users on the machine hold dpkg's lock for a while: wait for it.
+    let lock_wait = ["-o", "DPkg::Lock::Timeout=600"];
+    run(Command::new("apt-get")
+        .args(lock_wait)
+        .args(["update", "-qq"]))?;
     // Debian's maintainer scripts start nginx, haproxy and sshd on the host on install. A
     // policy-rc.d that answers 101 ("action forbidden") keeps them from starting at all; it
     // is removed again unless the machine already had one.
@@ -383,6 +398,7 @@ pub(crate) fn ensure_packages(wanted: &[(&str, bool)]) -> Result<()> {
         std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     }
     let installed = run(Command::new("apt-get")
+        .args(lock_wait)
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))

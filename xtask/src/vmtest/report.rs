@@ -110,8 +110,8 @@ impl Kernel {
                 let output = current.take().map(|c| c.2).unwrap_or_default();
                 let marker = output
                     .iter()
-                    .find_map(|o| o.strip_prefix("drain-tests: NOT RUN: "))
-                    .map(str::to_owned);
+                    .find_map(|o| o.split_once("drain-tests: NOT RUN: "))
+                    .map(|(_, why)| why.to_owned());
                 let status = match st {
                     "ok" => Status::Passed,
                     "notrun" => Status::NotRun(marker.unwrap_or_else(|| "(no reason)".into())),
@@ -224,14 +224,18 @@ pub fn summary(
                         "   FAILED  {}::{} ({:.1} s): {why}",
                         t.binary, t.name, t.secs
                     );
-                    let tail: Vec<&String> = t
-                        .output
+                    // The panic and its message (what libtest prints after it is a
+                    // backtrace); else the end of the output.
+                    let lines: Vec<&String> = t.output.iter().filter(|l| !l.is_empty()).collect();
+                    let from = lines
                         .iter()
-                        .filter(|l| !l.is_empty())
-                        .rev()
+                        .rposition(|l| l.contains("panicked at"))
+                        .map_or(lines.len().saturating_sub(12), |i| i + 1);
+                    for l in lines[from..]
+                        .iter()
+                        .take_while(|l| !l.starts_with("stack backtrace:"))
                         .take(12)
-                        .collect();
-                    for l in tail.into_iter().rev() {
+                    {
                         eprintln!("      | {l}");
                     }
                 }
@@ -274,4 +278,58 @@ pub fn summary(
         }
     );
     failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A results log as the guest writes it (CRLF from the tty, the marker after libtest's
+    /// `test NAME ... `), a guest that died during a test, and a test it never reached.
+    #[test]
+    fn parses_every_outcome() {
+        let dir = std::env::temp_dir().join(format!("vmtest-report-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let results = dir.join("r.log");
+        let console = dir.join("c.log");
+        fs::write(
+            &results,
+            "@@VMTEST kernel 6.1.0\r\n\
+             @@VMTEST begin a one\r\ntest one ... ok\r\n@@VMTEST result a ok 1500 one\r\n\
+             @@VMTEST begin a two\r\ntest two ... drain-tests: NOT RUN: kernel 6.1.0: no TCX\r\n\
+             @@VMTEST result a notrun 200 two\r\n\
+             @@VMTEST begin a three\r\nthread 'three' panicked at x.rs:1:1:\r\nboom\r\n\
+             @@VMTEST result a failed 300 three\r\n\
+             @@VMTEST begin b four\r\nhalf a line",
+        )
+        .unwrap();
+        fs::write(&console, "Kernel panic - not syncing\n").unwrap();
+        let expected: Vec<(String, String)> = [("a", "one"), ("b", "four"), ("b", "five")]
+            .iter()
+            .map(|(b, n)| (b.to_string(), n.to_string()))
+            .collect();
+        let k = Kernel::from_log(
+            "6.1",
+            "6.1.0",
+            &results,
+            &console,
+            &expected,
+            "exited".into(),
+            Duration::ZERO,
+        )
+        .unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        let st = |n: &str| &k.tests.iter().find(|t| t.name == n).unwrap().status;
+        assert_eq!(st("one"), &Status::Passed);
+        assert_eq!(st("two"), &Status::NotRun("kernel 6.1.0: no TCX".into()));
+        assert_eq!(
+            st("three"),
+            &Status::Failed("thread 'three' panicked at x.rs:1:1:".into())
+        );
+        assert!(matches!(st("four"), Status::Failed(w) if w.contains("stopped during")));
+        assert!(matches!(st("five"), Status::NotRun(w) if w.contains("never reached")));
+        assert!(k.problem.as_deref().unwrap().contains("Kernel panic"));
+        assert_eq!(k.count(), (1, 2, 2));
+        assert!(k.failed());
+    }
 }

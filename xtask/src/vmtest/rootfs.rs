@@ -18,11 +18,12 @@ use crate::run;
 const TOOLS: &[&str] = &[
     "iproute2", // ip, ss, tc
     "util-linux",
-    "mount",   // mount, umount (unshare, nsenter, setpriv are util-linux)
-    "kmod",    // modprobe: the kernel's on-demand module loading calls /sbin/modprobe
-    "procps",  // ps, sysctl
-    "strace",  // kills drain-user at chosen syscalls (faults, hardening)
-    "bpftool", // the tests' cross-check of attached programs
+    "mount",    // mount, umount (unshare, nsenter, setpriv are util-linux)
+    "kmod",     // modprobe: the kernel's on-demand module loading calls /sbin/modprobe
+    "procps",   // ps, sysctl
+    "strace",   // kills drain-user at chosen syscalls (faults, hardening)
+    "bpftool",  // the tests' cross-check of attached programs
+    "nftables", // the published-port tests' DNAT
 ];
 
 /// Installed in a second step behind a policy-rc.d that forbids starting services: the

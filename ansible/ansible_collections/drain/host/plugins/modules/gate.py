@@ -112,6 +112,35 @@ options:
       - For O(state=idle) (required there). How long every remaining connection must have
         carried no data, for example V(2s).
     type: str
+  announce:
+    description:
+      - For O(state=closed). Tell the balancer first. C(drain-user agent) (the agent-check and
+        HTTP health endpoint, see the collection README) answers C(drain) at once, and the
+        kernel keeps accepting new connections for up to this long, then refuses them by
+        itself. A O(state=drained) or O(state=idle) wait ends the announcement earlier as
+        soon as no new connection request has reached the ports for O(quiet) (the balancer
+        has stopped sending). Same duration syntax as O(ttl); must be shorter than O(ttl).
+      - Unset, the gate refuses at once. A gate already refusing is not reopened.
+    type: str
+  quiet:
+    description:
+      - For O(state=closed) with O(announce). How long the ports must see no new connection
+        request before the wait closes the gate early; longer than the balancer takes to act
+        on the agent (its agent or health check interval).
+    type: str
+    default: 3s
+  maint:
+    description:
+      - For O(state=closed). The agent answers C(maint) (HAProxy's maintenance mode) instead of
+        C(drain).
+    type: bool
+    default: false
+  agent_port:
+    description:
+      - For O(state=closed). The port C(drain-user agent) answers on (the C(drain-agent.socket)
+        unit's); a O(ports) list that covers it is refused, since a gated agent could never
+        tell the balancer anything.
+    type: int
   binary:
     description:
       - Path of C(drain-user) on the managed host, or a command name looked up in C(PATH).
@@ -164,6 +193,14 @@ EXAMPLES = r"""
     ttl: 15m
     policy: reset
     allow: [10.0.0.0/8]
+
+- name: Tell the balancer first (agent-check on port 9707), refuse within 10s at the latest
+  drain.host.gate:
+    state: closed
+    ports: [80]
+    announce: 10s
+    quiet: 3s
+    agent_port: 9707
 
 - name: Let in-flight requests finish; pooled keep-alives count as done once idle
   drain.host.gate:
@@ -239,6 +276,14 @@ differences:
   type: list
   elements: str
   sample: ["gate was off", "ports [80] -> [80, 443]"]
+closed_by:
+  description:
+    - When the wait began on an announced gate (O(announce)), how the announcement ended
+      before the wait proper, V(quiet) (no new connection request for O(quiet), so the wait
+      closed the gate) or V(delay) (the kernel closed it at the end of O(announce)).
+  returned: when state is drained or idle and the gate was announced
+  type: str
+  sample: quiet
 wait_result:
   description:
     - How the wait ended, V(drained), V(idle) or V(timeout). In check mode the result a wait
@@ -430,6 +475,21 @@ def validate(module):
             if ttl_s is not None and ttl_s > MAX_TTL_SECONDS:
                 raise ValueError("ttl=%r is over 100 years: use none for no TTL" % p["ttl"])
             norm["has_ttl"] = ttl_s is not None
+            if p["announce"] is not None:
+                ann_s, norm["announce"] = parse_duration("announce", p["announce"], allow_none=False)
+                if ann_s <= 0:
+                    raise ValueError("announce=%r announces nothing: leave announce out to refuse at once" % p["announce"])
+                if ttl_s is not None and ann_s >= ttl_s:
+                    raise ValueError("announce=%r is not shorter than ttl=%r: the gate would never refuse" % (p["announce"], p["ttl"]))
+                _q, norm["quiet"] = parse_duration("quiet", p["quiet"], allow_none=False)
+            if p["agent_port"] is not None:
+                if not 1 <= p["agent_port"] <= 65535:
+                    raise ValueError("agent_port: %d is not a TCP port (1-65535)" % p["agent_port"])
+                if p["agent_port"] in norm["ports"]:
+                    raise ValueError(
+                        "ports: %d is the drain agent's port (agent_port): gating it would cut the "
+                        "balancer off from the agent; leave it out of ports" % p["agent_port"]
+                    )
         if state in ("drained", "idle"):
             _t, norm["timeout"] = parse_duration("timeout", p["timeout"], allow_none=True)
         if p["idle"] is not None:
@@ -516,6 +576,12 @@ def do_closed(module, gate, norm):
         )
     args = ["gate", "on", "--port", ",".join(str(x) for x in norm["ports"]), "--ttl", norm["ttl"],
             "--policy", p["policy"], "--rst-rate", str(p["rst_rate"]), "--attach", p["attach"]]
+    if norm.get("announce"):
+        args += ["--announce", norm["announce"], "--quiet", norm["quiet"]]
+    if p["maint"]:
+        args += ["--maint"]
+    if p["agent_port"] is not None:
+        args += ["--agent-port", str(p["agent_port"])]
     for name in p["interfaces"]:
         args += ["--iface", name]
     for net in norm["allow"]:
@@ -580,6 +646,9 @@ def do_wait(module, gate, norm):
         waited=0.0 if module.check_mode else last.get("elapsed_ms", 0) / 1000.0,
         live=last.get("live", 0),
     )
+    closed = [e for e in events if e.get("event") == "closed"]
+    if closed:
+        ret["closed_by"] = closed[0].get("reason")
     if result == "timeout":
         left = last.get("remaining", [])
         ret["leftovers"] = left
@@ -615,6 +684,10 @@ def main():
             attach=dict(type="str", choices=["xdp", "tc", "auto"], default="xdp"),
             timeout=dict(type="str", default="5m"),
             idle=dict(type="str"),
+            announce=dict(type="str"),
+            quiet=dict(type="str", default="3s"),
+            maint=dict(type="bool", default=False),
+            agent_port=dict(type="int"),
             binary=dict(type="path", default="/usr/bin/drain-user"),
         ),
         required_if=[
