@@ -38,6 +38,7 @@ use crate::{
     cli::{usage, AttachChoice, Policy},
     errln,
     iface::{self, Iface},
+    limits,
     links::{self, LinkState},
     netns::{self, NetnsId, StateDir},
     object,
@@ -64,13 +65,7 @@ impl OnArgs {
     /// Everything about the input that can be checked before the host changes: a failing
     /// `gate on` over an existing gate must leave it as it was.
     pub fn validate(&self) -> Result<()> {
-        if self.ports.len() > drain_common::MAX_GATED_PORTS as usize {
-            return Err(usage(format!(
-                "{} ports given: a gate holds at most {}",
-                self.ports.len(),
-                drain_common::MAX_GATED_PORTS
-            )));
-        }
+        limits::check_port_count(self.ports.len())?;
         self.announce.validate(&self.ports, self.ttl)?;
         let distinct: BTreeSet<IpNet> = self.allow.iter().copied().collect();
         for (family, v4) in [("IPv4", true), ("IPv6", false)] {
@@ -86,8 +81,9 @@ impl OnArgs {
     }
 }
 
+/// Installs (or replaces) the gate `args` describes on `targets`; the caller has run
+/// [`OnArgs::validate`] first, before anything it does to the host.
 pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
-    args.validate()?;
     pins::ensure_bpffs()?;
     let _lock = pins::lock()?;
     let own = NetnsId::current()?;
@@ -251,14 +247,8 @@ fn on_locked(
         Some(ttl) => now.saturating_add(ttl.as_nanos() as u64),
         None => 0,
     };
-    // The limiter is per CPU (no atomics on the packet path): split the rate between CPUs,
-    // with a burst of a tenth of a second's worth.
-    let ncpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u64;
-    // interval = ncpus / rate seconds, so the CPUs together stay within the rate even when
-    // it is below the number of CPUs (rate / ncpus would round to 0 and then up to 1 each).
-    let rate = u64::from(args.rst_rate.max(1));
-    let rst_interval_ns = (1_000_000_000 * ncpus).div_ceil(rate);
-    let rst_burst = (rate / ncpus / 10).max(1);
+    let ncpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
+    let (rst_interval_ns, rst_burst) = limits::limiter(args.rst_rate, ncpus);
     // Ports, allowlists, then the single config write that turns the gate on; all of it,
     // or (on a failed map write) the previous gate restored.
     let cfg = GateConfig {

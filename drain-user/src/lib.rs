@@ -19,6 +19,7 @@
 //! | [`wait`] | `wait`: the poll loop and its outcome; `wait/report.rs` prints it (JSON, text, progress line) |
 //! | [`watch`] | `watch`: the live view (kernel events from a ring buffer) |
 //! | [`iface`] | the namespace's interfaces and the programs attached to them |
+//! | [`limits`] | the limits a gate's input is held to (ports per gate, rate -> per-CPU limiter), each written once |
 //! | [`links`] | what the kernel says about each pinned link: attached here, detached, moved away |
 //! | [`diag`] | sock_diag (inet_diag) dumps of TCP connections |
 //! | [`conntrack`] | ctnetlink dumps: connections to a local port destination-NATed elsewhere (published ports) |
@@ -38,6 +39,7 @@ pub mod diag;
 pub mod follow;
 pub mod gate;
 pub mod iface;
+pub mod limits;
 pub mod links;
 pub mod metrics;
 pub mod netlink;
@@ -84,13 +86,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             policy,
             json,
         } => {
-            if ports.len() > drain_common::MAX_GATED_PORTS as usize {
-                return Err(usage(format!(
-                    "{} ports given: a gate holds at most {}",
-                    ports.len(),
-                    drain_common::MAX_GATED_PORTS
-                )));
-            }
+            limits::check_port_count(ports.len())?;
             let report = check::decide(&check::probe(&ifaces)?, &check::Wanted { attach, policy });
             if json {
                 outln!("{}", serde_json::to_string(&report)?)?;
