@@ -62,7 +62,7 @@ use anyhow::{bail, Result};
 use crate::cli::{usage, Cli, Command, Exit, GateAction, Placement, StatusFormat};
 
 /// Runs one command. Errors carry their whole context; a [`cli::UsageError`] among them
-/// means exit 2, an [`output::Closed`] a quiet exit 0.
+/// means exit 2, an [`output::Closed`] a quiet exit 0 (never from `wait`, which keeps going).
 pub fn run(cli: Cli) -> Result<Exit> {
     // `gate on` and `wait` load the tracker, a tracing program: CAP_PERFMON too.
     let tracing = matches!(
@@ -180,6 +180,8 @@ pub fn run(cli: Cli) -> Result<Exit> {
             idle,
             json,
         } => {
+            // Its exit code is its result: a reader that goes away does not end it.
+            output::keep_going_when_closed();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
