@@ -1129,7 +1129,10 @@ mod tests {
             let r = decide(&host(), &reset);
             assert!(r.ok, "{attach:?}: {:?}", r.problem);
             let note = &r.interfaces[0].note;
-            assert!(note.contains("the kernel answers refusals with a RST"), "{note}");
+            assert!(
+                note.contains("the kernel answers refusals with a RST"),
+                "{note}"
+            );
             assert!(!note.contains("drop"), "{note}");
             let sk_lookup = |r: &Report| {
                 r.checks

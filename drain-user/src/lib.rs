@@ -59,7 +59,7 @@ use std::collections::BTreeSet;
 
 use anyhow::{bail, Result};
 
-use crate::cli::{usage, Cli, Command, Exit, GateAction, Placement, StatusFormat};
+use crate::cli::{Cli, Command, Exit, GateAction, Placement, StatusFormat};
 
 /// Runs one command. Errors carry their whole context; a [`cli::UsageError`] among them
 /// means exit 2, an [`output::Closed`] a quiet exit 0 (never from `wait`, which keeps going).

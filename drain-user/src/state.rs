@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use aya::maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
 use drain_common::{map, GateConfig, PortStats, GATE_ON, MAX_GATED_PORTS};
 use ipnet::IpNet;
