@@ -755,12 +755,15 @@ fn probe_programs() -> (Probed, Probed) {
             .ok_or((Some(false), "no TC program in the object".into()))?;
         tc.load()
             .map_err(|e| (Some(false), format!("TC program: {e}")))?;
-        let btf = aya::Btf::from_sys_fs().map_err(|e| (Some(true), format!("reading BTF: {e}")))?;
+        let kernel = crate::btf::Kernel::default();
+        let btf = kernel
+            .aya()
+            .map_err(|e| (Some(true), format!("reading BTF: {e:#}")))?;
         let track: &mut BtfTracePoint = bpf
             .program_mut(prog::TRACK)
             .and_then(|p| p.try_into().ok())
             .ok_or((Some(false), "no tracker program in the object".into()))?;
-        track.load("inet_sock_set_state", &btf).map_err(|e| {
+        track.load("inet_sock_set_state", btf).map_err(|e| {
             (
                 Some(true),
                 format!("tracker (tp_btf/inet_sock_set_state): {e}"),
@@ -773,18 +776,18 @@ fn probe_programs() -> (Probed, Probed) {
         lookup
             .load()
             .map_err(|e| (Some(false), format!("sk_lookup program: {e}")))?;
-        let counter =
-            crate::gate::RstCounter::current().map_err(|e| (Some(false), format!("{e:#}")))?;
+        let counter = crate::gate::RstCounter::current(&kernel)
+            .map_err(|e| (Some(false), format!("{e:#}")))?;
         for &(_, name, function) in counter.links() {
             let loaded = match counter {
                 crate::gate::RstCounter::Tracepoint => bpf
                     .program_mut(name)
                     .and_then(|p| <&mut BtfTracePoint>::try_from(p).ok())
-                    .map(|p| p.load(function, &btf)),
+                    .map(|p| p.load(function, btf)),
                 crate::gate::RstCounter::Fentry => bpf
                     .program_mut(name)
                     .and_then(|p| <&mut FEntry>::try_from(p).ok())
-                    .map(|p| p.load(function, &btf)),
+                    .map(|p| p.load(function, btf)),
             };
             match loaded {
                 Some(Ok(())) => {}

@@ -317,7 +317,8 @@ pub fn spawn_in(ns: &str, args: &[&str]) -> Running {
 /// tracepoint link, or two fentry links on kernels before 6.10: drain_user's
 /// `gate::RstCounter`), the namespace-wide refusal (sk_lookup) and the connection tracker.
 pub fn gate_links() -> Vec<&'static str> {
-    let counter = drain_user::gate::RstCounter::current().expect("the kernel's BTF");
+    let counter = drain_user::gate::RstCounter::current(&drain_user::btf::Kernel::default())
+        .expect("the kernel's BTF");
     let mut v: Vec<&'static str> = counter
         .links()
         .iter()
