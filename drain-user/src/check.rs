@@ -337,7 +337,11 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
         let needed = match f {
             Feature::Tcx => want.attach == AttachChoice::Tc,
             Feature::XdpLink => want.attach != AttachChoice::Tc,
-            Feature::SkLookup | Feature::RingBuf => false,
+            // Policy reset's refusal: the sk_lookup program refuses the listener lookup so
+            // the kernel's TCP answers with the RST, whichever hook (XDP or TC) let it pass.
+            Feature::SkLookup => want.policy == Policy::Reset,
+            // Only `watch` needs it; a gate works without.
+            Feature::RingBuf => false,
             _ => true,
         };
         let ok = feature(f);
@@ -403,8 +407,11 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
             ),
         };
         let mut note = note;
-        if want.policy == Policy::Reset && attach == Some("tc") {
-            note.push_str("; --policy reset answers from XDP only: refusals here drop");
+        if want.policy == Policy::Reset && attach.is_some() {
+            note.push_str(
+                "; --policy reset: the kernel answers refusals with a RST (through sk_lookup), \
+                 at most --rst-rate a second",
+            );
         }
         interfaces.push(IfaceReport {
             probe: i.clone(),
@@ -725,8 +732,9 @@ impl Drop for ProbeDir {
     }
 }
 
-/// Loads drain's embedded object and its three programs (the verifier runs; nothing is
-/// attached). Its maps are pinned in a private directory of bpffs, removed afterwards.
+/// Loads drain's embedded object and every program a gate loads: XDP, TC, the tracker,
+/// sk_lookup and the RST counter (one tp_btf program or two fentry ones, as `gate on`
+/// picks for this kernel). The verifier runs; nothing is attached. Its maps are pinned in a private directory of bpffs, removed afterwards.
 /// Returns (every program loads, the tracker (tp_btf) loads).
 fn probe_programs() -> (Probed, Probed) {
     let dir = ProbeDir(Path::new(pins::BPFFS).join(format!("drain-check-{}", std::process::id())));
@@ -1115,16 +1123,39 @@ mod tests {
     }
 
     #[test]
-    fn reset_on_tc_is_noted() {
-        let r = decide(
-            &host(),
-            &Wanted {
-                attach: AttachChoice::Tc,
+    fn reset_answers_through_the_kernel_on_both_hooks_and_needs_sk_lookup() {
+        for attach in [AttachChoice::Tc, AttachChoice::Xdp] {
+            let reset = Wanted {
+                attach,
                 policy: Policy::Reset,
-            },
-        );
-        assert!(r.ok);
-        assert!(r.interfaces[0].note.contains("refusals here drop"));
+            };
+            let r = decide(&host(), &reset);
+            assert!(r.ok, "{attach:?}: {:?}", r.problem);
+            let note = &r.interfaces[0].note;
+            assert!(
+                note.contains("the kernel answers refusals with a RST"),
+                "{note}"
+            );
+            assert!(!note.contains("drop"), "{note}");
+            let sk_lookup = |r: &Report| {
+                r.checks
+                    .iter()
+                    .find(|c| c.name == Feature::SkLookup.what())
+                    .map(|c| c.needed)
+            };
+            assert_eq!(sk_lookup(&r), Some(true), "{attach:?}");
+            let r = decide(&with(host(), Feature::SkLookup, Some(false)), &reset);
+            assert!(!r.ok);
+            assert!(r.problem.unwrap().contains("sk_lookup"), "{attach:?}");
+            // Policy drop neither needs it nor gets the note.
+            let drop = Wanted {
+                attach,
+                policy: Policy::Drop,
+            };
+            let r = decide(&with(host(), Feature::SkLookup, Some(false)), &drop);
+            assert!(r.ok && sk_lookup(&r) == Some(false), "{attach:?}");
+            assert!(!r.interfaces[0].note.contains("RST"));
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ use aya::{
 };
 use drain_common::{
     map, prog, GateConfig, ResetTraceConfig, ALLOW_V4, ALLOW_V6, GATE_OFF, GATE_ON,
-    MAX_ALLOW_PREFIXES,
+    MAX_ALLOW_PREFIXES, RST_RATE_SHIFT,
 };
 use ipnet::IpNet;
 
@@ -38,6 +38,7 @@ use crate::{
     cli::{usage, AttachChoice, Policy},
     errln,
     iface::{self, Iface},
+    limits,
     links::{self, LinkState},
     netns::{self, NetnsId, StateDir},
     object,
@@ -64,13 +65,7 @@ impl OnArgs {
     /// Everything about the input that can be checked before the host changes: a failing
     /// `gate on` over an existing gate must leave it as it was.
     pub fn validate(&self) -> Result<()> {
-        if self.ports.len() > drain_common::MAX_GATED_PORTS as usize {
-            return Err(usage(format!(
-                "{} ports given: a gate holds at most {}",
-                self.ports.len(),
-                drain_common::MAX_GATED_PORTS
-            )));
-        }
+        limits::check_port_count(self.ports.len())?;
         self.announce.validate(&self.ports, self.ttl)?;
         let distinct: BTreeSet<IpNet> = self.allow.iter().copied().collect();
         for (family, v4) in [("IPv4", true), ("IPv6", false)] {
@@ -86,8 +81,9 @@ impl OnArgs {
     }
 }
 
+/// Installs (or replaces) the gate `args` describes on `targets`; the caller has run
+/// [`OnArgs::validate`] first, before anything it does to the host.
 pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
-    args.validate()?;
     pins::ensure_bpffs()?;
     let _lock = pins::lock()?;
     let own = NetnsId::current()?;
@@ -222,17 +218,7 @@ fn on_locked(
             ));
             continue;
         }
-        let hook = match (args.attach, iface.xdp) {
-            (AttachChoice::Tc, _) => Hook::Tc,
-            (AttachChoice::Auto, Some(_)) => Hook::Tc,
-            (AttachChoice::Xdp | AttachChoice::Auto, None) => Hook::Xdp,
-            (AttachChoice::Xdp, Some((id, _))) => bail!(
-                "another XDP program ({}) is attached to {}: drain does not replace it; \
-                 rerun with --attach tc (or --attach auto) to gate at TC ingress beside it",
-                iface::program_name(id),
-                iface.name
-            ),
-        };
+        let hook = hook_for(args.attach, iface)?;
         let pin = LinkPin::Iface(hook, iface.index).path(dir);
         let link = match hook {
             Hook::Xdp => attach_xdp(bpf.get()?, iface)?,
@@ -253,21 +239,22 @@ fn on_locked(
             describe(hook, iface.index)
         ));
     }
-    let now = boottime_ns();
+    // Ports, allowlists, then the single config write that turns the gate on; all of it,
+    // or (on a failed map write) the previous gate restored.
+    let cfg = config_for(args, &gate.config()?, boottime_ns());
+    gate.replace(&args.ports, &args.allow, cfg)?;
+    Ok(report)
+}
+
+/// The config `gate on` writes for `args` over a gate whose config is `old` (all zero when
+/// there is none), at `now` (CLOCK_BOOTTIME ns). `gate on --dry-run` compares it with `old`.
+pub fn config_for(args: &OnArgs, old: &GateConfig, now: u64) -> GateConfig {
     let deadline_ns = match args.ttl {
         Some(ttl) => now.saturating_add(ttl.as_nanos() as u64),
         None => 0,
     };
-    // The limiter is per CPU (no atomics on the packet path): split the rate between CPUs,
-    // with a burst of a tenth of a second's worth.
-    let ncpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u64;
-    // interval = ncpus / rate seconds, so the CPUs together stay within the rate even when
-    // it is below the number of CPUs (rate / ncpus would round to 0 and then up to 1 each).
-    let rate = u64::from(args.rst_rate.max(1));
-    let rst_interval_ns = (1_000_000_000 * ncpus).div_ceil(rate);
-    let rst_burst = (rate / ncpus / 10).max(1);
-    // Ports, allowlists, then the single config write that turns the gate on; all of it,
-    // or (on a failed map write) the previous gate restored.
+    let ncpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
+    let (rst_interval_ns, rst_burst) = limits::limiter(args.rst_rate, ncpus);
     let cfg = GateConfig {
         enabled: GATE_ON,
         policy: args.policy.to_raw(),
@@ -281,11 +268,26 @@ fn on_locked(
                 IpNet::V6(_) => ALLOW_V6,
             }
         }),
+        flags: args.rst_rate << RST_RATE_SHIFT,
         ..Default::default()
     };
-    let cfg = args.announce.apply(cfg, &gate.config()?, now);
-    gate.replace(&args.ports, &args.allow, cfg)?;
-    Ok(report)
+    args.announce.apply(cfg, old, now)
+}
+
+/// The hook `gate on` attaches `iface` with, when it is not attached yet (`gate on
+/// --dry-run` asks the same).
+pub fn hook_for(attach: AttachChoice, iface: &Iface) -> Result<Hook> {
+    Ok(match (attach, iface.xdp) {
+        (AttachChoice::Tc, _) => Hook::Tc,
+        (AttachChoice::Auto, Some(_)) => Hook::Tc,
+        (AttachChoice::Xdp | AttachChoice::Auto, None) => Hook::Xdp,
+        (AttachChoice::Xdp, Some((id, _))) => bail!(
+            "another XDP program ({}) is attached to {}: drain does not replace it; \
+             rerun with --attach tc (or --attach auto) to gate at TC ingress beside it",
+            iface::program_name(id),
+            iface.name
+        ),
+    })
 }
 
 /// drain's eBPF object, loaded on first use.

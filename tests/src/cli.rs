@@ -37,18 +37,6 @@ pub const NOBODY: &[&str] = &[
 
 /// Longest a single CLI call may take before the test fails (it takes the per-namespace
 /// lock, so a hung call would otherwise hang every later one).
-/// The counters of each `ports[]` entry of `status --json`.
-pub const PORT_COUNTERS: &[&str] = &[
-    "syns_refused",
-    "syns_passed",
-    "syns_allowed",
-    "syns_expired",
-    "rst_sent",
-    "rst_limited",
-    "rst_not_syn",
-];
-
-/// How long one drain-user call may run before the runner kills it and fails the test.
 pub fn cli_deadline() -> Duration {
     // Under emulation (`cargo xtask vmtest` with TCG) everything runs 10-30x slower: the
     // kernel matrix's runner scales the deadline with DRAIN_TEST_SLOWDOWN.
@@ -591,6 +579,13 @@ pub fn assert_status_schema(st: &Json) {
         "ttl_remaining_ms must be a number or null: {}",
         ctx()
     );
+    for key in ["ttl_ms", "rst_rate"] {
+        assert!(
+            st[key].is_null() || st[key].as_u64().is_some(),
+            "{key} must be a number or null: {}",
+            ctx()
+        );
+    }
     let ifaces = st["interfaces"].as_array().unwrap_or_else(|| {
         panic!("interfaces must be an array: {}", ctx());
     });
@@ -661,7 +656,7 @@ pub fn assert_status_schema(st: &Json) {
             "ports[].forwarded_connections: {}",
             ctx()
         );
-        for k in PORT_COUNTERS {
+        for k in drain_common::PortStats::COUNTERS.iter().map(|c| c.key) {
             assert!(p[k].as_u64().is_some(), "ports[].{k}: {}", ctx());
         }
     }
