@@ -243,17 +243,24 @@ fn read_gate() -> Result<Option<(GateConfig, Vec<PortLive>)>> {
     Ok(Some((cfg, ports)))
 }
 
+impl Reading {
+    /// The answer with nothing read yet: no gate, no ports.
+    fn of(answer: Answer) -> Self {
+        Reading {
+            state: "ready",
+            gate: "none",
+            closes_in_ms: None,
+            ttl_remaining_ms: None,
+            live_connections: 0,
+            ports: vec![],
+            error: None,
+            answer,
+        }
+    }
+}
+
 fn reading() -> Reading {
-    let mut r = Reading {
-        state: "ready",
-        gate: "none",
-        closes_in_ms: None,
-        ttl_remaining_ms: None,
-        live_connections: 0,
-        ports: vec![],
-        error: None,
-        answer: Answer::Ready,
-    };
+    let mut r = Reading::of(Answer::Ready);
     match read_gate() {
         Ok(None) => {}
         Ok(Some((cfg, ports))) => {
@@ -702,7 +709,7 @@ mod tests {
 
     #[test]
     fn replies() {
-        let mut r = reading_of(Answer::Ready);
+        let mut r = Reading::of(Answer::Ready);
         assert_eq!(agent_line(&r, None), "ready\n");
         assert_eq!(agent_line(&r, Some(100)), "ready 100%\n");
         r.answer = Answer::Drain;
@@ -714,18 +721,5 @@ mod tests {
         assert!(!is_http_start(b"be_web/srv1\n"));
         assert!(is_http_start(b"GET\r\n\r\n"));
         assert!(!is_http_start(b"GETTING\n"));
-    }
-
-    fn reading_of(answer: Answer) -> Reading {
-        Reading {
-            state: "ready",
-            gate: "none",
-            closes_in_ms: None,
-            ttl_remaining_ms: None,
-            live_connections: 0,
-            ports: vec![],
-            error: None,
-            answer,
-        }
     }
 }
