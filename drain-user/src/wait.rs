@@ -23,8 +23,9 @@ use serde::Serialize;
 use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::{
-    cli::{usage, Exit, Policy},
-    diag, errln,
+    diag,
+    domain::{usage, Exit, Policy},
+    errln,
     follow::Follower,
     gate,
     netns::{self, NetnsId, StateDir},
