@@ -234,7 +234,11 @@ fn on_locked(
                 }
             }
         }
-        repaired.push((a.ifindex(), state));
+        let what = match a {
+            Attachment::Link(_) => "link",
+            Attachment::Clsact(_) => "clsact filter",
+        };
+        repaired.push((a.ifindex(), what, state));
     }
     // Whether TC goes through TCX or clsact: asked once, when a TC attachment is made.
     let mut tcx: Option<bool> = None;
@@ -286,9 +290,9 @@ fn on_locked(
         };
         let was = repaired
             .iter()
-            .find(|(i, _)| *i == iface.index)
-            .map_or(String::new(), |(_, s)| {
-                format!(", re-attached: the old link was {}", s.as_str())
+            .find(|(i, _, _)| *i == iface.index)
+            .map_or(String::new(), |(_, what, s)| {
+                format!(", re-attached: the old {what} was {}", s.as_str())
             });
         report.push(format!("{} ({how}{was})", iface.name));
     }
