@@ -326,6 +326,10 @@ pub fn program_gone(rec: &Record) -> bool {
 /// in the gate's state directory `dir`. `inherited`: a record of an earlier filter here
 /// said drain had created the qdisc, which is still there. On any failure, what this call
 /// added is removed again.
+///
+/// The record is written first: a call killed part way leaves a record of at most what
+/// exists (judged detached, or a qdisc drain made and `gate off` removes), never a filter
+/// no record knows.
 pub fn attach(
     dir: &Path,
     iface: &Iface,
@@ -333,55 +337,76 @@ pub fn attach(
     prog_id: u32,
     inherited: bool,
 ) -> Result<Record> {
-    let mut created = false;
-    match ingress_qdisc(iface.index)? {
-        Some(kind) if kind == "clsact" || kind == "ingress" => {}
+    let need_qdisc = match ingress_qdisc(iface.index)? {
+        Some(kind) if kind == "clsact" || kind == "ingress" => false,
         Some(kind) => bail!(
             "{} has a {kind} qdisc at ingress, not clsact: drain cannot attach there; \
              use --attach xdp",
             iface.name
         ),
-        None => {
-            add_qdisc(iface.index).with_context(|| {
-                format!(
-                    "adding the clsact qdisc to {} (needs the sch_ingress module)",
-                    iface.name
-                )
-            })?;
-            created = true;
-        }
-    }
+        None => true,
+    };
+    let mut ifname = [0u8; 16];
+    let n = iface.name.len().min(15);
+    ifname[..n].copy_from_slice(&iface.name.as_bytes()[..n]);
+    let mut rec = Record {
+        ifindex: iface.index,
+        prog_id,
+        handle: HANDLE,
+        priority: PRIORITY,
+        created_qdisc: u8::from(need_qdisc || inherited),
+        _pad: 0,
+        ifname,
+    };
+    save(dir, &rec)?;
+    let mut created = false;
     let result = (|| {
+        if need_qdisc {
+            match add_qdisc(iface.index) {
+                Ok(()) => created = true,
+                // Another tool added one since: it is theirs.
+                Err(e) if io_errno(&e) == Some(libc::EEXIST) => {
+                    rec.created_qdisc = u8::from(inherited);
+                    save(dir, &rec)?;
+                }
+                Err(e) => {
+                    return Err(e.context(format!(
+                        "adding the clsact qdisc to {} (needs the sch_ingress module)",
+                        iface.name
+                    )))
+                }
+            }
+        }
         check_slot(iface)?;
         add_filter(iface.index, prog).map_err(|e| slot_error(e, iface))?;
-        let mut ifname = [0u8; 16];
-        let n = iface.name.len().min(15);
-        ifname[..n].copy_from_slice(&iface.name.as_bytes()[..n]);
-        let rec = Record {
-            ifindex: iface.index,
-            prog_id,
-            handle: HANDLE,
-            priority: PRIORITY,
-            created_qdisc: u8::from(created || inherited),
-            _pad: 0,
-            ifname,
-        };
-        if let Err(e) = save(dir, &rec) {
-            let _ = del_filter(iface.index);
-            return Err(e);
-        }
         Ok(rec)
     })();
-    if result.is_err() && created {
-        let _ = remove_qdisc_if_empty(iface.index);
+    if result.is_err() {
+        if created {
+            let _ = remove_qdisc_if_empty(iface.index);
+        }
+        let _ = forget(dir, iface.index);
     }
     result
 }
 
 /// Refuses a priority 1 that drain cannot share: a filter of another kind or protocol
-/// there (the kernel would say EINVAL without naming it).
+/// there (the kernel would say EINVAL without naming it). A filter in drain's own slot
+/// that runs drain's program and that no record knows (left by a call killed before this
+/// version wrote its record first) is drain's and goes; anyone else's stays, and
+/// [`add_filter`] then refuses.
 fn check_slot(iface: &Iface) -> Result<()> {
     let filters = dump_filters(iface.index, PARENT_INGRESS)?;
+    if filters.iter().any(|f| {
+        f.priority == PRIORITY
+            && f.handle == HANDLE
+            && f.chain == 0
+            && f.prog_id
+                .is_some_and(|id| crate::links::program_is(id, prog::TC))
+    }) {
+        del_filter(iface.index)
+            .with_context(|| format!("deleting a stray filter of drain's from {}", iface.name))?;
+    }
     if let Some(f) = filters.iter().find(|f| {
         f.priority == PRIORITY && f.chain == 0 && (f.kind != "bpf" || f.protocol != PROTO_ALL)
     }) {
