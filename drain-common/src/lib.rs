@@ -154,6 +154,96 @@ pub const ALLOW_V6: u32 = 2;
 /// Entries in the live-connection set (BPF_F_NO_PREALLOC: memory follows use).
 pub const MAX_TRACKED_SOCKS: u32 = 1 << 20;
 
+/// `Sum` over the per-CPU copies of a counter struct: every counter added up, fields that
+/// are not counters (`keep`) taken from the copies, which all hold the same value.
+#[cfg(feature = "user")]
+macro_rules! per_cpu_sum {
+    ($ty:ident { keep: [$($keep:ident),*], sum: [$($field:ident),+] }) => {
+        impl<'a> core::iter::Sum<&'a $ty> for $ty {
+            fn sum<I: Iterator<Item = &'a $ty>>(iter: I) -> Self {
+                iter.fold(Self::default(), |mut acc, cpu| {
+                    $(acc.$keep = cpu.$keep;)*
+                    $(acc.$field += cpu.$field;)+
+                    acc
+                })
+            }
+        }
+    };
+}
+
+/// One counter of a [`counters!`] struct, as `drain-user status` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counter {
+    /// The field's name, which is also its key in `status --json`.
+    pub key: &'static str,
+    /// Its Prometheus metric name (`status --format prometheus`).
+    pub metric: &'static str,
+    /// Its Prometheus HELP text.
+    pub help: &'static str,
+}
+
+/// The one table of a counter struct: from one list of fields come the `#[repr(C)]` struct
+/// both sides share (fields in the order given, `keep` fields first), its per-CPU [`Sum`]
+/// (user side), its serde serialization (counters only, under their field names) and
+/// `COUNTERS`, the JSON keys, Prometheus names (`<prefix><field>_total`) and help texts.
+///
+/// [`Sum`]: core::iter::Sum
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        pub struct $ty:ident($prefix:literal) {
+            keep { $($(#[$kmeta:meta])* $keep:ident: $kty:ty,)* }
+            count { $($(#[$cmeta:meta])* $field:ident: $help:literal,)+ }
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        #[cfg_attr(
+            feature = "user",
+            derive(bytemuck::Pod, bytemuck::Zeroable, serde::Serialize)
+        )]
+        pub struct $ty {
+            $(
+                $(#[$kmeta])*
+                #[cfg_attr(feature = "user", serde(skip))]
+                pub $keep: $kty,
+            )*
+            $($(#[$cmeta])* pub $field: u64,)+
+        }
+
+        impl $ty {
+            /// The counters, in field order.
+            pub const COUNTERS: &'static [Counter] = &[$(Counter {
+                key: stringify!($field),
+                metric: concat!($prefix, stringify!($field), "_total"),
+                help: $help,
+            }),+];
+
+            /// Only the counters of `self` (the other fields zero).
+            pub fn counters_only(&self) -> Self {
+                let mut c = Self::default();
+                $(c.$field = self.$field;)+
+                c
+            }
+        }
+
+        #[cfg(feature = "user")]
+        impl core::ops::Add for $ty {
+            type Output = Self;
+
+            /// Counters added up; the other fields from `self`.
+            fn add(mut self, d: Self) -> Self {
+                $(self.$field += d.$field;)+
+                self
+            }
+        }
+
+        #[cfg(feature = "user")]
+        per_cpu_sum!($ty { keep: [$($keep),*], sum: [$($field),+] });
+    };
+}
+
 /// TCP states (include/net/tcp_states.h).
 pub const TCP_ESTABLISHED: i32 = 1;
 pub const TCP_SYN_RECV: i32 = 3;
@@ -267,24 +357,23 @@ pub struct ResetTraceConfig {
 }
 const _: () = assert!(core::mem::size_of::<ResetTraceConfig>() == 16);
 
-/// Tracker counters, per CPU. Serialized (user side) as the `tracker` object of
-/// `drain-user status --json`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(
-    feature = "user",
-    derive(bytemuck::Pod, bytemuck::Zeroable, serde::Serialize)
-)]
-pub struct TrackStats {
-    /// Passive opens added to the live set (seeded connections are not in it).
-    pub added: u64,
-    /// Connections removed from the live set.
-    pub removed: u64,
-    /// Inserts that failed for a reason other than "already there" (set full): while
-    /// non-zero the counts may be low, and `wait` refuses to call the ports drained.
-    pub insert_failed: u64,
-    /// Kernel reads (bpf_probe_read_kernel) that failed: same consequence.
-    pub read_failed: u64,
+counters! {
+    /// Tracker counters, per CPU. Serialized (user side) as the `tracker` object of
+    /// `drain-user status --json`; exported as `drain_tracker_<name>_total`.
+    pub struct TrackStats("drain_tracker_") {
+        keep {}
+        count {
+            /// Passive opens added to the live set (seeded connections are not in it).
+            added: "Passive connections added to the live set.",
+            /// Connections removed from the live set.
+            removed: "Connections removed from the live set.",
+            /// Inserts that failed for a reason other than "already there" (set full): while
+            /// non-zero the counts may be low, and `wait` refuses to call the ports drained.
+            insert_failed: "Live-set inserts that failed (set full): live counts may be low.",
+            /// Kernel reads (bpf_probe_read_kernel) that failed: same consequence.
+            read_failed: "Kernel reads the tracker could not make: live counts may be low.",
+        }
+    }
 }
 const _: () = assert!(core::mem::size_of::<TrackStats>() == 32);
 
@@ -313,41 +402,43 @@ const _: () = assert!(core::mem::size_of::<CpuClock>() == 24);
 /// run late.
 pub const CLOCK_REREAD_NS: u64 = 1_000_000_000;
 
-/// Per-port counters, one copy per CPU (no atomics on the packet path); user space sums them.
-/// Serialized (user side) as the counters of a `ports` entry of `drain-user status --json`;
-/// the port itself is the entry's key, written there by the caller.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(
-    feature = "user",
-    derive(bytemuck::Pod, bytemuck::Zeroable, serde::Serialize)
-)]
-pub struct PortStats {
-    /// The port this slot counts for (host order), written by user space into every CPU's
-    /// copy when it assigns the slot; 0 = slot free. The kernel never writes it.
-    #[cfg_attr(feature = "user", serde(skip))]
-    pub port: u32,
-    #[cfg_attr(feature = "user", serde(skip))]
-    pub _pad: u32,
-    /// Connection requests refused because the gate was on. Policy drop: dropped by the
-    /// XDP/TC gate. Policy reset: `rst_sent + rst_limited`, each counted once its fate is
-    /// known.
-    pub syns_refused: u64,
-    /// Connection requests let through (gate off, deadline passed, or allowlisted source).
-    pub syns_passed: u64,
-    /// Of `syns_passed`: let through because the source was on the allowlist.
-    pub syns_allowed: u64,
-    /// Of `syns_passed`: let through because the deadline (`--ttl`) had passed.
-    pub syns_expired: u64,
-    /// Of `syns_refused`: answered with a RST, counted when the kernel sends it
-    /// (fentry on tcp_v4/v6_send_reset after the sk_lookup refusal).
-    pub rst_sent: u64,
-    /// Of `syns_refused`: dropped by the XDP/TC gate instead of reset because the RST rate
-    /// limit was reached.
-    pub rst_limited: u64,
-    /// RSTs the refusal made the kernel send to segments other than connection requests:
-    /// a SYN-cookie ACK completing a handshake begun before the gate closed, a stray ACK.
-    pub rst_not_syn: u64,
+counters! {
+    /// Per-port counters, one copy per CPU (no atomics on the packet path); user space sums
+    /// them. Serialized (user side) as the counters of a `ports` entry of `drain-user status
+    /// --json` (the port itself is the entry's key, written there by the caller); exported
+    /// as `drain_port_<name>_total{port="..."}`.
+    pub struct PortStats("drain_port_") {
+        keep {
+            /// The port this slot counts for (host order), written by user space into every
+            /// CPU's copy when it assigns the slot; 0 = slot free. The kernel never writes it.
+            port: u32,
+            _pad: u32,
+        }
+        count {
+            /// Connection requests refused because the gate was on. Policy drop: dropped by
+            /// the XDP/TC gate. Policy reset: `rst_sent + rst_limited`, each counted once its
+            /// fate is known.
+            syns_refused: "Connection requests (SYNs) refused because the gate was on.",
+            /// Connection requests let through (gate off, deadline passed, or allowlisted
+            /// source).
+            syns_passed:
+                "Connection requests let through (gate off, TTL passed, or allowlisted source).",
+            /// Of `syns_passed`: let through because the source was on the allowlist.
+            syns_allowed: "Of the passed requests: let through because the source was allowlisted.",
+            /// Of `syns_passed`: let through because the deadline (`--ttl`) had passed.
+            syns_expired: "Of the passed requests: let through because the TTL had run out.",
+            /// Of `syns_refused`: answered with a RST, counted when the kernel sends it
+            /// (fentry on tcp_v4/v6_send_reset after the sk_lookup refusal).
+            rst_sent: "Of the refused requests: answered with a RST (policy reset).",
+            /// Of `syns_refused`: dropped by the XDP/TC gate instead of reset because the RST
+            /// rate limit was reached.
+            rst_limited: "Of the refused requests: dropped instead of reset by the RST rate limit.",
+            /// RSTs the refusal made the kernel send to segments other than connection
+            /// requests: a SYN-cookie ACK completing a handshake begun before the gate
+            /// closed, a stray ACK.
+            rst_not_syn: "RSTs the refusal caused for segments other than a SYN (a SYN-cookie ACK, a stray ACK).",
+        }
+    }
 }
 const _: () = assert!(core::mem::size_of::<PortStats>() == 64);
 
@@ -422,41 +513,6 @@ pub struct WatchEvent {
 }
 const _: () = assert!(core::mem::size_of::<WatchEvent>() == 56);
 
-/// `Sum` over the per-CPU copies of a counter struct: every counter added up, fields that
-/// are not counters (`keep`) taken from the copies, which all hold the same value.
-#[cfg(feature = "user")]
-macro_rules! per_cpu_sum {
-    ($ty:ident { keep: [$($keep:ident),*], sum: [$($field:ident),+] }) => {
-        impl<'a> core::iter::Sum<&'a $ty> for $ty {
-            fn sum<I: Iterator<Item = &'a $ty>>(iter: I) -> Self {
-                iter.fold(Self::default(), |mut acc, cpu| {
-                    $(acc.$keep = cpu.$keep;)*
-                    $(acc.$field += cpu.$field;)+
-                    acc
-                })
-            }
-        }
-    };
-}
-
-#[cfg(feature = "user")]
-per_cpu_sum!(PortStats {
-    keep: [port],
-    sum: [
-        syns_refused,
-        syns_passed,
-        syns_allowed,
-        syns_expired,
-        rst_sent,
-        rst_limited,
-        rst_not_syn
-    ]
-});
-#[cfg(feature = "user")]
-per_cpu_sum!(TrackStats {
-    keep: [],
-    sum: [added, removed, insert_failed, read_failed]
-});
 #[cfg(feature = "user")]
 per_cpu_sum!(WatchCpu {
     keep: [next_refused_ns, next_left_ns],
@@ -481,6 +537,8 @@ mod pod {
 
 #[cfg(all(test, feature = "user"))]
 mod tests {
+    extern crate std;
+
     use super::*;
 
     #[test]
@@ -512,5 +570,49 @@ mod tests {
         };
         assert_eq!([t(1), t(2)].iter().sum::<TrackStats>(), t(3));
         assert_eq!([].iter().sum::<TrackStats>(), TrackStats::default());
+        assert_eq!(
+            cpu(1) + cpu(2),
+            PortStats {
+                port: 443,
+                ..cpu(3)
+            }
+        );
+        assert_eq!(cpu(5).counters_only(), PortStats { port: 0, ..cpu(5) });
+    }
+
+    /// The names `status --json` and `--format prometheus` have always used.
+    #[test]
+    fn counter_names() {
+        let keys = |c: &[Counter]| c.iter().map(|c| c.key).collect::<std::vec::Vec<_>>();
+        assert_eq!(
+            keys(PortStats::COUNTERS),
+            [
+                "syns_refused",
+                "syns_passed",
+                "syns_allowed",
+                "syns_expired",
+                "rst_sent",
+                "rst_limited",
+                "rst_not_syn"
+            ]
+        );
+        assert_eq!(
+            keys(TrackStats::COUNTERS),
+            ["added", "removed", "insert_failed", "read_failed"]
+        );
+        assert_eq!(
+            PortStats::COUNTERS[6].metric,
+            "drain_port_rst_not_syn_total"
+        );
+        assert_eq!(TrackStats::COUNTERS[0].metric, "drain_tracker_added_total");
+        let json = serde_json::to_string(&PortStats {
+            port: 80,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            json,
+            r#"{"syns_refused":0,"syns_passed":0,"syns_allowed":0,"syns_expired":0,"rst_sent":0,"rst_limited":0,"rst_not_syn":0}"#
+        );
     }
 }

@@ -6,31 +6,33 @@
 //! the program. (aya-obj parses BTF but keeps member offsets private; btf-rs is LGPL.)
 //! Format: Documentation/bpf/btf.rst.
 
-use std::collections::HashMap;
+use std::cell::OnceCell;
 
 use anyhow::{bail, Context, Result};
 
 const BTF_MAGIC: u16 = 0xEB9F;
-const KIND_STRUCT: u32 = 4;
-const KIND_UNION: u32 = 5;
-const KIND_TYPEDEF: u32 = 8;
-const KIND_VOLATILE: u32 = 9;
-const KIND_CONST: u32 = 10;
-const KIND_RESTRICT: u32 = 11;
-const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM: u8 = 6;
+const KIND_STRUCT: u8 = 4;
+const KIND_UNION: u8 = 5;
+const KIND_TYPEDEF: u8 = 8;
+const KIND_VOLATILE: u8 = 9;
+const KIND_CONST: u8 = 10;
+const KIND_RESTRICT: u8 = 11;
+const KIND_TYPE_TAG: u8 = 18;
 
-struct Member {
-    name: u32,
-    ty: u32,
-    bit_offset: u32,
-}
+const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
+/// One type's header; a struct's or union's members stay in `data` and are read when
+/// looked up (the kernel's BTF holds ~150k types: no allocation per type).
 struct Type {
     name: u32,
-    kind: u32,
+    kind: u8,
+    kind_flag: bool,
+    vlen: u16,
     /// For modifiers and typedefs: the type referred to.
     ty: u32,
-    members: Vec<Member>,
+    /// Where the kind-specific data (a struct's members) starts in `data`.
+    extra: u32,
 }
 
 pub struct Btf {
@@ -38,7 +40,6 @@ pub struct Btf {
     str_start: usize,
     /// Index 0 is the void type.
     types: Vec<Type>,
-    structs: HashMap<String, u32>,
 }
 
 fn u32_at(d: &[u8], off: usize) -> Result<u32> {
@@ -46,11 +47,56 @@ fn u32_at(d: &[u8], off: usize) -> Result<u32> {
     Ok(u32::from_le_bytes(b.try_into().unwrap()))
 }
 
+/// The running kernel's BTF for one command, read from /sys/kernel/btf/vmlinux at most once
+/// and parsed at most once by each reader that needs it: drain's own (member offsets) and
+/// aya's (the type ids its tracing program loads look up). A `gate on` needs both several
+/// times; reading and parsing the ~5 MB file each time cost it tens of milliseconds.
+/// Dropped with the command's state, so a long `wait` does not keep it.
+#[derive(Default)]
+pub struct Kernel {
+    bytes: OnceCell<Vec<u8>>,
+    drain: OnceCell<Btf>,
+    aya: OnceCell<aya::Btf>,
+}
+
+impl Kernel {
+    fn bytes(&self) -> Result<&[u8]> {
+        if let Some(b) = self.bytes.get() {
+            return Ok(b);
+        }
+        let b = std::fs::read(VMLINUX).with_context(|| {
+            format!("reading {VMLINUX}: drain needs a kernel built with CONFIG_DEBUG_INFO_BTF")
+        })?;
+        Ok(self.bytes.get_or_init(|| b))
+    }
+
+    /// drain's reader (member offsets, enum names).
+    pub fn drain(&self) -> Result<&Btf> {
+        if let Some(b) = self.drain.get() {
+            return Ok(b);
+        }
+        let b = Btf::parse(self.bytes()?.to_vec())?;
+        Ok(self.drain.get_or_init(|| b))
+    }
+
+    /// aya's reader, for loading tracing programs (tp_btf, fentry).
+    pub fn aya(&self) -> Result<&aya::Btf> {
+        if let Some(b) = self.aya.get() {
+            return Ok(b);
+        }
+        let b = aya::Btf::parse(self.bytes()?, aya::Endianness::default())
+            .with_context(|| format!("parsing {VMLINUX}"))?;
+        Ok(self.aya.get_or_init(|| b))
+    }
+}
+
 impl Btf {
+    /// The kernel's BTF on its own (see [`Kernel`] for a command that needs it more than
+    /// once).
     pub fn from_sys_fs() -> Result<Self> {
-        let data = std::fs::read("/sys/kernel/btf/vmlinux")
-            .context("reading /sys/kernel/btf/vmlinux: drain needs a kernel built with CONFIG_DEBUG_INFO_BTF")?;
-        Self::parse(data)
+        let k = Kernel::default();
+        k.drain()?;
+        Ok(k.drain.into_inner().expect("parsed just above"))
     }
 
     pub fn parse(data: Vec<u8>) -> Result<Self> {
@@ -64,8 +110,10 @@ impl Btf {
         let mut types = vec![Type {
             name: 0,
             kind: 0,
+            kind_flag: false,
+            vlen: 0,
             ty: 0,
-            members: vec![],
+            extra: 0,
         }];
         let mut off = hdr_len + type_off;
         let end = off + type_len;
@@ -75,58 +123,58 @@ impl Btf {
             let size_or_type = u32_at(&data, off + 8)?;
             off += 12;
             let vlen = (info & 0xffff) as usize;
-            let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 == 1;
-            let mut members = Vec::new();
+            let kind = ((info >> 24) & 0x1f) as u8;
+            let extra = off;
             off += match kind {
                 1 | 14 | 17 => 4, // INT, VAR, DECL_TAG
                 3 => 12,          // ARRAY
-                KIND_STRUCT | KIND_UNION => {
-                    for i in 0..vlen {
-                        let m = off + i * 12;
-                        let raw = u32_at(&data, m + 8)?;
-                        members.push(Member {
-                            name: u32_at(&data, m)?,
-                            ty: u32_at(&data, m + 4)?,
-                            // With kind_flag the top 8 bits hold a bitfield size.
-                            bit_offset: if kind_flag { raw & 0x00ff_ffff } else { raw },
-                        });
-                    }
-                    vlen * 12
-                }
+                KIND_STRUCT | KIND_UNION => vlen * 12,
                 6 | 13 => vlen * 8,   // ENUM, FUNC_PROTO
                 15 | 19 => vlen * 12, // DATASEC, ENUM64
                 2 | 7..=12 | 16 | 18 => 0,
                 k => bail!("unknown BTF kind {k}"),
             };
+            if off > data.len() {
+                bail!("BTF data cut short");
+            }
             types.push(Type {
                 name,
                 kind,
+                kind_flag: info >> 31 == 1,
+                vlen: vlen as u16,
                 ty: size_or_type,
-                members,
+                extra: extra as u32,
             });
         }
-        let mut btf = Btf {
+        Ok(Btf {
             data,
             str_start: hdr_len + str_off,
             types,
-            structs: HashMap::new(),
-        };
-        for (id, t) in btf.types.iter().enumerate() {
-            if t.kind == KIND_STRUCT && t.name != 0 {
-                let name = btf.string(t.name)?.to_owned();
-                btf.structs.entry(name).or_insert(id as u32);
-            }
-        }
-        Ok(btf)
+        })
     }
 
     /// True when the kernel's BTF has an enum named `name` (a feature marker: e.g.
     /// `sk_rst_reason`, which came with Linux 6.10's reworked RST tracing).
     pub fn has_enum(&self, name: &str) -> bool {
+        self.named(KIND_ENUM, name).is_some()
+    }
+
+    /// The first type of `kind` named `name`.
+    fn named(&self, kind: u8, name: &str) -> Option<u32> {
         self.types
             .iter()
-            .any(|t| t.kind == 6 && t.name != 0 && self.string(t.name).is_ok_and(|n| n == name))
+            .position(|t| t.kind == kind && t.name != 0 && self.name_is(t.name, name))
+            .map(|i| i as u32)
+    }
+
+    /// Compares a name in place (no allocation, no UTF-8 check: a scan of every type's
+    /// name stays cheap).
+    fn name_is(&self, off: u32, want: &str) -> bool {
+        let start = self.str_start + off as usize;
+        let want = want.as_bytes();
+        self.data
+            .get(start..start + want.len() + 1)
+            .is_some_and(|s| &s[..want.len()] == want && s[want.len()] == 0)
     }
 
     fn string(&self, off: u32) -> Result<&str> {
@@ -157,13 +205,22 @@ impl Btf {
     /// Bit offset of `member` in type `id`, looking through anonymous structs and unions.
     fn find(&self, id: u32, member: &str) -> Option<(u32, u32)> {
         let t = self.types.get(self.resolve(id) as usize)?;
-        for m in &t.members {
-            if m.name == 0 {
-                if let Some((off, ty)) = self.find(m.ty, member) {
-                    return Some((m.bit_offset + off, ty));
+        if t.kind != KIND_STRUCT && t.kind != KIND_UNION {
+            return None;
+        }
+        for i in 0..t.vlen as usize {
+            let m = t.extra as usize + i * 12;
+            let name = u32_at(&self.data, m).ok()?;
+            let ty = u32_at(&self.data, m + 4).ok()?;
+            let raw = u32_at(&self.data, m + 8).ok()?;
+            // With kind_flag the top 8 bits hold a bitfield size.
+            let bit_offset = if t.kind_flag { raw & 0x00ff_ffff } else { raw };
+            if name == 0 {
+                if let Some((off, ty)) = self.find(ty, member) {
+                    return Some((bit_offset + off, ty));
                 }
-            } else if self.string(m.name).ok()? == member {
-                return Some((m.bit_offset, m.ty));
+            } else if self.string(name).ok()? == member {
+                return Some((bit_offset, ty));
             }
         }
         None
@@ -171,9 +228,8 @@ impl Btf {
 
     /// Byte offset of a dotted member path in a struct, e.g. ("sock", "__sk_common.skc_num").
     pub fn offset(&self, strukt: &str, path: &str) -> Result<u32> {
-        let mut id = *self
-            .structs
-            .get(strukt)
+        let mut id = self
+            .named(KIND_STRUCT, strukt)
             .with_context(|| format!("struct {strukt} not in the kernel's BTF"))?;
         let mut bits = 0;
         for part in path.split('.') {
@@ -226,9 +282,9 @@ mod tests {
         }
 
         /// struct btf_type { name_off; info (vlen | kind << 24 | kind_flag << 31); size/type }
-        fn head(&mut self, name: &str, kind: u32, kind_flag: bool, vlen: u32, size_or_type: u32) {
+        fn head(&mut self, name: &str, kind: u8, kind_flag: bool, vlen: u32, size_or_type: u32) {
             let name = self.name(name);
-            let info = vlen | kind << 24 | u32::from(kind_flag) << 31;
+            let info = vlen | u32::from(kind) << 24 | u32::from(kind_flag) << 31;
             self.words(&[name, info, size_or_type]);
         }
 
@@ -240,7 +296,7 @@ mod tests {
         /// A struct (kind 4) or union (kind 5); members are (name, type id, offset word).
         fn aggregate(
             &mut self,
-            kind: u32,
+            kind: u8,
             name: &str,
             kind_flag: bool,
             members: &[(&str, u32, u32)],
@@ -313,6 +369,11 @@ mod tests {
         assert_eq!(btf.offset("inner", "b").unwrap(), 4);
         // kind_flag: the bitfield size is masked off the offset.
         assert_eq!(btf.offset("bits", "g").unwrap(), 4);
+        // Names match whole: a prefix or a longer name is another type.
+        assert!(btf.has_enum("colour"));
+        assert!(!btf.has_enum("colou"));
+        assert!(!btf.has_enum("colours"));
+        assert!(!btf.has_enum("outer"));
     }
 
     #[test]

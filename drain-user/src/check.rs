@@ -350,7 +350,11 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
             Feature::Tcx => false,
             Feature::Clsact => tc_used && tcx == Some(false),
             Feature::XdpLink => want.attach != AttachChoice::Tc,
-            Feature::SkLookup | Feature::RingBuf => false,
+            // Policy reset's refusal: the sk_lookup program refuses the listener lookup so
+            // the kernel's TCP answers with the RST, whichever hook (XDP or TC) let it pass.
+            Feature::SkLookup => want.policy == Policy::Reset,
+            // Only `watch` needs it; a gate works without.
+            Feature::RingBuf => false,
             _ => true,
         };
         let ok = feature(f);
@@ -423,8 +427,11 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
             ),
         };
         let mut note = note;
-        if want.policy == Policy::Reset && attach == Some("tc") {
-            note.push_str("; --policy reset answers from XDP only: refusals here drop");
+        if want.policy == Policy::Reset && attach.is_some() {
+            note.push_str(
+                "; --policy reset: the kernel answers refusals with a RST (through sk_lookup), \
+                 at most --rst-rate a second",
+            );
         }
         interfaces.push(IfaceReport {
             probe: i.clone(),
@@ -785,8 +792,9 @@ impl Drop for ProbeDir {
     }
 }
 
-/// Loads drain's embedded object and its three programs (the verifier runs; nothing is
-/// attached). Its maps are pinned in a private directory of bpffs, removed afterwards.
+/// Loads drain's embedded object and every program a gate loads: XDP, TC, the tracker,
+/// sk_lookup and the RST counter (one tp_btf program or two fentry ones, as `gate on`
+/// picks for this kernel). The verifier runs; nothing is attached. Its maps are pinned in a private directory of bpffs, removed afterwards.
 /// Returns (every program loads, the tracker (tp_btf) loads).
 fn probe_programs() -> (Probed, Probed) {
     let dir = ProbeDir(Path::new(pins::BPFFS).join(format!("drain-check-{}", std::process::id())));
@@ -807,12 +815,15 @@ fn probe_programs() -> (Probed, Probed) {
             .ok_or((Some(false), "no TC program in the object".into()))?;
         tc.load()
             .map_err(|e| (Some(false), format!("TC program: {e}")))?;
-        let btf = aya::Btf::from_sys_fs().map_err(|e| (Some(true), format!("reading BTF: {e}")))?;
+        let kernel = crate::btf::Kernel::default();
+        let btf = kernel
+            .aya()
+            .map_err(|e| (Some(true), format!("reading BTF: {e:#}")))?;
         let track: &mut BtfTracePoint = bpf
             .program_mut(prog::TRACK)
             .and_then(|p| p.try_into().ok())
             .ok_or((Some(false), "no tracker program in the object".into()))?;
-        track.load("inet_sock_set_state", &btf).map_err(|e| {
+        track.load("inet_sock_set_state", btf).map_err(|e| {
             (
                 Some(true),
                 format!("tracker (tp_btf/inet_sock_set_state): {e}"),
@@ -825,18 +836,18 @@ fn probe_programs() -> (Probed, Probed) {
         lookup
             .load()
             .map_err(|e| (Some(false), format!("sk_lookup program: {e}")))?;
-        let counter =
-            crate::gate::RstCounter::current().map_err(|e| (Some(false), format!("{e:#}")))?;
+        let counter = crate::gate::RstCounter::current(&kernel)
+            .map_err(|e| (Some(false), format!("{e:#}")))?;
         for &(_, name, function) in counter.links() {
             let loaded = match counter {
                 crate::gate::RstCounter::Tracepoint => bpf
                     .program_mut(name)
                     .and_then(|p| <&mut BtfTracePoint>::try_from(p).ok())
-                    .map(|p| p.load(function, &btf)),
+                    .map(|p| p.load(function, btf)),
                 crate::gate::RstCounter::Fentry => bpf
                     .program_mut(name)
                     .and_then(|p| <&mut FEntry>::try_from(p).ok())
-                    .map(|p| p.load(function, &btf)),
+                    .map(|p| p.load(function, btf)),
             };
             match loaded {
                 Some(Ok(())) => {}
@@ -1193,16 +1204,39 @@ mod tests {
     }
 
     #[test]
-    fn reset_on_tc_is_noted() {
-        let r = decide(
-            &host(),
-            &Wanted {
-                attach: AttachChoice::Tc,
+    fn reset_answers_through_the_kernel_on_both_hooks_and_needs_sk_lookup() {
+        for attach in [AttachChoice::Tc, AttachChoice::Xdp] {
+            let reset = Wanted {
+                attach,
                 policy: Policy::Reset,
-            },
-        );
-        assert!(r.ok);
-        assert!(r.interfaces[0].note.contains("refusals here drop"));
+            };
+            let r = decide(&host(), &reset);
+            assert!(r.ok, "{attach:?}: {:?}", r.problem);
+            let note = &r.interfaces[0].note;
+            assert!(
+                note.contains("the kernel answers refusals with a RST"),
+                "{note}"
+            );
+            assert!(!note.contains("drop"), "{note}");
+            let sk_lookup = |r: &Report| {
+                r.checks
+                    .iter()
+                    .find(|c| c.name == Feature::SkLookup.what())
+                    .map(|c| c.needed)
+            };
+            assert_eq!(sk_lookup(&r), Some(true), "{attach:?}");
+            let r = decide(&with(host(), Feature::SkLookup, Some(false)), &reset);
+            assert!(!r.ok);
+            assert!(r.problem.unwrap().contains("sk_lookup"), "{attach:?}");
+            // Policy drop neither needs it nor gets the note.
+            let drop = Wanted {
+                attach,
+                policy: Policy::Drop,
+            };
+            let r = decide(&with(host(), Feature::SkLookup, Some(false)), &drop);
+            assert!(r.ok && sk_lookup(&r) == Some(false), "{attach:?}");
+            assert!(!r.interfaces[0].note.contains("RST"));
+        }
     }
 
     #[test]

@@ -146,6 +146,10 @@ pub enum Command {
     /// Live means ESTABLISHED or CLOSE_WAIT: the server still owns the connection. Counts
     /// come from the kernel (exact, event-driven); the last close is noticed within ~10 ms.
     ///
+    /// The exit code is the outcome even when the reader of its output goes away: with
+    /// stdout or stderr closed (`drain-user wait --json | head -1`) it keeps waiting and
+    /// exits 0 only once drained or idle (3 on timeout, 130/143 on SIGINT/SIGTERM).
+    ///
     /// Example: drain-user wait --timeout 5m --idle 2s
     Wait {
         /// Port to wait for (repeatable or comma-separated). Default: the gated ports.
@@ -420,7 +424,8 @@ pub fn usage(msg: impl Into<String>) -> anyhow::Error {
 /// How the process ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
-    /// Done (also: stdout closed by its reader, e.g. `| head -1`).
+    /// Done (also: stdout closed by its reader, e.g. `| head -1`, except for `wait`, whose
+    /// 0 only ever means drained or idle).
     Success,
     /// Something failed; the message says what and what to do.
     Failure,

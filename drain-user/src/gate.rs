@@ -34,10 +34,11 @@ use drain_common::{
 use ipnet::IpNet;
 
 use crate::{
-    btf::Btf,
+    btf,
     cli::{usage, AttachChoice, Policy},
     clsact, errln,
     iface::{self, Iface},
+    limits,
     links::{self, Attachment, LinkState},
     netns::{self, NetnsId, StateDir},
     object,
@@ -64,13 +65,7 @@ impl OnArgs {
     /// Everything about the input that can be checked before the host changes: a failing
     /// `gate on` over an existing gate must leave it as it was.
     pub fn validate(&self) -> Result<()> {
-        if self.ports.len() > drain_common::MAX_GATED_PORTS as usize {
-            return Err(usage(format!(
-                "{} ports given: a gate holds at most {}",
-                self.ports.len(),
-                drain_common::MAX_GATED_PORTS
-            )));
-        }
+        limits::check_port_count(self.ports.len())?;
         self.announce.validate(&self.ports, self.ttl)?;
         let distinct: BTreeSet<IpNet> = self.allow.iter().copied().collect();
         for (family, v4) in [("IPv4", true), ("IPv6", false)] {
@@ -86,8 +81,9 @@ impl OnArgs {
     }
 }
 
+/// Installs (or replaces) the gate `args` describes on `targets`; the caller has run
+/// [`OnArgs::validate`] first, before anything it does to the host.
 pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
-    args.validate()?;
     pins::ensure_bpffs()?;
     let _lock = pins::lock()?;
     let own = NetnsId::current()?;
@@ -142,7 +138,13 @@ fn on_locked(
     created: &mut Vec<Made>,
 ) -> Result<Vec<String>> {
     // Loading the object creates the maps, or reuses the pinned ones of an existing gate.
-    let mut bpf = object::load(dir)?;
+    // It is loaded only when something is missing: over a gate whose maps are pinned and
+    // whose links are attached, `gate on` rewrites the config and loads nothing.
+    let kernel = btf::Kernel::default();
+    let mut bpf = Lazy { dir, bpf: None };
+    if map::ALL.iter().any(|m| !dir.join(m).exists()) {
+        bpf.get()?;
+    }
     let mut gate = OpenGate::open(dir)?;
     // The tracker first, so connections opened from here on are counted; then the seed
     // adds those that predate it. A gate that already has a working tracker keeps it (and
@@ -150,7 +152,7 @@ fn on_locked(
     let track_pin = LinkPin::Track.path(dir);
     if !links::tracker_attached(&track_pin) {
         let _ = fs::remove_file(&track_pin);
-        let link = track::attach(&mut bpf)?;
+        let link = track::attach(bpf.get()?, &kernel)?;
         link.pin(&track_pin)
             .with_context(|| format!("pinning the tracker link at {}", track_pin.display()))?;
         created.push(Made::Pin(track_pin));
@@ -158,7 +160,7 @@ fn on_locked(
     }
     // The RST counter before the refusal, so no RST of it goes uncounted. A pin whose link
     // is no longer attached (the kernel says so) is replaced.
-    let counter = RstCounter::current()?;
+    let counter = RstCounter::current(&kernel)?;
     let mut configured = false;
     for &(pin, name, function) in counter.links() {
         let path = pin.path(dir);
@@ -170,15 +172,16 @@ fn on_locked(
             let _ = fs::remove_file(&path);
         }
         if !configured {
-            configure_rst(&mut bpf)?;
+            configure_rst(bpf.get()?, &kernel)?;
             configured = true;
         }
+        let (bpf, btf) = (bpf.get()?, kernel.aya()?);
         let link = match counter {
             RstCounter::Tracepoint => {
-                object::attach_btf_tracepoint(&mut bpf, name, function, "the RST counter")?
+                object::attach_btf_tracepoint(bpf, btf, name, function, "the RST counter")?
             }
             RstCounter::Fentry => {
-                object::attach_fentry(&mut bpf, name, function, "the RST counter")?
+                object::attach_fentry(bpf, btf, name, function, "the RST counter")?
             }
         };
         link.pin(&path)
@@ -191,7 +194,7 @@ fn on_locked(
             let _ = sys::detach_link(&lookup);
             let _ = fs::remove_file(&lookup);
         }
-        let link = attach_lookup(&mut bpf)?;
+        let link = attach_lookup(bpf.get()?)?;
         link.pin(&lookup)
             .with_context(|| format!("pinning the link at {}", lookup.display()))?;
         created.push(Made::Pin(lookup));
@@ -274,14 +277,14 @@ fn on_locked(
                 None => *tcx.insert(clsact::tcx_available()?),
             };
         let how = if classic {
-            let rec = attach_clsact(&mut bpf, dir, iface, inherited.contains(&iface.index))?;
+            let rec = attach_clsact(bpf.get()?, dir, iface, inherited.contains(&iface.index))?;
             created.push(Made::Clsact(rec));
             "tc clsact".to_string()
         } else {
             let pin = LinkPin::Iface(hook, iface.index).path(dir);
             let link = match hook {
-                Hook::Xdp => attach_xdp(&mut bpf, iface)?,
-                Hook::Tc => attach_tc(&mut bpf, iface)?,
+                Hook::Xdp => attach_xdp(bpf.get()?, iface)?,
+                Hook::Tc => attach_tc(bpf.get()?, iface)?,
             };
             link.pin(&pin)
                 .with_context(|| format!("pinning the link at {}", pin.display()))?;
@@ -302,14 +305,8 @@ fn on_locked(
         Some(ttl) => now.saturating_add(ttl.as_nanos() as u64),
         None => 0,
     };
-    // The limiter is per CPU (no atomics on the packet path): split the rate between CPUs,
-    // with a burst of a tenth of a second's worth.
-    let ncpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u64;
-    // interval = ncpus / rate seconds, so the CPUs together stay within the rate even when
-    // it is below the number of CPUs (rate / ncpus would round to 0 and then up to 1 each).
-    let rate = u64::from(args.rst_rate.max(1));
-    let rst_interval_ns = (1_000_000_000 * ncpus).div_ceil(rate);
-    let rst_burst = (rate / ncpus / 10).max(1);
+    let ncpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
+    let (rst_interval_ns, rst_burst) = limits::limiter(args.rst_rate, ncpus);
     // Ports, allowlists, then the single config write that turns the gate on; all of it,
     // or (on a failed map write) the previous gate restored.
     let cfg = GateConfig {
@@ -330,6 +327,21 @@ fn on_locked(
     let cfg = args.announce.apply(cfg, &gate.config()?, now);
     gate.replace(&args.ports, &args.allow, cfg)?;
     Ok(report)
+}
+
+/// drain's eBPF object, loaded on first use.
+struct Lazy<'a> {
+    dir: &'a Path,
+    bpf: Option<Ebpf>,
+}
+
+impl Lazy<'_> {
+    fn get(&mut self) -> Result<&mut Ebpf> {
+        if self.bpf.is_none() {
+            self.bpf = Some(object::load(self.dir)?);
+        }
+        Ok(self.bpf.as_mut().expect("loaded just above"))
+    }
 }
 
 /// XDP mode as the kernel reports it after attaching: "xdp native" or "xdp generic".
@@ -437,8 +449,8 @@ pub enum RstCounter {
 }
 
 impl RstCounter {
-    pub fn current() -> Result<Self> {
-        Ok(if Btf::from_sys_fs()?.has_enum("sk_rst_reason") {
+    pub fn current(kernel: &btf::Kernel) -> Result<Self> {
+        Ok(if kernel.drain()?.has_enum("sk_rst_reason") {
             RstCounter::Tracepoint
         } else {
             RstCounter::Fentry
@@ -465,8 +477,8 @@ impl RstCounter {
 }
 
 /// Writes the sk_buff offsets the RST counter reads, from the running kernel's BTF.
-fn configure_rst(bpf: &mut Ebpf) -> Result<()> {
-    let btf = Btf::from_sys_fs()?;
+fn configure_rst(bpf: &mut Ebpf, kernel: &btf::Kernel) -> Result<()> {
+    let btf = kernel.drain()?;
     let cfg = ResetTraceConfig {
         off_head: btf.offset("sk_buff", "head")?,
         off_transport: btf.offset("sk_buff", "transport_header")?,

@@ -19,6 +19,7 @@
 //! | [`wait`] | `wait`: the poll loop and its outcome; `wait/report.rs` prints it (JSON, text, progress line) |
 //! | [`watch`] | `watch`: the live view (kernel events from a ring buffer) |
 //! | [`iface`] | the namespace's interfaces and the programs attached to them |
+//! | [`limits`] | the limits a gate's input is held to (ports per gate, rate -> per-CPU limiter), each written once |
 //! | [`links`] | what the kernel says about each pinned link: attached here, detached, moved away |
 //! | [`clsact`] | `--attach tc` without TCX: the clsact qdisc, drain's cls_bpf filter, its record, the kernel's view of it |
 //! | [`diag`] | sock_diag (inet_diag) dumps of TCP connections |
@@ -40,6 +41,7 @@ pub mod diag;
 pub mod follow;
 pub mod gate;
 pub mod iface;
+pub mod limits;
 pub mod links;
 pub mod metrics;
 pub mod netlink;
@@ -59,10 +61,10 @@ use std::collections::BTreeSet;
 
 use anyhow::{bail, Result};
 
-use crate::cli::{usage, Cli, Command, Exit, GateAction, Placement, StatusFormat};
+use crate::cli::{Cli, Command, Exit, GateAction, Placement, StatusFormat};
 
 /// Runs one command. Errors carry their whole context; a [`cli::UsageError`] among them
-/// means exit 2, an [`output::Closed`] a quiet exit 0.
+/// means exit 2, an [`output::Closed`] a quiet exit 0 (never from `wait`, which keeps going).
 pub fn run(cli: Cli) -> Result<Exit> {
     // `gate on` and `wait` load the tracker, a tracing program: CAP_PERFMON too.
     let tracing = matches!(
@@ -86,13 +88,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             policy,
             json,
         } => {
-            if ports.len() > drain_common::MAX_GATED_PORTS as usize {
-                return Err(usage(format!(
-                    "{} ports given: a gate holds at most {}",
-                    ports.len(),
-                    drain_common::MAX_GATED_PORTS
-                )));
-            }
+            limits::check_port_count(ports.len())?;
             let report = check::decide(&check::probe(&ifaces)?, &check::Wanted { attach, policy });
             if json {
                 outln!("{}", serde_json::to_string(&report)?)?;
@@ -186,6 +182,8 @@ pub fn run(cli: Cli) -> Result<Exit> {
             idle,
             json,
         } => {
+            // Its exit code is its result: a reader that goes away does not end it.
+            output::keep_going_when_closed();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

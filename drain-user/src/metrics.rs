@@ -4,77 +4,16 @@
 //!
 //! The metrics are rendered from the same serialized [`Status`] that `status --json`
 //! prints, so the two cannot disagree. Naming follows Prometheus conventions: a `drain_`
-//! prefix, `_total` on counters, seconds as the unit of time, the port as a label.
+//! prefix, `_total` on counters, seconds as the unit of time, the port as a label. The
+//! counters' names and help come from their one table in drain-common (`counters!`).
 
 use std::{fmt::Write as _, fs, io::Write as _, path::Path};
 
 use anyhow::{Context, Result};
+use drain_common::{PortStats, TrackStats};
 use serde_json::Value;
 
 use crate::status::Status;
-
-/// (JSON key in a `ports` entry, metric name, help) of each per-port counter.
-const PORT_COUNTERS: &[(&str, &str, &str)] = &[
-    (
-        "syns_refused",
-        "drain_port_syns_refused_total",
-        "Connection requests (SYNs) refused because the gate was on.",
-    ),
-    (
-        "syns_passed",
-        "drain_port_syns_passed_total",
-        "Connection requests let through (gate off, TTL passed, or allowlisted source).",
-    ),
-    (
-        "syns_allowed",
-        "drain_port_syns_allowed_total",
-        "Of the passed requests: let through because the source was allowlisted.",
-    ),
-    (
-        "syns_expired",
-        "drain_port_syns_expired_total",
-        "Of the passed requests: let through because the TTL had run out.",
-    ),
-    (
-        "rst_sent",
-        "drain_port_rst_sent_total",
-        "Of the refused requests: answered with a RST (policy reset).",
-    ),
-    (
-        "rst_limited",
-        "drain_port_rst_limited_total",
-        "Of the refused requests: dropped instead of reset by the RST rate limit.",
-    ),
-    (
-        "rst_not_syn",
-        "drain_port_rst_not_syn_total",
-        "RSTs the refusal caused for segments other than a SYN (a SYN-cookie ACK, a stray ACK).",
-    ),
-];
-
-/// (JSON key in `tracker`, metric name, help) of each tracker counter.
-const TRACKER_COUNTERS: &[(&str, &str, &str)] = &[
-    (
-        "added",
-        "drain_tracker_added_total",
-        "Passive connections added to the live set.",
-    ),
-    (
-        "removed",
-        "drain_tracker_removed_total",
-        "Connections removed from the live set.",
-    ),
-    (
-        "insert_failed",
-        "drain_tracker_insert_failed_total",
-        "Live-set inserts that failed (set full): live counts may be low.",
-    ),
-    (
-        "read_failed",
-        "drain_tracker_read_failed_total",
-        "Kernel reads the tracker could not make: live counts may be low.",
-    ),
-];
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -171,17 +110,23 @@ pub fn prometheus(st: &Status) -> Result<String> {
                 num(&p["live_connections"])
             );
         }
-        for (key, name, help) in PORT_COUNTERS {
-            family(&mut out, name, "counter", help);
+        for c in PortStats::COUNTERS {
+            family(&mut out, c.metric, "counter", c.help);
             for p in &ports {
-                let _ = writeln!(out, "{name}{{port=\"{}\"}} {}", p["port"], num(&p[*key]));
+                let _ = writeln!(
+                    out,
+                    "{}{{port=\"{}\"}} {}",
+                    c.metric,
+                    p["port"],
+                    num(&p[c.key])
+                );
             }
         }
     }
     if v["tracker"].is_object() {
-        for (key, name, help) in TRACKER_COUNTERS {
-            family(&mut out, name, "counter", help);
-            let _ = writeln!(out, "{name} {}", num(&v["tracker"][*key]));
+        for c in TrackStats::COUNTERS {
+            family(&mut out, c.metric, "counter", c.help);
+            let _ = writeln!(out, "{} {}", c.metric, num(&v["tracker"][c.key]));
         }
     }
     Ok(out)

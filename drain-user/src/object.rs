@@ -50,18 +50,17 @@ fn max_connections() -> Result<Option<u32>> {
 /// detaches when dropped unless pinned.
 pub fn attach_btf_tracepoint(
     bpf: &mut Ebpf,
+    btf: &aya::Btf,
     prog: &str,
     tracepoint: &str,
     what: &str,
 ) -> Result<FdLink> {
-    let btf =
-        aya::Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
     let program: &mut BtfTracePoint = bpf
         .program_mut(prog)
         .with_context(|| format!("the eBPF object has no {what} program"))?
         .try_into()?;
     program
-        .load(tracepoint, &btf)
+        .load(tracepoint, btf)
         .with_context(|| format!("the kernel rejected {what} (tp_btf/{tracepoint})"))?;
     let id = program
         .attach()
@@ -71,15 +70,19 @@ pub fn attach_btf_tracepoint(
 
 /// Loads the object's fentry program `prog` for the kernel function `function` and attaches
 /// it; `what` names it in errors. The returned link detaches when dropped unless pinned.
-pub fn attach_fentry(bpf: &mut Ebpf, prog: &str, function: &str, what: &str) -> Result<FdLink> {
-    let btf =
-        aya::Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+pub fn attach_fentry(
+    bpf: &mut Ebpf,
+    btf: &aya::Btf,
+    prog: &str,
+    function: &str,
+    what: &str,
+) -> Result<FdLink> {
     let program: &mut FEntry = bpf
         .program_mut(prog)
         .with_context(|| format!("the eBPF object has no {what} program {prog}"))?
         .try_into()?;
     program
-        .load(function, &btf)
+        .load(function, btf)
         .with_context(|| format!("the kernel rejected {what} (fentry/{function})"))?;
     let id = program
         .attach()

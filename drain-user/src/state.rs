@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use aya::maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues};
 use drain_common::{map, GateConfig, PortStats, GATE_ON, MAX_GATED_PORTS};
 use ipnet::IpNet;
@@ -160,9 +160,7 @@ impl OpenGate {
     /// Makes the gated set exactly `want`: ports no longer wanted are released first (the
     /// safe direction), then new ports get a zeroed slot before their PORTS entry points at it.
     pub fn set_ports(&mut self, want: &BTreeSet<u16>) -> Result<()> {
-        if want.len() > MAX_GATED_PORTS as usize {
-            bail!("at most {MAX_GATED_PORTS} ports can be gated at once");
-        }
+        crate::limits::check_port_count(want.len())?;
         let current = self.ports()?;
         let ncpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
         let filled = |port: u16| -> Result<PerCpuValues<PortStats>> {
@@ -210,7 +208,8 @@ impl OpenGate {
     /// Makes the allowlists exactly `want`: entries no longer wanted go first, then the new
     /// ones, so a trie never holds more than the larger of the old and the new list.
     pub fn set_allow(&mut self, want: &[IpNet]) -> Result<()> {
-        let want: BTreeSet<IpNet> = want.iter().map(IpNet::trunc).collect();
+        // No host bits to clear: `--allow` refuses prefixes with any (`cli::parse_allow`).
+        let want: BTreeSet<IpNet> = want.iter().copied().collect();
         let have: BTreeSet<IpNet> = self.allow()?.into_iter().collect();
         for net in have.difference(&want) {
             match net {

@@ -181,13 +181,17 @@ pub fn collect() -> Result<Status> {
                 .into(),
         );
     }
-    let counter = gate::RstCounter::current();
-    let counting = counter.as_ref().is_ok_and(|c| {
-        c.links()
-            .iter()
-            .all(|&(pin, name, _)| links::tracing_attached(&pin.path(&dir), name))
-    });
+    // Either kind of counter counts when all its links are attached; which kind this kernel
+    // needs (its BTF, ~5 MB to read) matters only for the warning.
+    let counting = [gate::RstCounter::Tracepoint, gate::RstCounter::Fentry]
+        .iter()
+        .any(|c| {
+            c.links()
+                .iter()
+                .all(|&(pin, name, _)| links::tracing_attached(&pin.path(&dir), name))
+        });
     if !counting {
+        let counter = gate::RstCounter::current(&crate::btf::Kernel::default());
         st.warnings.push(format!(
             "the RST counter ({}) is not attached: rst_sent and syns_refused miss the RSTs \
              policy reset sends; `drain-user gate on` re-attaches it",

@@ -18,11 +18,13 @@ use aya::{
 };
 use drain_common::{map, prog, v4_mapped, ConnKey, FollowKey, TrackConfig, TrackStats};
 
-use crate::{btf::Btf, diag, netns, pins};
+use crate::{
+    btf::{Btf, Kernel},
+    diag, netns, pins,
+};
 
 /// Reads the kernel struct offsets from BTF and writes the tracker's config.
-fn configure(bpf: &mut Ebpf) -> Result<()> {
-    let btf = Btf::from_sys_fs()?;
+fn configure(bpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     let cfg = TrackConfig {
         netns_inum: netns::current_inode()? as u32,
         off_sport: btf.offset("inet_sock", "inet_sport")?,
@@ -45,10 +47,11 @@ fn configure(bpf: &mut Ebpf) -> Result<()> {
 }
 
 /// Loads and attaches the tracker; the returned link detaches when dropped unless pinned.
-pub fn attach(bpf: &mut Ebpf) -> Result<FdLink> {
-    configure(bpf)?;
+pub fn attach(bpf: &mut Ebpf, kernel: &Kernel) -> Result<FdLink> {
+    configure(bpf, kernel.drain()?)?;
     crate::object::attach_btf_tracepoint(
         bpf,
+        kernel.aya()?,
         prog::TRACK,
         "inet_sock_set_state",
         "the connection tracker",

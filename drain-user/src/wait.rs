@@ -132,7 +132,7 @@ impl TempTracker {
         pins::make_dir(&dir)?;
         let loaded = (|| {
             let mut bpf = object::load(&dir)?;
-            let link = track::attach(&mut bpf)?;
+            let link = track::attach(&mut bpf, &crate::btf::Kernel::default())?;
             let mut tracker = Tracker::open(&dir)?;
             tracker.seed()?;
             Ok::<_, anyhow::Error>((bpf, link, tracker))

@@ -138,16 +138,6 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
     })
 }
 
-/// The limiter settings for `rate` events per second on `ncpus` CPUs: each CPU gets an
-/// equal share, with bursts of a tenth of a second (at least one event).
-pub fn limiter(rate: u32, ncpus: u32) -> (u64, u64) {
-    let ncpus = u64::from(ncpus.max(1));
-    let rate = u64::from(rate.max(1));
-    let interval = 1_000_000_000 * ncpus / rate;
-    let burst = (rate / ncpus / 10).max(1);
-    (interval, burst)
-}
-
 struct Maps {
     config: Array<MapData, WatchConfig>,
     cpus: PerCpuArray<MapData, WatchCpu>,
@@ -183,7 +173,7 @@ pub fn watch(args: &WatchArgs) -> Result<()> {
     let gate = OpenGate::open(&dir)?;
     let mut maps = open_maps(&dir)?;
     let ncpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))? as u32;
-    let (interval_ns, burst) = limiter(args.rate, ncpus);
+    let (interval_ns, burst) = crate::limits::limiter(args.rate, ncpus);
     let print = |e: &Event| -> Result<()> {
         if args.json {
             outln!("{}", serde_json::to_string(e)?)
@@ -313,12 +303,5 @@ mod tests {
             "closed   a connection on port 443 (from 198.18.0.2:51234): 2 left"
         );
         assert!(decode(&[0; 8]).is_none());
-    }
-
-    #[test]
-    fn limiter_splits_the_rate_between_cpus() {
-        assert_eq!(limiter(100, 2), (20_000_000, 5));
-        assert_eq!(limiter(1, 4), (4_000_000_000, 1));
-        assert_eq!(limiter(0, 0), (1_000_000_000, 1));
     }
 }

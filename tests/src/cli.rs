@@ -37,18 +37,6 @@ pub const NOBODY: &[&str] = &[
 
 /// Longest a single CLI call may take before the test fails (it takes the per-namespace
 /// lock, so a hung call would otherwise hang every later one).
-/// The counters of each `ports[]` entry of `status --json`.
-pub const PORT_COUNTERS: &[&str] = &[
-    "syns_refused",
-    "syns_passed",
-    "syns_allowed",
-    "syns_expired",
-    "rst_sent",
-    "rst_limited",
-    "rst_not_syn",
-];
-
-/// How long one drain-user call may run before the runner kills it and fails the test.
 pub fn cli_deadline() -> Duration {
     // Under emulation (`cargo xtask vmtest` with TCG) everything runs 10-30x slower: the
     // kernel matrix's runner scales the deadline with DRAIN_TEST_SLOWDOWN.
@@ -329,7 +317,8 @@ pub fn spawn_in(ns: &str, args: &[&str]) -> Running {
 /// tracepoint link, or two fentry links on kernels before 6.10: drain_user's
 /// `gate::RstCounter`), the namespace-wide refusal (sk_lookup) and the connection tracker.
 pub fn gate_links() -> Vec<&'static str> {
-    let counter = drain_user::gate::RstCounter::current().expect("the kernel's BTF");
+    let counter = drain_user::gate::RstCounter::current(&drain_user::btf::Kernel::default())
+        .expect("the kernel's BTF");
     let mut v: Vec<&'static str> = counter
         .links()
         .iter()
@@ -695,7 +684,7 @@ pub fn assert_status_schema(st: &Json) {
             "ports[].forwarded_connections: {}",
             ctx()
         );
-        for k in PORT_COUNTERS {
+        for k in drain_common::PortStats::COUNTERS.iter().map(|c| c.key) {
             assert!(p[k].as_u64().is_some(), "ports[].{k}: {}", ctx());
         }
     }

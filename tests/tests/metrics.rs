@@ -129,7 +129,7 @@ fn assert_matches(f: &Families, st: &Json) {
             sample(f, "drain_port_live_connections", &l),
             p["live_connections"].i64() as f64
         );
-        for &key in drain_tests::cli::PORT_COUNTERS {
+        for key in drain_common::PortStats::COUNTERS.iter().map(|c| c.key) {
             // prometheus_client names a counter family without its _total suffix.
             assert_eq!(
                 sample(f, &format!("drain_port_{key}"), &l),

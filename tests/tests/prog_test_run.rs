@@ -55,8 +55,8 @@ fn ipv4_and_ipv6_syns_to_gated_and_other_ports() {
     for (port, slot) in GATED {
         let s = g.stats(slot);
         let want = if port == 80 { 6 } else { 4 };
-        assert_eq!(s.refused, want, "slot {slot} (port {port}): {s:?}");
-        assert_eq!((s.passed, s.allowed, s.expired), (0, 0, 0));
+        assert_eq!(s.syns_refused, want, "slot {slot} (port {port}): {s:?}");
+        assert_eq!((s.syns_passed, s.syns_allowed, s.syns_expired), (0, 0, 0));
     }
 }
 
@@ -344,7 +344,7 @@ fn tcp_flags() {
     }
     let s = g.stats(3);
     // 16 of 256 combinations have SYN set and ACK, RST, FIN clear; two programs each.
-    assert_eq!(s.refused, 32, "port 65535: {s:?}");
+    assert_eq!(s.syns_refused, 32, "port 65535: {s:?}");
 }
 
 #[test]
@@ -515,11 +515,16 @@ fn gate_disabled_passes_and_counts() {
     g.expect_outcome(&syn4(80).build(), Outcome::Refused, "back on");
     let s = g.stats(1);
     assert_eq!(
-        (s.passed, s.refused, s.allowed, s.expired),
+        (
+            s.syns_passed,
+            s.syns_refused,
+            s.syns_allowed,
+            s.syns_expired
+        ),
         (4, 2, 0, 0),
         "{s:?}"
     );
-    assert_eq!(g.stats(2).passed, 2);
+    assert_eq!(g.stats(2).syns_passed, 2);
 }
 
 #[test]
@@ -556,12 +561,17 @@ fn deadline() {
     g.expect_outcome(&syn4(80).build(), Outcome::Refused, "deadline u64::MAX");
     let s = g.stats(1);
     assert_eq!(
-        (s.passed, s.expired, s.refused, s.allowed),
+        (
+            s.syns_passed,
+            s.syns_expired,
+            s.syns_refused,
+            s.syns_allowed
+        ),
         (4, 4, 6, 0),
         "{s:?}"
     );
     let s = g.stats(2);
-    assert_eq!((s.passed, s.expired), (2, 2), "{s:?}");
+    assert_eq!((s.syns_passed, s.syns_expired), (2, 2), "{s:?}");
 }
 
 #[test]
@@ -629,9 +639,17 @@ fn allowlist() {
         "allowed source, other port",
     );
     let s1 = g.stats(1);
-    assert_eq!((s1.passed, s1.allowed, s1.refused), (6, 6, 6), "{s1:?}");
+    assert_eq!(
+        (s1.syns_passed, s1.syns_allowed, s1.syns_refused),
+        (6, 6, 6),
+        "{s1:?}"
+    );
     let s2 = g.stats(2);
-    assert_eq!((s2.passed, s2.allowed, s2.refused), (2, 2, 6), "{s2:?}");
+    assert_eq!(
+        (s2.syns_passed, s2.syns_allowed, s2.syns_refused),
+        (2, 2, 6),
+        "{s2:?}"
+    );
 }
 
 #[test]
@@ -720,8 +738,8 @@ fn deadline_holds_to_the_clock_despite_the_kept_reading() {
         let after = g.stats(1);
         assert_eq!(
             (
-                after.expired - before.expired,
-                after.refused - before.refused
+                after.syns_expired - before.syns_expired,
+                after.syns_refused - before.syns_refused
             ),
             (2, 0)
         );

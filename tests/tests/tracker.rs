@@ -680,6 +680,66 @@ fn wait_exits_0_after_the_last_connection_closes() {
     drop(clients);
 }
 
+/// `wait` whose reader goes away (`drain-user wait --json | head -1 && systemctl stop ...`)
+/// keeps waiting and exits with the drain's own outcome: 3 at the timeout, 0 only once the
+/// last connection has closed. Before, the first line written to the closed pipe (the next
+/// change of the count) ended it with exit 0, "drained", while connections were live.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn wait_with_its_stdout_closed_exits_with_the_drains_outcome() {
+    require_root();
+    const P: u16 = 8405;
+    let pair = NetNsPair::new();
+    let (server, clients, gate) = three_held_behind_a_gate(&pair, P);
+    // head reads the first line and exits, closing the pipe; bash exits with wait's code.
+    let closed_pipe = [
+        "bash",
+        "-c",
+        r#""$@" | head -1; exit "${PIPESTATUS[0]}""#,
+        "wait",
+    ];
+    let port = P.to_string();
+
+    // A timeout with connections left: 3, after the timeout.
+    let t0 = Instant::now();
+    let mut w = gate.spawn_via(
+        &closed_pipe,
+        &["wait", "--json", "--port", &port, "--timeout", "3s"],
+    );
+    w.expect_line(r#""live":3"#, SETTLE);
+    // The next change of the count is written to the closed pipe (EPIPE).
+    server.close_held(1, Close::Fin);
+    thread::sleep(Duration::from_millis(700));
+    assert!(
+        w.running(),
+        "wait ended when its reader went away, with 2 connections live: {:?}",
+        w.seen()
+    );
+    let out = w.wait_for(Duration::from_secs(30));
+    assert_eq!(out.code, Some(3), "not the timeout's exit code: {out}");
+    assert!(t0.elapsed() >= Duration::from_secs(3), "{out}");
+
+    // Drained: 0, and only after the last close.
+    let mut w = gate.spawn_via(
+        &closed_pipe,
+        &["wait", "--json", "--port", &port, "--timeout", "60s"],
+    );
+    w.expect_line(r#""live":2"#, SETTLE);
+    server.close_held(1, Close::Fin);
+    thread::sleep(Duration::from_millis(700));
+    assert!(
+        w.running(),
+        "wait ended when its reader went away, with a connection live: {:?}",
+        w.seen()
+    );
+    let t_close = Instant::now();
+    server.close_held(1, Close::Fin);
+    let out = w.wait_for(Duration::from_secs(30));
+    out.expect_ok();
+    assert!(out.exited > t_close, "{out}");
+    drop(clients);
+}
+
 /// `wait --timeout` with connections left exits 3 and lists each leftover's peer address
 /// and port, local port and state on stderr.
 #[test]

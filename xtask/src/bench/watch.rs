@@ -53,7 +53,7 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
         .tcp(Tcp::syn(40000, 80))
         .build()
         .bytes;
-    let (interval, burst) = drain_user::watch::limiter(100, n as u32);
+    let (interval, burst) = drain_user::limits::limiter(100, n as u32);
     let watchers = [
         ("watch off (nobody watching)", WatchConfig::default()),
         (
