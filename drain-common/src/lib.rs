@@ -146,6 +146,11 @@ const _: () = assert!(core::mem::size_of::<GateConfig>() == 64);
 /// `GateConfig::flags`: the operator asked for maintenance (`gate on --maint`), so the agent
 /// answers `maint` rather than `drain`.
 pub const FLAG_MAINT: u32 = 1;
+/// `GateConfig::flags` bits 8 to 31: the RST rate `gate on --rst-rate` was given (RSTs per
+/// second, at most 10,000,000 < 2^24), kept so `status` can report the setting exactly (the
+/// kernel uses `rst_interval_ns` and `rst_burst`, derived from it and the number of CPUs,
+/// and ignores this). 0 in a gate made before it was kept.
+pub const RST_RATE_SHIFT: u32 = 8;
 
 /// `GateConfig::allow` bits.
 pub const ALLOW_V4: u32 = 1;

@@ -108,7 +108,7 @@ impl Announce {
     /// refuses keeps refusing: announcing again does not reopen it; one that is announcing
     /// keeps its closing time.
     pub fn apply(&self, mut cfg: GateConfig, old: &GateConfig, now: u64) -> GateConfig {
-        cfg.flags = if self.maint { FLAG_MAINT } else { 0 };
+        cfg.flags = (cfg.flags & !FLAG_MAINT) | if self.maint { FLAG_MAINT } else { 0 };
         if let Some(d) = self.delay {
             cfg.quiet_ns = self.quiet.as_nanos() as u64;
             cfg.announce_ns = match Phase::of(old, now) {

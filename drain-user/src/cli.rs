@@ -110,7 +110,8 @@ pub enum Command {
         json: bool,
         /// text (default); json: one object {"gate", "policy", "sk_lookup", "expired",
         /// "ttl_remaining_ms", "interfaces", "ungated", "ports", "allow", "tracker",
-        /// "warnings"}; prometheus: the text exposition
+        /// "warnings", "announced", "closes_in_ms", "maint", "ttl_ms", "rst_rate",
+        /// "quiet_ms"}; prometheus: the text exposition
         /// format (drain_* metrics, port as a label).
         #[arg(long, value_enum)]
         format: Option<StatusFormat>,
@@ -269,11 +270,31 @@ pub enum GateAction {
         rst_rate: u32,
         #[command(flatten)]
         announce: AnnounceArgs,
+        #[command(flatten)]
+        plan: PlanArgs,
     },
     /// Open the gate, detach from every interface and remove every pin.
     ///
     /// Example: drain-user gate off
-    Off,
+    Off {
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+}
+
+/// `gate on/off --dry-run [--json]`.
+#[derive(Debug, Default, clap::Args)]
+pub struct PlanArgs {
+    /// Change nothing: print what the command would change, each setting that differs
+    /// between the gate wanted and the gate the kernel has (gate, ports, policy, allowlist,
+    /// interfaces and their hooks, TTL, RST rate, announcement, quiet, maint). Exit 0 either
+    /// way; bad input is the same usage error (exit 2) as without --dry-run.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: one JSON object {"action", "changed", "differences": [{"field",
+    /// "before", "after"}], "ttl_renewed", "status"}.
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
 }
 
 /// `status --format`.

@@ -29,7 +29,7 @@ use aya::{
 };
 use drain_common::{
     map, prog, GateConfig, ResetTraceConfig, ALLOW_V4, ALLOW_V6, GATE_OFF, GATE_ON,
-    MAX_ALLOW_PREFIXES,
+    MAX_ALLOW_PREFIXES, RST_RATE_SHIFT,
 };
 use ipnet::IpNet;
 
@@ -260,17 +260,7 @@ fn on_locked(
             ));
             continue;
         }
-        let hook = match (args.attach, iface.xdp) {
-            (AttachChoice::Tc, _) => Hook::Tc,
-            (AttachChoice::Auto, Some(_)) => Hook::Tc,
-            (AttachChoice::Xdp | AttachChoice::Auto, None) => Hook::Xdp,
-            (AttachChoice::Xdp, Some((id, _))) => bail!(
-                "another XDP program ({}) is attached to {}: drain does not replace it; \
-                 rerun with --attach tc (or --attach auto) to gate at TC ingress beside it",
-                iface::program_name(id),
-                iface.name
-            ),
-        };
+        let hook = hook_for(args.attach, iface)?;
         let classic = hook == Hook::Tc
             && !match tcx {
                 Some(t) => t,
@@ -299,16 +289,22 @@ fn on_locked(
             });
         report.push(format!("{} ({how}{was})", iface.name));
     }
+    // Ports, allowlists, then the single config write that turns the gate on; all of it,
+    // or (on a failed map write) the previous gate restored.
+    let cfg = config_for(args, &gate.config()?, boottime_ns());
+    gate.replace(&args.ports, &args.allow, cfg)?;
+    Ok(report)
+}
 
-    let now = boottime_ns();
+/// The config `gate on` writes for `args` over a gate whose config is `old` (all zero when
+/// there is none), at `now` (CLOCK_BOOTTIME ns). `gate on --dry-run` compares it with `old`.
+pub fn config_for(args: &OnArgs, old: &GateConfig, now: u64) -> GateConfig {
     let deadline_ns = match args.ttl {
         Some(ttl) => now.saturating_add(ttl.as_nanos() as u64),
         None => 0,
     };
     let ncpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
     let (rst_interval_ns, rst_burst) = limits::limiter(args.rst_rate, ncpus);
-    // Ports, allowlists, then the single config write that turns the gate on; all of it,
-    // or (on a failed map write) the previous gate restored.
     let cfg = GateConfig {
         enabled: GATE_ON,
         policy: args.policy.to_raw(),
@@ -322,11 +318,26 @@ fn on_locked(
                 IpNet::V6(_) => ALLOW_V6,
             }
         }),
+        flags: args.rst_rate << RST_RATE_SHIFT,
         ..Default::default()
     };
-    let cfg = args.announce.apply(cfg, &gate.config()?, now);
-    gate.replace(&args.ports, &args.allow, cfg)?;
-    Ok(report)
+    args.announce.apply(cfg, old, now)
+}
+
+/// The hook `gate on` attaches `iface` with, when it is not attached yet (`gate on
+/// --dry-run` asks the same).
+pub fn hook_for(attach: AttachChoice, iface: &Iface) -> Result<Hook> {
+    Ok(match (attach, iface.xdp) {
+        (AttachChoice::Tc, _) => Hook::Tc,
+        (AttachChoice::Auto, Some(_)) => Hook::Tc,
+        (AttachChoice::Xdp | AttachChoice::Auto, None) => Hook::Xdp,
+        (AttachChoice::Xdp, Some((id, _))) => bail!(
+            "another XDP program ({}) is attached to {}: drain does not replace it; \
+             rerun with --attach tc (or --attach auto) to gate at TC ingress beside it",
+            iface::program_name(id),
+            iface.name
+        ),
+    })
 }
 
 /// drain's eBPF object, loaded on first use.

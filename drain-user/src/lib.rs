@@ -15,6 +15,7 @@
 //! | [`state`] | [`state::OpenGate`]: one gate's pinned maps, opened once (switch, TTL, ports, counters, allowlists) |
 //! | [`track`] | the connection tracker: attach, seed, and [`track::Tracker`] (live counts, its set, its counters) |
 //! | [`status`] | `status`: collecting and printing it |
+//! | [`plan`] | `gate on/off --dry-run`: the difference between the wanted gate and the kernel's |
 //! | [`metrics`] | `status --format prometheus` / `--textfile`: the Prometheus exposition |
 //! | [`wait`] | `wait`: the poll loop and its outcome; `wait/report.rs` prints it (JSON, text, progress line) |
 //! | [`watch`] | `watch`: the live view (kernel events from a ring buffer) |
@@ -49,6 +50,7 @@ pub mod netns;
 pub mod object;
 pub mod output;
 pub mod pins;
+pub mod plan;
 pub mod state;
 pub mod status;
 pub mod sys;
@@ -67,13 +69,13 @@ use crate::cli::{Cli, Command, Exit, GateAction, Placement, StatusFormat};
 /// means exit 2, an [`output::Closed`] a quiet exit 0 (never from `wait`, which keeps going).
 pub fn run(cli: Cli) -> Result<Exit> {
     // `gate on` and `wait` load the tracker, a tracing program: CAP_PERFMON too.
-    let tracing = matches!(
-        cli.command,
-        Command::Wait { .. }
-            | Command::Gate {
-                action: GateAction::On { .. }
-            }
-    );
+    let tracing = match &cli.command {
+        Command::Wait { .. } => true,
+        Command::Gate {
+            action: GateAction::On { plan, .. },
+        } => !plan.dry_run,
+        _ => false,
+    };
     // The preflight reports missing privileges instead of stopping at them.
     if !matches!(cli.command, Command::Check { .. } | Command::Agent { .. }) {
         require_privileges(tracing)?;
@@ -110,6 +112,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
                     policy,
                     rst_rate,
                     announce,
+                    plan,
                 },
         } => {
             let args = gate::OnArgs {
@@ -127,6 +130,9 @@ pub fn run(cli: Cli) -> Result<Exit> {
             let targets = iface::resolve(&args.ifaces)?;
             if targets.is_empty() {
                 bail!("no interface is up in this network namespace: name one with --iface");
+            }
+            if plan.dry_run {
+                return print_plan(&plan::on(&args, &targets, status::collect()?)?, plan.json);
             }
             let report = gate::on(&args, &targets)?;
             // A published port: its connections live where a DNAT sends them.
@@ -158,8 +164,11 @@ pub fn run(cli: Cli) -> Result<Exit> {
             }
         }
         Command::Gate {
-            action: GateAction::Off,
+            action: GateAction::Off { plan },
         } => {
+            if plan.dry_run {
+                return print_plan(&plan::off(status::collect()?), plan.json);
+            }
             if gate::off()? {
                 outln!("gate off: detached and unpinned; new connections are accepted")?;
             } else {
@@ -220,6 +229,17 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 }
             }
         }
+    }
+    Ok(Exit::Success)
+}
+
+/// `gate on/off --dry-run`: the plan as JSON or text; exit 0 whether or not it changes
+/// anything (`changed` says).
+fn print_plan(p: &plan::Plan, json: bool) -> Result<Exit> {
+    if json {
+        outln!("{}", serde_json::to_string(p)?)?;
+    } else {
+        outln!("{}", plan::human(p))?;
     }
     Ok(Exit::Success)
 }

@@ -65,6 +65,60 @@ pub struct Status {
     closes_in_ms: Option<u64>,
     /// `gate on --maint`: the agent answers maint.
     maint: bool,
+    /// The TTL the gate was set with (`gate on --ttl`), in milliseconds; null with no TTL
+    /// or no gate. `ttl_remaining_ms` is what is left of it.
+    ttl_ms: Option<u64>,
+    /// The RSTs per second `gate on --rst-rate` allowed (policy reset); null with no gate.
+    rst_rate: Option<u32>,
+    /// `gate on --quiet` of an announced gate, in milliseconds; null otherwise.
+    quiet_ms: Option<u64>,
+    /// The config as read, and when (CLOCK_BOOTTIME ns): `gate on --dry-run` compares the
+    /// config `gate on` would write with it.
+    #[serde(skip)]
+    config: Option<(drain_common::GateConfig, u64)>,
+}
+
+impl Status {
+    pub fn gate(&self) -> GateState {
+        self.gate
+    }
+    pub fn expired(&self) -> bool {
+        self.expired
+    }
+    pub fn exists(&self) -> bool {
+        self.tracker.is_some()
+    }
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+    pub fn interfaces(&self) -> &[IfaceStatus] {
+        &self.interfaces
+    }
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.ports.iter().map(|p| p.port)
+    }
+    pub fn allow(&self) -> &[String] {
+        &self.allow
+    }
+    pub fn closes_in_ms(&self) -> Option<u64> {
+        self.closes_in_ms
+    }
+    pub fn maint(&self) -> bool {
+        self.maint
+    }
+    pub fn ttl_ms(&self) -> Option<u64> {
+        self.ttl_ms
+    }
+    pub fn rst_rate(&self) -> Option<u32> {
+        self.rst_rate
+    }
+    pub fn quiet_ms(&self) -> Option<u64> {
+        self.quiet_ms
+    }
+    /// The gate's config and when it was read; None with no gate.
+    pub fn config(&self) -> Option<(drain_common::GateConfig, u64)> {
+        self.config
+    }
 }
 
 /// One gated port.
@@ -144,6 +198,10 @@ pub fn collect() -> Result<Status> {
         announced: false,
         closes_in_ms: None,
         maint: false,
+        ttl_ms: None,
+        rst_rate: None,
+        quiet_ms: None,
+        config: None,
     };
     let all = iface::interfaces()?;
     let dir = pins::gate_dir()?;
@@ -164,6 +222,10 @@ pub fn collect() -> Result<Status> {
         st.closes_in_ms = Some(closes_in_ns / 1_000_000);
     }
     st.maint = cfg.enabled == GATE_ON && cfg.flags & drain_common::FLAG_MAINT != 0;
+    st.ttl_ms = (cfg.ttl_ns != 0).then_some(cfg.ttl_ns / 1_000_000);
+    st.rst_rate = Some(rst_rate(&cfg));
+    st.quiet_ms = st.announced.then_some(cfg.quiet_ns / 1_000_000);
+    st.config = Some((cfg, now));
     let (interfaces, ours) = interfaces(&gate, &all, st.policy)?;
     st.interfaces = interfaces;
     st.sk_lookup = links::lookup_attached(&LinkPin::Lookup.path(&dir));
@@ -332,6 +394,18 @@ pub fn collect() -> Result<Status> {
     Ok(st)
 }
 
+/// The RST rate a gate was set with: kept in its config's flags; for a gate made before
+/// that, the rate its interval gives (the CPUs together: one RST per interval each).
+fn rst_rate(cfg: &drain_common::GateConfig) -> u32 {
+    match cfg.flags >> drain_common::RST_RATE_SHIFT {
+        0 if cfg.rst_interval_ns != 0 => {
+            let ncpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u64;
+            (ncpus * 1_000_000_000 / cfg.rst_interval_ns).min(u64::from(u32::MAX)) as u32
+        }
+        rate => rate,
+    }
+}
+
 /// The interfaces the gate has links for, and the ids of the programs those links run.
 fn interfaces(
     gate: &OpenGate,
@@ -435,10 +509,13 @@ pub fn human(st: &Status) -> String {
 }
 
 fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
+    let set = st.ttl_ms.map_or(String::new(), |ms| {
+        format!(" {}", humantime::format_duration(Duration::from_millis(ms)))
+    });
     let ttl = match (st.expired, st.ttl_remaining_ms) {
-        (true, _) => " (TTL ran out: the kernel lets every connection through)".to_string(),
+        (true, _) => format!(" (TTL{set} ran out: the kernel lets every connection through)"),
         (false, Some(ms)) => format!(
-            " (TTL: opens by itself in {})",
+            " (TTL{set}: opens by itself in {})",
             humantime::format_duration(Duration::from_secs(ms / 1000))
         ),
         (false, None) => String::new(),
@@ -462,6 +539,9 @@ fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
             Policy::Reset => "reset",
         };
         writeln!(s, "policy: {policy}")?;
+        if let (Policy::Reset, Some(rate)) = (st.policy, st.rst_rate) {
+            writeln!(s, "rst rate: at most {rate} RSTs/s")?;
+        }
     }
     for w in &st.warnings {
         writeln!(s, "warning: {w}")?;
@@ -623,6 +703,10 @@ mod tests {
             announced: true,
             closes_in_ms: Some(2500),
             maint: false,
+            ttl_ms: Some(900_000),
+            rst_rate: Some(1000),
+            quiet_ms: Some(3000),
+            config: None,
         };
         assert_eq!(
             serde_json::to_string(&st).unwrap(),
@@ -640,7 +724,8 @@ mod tests {
                 r#""syns_allowed":2,"syns_expired":3,"rst_sent":4,"rst_limited":5,"rst_not_syn":6}],"#,
                 r#""allow":["10.0.0.0/8"],"#,
                 r#""tracker":{"added":118,"removed":106,"insert_failed":0,"read_failed":7},"#,
-                r#""warnings":["w"],"announced":true,"closes_in_ms":2500,"maint":false}"#
+                r#""warnings":["w"],"announced":true,"closes_in_ms":2500,"maint":false,"#,
+                r#""ttl_ms":900000,"rst_rate":1000,"quiet_ms":3000}"#
             )
         );
     }

@@ -605,6 +605,13 @@ pub fn assert_status_schema(st: &Json) {
         "ttl_remaining_ms must be a number or null: {}",
         ctx()
     );
+    for key in ["ttl_ms", "rst_rate"] {
+        assert!(
+            st[key].is_null() || st[key].as_u64().is_some(),
+            "{key} must be a number or null: {}",
+            ctx()
+        );
+    }
     let ifaces = st["interfaces"].as_array().unwrap_or_else(|| {
         panic!("interfaces must be an array: {}", ctx());
     });
