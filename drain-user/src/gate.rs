@@ -34,9 +34,9 @@ use drain_common::{
 use ipnet::IpNet;
 
 use crate::{
-    btf,
-    cli::{usage, AttachChoice, Policy},
-    clsact, errln,
+    btf, clsact,
+    domain::{usage, AttachChoice, Policy},
+    errln,
     iface::{self, Iface},
     limits,
     links::{self, Attachment, LinkState},

@@ -9,8 +9,9 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
-    cli::Policy,
-    clsact, gate,
+    clsact,
+    domain::Policy,
+    gate,
     iface::{self, Iface, XdpMode},
     links::{self, LinkState, TcMode},
     pins::{self, Hook, LinkPin},
