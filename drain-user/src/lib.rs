@@ -24,6 +24,7 @@
 //! | [`iface`] | the namespace's interfaces and the programs attached to them |
 //! | [`limits`] | the limits a gate's input is held to (ports per gate, rate -> per-CPU limiter), each written once |
 //! | [`links`] | what the kernel says about each pinned link: attached here, detached, moved away |
+//! | [`clsact`] | `--attach tc` without TCX: the clsact qdisc, drain's cls_bpf filter, its record, the kernel's view of it |
 //! | [`diag`] | sock_diag (inet_diag) dumps of TCP connections |
 //! | [`conntrack`] | ctnetlink dumps: connections to a local port destination-NATed elsewhere (published ports) |
 //! | [`follow`] | following a gated port's forwarded connections into the namespace they end in ([`follow::Follower`]) |
@@ -37,6 +38,7 @@ pub mod agent;
 pub mod btf;
 pub mod check;
 pub mod cli;
+pub mod clsact;
 pub mod conntrack;
 pub mod diag;
 pub mod domain;
