@@ -713,13 +713,19 @@ fn deadline_holds_to_the_clock_despite_the_kept_reading() {
     let mut g = Gate::new();
     let frame = syn4(80).build().bytes;
     let mut checked = 0;
+    // How far ahead the deadline is set: 300 µs, doubled (up to 4 ms, a tick at HZ=250)
+    // while a run comes after it already, as under emulation (TCG), where a map update and
+    // a test run took longer than 300 µs on every round.
+    let mut lead = 300_000;
     for _ in 0..50 {
-        // A deadline 300 µs away: the first run refuses and leaves its reading behind...
-        let deadline = boottime_ns() + 300_000;
+        // A deadline `lead` away: the first run refuses and leaves its reading behind...
+        let deadline = boottime_ns() + lead;
         g.set_config(GATE_ON, deadline);
         let (ret, _) = try_test_run(g.fd(Prog::Xdp), &frame).unwrap();
         if ret != Prog::Xdp.retval(true) {
-            continue; // this run came after the deadline already: nothing was kept
+            // this run came after the deadline already: nothing was kept
+            lead = (lead * 2).min(4_000_000);
+            continue;
         }
         // ...and once the deadline has passed (most often within the same tick), the
         // next runs must let the SYN pass and count it as expired.

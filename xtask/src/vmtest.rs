@@ -53,9 +53,15 @@ const QUICK: &[(&str, &[&str])] = &[
         &[
             "connections_opened_before_gate_on_are_counted",
             "wait_exits_0_after_the_last_connection_closes",
+            "wait_times_out_with_3_listing_leftovers",
         ],
     ),
-    ("policy", &["reset_contract_xdp"]),
+    (
+        "policy",
+        &["reset_contract_xdp", "ttl_opens_the_gate_by_itself"],
+    ),
+    ("prog_test_run", &[]),
+    ("bad_input", &["surprising_inputs_are_refused_or_warned"]),
 ];
 
 /// Test binaries that cannot run in the guest, and why: they need the network (PyPI) or
