@@ -163,10 +163,17 @@ impl Kernel {
         }
         for (b, n) in expected {
             if !tests.iter().any(|t| &t.binary == b && &t.name == n) {
+                // A guest that finished without reporting a test the host listed ran
+                // something else: that is a failure, not a test the kernel could not run.
+                let status = if done {
+                    Status::Failed("listed on the host, never reported by the guest".into())
+                } else {
+                    Status::NotRun("never reached: the guest stopped before it".into())
+                };
                 tests.push(TestResult {
                     binary: b.clone(),
                     name: n.clone(),
-                    status: Status::NotRun("never reached: the guest stopped before it".into()),
+                    status,
                     secs: 0.0,
                     output: Vec::new(),
                 });
@@ -330,6 +337,39 @@ mod tests {
         assert!(matches!(st("five"), Status::NotRun(w) if w.contains("never reached")));
         assert!(k.problem.as_deref().unwrap().contains("Kernel panic"));
         assert_eq!(k.count(), (1, 2, 2));
+        assert!(k.failed());
+    }
+
+    /// A guest that finished its run without a test the host listed (a renamed test, a
+    /// filter the guest read differently) fails that kernel: a test never run is not a
+    /// test the kernel could not run.
+    #[test]
+    fn a_finished_run_missing_a_listed_test_fails() {
+        let dir = std::env::temp_dir().join(format!("vmtest-missing-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let results = dir.join("r.log");
+        fs::write(
+            &results,
+            "@@VMTEST begin a one\ntest one ... ok\n@@VMTEST result a ok 10 one\n@@VMTEST done\n",
+        )
+        .unwrap();
+        let expected = vec![
+            ("a".to_string(), "one".to_string()),
+            ("a".to_string(), "gone".to_string()),
+        ];
+        let k = Kernel::from_log(
+            "5.10",
+            "5.10.0",
+            &results,
+            &dir.join("none"),
+            &expected,
+            "exited".into(),
+            Duration::ZERO,
+        )
+        .unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(k.problem.is_none());
+        assert_eq!(k.count(), (1, 1, 0));
         assert!(k.failed());
     }
 }
