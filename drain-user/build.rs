@@ -33,7 +33,12 @@ fn main() {
         .expect("drain-user sits in the workspace")
         .to_path_buf();
     let target = env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let obj = target.join("bpfel-unknown-none/release/drain");
+    // The object xtask built for this target's byte order (bpfel or bpfeb).
+    let bpf = match env::var("CARGO_CFG_TARGET_ENDIAN").as_deref() {
+        Ok("big") => "bpfeb-unknown-none",
+        _ => "bpfel-unknown-none",
+    };
+    let obj = target.join(bpf).join("release/drain");
     let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo")).join("drain.bpf.o");
     // A path that does not exist yet makes cargo rerun this script on every build, so the
     // object is picked up as soon as it is built.

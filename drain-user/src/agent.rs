@@ -40,7 +40,7 @@ use drain_common::{map, GateConfig, PortStats, FLAG_MAINT, GATE_ON, MAX_GATED_PO
 use serde::Serialize;
 
 use crate::{
-    cli::{usage, AgentArgs, AnnounceArgs, Exit},
+    domain::{usage, Exit},
     errln, outln, pins,
     state::{boottime_ns, OpenGate},
     sys,
@@ -54,17 +54,6 @@ pub struct Announce {
     pub quiet: Duration,
     pub maint: bool,
     pub agent_port: Option<u16>,
-}
-
-impl From<AnnounceArgs> for Announce {
-    fn from(a: AnnounceArgs) -> Self {
-        Self {
-            delay: a.announce,
-            quiet: a.quiet,
-            maint: a.maint,
-            agent_port: a.agent_port,
-        }
-    }
 }
 
 /// Below this a quiet window says nothing about a balancer (its checks run every few
@@ -243,17 +232,24 @@ fn read_gate() -> Result<Option<(GateConfig, Vec<PortLive>)>> {
     Ok(Some((cfg, ports)))
 }
 
+impl Reading {
+    /// The answer with nothing read yet: no gate, no ports.
+    fn of(answer: Answer) -> Self {
+        Reading {
+            state: "ready",
+            gate: "none",
+            closes_in_ms: None,
+            ttl_remaining_ms: None,
+            live_connections: 0,
+            ports: vec![],
+            error: None,
+            answer,
+        }
+    }
+}
+
 fn reading() -> Reading {
-    let mut r = Reading {
-        state: "ready",
-        gate: "none",
-        closes_in_ms: None,
-        ttl_remaining_ms: None,
-        live_connections: 0,
-        ports: vec![],
-        error: None,
-        answer: Answer::Ready,
-    };
+    let mut r = Reading::of(Answer::Ready);
     match read_gate() {
         Ok(None) => {}
         Ok(Some((cfg, ports))) => {
@@ -423,7 +419,7 @@ fn read_request(s: &mut TcpStream, greeting: Duration) -> Request {
 }
 
 /// Answers one connection.
-fn answer(mut s: TcpStream, args: &AgentArgs) {
+fn answer(mut s: TcpStream, args: &Options) {
     let reply = match read_request(&mut s, args.greeting) {
         Request::Silent | Request::Line => agent_line(&reading(), args.weight),
         Request::Http { head } => {
@@ -470,7 +466,16 @@ fn sock_opt(fd: RawFd, level: i32, name: i32) -> Option<i32> {
 /// Concurrent connections served on a listening socket; more wait in its backlog.
 const MAX_CONNS: usize = 32;
 
-pub fn serve(args: &AgentArgs) -> Result<Exit> {
+/// How `drain-user agent` answers (its command-line options).
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// `--weight`: the weight an agent-check `ready` answer carries, if any.
+    pub weight: Option<u16>,
+    /// `--greeting`: how long to wait for a request before answering an agent check.
+    pub greeting: Duration,
+}
+
+pub fn serve(args: &Options) -> Result<Exit> {
     let (fd, from) = match listen_fd() {
         Some(fd) => (fd, "the socket passed by systemd (LISTEN_FDS)"),
         None => (0, "stdin"),
@@ -489,7 +494,7 @@ pub fn serve(args: &AgentArgs) -> Result<Exit> {
     if sock_opt(owned.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1) {
         let listener = std::net::TcpListener::from(owned);
         let busy = Arc::new(AtomicUsize::new(0));
-        let args = Arc::new(AgentArgs {
+        let args = Arc::new(Options {
             weight: args.weight,
             greeting: args.greeting,
         });
@@ -702,7 +707,7 @@ mod tests {
 
     #[test]
     fn replies() {
-        let mut r = reading_of(Answer::Ready);
+        let mut r = Reading::of(Answer::Ready);
         assert_eq!(agent_line(&r, None), "ready\n");
         assert_eq!(agent_line(&r, Some(100)), "ready 100%\n");
         r.answer = Answer::Drain;
@@ -714,18 +719,5 @@ mod tests {
         assert!(!is_http_start(b"be_web/srv1\n"));
         assert!(is_http_start(b"GET\r\n\r\n"));
         assert!(!is_http_start(b"GETTING\n"));
-    }
-
-    fn reading_of(answer: Answer) -> Reading {
-        Reading {
-            state: "ready",
-            gate: "none",
-            closes_in_ms: None,
-            ttl_remaining_ms: None,
-            live_connections: 0,
-            ports: vec![],
-            error: None,
-            answer,
-        }
     }
 }

@@ -21,7 +21,7 @@ use drain_common::prog;
 use serde::Serialize;
 
 use crate::{
-    cli::{AttachChoice, Policy},
+    domain::{AttachChoice, Policy},
     iface::{self, Iface},
     object, pins, sys,
 };

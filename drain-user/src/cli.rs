@@ -1,13 +1,19 @@
 //! The command line: the clap definition (its doc comments are the help text), the value
-//! types it parses (attach choice, policy, TTL, durations), usage errors and exit codes.
+//! types it parses (TTL, durations, prefixes) and their mapping onto the domain's types
+//! ([`crate::domain`]). The only module that knows clap: nothing below it imports from here.
 //!
 //! [`Cli`] is public so that man pages and shell completions can be generated from it.
 
-use std::{fmt, process::ExitCode, time::Duration};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use drain_common::{POLICY_DROP, POLICY_RESET};
 use ipnet::IpNet;
+
+use crate::{
+    agent::Announce,
+    domain::{AttachChoice, Policy, Runtime},
+    target::Target,
+};
 
 /// `--version`: the crate version and the first 12 hex digits of the SHA-256 of the kernel
 /// object built into the binary (`none`: built without it).
@@ -26,7 +32,7 @@ pub const VERSION: &str = concat!(
 #[command(name = "drain-user", version = VERSION)]
 pub struct Cli {
     #[command(flatten)]
-    pub target: Target,
+    pub target: TargetArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -36,7 +42,7 @@ pub struct Cli {
 /// namespace, so the gate's pins stay in the host's bpffs: the gate, tracker, TTL, policy,
 /// status, watch and reaper then work there exactly as in any namespace. At most one.
 #[derive(Debug, Default, clap::Args)]
-pub struct Target {
+pub struct TargetArgs {
     /// Act in the network namespace at PATH (e.g. /var/run/netns/NAME, /proc/PID/ns/net).
     ///
     /// Example: drain-user --netns /var/run/netns/web gate on --port 80
@@ -61,15 +67,35 @@ pub struct Target {
         requires = "container",
         value_name = "RUNTIME"
     )]
-    pub runtime: Option<Runtime>,
+    pub runtime: Option<RuntimeArg>,
 }
 
 /// `--runtime`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Runtime {
+pub enum RuntimeArg {
     #[default]
     Docker,
     Podman,
+}
+
+impl From<RuntimeArg> for Runtime {
+    fn from(r: RuntimeArg) -> Self {
+        match r {
+            RuntimeArg::Docker => Runtime::Docker,
+            RuntimeArg::Podman => Runtime::Podman,
+        }
+    }
+}
+
+impl From<&TargetArgs> for Target {
+    fn from(t: &TargetArgs) -> Self {
+        Target {
+            netns: t.netns.clone(),
+            pid: t.pid,
+            container: t.container.clone(),
+            runtime: t.runtime.map(Runtime::from),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,8 +116,8 @@ pub enum Command {
         #[command(flatten)]
         place: Placement,
         /// The policy `gate on` would be asked for.
-        #[arg(long, value_enum, default_value_t = Policy::Drop)]
-        policy: Policy,
+        #[arg(long, value_enum, default_value_t = PolicyArg::Drop)]
+        policy: PolicyArg,
         /// One JSON object: {"ok", "problem", "kernel", "checks", "interfaces"}.
         #[arg(long)]
         json: bool,
@@ -222,6 +248,17 @@ pub struct AnnounceArgs {
     pub agent_port: Option<u16>,
 }
 
+impl From<AnnounceArgs> for Announce {
+    fn from(a: AnnounceArgs) -> Self {
+        Self {
+            delay: a.announce,
+            quiet: a.quiet,
+            maint: a.maint,
+            agent_port: a.agent_port,
+        }
+    }
+}
+
 /// Where a gate goes: its interfaces and its hook (`gate on`, and `check` asking about it).
 #[derive(Debug, clap::Args)]
 pub struct Placement {
@@ -230,8 +267,8 @@ pub struct Placement {
     pub ifaces: Vec<String>,
     /// Hook: xdp (fastest; refuses if another XDP program holds the interface), tc
     /// (TCX ingress, alongside other programs), auto (xdp where free, tc elsewhere).
-    #[arg(long, value_enum, default_value_t = AttachChoice::Xdp)]
-    pub attach: AttachChoice,
+    #[arg(long, value_enum, default_value_t = AttachArg::Xdp)]
+    pub attach: AttachArg,
 }
 
 #[derive(Debug, Subcommand)]
@@ -262,8 +299,8 @@ pub enum GateAction {
         /// (the kernel's TCP answers with a RST: ECONNREFUSED at once, on every interface of
         /// the namespace, those created later too; rate-limited by --rst-rate on the gated
         /// interfaces).
-        #[arg(long, value_enum, default_value_t = Policy::Drop)]
-        policy: Policy,
+        #[arg(long, value_enum, default_value_t = PolicyArg::Drop)]
+        policy: PolicyArg,
         /// Most RSTs sent per second (all CPUs together); refusals beyond it are dropped
         /// and counted, so spoofed SYNs cannot turn the host into a reflector.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
@@ -305,9 +342,9 @@ pub enum StatusFormat {
     Prometheus,
 }
 
-/// How `gate on` may attach where it has to attach anew.
+/// `--attach`: how `gate on` may attach where it has to attach anew ([`AttachChoice`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum AttachChoice {
+pub enum AttachArg {
     /// XDP (native where the driver supports it, generic otherwise); refuse interfaces
     /// where another XDP program is attached.
     Xdp,
@@ -317,10 +354,19 @@ pub enum AttachChoice {
     Auto,
 }
 
-/// How refused connection requests are answered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Policy {
+impl From<AttachArg> for AttachChoice {
+    fn from(a: AttachArg) -> Self {
+        match a {
+            AttachArg::Xdp => AttachChoice::Xdp,
+            AttachArg::Tc => AttachChoice::Tc,
+            AttachArg::Auto => AttachChoice::Auto,
+        }
+    }
+}
+
+/// `--policy`: how refused connection requests are answered ([`Policy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PolicyArg {
     /// Drop the SYN: the client retries for a while (Linux: ~130 s) before giving up.
     Drop,
     /// Answer with a RST: the client sees ECONNREFUSED at once and a load balancer retries
@@ -330,21 +376,11 @@ pub enum Policy {
     Reset,
 }
 
-impl Policy {
-    /// The value of `GateConfig::policy`.
-    pub fn to_raw(self) -> u32 {
-        match self {
-            Policy::Drop => POLICY_DROP,
-            Policy::Reset => POLICY_RESET,
-        }
-    }
-
-    /// From `GateConfig::policy`; anything the kernel does not know as reset drops.
-    pub fn from_raw(raw: u32) -> Self {
-        if raw == POLICY_RESET {
-            Policy::Reset
-        } else {
-            Policy::Drop
+impl From<PolicyArg> for Policy {
+    fn from(p: PolicyArg) -> Self {
+        match p {
+            PolicyArg::Drop => Policy::Drop,
+            PolicyArg::Reset => Policy::Reset,
         }
     }
 }
@@ -424,59 +460,6 @@ pub fn parse_allow(s: &str) -> Result<IpNet, String> {
 /// `--timeout`, `--idle`: a human duration (500ms, 30s, 5m, 1h 30m).
 pub fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
-}
-
-/// A usage error found after argument parsing (unknown interface, ...): exit code 2.
-#[derive(Debug)]
-pub struct UsageError(pub String);
-
-impl fmt::Display for UsageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UsageError {}
-
-pub fn usage(msg: impl Into<String>) -> anyhow::Error {
-    UsageError(msg.into()).into()
-}
-
-/// How the process ends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Exit {
-    /// Done (also: stdout closed by its reader, e.g. `| head -1`, except for `wait`, whose
-    /// 0 only ever means drained or idle).
-    Success,
-    /// Something failed; the message says what and what to do.
-    Failure,
-    /// Bad usage: nothing was changed.
-    Usage,
-    /// `wait`: the timeout passed before the ports drained.
-    Timeout,
-    /// `wait`: SIGINT (128 + 2, as a shell reports it).
-    Interrupted,
-    /// `wait`: SIGTERM (128 + 15).
-    Terminated,
-}
-
-impl Exit {
-    pub fn code(self) -> u8 {
-        match self {
-            Exit::Success => 0,
-            Exit::Failure => 1,
-            Exit::Usage => 2,
-            Exit::Timeout => 3,
-            Exit::Interrupted => 130,
-            Exit::Terminated => 143,
-        }
-    }
-}
-
-impl From<Exit> for ExitCode {
-    fn from(e: Exit) -> Self {
-        ExitCode::from(e.code())
-    }
 }
 
 /// What to do with a command line clap rejected: `Ok` for output clap prints itself
@@ -573,8 +556,8 @@ mod tests {
         };
         assert_eq!(ports, [80, 443, 8080]);
         assert_eq!(ttl, Ttl(Some(Duration::from_secs(600))));
-        assert_eq!(attach, AttachChoice::Xdp);
-        assert_eq!(policy, Policy::Drop);
+        assert_eq!(attach, AttachArg::Xdp);
+        assert_eq!(policy, PolicyArg::Drop);
         assert_eq!(rst_rate, 1000);
     }
 
@@ -642,13 +625,6 @@ mod tests {
             line.contains("198.18.3.77/8") && line.contains("--allow"),
             "{line}"
         );
-    }
-
-    #[test]
-    fn policy_raw_round_trip() {
-        for p in [Policy::Drop, Policy::Reset] {
-            assert_eq!(Policy::from_raw(p.to_raw()), p);
-        }
     }
 
     #[test]

@@ -312,12 +312,12 @@ pub fn after_gate_on(dir: &Path, ports: &BTreeSet<u16>) -> Result<Vec<String>> {
 /// refused SYN to the stack for the namespace's sk_lookup program to refuse, but a DNATed
 /// SYN is forwarded before any local lookup: it would reach the container and be accepted.
 /// Policy drop refuses it in XDP/TC, before the DNAT.
-pub fn check_policy(ports: &BTreeSet<u16>, policy: crate::cli::Policy) -> Result<()> {
-    if policy != crate::cli::Policy::Reset {
+pub fn check_policy(ports: &BTreeSet<u16>, policy: crate::domain::Policy) -> Result<()> {
+    if policy != crate::domain::Policy::Reset {
         return Ok(());
     }
     if let Some(f) = conntrack::forwarded(ports)?.first() {
-        return Err(crate::cli::usage(format!(
+        return Err(crate::domain::usage(format!(
             "port {} is forwarded (DNAT) to {}: under --policy reset a refused SYN is handed \
              to the stack, which forwards it there instead of refusing it; use --policy drop \
              (the gate drops it before the DNAT)",

@@ -35,7 +35,7 @@ use ipnet::IpNet;
 
 use crate::{
     btf,
-    cli::{usage, AttachChoice, Policy},
+    domain::{usage, AttachChoice, Policy},
     errln,
     iface::{self, Iface},
     limits,

@@ -9,7 +9,7 @@ use netlink_packet_route::{
 };
 use netlink_sys::protocols::NETLINK_ROUTE;
 
-use crate::{cli::usage, netlink};
+use crate::{domain::usage, netlink};
 
 /// One network interface.
 #[derive(Clone, Debug)]

@@ -5,7 +5,8 @@
 //!
 //! | module | holds |
 //! |---|---|
-//! | [`cli`] | the command line (clap), its value types (attach choice, policy, TTL, durations), usage errors, exit codes |
+//! | [`cli`] | the command line (clap): its definition, the values it parses (TTL, durations, prefixes), their mapping onto [`domain`]'s types; the only module that knows clap |
+//! | [`domain`] | the domain's types: attach choice, policy, container runtime, exit codes, usage errors (no clap) |
 //! | [`output`] | stdout/stderr lines that end the command quietly on EPIPE |
 //! | [`object`] | the embedded eBPF object and loading it |
 //! | [`netns`] | network-namespace identity (inode + cookie), the state directory name, liveness and orphaned state |
@@ -37,6 +38,7 @@ pub mod check;
 pub mod cli;
 pub mod conntrack;
 pub mod diag;
+pub mod domain;
 pub mod follow;
 pub mod gate;
 pub mod iface;
@@ -61,9 +63,12 @@ use std::collections::BTreeSet;
 
 use anyhow::{bail, Result};
 
-use crate::cli::{Cli, Command, Exit, GateAction, Placement, StatusFormat};
+use crate::{
+    cli::{Cli, Command, GateAction, Placement, StatusFormat},
+    domain::Exit,
+};
 
-/// Runs one command. Errors carry their whole context; a [`cli::UsageError`] among them
+/// Runs one command. Errors carry their whole context; a [`domain::UsageError`] among them
 /// means exit 2, an [`output::Closed`] a quiet exit 0 (never from `wait`, which keeps going).
 pub fn run(cli: Cli) -> Result<Exit> {
     // `gate on` and `wait` load the tracker, a tracing program: CAP_PERFMON too.
@@ -79,7 +84,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
         require_privileges(tracing)?;
     }
     // Before any thread starts (the tokio runtime, scoped helpers): they inherit it.
-    target::enter(&cli.target)?;
+    target::enter(&target::Target::from(&cli.target))?;
     pins::check_mount_namespace()?;
     match cli.command {
         Command::Check {
@@ -89,7 +94,11 @@ pub fn run(cli: Cli) -> Result<Exit> {
             json,
         } => {
             limits::check_port_count(ports.len())?;
-            let report = check::decide(&check::probe(&ifaces)?, &check::Wanted { attach, policy });
+            let want = check::Wanted {
+                attach: attach.into(),
+                policy: policy.into(),
+            };
+            let report = check::decide(&check::probe(&ifaces)?, &want);
             if json {
                 outln!("{}", serde_json::to_string(&report)?)?;
             } else {
@@ -116,10 +125,10 @@ pub fn run(cli: Cli) -> Result<Exit> {
             let args = gate::OnArgs {
                 ports: ports.into_iter().collect::<BTreeSet<_>>(),
                 ifaces,
-                attach,
+                attach: attach.into(),
                 ttl: ttl.0,
                 allow,
-                policy,
+                policy: policy.into(),
                 rst_rate,
                 announce: agent::Announce::from(announce),
             };
@@ -173,7 +182,12 @@ pub fn run(cli: Cli) -> Result<Exit> {
                 outln!("gate off: no gate in this network namespace (already off)")?;
             }
         }
-        Command::Agent { args } => return agent::serve(&args),
+        Command::Agent { args } => {
+            return agent::serve(&agent::Options {
+                weight: args.weight,
+                greeting: args.greeting,
+            })
+        }
         Command::Watch {
             json,
             rate,

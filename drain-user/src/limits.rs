@@ -5,7 +5,7 @@
 use anyhow::Result;
 use drain_common::MAX_GATED_PORTS;
 
-use crate::cli::usage;
+use crate::domain::usage;
 
 /// `n` distinct ports fit in one gate (the kernel's stats map has [`MAX_GATED_PORTS`]
 /// slots), or a usage error saying so.

@@ -5,7 +5,8 @@ use std::{io::Write, process::ExitCode};
 
 use clap::Parser;
 use drain_user::{
-    cli::{self, Cli, Exit, UsageError},
+    cli::{self, Cli},
+    domain::{Exit, UsageError},
     output,
 };
 

@@ -188,10 +188,15 @@ fn is_bpffs(path: &std::ffi::CStr) -> bool {
 /// the host's bpffs. (A service with a private mount namespace of its own, e.g. systemd's
 /// PrivateTmp, still sees the host's bpffs through mount propagation: the same instance.)
 pub fn check_mount_namespace() -> Result<()> {
-    let ino = |p: &str| fs::metadata(p).map(|m| m.ino()).ok();
-    let Some(own) = ino("/proc/self/ns/mnt") else {
+    // A namespace is (nsfs device, inode). Where PID 1 is out of reach (no privileges),
+    // 5.10 does not fail the stat of its ns/mnt link: it answers with a procfs inode (a
+    // directory, mode 0511) instead of the namespace's; so a link counts only when it
+    // resolved to an inode on the same nsfs as our own.
+    let ns = |p: &str| fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    let Some(own) = ns("/proc/self/ns/mnt") else {
         return Ok(()); // no /proc: cannot tell, let ensure_bpffs try
     };
+    let ino = |p: &str| ns(p).filter(|&(dev, _)| dev == own.0);
     // The mount namespace to compare with: PID 1's, or where PID 1 is out of reach (a
     // container, hidepid) the parent's (`ip netns exec` unshares in the process it then
     // becomes, so the parent is still where the caller was).

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
-    cli::Policy,
+    domain::Policy,
     gate,
     iface::{self, Iface, XdpMode},
     links::{self, LinkState},

@@ -18,7 +18,18 @@ use std::{
 
 use anyhow::Result;
 
-use crate::cli::{usage, Runtime, Target};
+use crate::domain::{usage, Runtime};
+
+/// The network namespace a command acts on: at most one of a path, a process or a
+/// container (none: the caller's own).
+#[derive(Clone, Debug, Default)]
+pub struct Target {
+    pub netns: Option<PathBuf>,
+    pub pid: Option<u32>,
+    pub container: Option<String>,
+    /// The runtime `container` belongs to (default Docker).
+    pub runtime: Option<Runtime>,
+}
 
 /// `statfs.f_type` of nsfs (include/uapi/linux/magic.h).
 const NSFS_MAGIC: i64 = 0x6e73_6673;

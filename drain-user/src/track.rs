@@ -209,6 +209,36 @@ impl Tracker {
         Ok(())
     }
 
+    /// Adds one connection found by a dump to the live set, counted under `port`; true when
+    /// this insert counted it (not the tracker, which may have seen it first).
+    fn seed_one(&mut self, k: ConnKey, port: u16, failed: &mut u32) -> bool {
+        match self.socks.insert(k, u32::from(port), NOEXIST) {
+            Ok(()) => {
+                self.live.add(port, 1);
+                true
+            }
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                false
+            }
+            // The set is full: the count is now low, which must show (and stop `wait` from
+            // reporting "drained").
+            Err(_) => {
+                *failed += 1;
+                false
+            }
+        }
+    }
+
+    /// Adds `failed` seed inserts to the count the tracker's `insert_failed` includes.
+    fn note_seed_failed(&mut self, failed: u32) -> Result<()> {
+        if failed != 0 {
+            let mut cfg = self.config.get(&0, 0)?;
+            cfg.seed_failed = cfg.seed_failed.saturating_add(failed);
+            self.config.set(0, cfg, 0)?;
+        }
+        Ok(())
+    }
+
     /// Adds the live passive connections that predate the tracker. Call after it is
     /// attached: a connection that opens in between is then seen by both, and the NOEXIST
     /// insert lets exactly one of them count it. One that closes between the dump and the
@@ -220,23 +250,11 @@ impl Tracker {
         for c in diag::passive_live(false)? {
             let port = c.local.port();
             let k = key(netns, &c);
-            match self.socks.insert(k, u32::from(port), NOEXIST) {
-                Ok(()) => {
-                    self.live.add(port, 1);
-                    seeded.push((k, port));
-                }
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                // The set is full: the count is now low, which must show (and stop `wait`
-                // from reporting "drained").
-                Err(_) => failed += 1,
+            if self.seed_one(k, port, &mut failed) {
+                seeded.push((k, port));
             }
         }
-        if failed != 0 {
-            let mut cfg = self.config.get(&0, 0)?;
-            cfg.seed_failed = cfg.seed_failed.saturating_add(failed);
-            self.config.set(0, cfg, 0)?;
-        }
+        self.note_seed_failed(failed)?;
         let still: HashSet<ConnKey> =
             diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, false)?
                 .iter()
@@ -292,21 +310,11 @@ impl Tracker {
         let mut failed = 0u32;
         for c in conns.iter().filter(|c| c.local.port() == port) {
             let k = self::key(there, c);
-            match self.socks.insert(k, u32::from(gated), NOEXIST) {
-                Ok(()) => {
-                    self.live.add(gated, 1);
-                    seeded.push(k);
-                }
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(_) => failed += 1,
+            if self.seed_one(k, gated, &mut failed) {
+                seeded.push(k);
             }
         }
-        if failed != 0 {
-            let mut cfg = self.config.get(&0, 0)?;
-            cfg.seed_failed = cfg.seed_failed.saturating_add(failed);
-            self.config.set(0, cfg, 0)?;
-        }
+        self.note_seed_failed(failed)?;
         let still: HashSet<ConnKey> = netns::run_in(handle, || {
             diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, false)
         })??

@@ -19,8 +19,9 @@ use drain_common::GATE_ON;
 use serde::Serialize;
 
 use crate::{
-    cli::{usage, Exit, Policy},
-    diag, errln,
+    diag,
+    domain::{usage, Exit, Policy},
+    errln,
     follow::Follower,
     gate,
     netns::{self, NetnsId, StateDir},

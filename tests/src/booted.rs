@@ -63,8 +63,8 @@ fn target_dir() -> PathBuf {
     )
 }
 
-/// The Debian archive apt on this machine uses for the main suite (deb822 `.sources` or a
-/// one-line `sources.list`): debootstrap must fetch from where the machine is allowed to.
+/// The Debian archive the host's apt uses for the main suite (deb822 `.sources` or a
+/// one-line `sources.list`): debootstrap must fetch from where the host is allowed to.
 fn debian_mirror() -> String {
     let mut files: Vec<PathBuf> = fs::read_dir("/etc/apt/sources.list.d")
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())

@@ -6,7 +6,7 @@
 //! - under `cargo xtask vmtest` (its guest runner sets `DRAIN_TEST_MISSING_FEATURE=skip`)
 //!   the test prints one `drain-tests: NOT RUN: <reason>` line and returns, and the matrix
 //!   counts it as not run (never as passed);
-//! - anywhere else (`cargo xtask test` on the development kernel, which has everything) the
+//! - anywhere else (`cargo xtask test` on the host's own kernel, which CI expects to have everything) the
 //!   test fails: nothing is skipped silently on the host.
 //!
 //! Keep the list honest: a feature belongs here only when a kernel of the matrix truly cannot

@@ -45,7 +45,16 @@ pub fn object_path() -> PathBuf {
     let path = std::env::var_os("DRAIN_EBPF_OBJECT")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bpfel-unknown-none/release/drain")
+            // The host's byte order, as `cargo xtask build-ebpf` picks it.
+            let bpf = if cfg!(target_endian = "big") {
+                "bpfeb-unknown-none"
+            } else {
+                "bpfel-unknown-none"
+            };
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target")
+                .join(bpf)
+                .join("release/drain")
         });
     assert!(
         path.is_file(),

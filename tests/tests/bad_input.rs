@@ -4,10 +4,10 @@
 //! directory, no XDP or TCX program on any interface) and over an existing gate (afterwards:
 //! `status --json`, the pins and the kernel's attachments identical to before).
 //!
-//! [`surprising_inputs_are_refused_or_warned`] holds the inputs issue 11 names as accepted
-//! but surprising (`--allow 0.0.0.0/0`, host bits set, IPv4-mapped IPv6 prefixes,
-//! `--ttl 1ns`, more `--allow` prefixes than fit): each must either be a usage error like the
-//! rows above, or succeed with exactly one warning line on stderr.
+//! [`surprising_inputs_are_refused`] holds the inputs issue 11 names as accepted but
+//! surprising (`--allow 0.0.0.0/0`, host bits set, IPv4-mapped IPv6 prefixes, `--ttl 1ns`,
+//! more `--allow` prefixes than fit): the CLI refuses each with a usage error like the rows
+//! above (one outcome per row: an exit 0, with or without a warning, fails the row).
 
 use drain_tests::{
     cli::{CliOutput, Drain, Json},
@@ -300,12 +300,11 @@ fn bad_input_exits_2_with_one_line_and_changes_nothing() {
     );
 }
 
-/// Issue 11's accepted-but-surprising inputs: a usage error (exit 2, as above), or success
-/// with exactly one warning line on stderr that names the input. Which one is the CLI's
-/// decision; either is checked here, and a rejected one must leave the host unchanged.
+/// Issue 11's accepted-but-surprising inputs: each is a usage error (exit 2, one line
+/// naming the input, as above) that leaves the host unchanged.
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
-fn surprising_inputs_are_refused_or_warned() {
+fn surprising_inputs_are_refused() {
     let pair = NetNsPair::new();
     let drain = Drain::new(&pair, &pair.a);
     let prefixes: String = (0..1025u32)
@@ -335,25 +334,11 @@ fn surprising_inputs_are_refused_or_warned() {
         for (args, names) in &rows {
             let argv: Vec<&str> = args.iter().map(String::as_str).collect();
             let out = drain.run(&argv);
-            let lines = out.stderr_lines();
-            let warned = out.code == Some(0) && lines.len() == 1 && lines[0].contains(names);
-            if warned {
-                // Accepted with a warning: put the namespace back the way it was.
-                if existing {
-                    drain.run(EXISTING).expect_ok();
-                } else {
-                    drain.off();
-                }
-                continue;
-            }
             if let Err(why) = check_rejected(&out, names) {
-                failures.push(format!(
-                    "{why} (and not exit 0 with one warning line naming {names:?}): {}",
-                    short(&out)
-                ));
+                failures.push(format!("{why}: {}", short(&out)));
             }
             if out.code == Some(0) {
-                // Accepted silently (reported above): undo it and go on.
+                // Accepted (reported above): undo it and go on.
                 if existing {
                     drain.run(EXISTING).expect_ok();
                 } else {

@@ -1,7 +1,7 @@
 //! `drain-user check`, the preflight, in a test namespace: it passes here (exit 0, every
 //! documented JSON field), reports a foreign XDP program and blocks `--attach xdp` on it
 //! while `tc` and `auto` pass, blocks without privileges, and changes nothing on the host.
-//! (The decisions for kernels this machine is not — too old, no TCX — are unit tests on
+//! (The decisions for other kernels — too old, no TCX — are unit tests on
 //! synthetic probes in drain-user/src/check.rs.)
 
 use drain_tests::{
@@ -79,7 +79,7 @@ fn check_passes_here_and_says_what_it_probed() {
         let c = check_named(&r, name);
         assert_eq!(c["status"], "ok", "this kernel (6.x) has {name}: {r}");
     }
-    // TCX (6.6): present on the development kernel; on the matrix's 5.10 and 6.1 `check`
+    // TCX (6.6): present on a current kernel; on the matrix's 5.10 and 6.1 `check`
     // must report it missing (not needed for the default attach) rather than claim it.
     let tcx = check_named(&r, "TCX");
     if drain_tests::kernel::has(drain_tests::kernel::Feature::Tcx) {

@@ -1,8 +1,11 @@
 //! `cargo xtask <task>`: build, test, lint, demo and bench drain. Run `cargo xtask --help`.
 
+#[cfg(feature = "harness")]
 mod bench;
+#[cfg(feature = "harness")]
 mod demo;
 mod fuzz;
+#[cfg(feature = "harness")]
 mod package;
 mod toolchain;
 mod vmtest;
@@ -25,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what the eBPF build needs (nightly rust-src, LLVM 22, bpf-linker) if missing,
-    /// then build the kernel programs for bpfel-unknown-none.
+    /// then build the kernel programs for the host's byte order (bpfel or bpfeb-unknown-none).
     BuildEbpf,
     /// build-ebpf, then the drain-user binary (which embeds the object).
     Build {
@@ -117,13 +120,52 @@ fn main() -> ExitCode {
     }
 }
 
+/// The tasks that need drain-tests or drain-user: an xtask built with `harness` runs them.
+#[cfg(not(feature = "harness"))]
+fn needs_harness(task: &Task) -> bool {
+    matches!(
+        task,
+        Task::Bench { .. } | Task::BenchHold { .. } | Task::Demo | Task::Deb
+    )
+}
+
+/// Runs this same command line again from an xtask built with the `harness` feature.
+#[cfg(not(feature = "harness"))]
+fn with_harness() -> Result<()> {
+    let status = Command::new("cargo")
+        .current_dir(workspace_root())
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "xtask",
+            "--features",
+            "harness",
+            "--",
+        ])
+        .args(std::env::args_os().skip(1))
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        // The task printed its own error.
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
 fn run_task(task: Task) -> Result<()> {
+    #[cfg(not(feature = "harness"))]
+    if needs_harness(&task) {
+        return with_harness();
+    }
     match task {
         Task::BuildEbpf => build_ebpf(),
         Task::Build { release } => build(release),
         Task::Test { args } => test(&args),
         Task::Lint => lint(),
+        #[cfg(feature = "harness")]
         Task::Deb => package::deb().map(drop),
+        #[cfg(feature = "harness")]
         Task::Bench { smoke } => {
             // Timings are of the release build; the smoke run only checks that every section
             // works, with the debug build CI has already made.
@@ -136,7 +178,18 @@ fn run_task(task: Task) -> Result<()> {
                 smoke,
             })
         }
+        #[cfg(feature = "harness")]
         Task::BenchHold { ns, to, count } => bench::hold(&ns, to, count),
+        #[cfg(feature = "harness")]
+        Task::Demo => {
+            build(false)?;
+            ensure_bpffs()?;
+            demo::run(&target_dir().join("debug/drain-user"))
+        }
+        #[cfg(not(feature = "harness"))]
+        Task::Bench { .. } | Task::BenchHold { .. } | Task::Demo | Task::Deb => {
+            unreachable!("run by with_harness above")
+        }
         Task::Fuzz { frames, seed } => {
             build(false)?;
             require_root("the fuzzer loads BPF programs")?;
@@ -160,11 +213,6 @@ fn run_task(task: Task) -> Result<()> {
             cpus,
             args,
         }),
-        Task::Demo => {
-            build(false)?;
-            ensure_bpffs()?;
-            demo::run(&target_dir().join("debug/drain-user"))
-        }
     }
 }
 
@@ -181,6 +229,16 @@ pub fn target_dir() -> PathBuf {
         .map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
+/// The BPF target of the host's byte order, as aya's own xtask picks it: the object is
+/// loaded into the kernel of the machine it is built on (or one of the same kind).
+pub fn ebpf_target() -> &'static str {
+    if cfg!(target_endian = "big") {
+        "bpfeb-unknown-none"
+    } else {
+        "bpfel-unknown-none"
+    }
+}
+
 /// The eBPF build: nightly for -Z build-std=core, BTF emitted by bpf-linker (`--btf`) so
 /// the loader can relocate struct accesses.
 fn ebpf_cargo(subcommand: &str) -> Command {
@@ -193,15 +251,16 @@ fn ebpf_cargo(subcommand: &str) -> Command {
             "drain-ebpf",
             "--release",
             "--target",
-            "bpfel-unknown-none",
+            ebpf_target(),
             "-Z",
             "build-std=core",
         ])
-        // aya-ebpf needs to know the target's kernel arch for its bindings.
+        // aya-ebpf needs to know the kernel's arch for its bindings (pt_regs and such):
+        // the programs run in the kernel of the host they are built for.
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
             [
-                "--cfg=bpf_target_arch=\"x86_64\"",
+                &format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
                 "-Cdebuginfo=2",
                 "-Clink-arg=--btf",
             ]
@@ -283,6 +342,19 @@ fn lint() -> Result<()> {
         "warnings",
     ]))
     .context("clippy (user crates) failed")?;
+    // xtask's bench, demo and deb are compiled only with its `harness` feature.
+    run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--package",
+        "xtask",
+        "--features",
+        "harness",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy (xtask with its harness) failed")?;
     run(ebpf_cargo("clippy").args(["--", "-D", "warnings"]))
         .context("clippy (eBPF crate) failed")?;
     // The Ansible collection's Python and YAML: ansible-test sanity and ansible-lint,
@@ -349,6 +421,7 @@ fn ensure_test_packages() -> Result<()> {
 /// What the bench compares drain with (iptables brings iptables-legacy too), and the tools
 /// it measures with: ethtool turns on the veth NAPI the flood needs, strace breaks a
 /// command's time down by syscall.
+#[cfg(feature = "harness")]
 fn ensure_bench_packages() -> Result<()> {
     ensure_packages(&[
         ("iptables", have("iptables")),

@@ -1,5 +1,5 @@
 //! Makes sure the eBPF toolchain is present, installing what is missing (idempotent; a
-//! few hundred milliseconds when everything is there). Facts: ../shared/TOOLCHAIN.md.
+//! few hundred milliseconds when everything is there).
 
 use std::{path::Path, process::Command};
 
@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 
 use crate::{capture, run};
 
-/// The only nightly this machine kind can fetch; it ships LLVM 22.
+/// The nightly the eBPF build uses (rustup's `nightly` channel, which ships LLVM 22: the
+/// bpf-linker below is built against that LLVM).
 pub const NIGHTLY: &str = "nightly";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";

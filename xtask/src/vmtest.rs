@@ -442,7 +442,9 @@ fn write_payload(
     fs::remove_file(du)?;
     c.file(
         "vmtest/drain.o",
-        &target_dir().join("bpfel-unknown-none/release/drain"),
+        &target_dir()
+            .join(crate::ebpf_target())
+            .join("release/drain"),
     )?;
     let corpus = workspace_root().join("tests/corpus");
     c.tree(
