@@ -32,7 +32,8 @@ pub type Version = (u32, u32);
 /// drain's floor: the oldest kernel drain's whole suite has run on (Debian 11's 5.10). Its
 /// newest needs are older (sk_lookup and XDP links: 5.9), but untested.
 pub const MIN_KERNEL: Version = (5, 10);
-/// TCX (`--attach tc`): Linux 6.6.
+/// TCX (`--attach tc` through a bpf_link): Linux 6.6. Without it `--attach tc` goes
+/// through the clsact qdisc ([`crate::clsact`]).
 pub const MIN_TCX: Version = (6, 6);
 
 /// Each BPF feature drain relies on, with the first kernel that has it.
@@ -41,8 +42,12 @@ pub const MIN_TCX: Version = (6, 6);
 pub enum Feature {
     /// BPF_LINK_CREATE for XDP (pinnable XDP attachments), 5.9.
     XdpLink,
-    /// TCX ingress links, 6.6 (`--attach tc`).
+    /// TCX ingress links, 6.6 (`--attach tc`; without them, [`Feature::Clsact`]).
     Tcx,
+    /// The clsact qdisc with a direct-action cls_bpf filter (`--attach tc` on kernels
+    /// without TCX): far older than drain's floor, but sch_ingress and cls_bpf are
+    /// modules that a kernel may lack.
+    Clsact,
     /// tp_btf programs (BPF_PROG_TYPE_TRACING, BPF_TRACE_RAW_TP), 5.5: the tracker.
     TpBtf,
     /// BPF_F_MMAPABLE arrays, 5.5: the live counts `wait` reads with a memory load.
@@ -59,9 +64,10 @@ pub enum Feature {
 }
 
 impl Feature {
-    pub const ALL: [Feature; 8] = [
+    pub const ALL: [Feature; 9] = [
         Feature::XdpLink,
         Feature::Tcx,
+        Feature::Clsact,
         Feature::TpBtf,
         Feature::MmapableArray,
         Feature::RingBuf,
@@ -74,6 +80,7 @@ impl Feature {
         match self {
             Feature::XdpLink | Feature::SkLookup => (5, 9),
             Feature::Tcx => MIN_TCX,
+            Feature::Clsact => MIN_KERNEL,
             Feature::TpBtf | Feature::MmapableArray => (5, 5),
             Feature::RingBuf => (5, 8),
             Feature::Programs => MIN_KERNEL,
@@ -86,6 +93,7 @@ impl Feature {
         match self {
             Feature::XdpLink => "bpf_link for XDP",
             Feature::Tcx => "TCX (--attach tc)",
+            Feature::Clsact => "clsact qdisc and cls_bpf filter (--attach tc without TCX)",
             Feature::TpBtf => "tp_btf programs (connection tracker)",
             Feature::MmapableArray => "mmapable arrays (live counts)",
             Feature::RingBuf => "ring buffer (watch)",
@@ -333,9 +341,14 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
             })
     };
     let tcx = feature(Feature::Tcx);
+    // A TC attachment is made with --attach tc, and with auto where XDP is taken.
+    let tc_used = want.attach == AttachChoice::Tc
+        || (want.attach == AttachChoice::Auto && p.ifaces.iter().any(|i| i.xdp_other.is_some()));
     for f in Feature::ALL {
         let needed = match f {
-            Feature::Tcx => want.attach == AttachChoice::Tc,
+            // Where TCX is missing, `--attach tc` takes the clsact path instead.
+            Feature::Tcx => false,
+            Feature::Clsact => tc_used && tcx == Some(false),
             Feature::XdpLink => want.attach != AttachChoice::Tc,
             // Policy reset's refusal: the sk_lookup program refuses the listener lookup so
             // the kernel's TCP answers with the RST, whichever hook (XDP or TC) let it pass.
@@ -345,17 +358,26 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
             _ => true,
         };
         let ok = feature(f);
-        let detail = p
+        let mut detail = p
             .features
             .iter()
             .find(|(g, _, _)| *g == f)
             .map(|(_, _, d)| d.clone())
             .unwrap_or_default();
+        if f == Feature::Tcx && ok == Some(false) {
+            detail.push_str(&format!(
+                "; --attach tc uses the classic path instead: the clsact qdisc with drain's \
+                 cls_bpf filter (pref {}, first)",
+                crate::clsact::PRIORITY
+            ));
+        }
         push(f.what(), ok, needed, Some(f.min_kernel()), detail.clone());
         if needed && ok == Some(false) && kernel_ok {
             problems.push(match f {
-                Feature::Tcx => format!(
-                    "--attach tc needs TCX (Linux {}); this kernel lacks it: use --attach xdp",
+                Feature::Clsact => format!(
+                    "--attach tc needs TCX (Linux {}) or the clsact qdisc with cls_bpf \
+                     filters, and this kernel has neither ({detail}): load the sch_ingress \
+                     and cls_bpf modules, or use --attach xdp",
                     ver(MIN_TCX)
                 ),
                 Feature::Programs => {
@@ -373,8 +395,16 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
 
     let mut interfaces = Vec::new();
     for i in &p.ifaces {
+        let tc_note = if tcx == Some(false) {
+            format!(
+                "clsact ingress (no TCX): drain's cls_bpf filter at pref {}, first",
+                crate::clsact::PRIORITY
+            )
+        } else {
+            "TCX ingress, first in the chain".to_string()
+        };
         let (attach, note) = match (want.attach, &i.xdp_other) {
-            (AttachChoice::Tc, _) => (Some("tc"), "TCX ingress, first in the chain".to_string()),
+            (AttachChoice::Tc, _) => (Some("tc"), tc_note),
             (AttachChoice::Xdp, Some(other)) => {
                 problems.push(format!(
                     "another XDP program ({other}) holds {}: drain will not replace it; use \
@@ -383,19 +413,9 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
                 ));
                 (None, format!("XDP hook taken by {other}"))
             }
-            (AttachChoice::Auto, Some(other)) if tcx == Some(false) => {
-                problems.push(format!(
-                    "another XDP program ({other}) holds {} and this kernel has no TCX \
-                     (Linux {}): remove that program or leave {} out with --iface",
-                    i.name,
-                    ver(MIN_TCX),
-                    i.name
-                ));
-                (None, format!("XDP hook taken by {other}, no TCX"))
-            }
             (AttachChoice::Auto, Some(other)) => (
                 Some("tc"),
-                format!("XDP hook taken by {other}: TCX instead"),
+                format!("XDP hook taken by {other}: TC instead, {tc_note}"),
             ),
             (_, None) => (
                 Some("xdp"),
@@ -493,9 +513,10 @@ pub fn probe(names: &[String]) -> Result<Probe> {
     } else {
         Bpffs::Missing
     };
-    let (xdp_link, tcx) = probe_links(p.caps);
+    let (xdp_link, tcx, clsact) = probe_links(p.caps);
     p.features.push((Feature::XdpLink, xdp_link.0, xdp_link.1));
     p.features.push((Feature::Tcx, tcx.0, tcx.1));
+    p.features.push((Feature::Clsact, clsact.0, clsact.1));
     p.features.push((
         Feature::MmapableArray,
         probe_mmapable(),
@@ -624,16 +645,29 @@ fn link_create(prog: &OwnedFd, ifindex: u32, attach_type: u64, flags: u64) -> io
 
 type Probed = (Option<bool>, String);
 
-/// XDP and TCX links, attached for real to the loopback of a private network namespace
-/// (made for the probe, gone with it: the host's interfaces are never touched). Without
-/// CAP_SYS_ADMIN no namespace can be made: TCX is then told apart by the error of a link
-/// to no interface (ENODEV from TCX, EINVAL from a kernel without it), and XDP links by
-/// the kernel version.
-fn probe_links(caps: Caps) -> (Probed, Probed) {
+/// XDP and TCX links and a clsact filter, attached for real to the loopback of a private
+/// network namespace (made for the probe, gone with it: the host's interfaces are never
+/// touched). Without CAP_SYS_ADMIN no namespace can be made: TCX is then told apart by the
+/// error of a link to no interface (ENODEV from TCX, EINVAL from a kernel without it), XDP
+/// links by the kernel version, and clsact is not probed. [`crate::clsact::NO_TCX_ENV`]
+/// reports TCX missing, as `gate on` then behaves.
+fn probe_links(caps: Caps) -> (Probed, Probed, Probed) {
+    let (xdp, tcx, clsact) = probe_links_raw(caps);
+    if std::env::var_os(crate::clsact::NO_TCX_ENV).is_some() {
+        let why = format!(
+            "{} is set: drain behaves as on a kernel without TCX",
+            crate::clsact::NO_TCX_ENV
+        );
+        return (xdp, (Some(false), why), clsact);
+    }
+    (xdp, tcx, clsact)
+}
+
+fn probe_links_raw(caps: Caps) -> (Probed, Probed, Probed) {
     let in_private_ns = caps
         .cap_sys_admin
         .then(|| {
-            std::thread::spawn(|| -> io::Result<(Probed, Probed)> {
+            std::thread::spawn(|| -> io::Result<(Probed, Probed, Probed)> {
                 // SAFETY: unshare affects only this thread, which ends right after the probes.
                 if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error());
@@ -658,9 +692,20 @@ fn probe_links(caps: Caps) -> (Probed, Probed) {
                         Err(e) => (None, format!("BPF_LINK_CREATE: {e}")),
                     }
                 };
+                let clsact = match crate::clsact::add_qdisc(lo).and_then(|()| {
+                    let prog = load_trivial(BPF_PROG_TYPE_SCHED_CLS, -1)?;
+                    crate::clsact::add_filter(lo, std::os::fd::AsFd::as_fd(&prog))
+                }) {
+                    Ok(()) => (
+                        Some(true),
+                        "a filter attached in a private network namespace".into(),
+                    ),
+                    Err(e) => (Some(false), format!("{e:#}")),
+                };
                 Ok((
                     attach(BPF_PROG_TYPE_XDP, 2, BPF_XDP, XDP_FLAGS_SKB_MODE),
                     attach(BPF_PROG_TYPE_SCHED_CLS, -1, BPF_TCX_INGRESS, 0),
+                    clsact,
                 ))
             })
             .join()
@@ -689,7 +734,22 @@ fn probe_links(caps: Caps) -> (Probed, Probed) {
             "not probed (needs CAP_SYS_ADMIN): from the kernel version".into(),
         ),
         tcx,
+        (None, "not probed (needs CAP_SYS_ADMIN)".into()),
     )
+}
+
+/// Whether the kernel has TCX, told apart without attaching anything: a TCX link to no
+/// interface fails with ENODEV where TCX exists, EINVAL where the attach type is unknown
+/// (`link_create`). Any other error (no privileges) says nothing: returned as is.
+pub fn tcx_link_probe() -> io::Result<bool> {
+    match load_trivial(BPF_PROG_TYPE_SCHED_CLS, -1)
+        .and_then(|p| link_create(&p, 0, BPF_TCX_INGRESS, 0))
+    {
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+        Ok(_) => Err(io::Error::other("a TCX link to no interface was accepted")),
+    }
 }
 
 fn probe_mmapable() -> Option<bool> {
@@ -1030,24 +1090,43 @@ mod tests {
     }
 
     #[test]
-    fn attach_tc_needs_tcx_which_old_kernels_lack() {
+    fn attach_tc_without_tcx_takes_the_clsact_path() {
         let mut p = host();
         p.release = "6.1.0".into();
         p.kernel = Some((6, 1));
         let p = with(p, Feature::Tcx, Some(false));
         assert!(decide(&p, &want(AttachChoice::Xdp)).ok, "xdp needs no TCX");
         let r = decide(&p, &want(AttachChoice::Tc));
+        assert!(r.ok, "{r:?}");
+        let tcx = r.checks.iter().find(|c| c.name.starts_with("TCX")).unwrap();
+        assert_eq!(tcx.status, "missing");
+        assert!(!tcx.needed);
+        assert!(tcx.detail.contains("clsact"), "{tcx:?}");
+        let clsact = r
+            .checks
+            .iter()
+            .find(|c| c.name.starts_with("clsact"))
+            .unwrap();
+        assert!(clsact.needed && clsact.status == "ok", "{clsact:?}");
+        assert_eq!(r.interfaces[0].attach, Some("tc"));
+        assert!(r.interfaces[0].note.contains("clsact"), "{r:?}");
+        // Neither TCX nor clsact: blocked, naming both and the modules.
+        let r = decide(
+            &with(p.clone(), Feature::Clsact, Some(false)),
+            &want(AttachChoice::Tc),
+        );
         assert!(!r.ok);
-        assert!(r
-            .problem
-            .unwrap()
-            .contains("--attach tc needs TCX (Linux 6.6)"));
-        // Not probed: the version decides.
-        let p = with(host(), Feature::Tcx, None);
-        let mut old = p.clone();
-        old.kernel = Some((6, 5));
-        assert!(decide(&p, &want(AttachChoice::Tc)).ok);
-        assert!(!decide(&old, &want(AttachChoice::Tc)).ok);
+        let problem = r.problem.unwrap();
+        assert!(
+            problem.contains("TCX") && problem.contains("cls_bpf"),
+            "{problem}"
+        );
+        // With TCX, clsact is not needed, whatever it says.
+        let r = decide(
+            &with(host(), Feature::Clsact, Some(false)),
+            &want(AttachChoice::Tc),
+        );
+        assert!(r.ok && r.interfaces[0].note.contains("TCX"), "{r:?}");
     }
 
     #[test]
@@ -1072,7 +1151,9 @@ mod tests {
             &with(p, Feature::Tcx, Some(false)),
             &want(AttachChoice::Auto),
         );
-        assert!(!r.ok && r.problem.unwrap().contains("no TCX"));
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.interfaces[0].attach, Some("tc"));
+        assert!(r.interfaces[0].note.contains("clsact"), "{r:?}");
     }
 
     #[test]

@@ -34,12 +34,12 @@ use drain_common::{
 use ipnet::IpNet;
 
 use crate::{
-    btf,
+    btf, clsact,
     domain::{usage, AttachChoice, Policy},
     errln,
     iface::{self, Iface},
     limits,
-    links::{self, LinkState},
+    links::{self, Attachment, LinkState},
     netns::{self, NetnsId, StateDir},
     object,
     pins::{self, Hook, LinkPin},
@@ -92,20 +92,35 @@ pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
     let dir = pins::state_path(StateDir::Gate(own));
     let fresh = !pins::trusted_dir(&dir)?;
     pins::make_dir(&dir)?;
-    let mut created: Vec<PathBuf> = Vec::new();
+    let mut created: Vec<Made> = Vec::new();
     let result = on_locked(args, targets, &dir, &mut created);
     if result.is_err() {
         // Roll back this call's attachments; a gate that existed before keeps its state.
         if fresh {
             let _ = teardown(&dir);
         } else {
-            for pin in &created {
-                let _ = sys::detach_link(pin);
-                let _ = fs::remove_file(pin);
+            for made in &created {
+                match made {
+                    Made::Pin(pin) => {
+                        let _ = sys::detach_link(pin);
+                        let _ = fs::remove_file(pin);
+                    }
+                    Made::Clsact(rec) => {
+                        let _ = Attachment::Clsact(*rec).remove(&dir);
+                    }
+                }
             }
         }
     }
     result
+}
+
+/// What one `gate on` call made, for its rollback.
+enum Made {
+    /// A pinned link.
+    Pin(PathBuf),
+    /// A clsact filter (and maybe its qdisc), recorded in the gate's record map.
+    Clsact(clsact::Record),
 }
 
 /// Removes the state namespaces and `wait`s left behind ([`netns::orphans`]). Call with
@@ -120,7 +135,7 @@ fn on_locked(
     args: &OnArgs,
     targets: &[Iface],
     dir: &Path,
-    created: &mut Vec<PathBuf>,
+    created: &mut Vec<Made>,
 ) -> Result<Vec<String>> {
     // Loading the object creates the maps, or reuses the pinned ones of an existing gate.
     // It is loaded only when something is missing: over a gate whose maps are pinned and
@@ -140,7 +155,7 @@ fn on_locked(
         let link = track::attach(bpf.get()?, &kernel)?;
         link.pin(&track_pin)
             .with_context(|| format!("pinning the tracker link at {}", track_pin.display()))?;
-        created.push(track_pin);
+        created.push(Made::Pin(track_pin));
         gate.tracker_mut().seed()?;
     }
     // The RST counter before the refusal, so no RST of it goes uncounted. A pin whose link
@@ -171,7 +186,7 @@ fn on_locked(
         };
         link.pin(&path)
             .with_context(|| format!("pinning the link at {}", path.display()))?;
-        created.push(path);
+        created.push(Made::Pin(path));
     }
     let lookup = LinkPin::Lookup.path(dir);
     if !links::lookup_attached(&lookup) {
@@ -182,27 +197,54 @@ fn on_locked(
         let link = attach_lookup(bpf.get()?)?;
         link.pin(&lookup)
             .with_context(|| format!("pinning the link at {}", lookup.display()))?;
-        created.push(lookup);
+        created.push(Made::Pin(lookup));
     }
     // Trust the kernel, not the pins: a link that is no longer attached here (detached by
     // another tool or a killed `gate off`, its interface deleted and maybe recreated with
     // the same ifindex, or moved into another namespace) is detached and unpinned, and the
     // interface is attached anew below. Such a link gates nothing here, so removing it
-    // before the rest can fail changes nothing on this namespace's data path.
+    // before the rest can fail changes nothing on this namespace's data path. The same for
+    // a clsact filter the kernel no longer has (`tc filter del`, `tc qdisc del ... clsact`):
+    // its record goes; a filter of someone else's that took its slot stays.
     let all = iface::interfaces()?;
     let mut existing = Vec::new();
     let mut repaired = Vec::new();
-    for link in pins::iface_links(dir)? {
-        let state = links::inspect(&link, &all).state;
+    // ifindex -> the old record said drain created the clsact qdisc, which may still be
+    // there for the new filter.
+    let mut inherited = Vec::new();
+    for a in links::attachments(dir)? {
+        let state = a.inspect(&all).state;
         if state == LinkState::Attached {
-            existing.push(link);
+            existing.push(a);
             continue;
         }
-        let _ = sys::detach_link(&link.pin);
-        fs::remove_file(&link.pin)
-            .with_context(|| format!("removing the broken link pin {}", link.pin.display()))?;
-        repaired.push((link.ifindex, state));
+        match &a {
+            Attachment::Link(link) => {
+                let _ = sys::detach_link(&link.pin);
+                fs::remove_file(&link.pin).with_context(|| {
+                    format!("removing the broken link pin {}", link.pin.display())
+                })?;
+            }
+            Attachment::Clsact(rec) => {
+                a.remove(dir).with_context(|| {
+                    format!(
+                        "removing the record of drain's detached clsact filter on {}",
+                        rec.name()
+                    )
+                })?;
+                if rec.created_qdisc != 0 {
+                    inherited.push(rec.ifindex);
+                }
+            }
+        }
+        let what = match a {
+            Attachment::Link(_) => "link",
+            Attachment::Clsact(_) => "clsact filter",
+        };
+        repaired.push((a.ifindex(), what, state));
     }
+    // Whether TC goes through TCX or clsact: asked once, when a TC attachment is made.
+    let mut tcx: Option<bool> = None;
     let mut report = Vec::new();
     // Interfaces enslaved to another (bridge or bond ports) first: the kernel refuses XDP
     // on a device whose upper device already has an XDP program (dev_xdp_attach), not the
@@ -210,34 +252,42 @@ fn on_locked(
     let mut targets: Vec<&Iface> = targets.iter().collect();
     targets.sort_by_key(|i| i.master.is_none());
     for iface in targets {
-        if let Some(link) = existing.iter().find(|l| l.ifindex == iface.index) {
+        if let Some(a) = existing.iter().find(|a| a.ifindex() == iface.index) {
             report.push(format!(
                 "{} ({}, already attached)",
                 iface.name,
-                link.hook.as_str()
+                a.describe()
             ));
             continue;
         }
         let hook = hook_for(args.attach, iface)?;
-        let pin = LinkPin::Iface(hook, iface.index).path(dir);
-        let link = match hook {
-            Hook::Xdp => attach_xdp(bpf.get()?, iface)?,
-            Hook::Tc => attach_tc(bpf.get()?, iface)?,
+        let classic = hook == Hook::Tc
+            && !match tcx {
+                Some(t) => t,
+                None => *tcx.insert(clsact::tcx_available()?),
+            };
+        let how = if classic {
+            let rec = attach_clsact(bpf.get()?, dir, iface, inherited.contains(&iface.index))?;
+            created.push(Made::Clsact(rec));
+            "tc clsact".to_string()
+        } else {
+            let pin = LinkPin::Iface(hook, iface.index).path(dir);
+            let link = match hook {
+                Hook::Xdp => attach_xdp(bpf.get()?, iface)?,
+                Hook::Tc => attach_tc(bpf.get()?, iface)?,
+            };
+            link.pin(&pin)
+                .with_context(|| format!("pinning the link at {}", pin.display()))?;
+            created.push(Made::Pin(pin));
+            describe(hook, iface.index)
         };
-        link.pin(&pin)
-            .with_context(|| format!("pinning the link at {}", pin.display()))?;
-        created.push(pin);
         let was = repaired
             .iter()
-            .find(|(i, _)| *i == iface.index)
-            .map_or(String::new(), |(_, s)| {
-                format!(", re-attached: the old link was {}", s.as_str())
+            .find(|(i, _, _)| *i == iface.index)
+            .map_or(String::new(), |(_, what, s)| {
+                format!(", re-attached: the old {what} was {}", s.as_str())
             });
-        report.push(format!(
-            "{} ({}{was})",
-            iface.name,
-            describe(hook, iface.index)
-        ));
+        report.push(format!("{} ({how}{was})", iface.name));
     }
     // Ports, allowlists, then the single config write that turns the gate on; all of it,
     // or (on a failed map write) the previous gate restored.
@@ -363,19 +413,28 @@ fn attach_tc(bpf: &mut Ebpf, iface: &Iface) -> Result<FdLink> {
             TcAttachType::Ingress,
             TcAttachOptions::TcxOrder(LinkOrder::first()),
         )
-        .with_context(|| {
-            format!(
-                "attaching at TC ingress (TCX, needs kernel >= 6.6) to {}",
-                iface.name
-            )
-        })?;
+        .with_context(|| format!("attaching at TC ingress (TCX) to {}", iface.name))?;
     let link = prog.take_link(id)?;
     FdLink::try_from(link).map_err(|_| {
         anyhow!(
-            "the kernel attached TC to {} without TCX, which cannot persist (needs kernel >= 6.6)",
+            "the kernel attached TC to {} without a TCX link, which cannot persist",
             iface.name
         )
     })
+}
+
+/// Attaches the TC program to `iface` as drain's filter on the clsact qdisc (kernels
+/// without TCX; see [`clsact`]).
+fn attach_clsact(
+    bpf: &mut Ebpf,
+    dir: &Path,
+    iface: &Iface,
+    inherited: bool,
+) -> Result<clsact::Record> {
+    let prog = loaded!(bpf, SchedClassifier, prog::TC, "TC");
+    let id = prog.info().context("reading the TC program's id")?.id();
+    let fd = std::os::fd::AsFd::as_fd(prog.fd()?);
+    clsact::attach(dir, iface, fd, id, inherited)
 }
 
 /// Attaches the namespace-wide refusal: the sk_lookup program on this network namespace,
@@ -449,10 +508,10 @@ fn configure_rst(bpf: &mut Ebpf, kernel: &btf::Kernel) -> Result<()> {
 /// The interfaces that are up and have no gate link: connections through them meet only
 /// the namespace-wide refusal (policy reset), or nothing at all (policy drop).
 pub fn ungated(dir: &Path) -> Result<Vec<Iface>> {
-    let links = pins::iface_links(dir)?;
+    let attached = links::attachments(dir)?;
     Ok(iface::interfaces()?
         .into_iter()
-        .filter(|i| i.up && !links.iter().any(|l| l.ifindex == i.index))
+        .filter(|i| i.up && !attached.iter().any(|a| a.ifindex() == i.index))
         .collect())
 }
 
@@ -488,16 +547,23 @@ pub fn ungated_warning(ungated: &[Iface], policy: Policy) -> Option<String> {
 pub fn teardown(dir: &Path) -> Result<()> {
     let mut first_err = None;
     // Interface links first: the gate is gone from the data path before anything else.
-    for link in pins::iface_links(dir)? {
-        let pin = link.pin;
-        // Detach first: the unlink below drops bpffs' reference only later (bpf_free_inode
-        // runs after an RCU grace period, then bpf_link_put defers to a workqueue), and not
-        // at all while another process holds the link (bpftool, an agent, a `status`).
-        if let Err(e) = sys::detach_link(&pin) {
-            first_err.get_or_insert(e.context(format!("detaching {}", pin.display())));
+    // Detach first: the unlink drops bpffs' reference only later (bpf_free_inode runs after
+    // an RCU grace period, then bpf_link_put defers to a workqueue), and not at all while
+    // another process holds the link (bpftool, an agent, a `status`). A clsact filter is
+    // deleted (when it is still drain's), and its qdisc when drain made it and it is empty.
+    let attached = match links::attachments(dir) {
+        Ok(a) => a,
+        Err(e) => {
+            first_err.get_or_insert(e);
+            pins::iface_links(dir)?
+                .into_iter()
+                .map(Attachment::Link)
+                .collect()
         }
-        if let Err(e) = fs::remove_file(&pin) {
-            first_err.get_or_insert(anyhow!(e).context(format!("removing {}", pin.display())));
+    };
+    for a in attached {
+        if let Err(e) = a.remove(dir) {
+            first_err.get_or_insert(e);
         }
     }
     // Then the namespace-wide refusal (a netns link: detachable like the interface links).

@@ -2,19 +2,121 @@
 //! once. The link's own info (BPF_OBJ_GET_INFO_BY_FD) says whether it is still attached and
 //! where, and the interface that ifindex names in this namespace says whether the program
 //! there is the link's. `status` reports it, and `gate on` repairs what is not attached.
-//! The same holds for the gate's own links (tracker, RST counter, sk_lookup refusal).
+//! The same holds for the gate's own links (tracker, RST counter, sk_lookup refusal), and
+//! for the clsact filters of `--attach tc` on kernels without TCX, which are no links
+//! ([`Attachment`]; [`crate::clsact`] judges them from a filter dump).
 
-use std::path::Path;
+use std::{fs, path::Path};
 
+use anyhow::{anyhow, Context, Result};
 use aya::programs::{SchedClassifier, TcAttachType};
 use drain_common::prog;
 use serde::Serialize;
 
 use crate::{
+    clsact,
     iface::Iface,
-    pins::{Hook, IfaceLink},
+    pins::{self, Hook, IfaceLink},
     sys,
 };
+
+/// How a TC gate is attached: a TCX link (6.6 on), or drain's cls_bpf filter on the
+/// clsact qdisc (kernels without TCX).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcMode {
+    Tcx,
+    Clsact,
+}
+
+impl TcMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcMode::Tcx => "tcx",
+            TcMode::Clsact => "clsact",
+        }
+    }
+}
+
+/// One interface a gate is attached to: a pinned link (XDP, TCX) or a clsact record.
+#[derive(Clone, Debug)]
+pub enum Attachment {
+    Link(IfaceLink),
+    Clsact(clsact::Record),
+}
+
+impl Attachment {
+    pub fn ifindex(&self) -> u32 {
+        match self {
+            Attachment::Link(l) => l.ifindex,
+            Attachment::Clsact(r) => r.ifindex,
+        }
+    }
+
+    pub fn hook(&self) -> Hook {
+        match self {
+            Attachment::Link(l) => l.hook,
+            Attachment::Clsact(_) => Hook::Tc,
+        }
+    }
+
+    /// For TC: which kind of TC attachment.
+    pub fn tc_mode(&self) -> Option<TcMode> {
+        match self {
+            Attachment::Link(l) if l.hook == Hook::Tc => Some(TcMode::Tcx),
+            Attachment::Link(_) => None,
+            Attachment::Clsact(_) => Some(TcMode::Clsact),
+        }
+    }
+
+    /// "xdp", "tc" (TCX) or "tc clsact": for `gate on`'s report.
+    pub fn describe(&self) -> &'static str {
+        match self.tc_mode() {
+            Some(TcMode::Clsact) => "tc clsact",
+            _ => self.hook().as_str(),
+        }
+    }
+
+    /// The kernel's view of it.
+    pub fn inspect(&self, ifaces: &[Iface]) -> Inspected {
+        match self {
+            Attachment::Link(l) => inspect(l, ifaces),
+            Attachment::Clsact(r) => Inspected {
+                state: clsact::inspect(r, ifaces),
+                prog_id: Some(r.prog_id),
+            },
+        }
+    }
+
+    /// Takes it off the interface, as far as it is still drain's, and out of the gate's
+    /// state in `dir`.
+    pub fn remove(&self, dir: &Path) -> Result<()> {
+        match self {
+            Attachment::Link(l) => {
+                let detached = sys::detach_link(&l.pin)
+                    .with_context(|| format!("detaching {}", l.pin.display()));
+                fs::remove_file(&l.pin)
+                    .map_err(|e| anyhow!(e).context(format!("removing {}", l.pin.display())))?;
+                detached
+            }
+            Attachment::Clsact(r) => {
+                clsact::detach(r)?;
+                clsact::forget(dir, r.ifindex)
+            }
+        }
+    }
+}
+
+/// Every interface attachment of the gate in `dir`, by ifindex.
+pub fn attachments(dir: &Path) -> Result<Vec<Attachment>> {
+    let mut out: Vec<Attachment> = pins::iface_links(dir)?
+        .into_iter()
+        .map(Attachment::Link)
+        .collect();
+    out.extend(clsact::records(dir)?.into_iter().map(Attachment::Clsact));
+    out.sort_by_key(Attachment::ifindex);
+    Ok(out)
+}
 
 /// The state of one interface link pin, as the kernel sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -225,12 +225,18 @@ pub fn orphans(root: &Path, own: NetnsId) -> Vec<PathBuf> {
 /// True when every link pinned in the state directory `dir` is one the kernel reports
 /// attached to nothing: an XDP or TCX link with ifindex 0, a netns link with netns inode 0
 /// (tracing links, the tracker and the RST counter, are bound to no namespace and say
-/// nothing either way). A
-/// pin that cannot be read as a link counts as attached: no proof, no reaping.
+/// nothing either way); and every clsact filter recorded there one whose program the
+/// kernel no longer has (a namespace that is gone cannot be asked for its filters, but
+/// its devices' qdiscs went with it, and with them the program's last references). A
+/// pin or record that cannot be read counts as attached: no proof, no reaping.
 fn links_all_detached(dir: &Path) -> bool {
     let Ok(entries) = fs::read_dir(dir) else {
         return false;
     };
+    match crate::clsact::records(dir) {
+        Ok(recs) if recs.iter().all(crate::clsact::program_gone) => {}
+        _ => return false,
+    }
     entries.flatten().all(|e| {
         let name = e.file_name().to_string_lossy().into_owned();
         // Maps hold no namespace; every link's pin is named link-* (the tracker's and the

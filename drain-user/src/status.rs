@@ -9,10 +9,11 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
+    clsact,
     domain::Policy,
     gate,
     iface::{self, Iface, XdpMode},
-    links::{self, LinkState},
+    links::{self, LinkState, TcMode},
     pins::{self, Hook, LinkPin},
     state::{boottime_ns, OpenGate},
 };
@@ -170,11 +171,15 @@ pub struct IfaceStatus {
     pub state: LinkState,
     /// For xdp: "native" or "generic" (as the kernel reports it).
     pub mode: Option<XdpMode>,
+    /// For tc: "tcx" (a TCX link, Linux 6.6 on) or "clsact" (drain's cls_bpf filter on the
+    /// clsact qdisc, pref 1 handle 0xd7a1: kernels without TCX).
+    pub tc_mode: Option<TcMode>,
     /// What a refused SYN gets on this interface: the policy, on XDP and TC alike (the RST
     /// comes from the kernel's TCP, past the first line).
     pub refusal: Policy,
     /// Programs other tools attached to the same interface's hooks (left untouched), as
-    /// "xdp: NAME, id N" or "tcx ingress: NAME, id N".
+    /// "xdp: NAME, id N", "tcx ingress: NAME, id N" or "clsact ingress: NAME, id N (bpf,
+    /// pref P handle H)" / "clsact ingress: KIND filter (pref P)".
     pub others: Vec<String>,
 }
 
@@ -270,6 +275,25 @@ pub fn collect() -> Result<Status> {
         }
     }
     for i in &st.interfaces {
+        if i.tc_mode == Some(TcMode::Clsact) {
+            let what = match i.state {
+                LinkState::Attached => continue,
+                LinkState::Foreign => format!(
+                    "is taken by another program (pref {} handle {:#x} on clsact ingress)",
+                    clsact::PRIORITY,
+                    clsact::HANDLE
+                ),
+                _ => "is gone (deleted by `tc filter del` or `tc qdisc del`, or its \
+                      interface deleted or moved)"
+                    .to_string(),
+            };
+            st.warnings.push(format!(
+                "drain's clsact filter on {} (ifindex {}) {what}: nothing is gated there; \
+                 `drain-user gate on` re-attaches, `drain-user gate off` removes the record",
+                i.name, i.ifindex
+            ));
+            continue;
+        }
         let what = match i.state {
             LinkState::Attached => continue,
             LinkState::Detached => {
@@ -391,15 +415,14 @@ fn interfaces(
 ) -> Result<(Vec<IfaceStatus>, Vec<u32>)> {
     let mut out = Vec::new();
     let mut ours_all = Vec::new();
-    for link in pins::iface_links(gate.dir())? {
-        let seen = links::inspect(&link, all);
+    let qdiscs = clsact::ingress_qdiscs().unwrap_or_default();
+    for a in links::attachments(gate.dir())? {
+        let seen = a.inspect(all);
         let ours = seen.prog_id;
         ours_all.extend(ours);
-        let iface = all.iter().find(|i| i.index == link.ifindex);
-        let name = iface.map_or_else(
-            || format!("(gone, ifindex {})", link.ifindex),
-            |i| i.name.clone(),
-        );
+        let ifindex = a.ifindex();
+        let iface = all.iter().find(|i| i.index == ifindex);
+        let name = iface.map_or_else(|| format!("(gone, ifindex {ifindex})"), |i| i.name.clone());
         let mut others = Vec::new();
         let mut xdp_mode = None;
         if let Some((id, m)) = iface.and_then(|i| i.xdp) {
@@ -417,17 +440,26 @@ fn interfaces(
                     }
                 }
             }
+            if qdiscs.iter().any(|(q, _)| *q == ifindex) {
+                for f in clsact::ingress_filters(ifindex).unwrap_or_default() {
+                    if f.prog_id.is_none() || f.prog_id != ours {
+                        others.push(format!("clsact ingress: {}", f.describe()));
+                    }
+                }
+            }
         }
+        let hook = a.hook();
         out.push(IfaceStatus {
             name,
-            ifindex: link.ifindex,
-            attach: link.hook,
+            ifindex,
+            attach: hook,
             state: seen.state,
-            mode: if link.hook == Hook::Xdp && seen.state == LinkState::Attached {
+            mode: if hook == Hook::Xdp && seen.state == LinkState::Attached {
                 xdp_mode
             } else {
                 None
             },
+            tc_mode: a.tc_mode(),
             refusal: policy,
             others,
         });
@@ -440,10 +472,20 @@ fn interfaces(
 /// gated namespace keeps refusing connections, though this namespace has no gate.
 fn stray_programs(all: &[Iface], ours: &[u32]) -> Vec<String> {
     let mut out = Vec::new();
+    let qdiscs = clsact::ingress_qdiscs().unwrap_or_default();
     for i in all {
         let mut ids: Vec<(u32, &str)> = i.xdp.map(|(id, _)| (id, prog::XDP)).into_iter().collect();
         if let Ok((_, progs)) = SchedClassifier::query_tcx(&i.name, TcAttachType::Ingress) {
             ids.extend(progs.iter().map(|p| (p.id(), prog::TC)));
+        }
+        if qdiscs.iter().any(|(q, _)| *q == i.index) {
+            ids.extend(
+                clsact::ingress_filters(i.index)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|f| f.prog_id)
+                    .map(|id| (id, prog::TC)),
+            );
         }
         for (id, name) in ids {
             if !ours.contains(&id) && links::program_is(id, name) {
@@ -510,9 +552,10 @@ fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
     }
     writeln!(s, "interfaces:")?;
     for i in &st.interfaces {
-        let how = match i.mode {
-            Some(m) => format!("{} {}", i.attach.as_str(), m.as_str()),
-            None => i.attach.as_str().to_string(),
+        let how = match (i.mode, i.tc_mode) {
+            (Some(m), _) => format!("{} {}", i.attach.as_str(), m.as_str()),
+            (None, Some(t)) => format!("{} {}", i.attach.as_str(), t.as_str()),
+            (None, None) => i.attach.as_str().to_string(),
         };
         write!(s, "  {:<16} {how}", i.name)?;
         if i.state != LinkState::Attached {
@@ -618,6 +661,7 @@ mod tests {
                 attach: Hook::Xdp,
                 state: LinkState::Attached,
                 mode: Some(XdpMode::Driver),
+                tc_mode: None,
                 refusal: Policy::Reset,
                 others: vec![],
             }],
@@ -671,7 +715,7 @@ mod tests {
                 r#"{"gate":"on","policy":"reset","sk_lookup":true,"expired":false,"#,
                 r#""ttl_remaining_ms":598123,"#,
                 r#""interfaces":[{"name":"eth0","ifindex":2,"attach":"xdp","state":"attached","#,
-                r#""mode":"native","refusal":"reset","others":[]}],"#,
+                r#""mode":"native","tc_mode":null,"refusal":"reset","others":[]}],"#,
                 r#""ungated":[{"name":"veth9","ifindex":9}],"#,
                 r#""ports":[{"port":80,"live_connections":12,"live_connections_exact":false,"#,
                 r#""counted_in":[{"where":"local","port":80},"#,

@@ -341,6 +341,8 @@ pub struct Drain<'p> {
     pub ns: String,
     /// The binary under test.
     bin: PathBuf,
+    /// Environment every call gets (see [`Drain::classic`]).
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl<'p> Drain<'p> {
@@ -357,7 +359,27 @@ impl<'p> Drain<'p> {
         let ns = ns.to_owned();
         // Catches a namespace that is not the pair's before anything runs in it.
         let _ = pair.netns_inode(&ns);
-        Self { pair, ns, bin }
+        Self {
+            pair,
+            ns,
+            bin,
+            env: Vec::new(),
+        }
+    }
+
+    /// The workspace's build, behaving as on a kernel without TCX
+    /// (`drain_user::clsact::NO_TCX_ENV`): `--attach tc` takes the classic clsact path, so
+    /// this kernel's suite covers the path of kernels before 6.6.
+    pub fn classic(pair: &'p NetNsPair, ns: &str) -> Self {
+        let mut d = Self::new(pair, ns);
+        d.env.push((drain_user::clsact::NO_TCX_ENV, "1"));
+        d
+    }
+
+    /// True when `--attach tc` goes through the clsact qdisc for this runner: forced by
+    /// [`Drain::classic`], or because the kernel has no TCX.
+    pub fn tc_is_clsact(&self) -> bool {
+        !self.env.is_empty() || !crate::kernel::has(crate::kernel::Feature::Tcx)
     }
 
     /// `nsenter --net=<ns> [wrapper...] drain-user args...`: wrapper is e.g. setpriv with
@@ -373,9 +395,13 @@ impl<'p> Drain<'p> {
             None => self.pair.cmd(&self.ns, &bin.to_string_lossy()),
         };
         cmd.args(args);
+        cmd.envs(self.env.iter().copied());
         let mut line = wrapper.join(" ");
         if !line.is_empty() {
             line.push(' ');
+        }
+        for (k, v) in &self.env {
+            line.push_str(&format!("{k}={v} "));
         }
         line.push_str(&format!("drain-user {} (in {})", args.join(" "), self.ns));
         (cmd, line)
@@ -606,6 +632,15 @@ pub fn assert_status_schema(st: &Json) {
             "interface mode: {}",
             ctx()
         );
+        // Which TC attachment: for tc only, and always said.
+        match i["attach"].as_str() {
+            Some("tc") => assert!(
+                matches!(i["tc_mode"].as_str(), Some("tcx" | "clsact")),
+                "interface tc_mode: {}",
+                ctx()
+            ),
+            _ => assert!(i["tc_mode"].is_null(), "tc_mode is for tc: {}", ctx()),
+        }
         let others = i["others"].as_array().unwrap_or_else(|| {
             panic!("interface others must be an array: {}", ctx());
         });

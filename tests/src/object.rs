@@ -458,3 +458,91 @@ pub fn tcx_ingress(pair: &NetNsPair, ns: &str, dev: &str) -> Vec<(u32, String)> 
         .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_owned()))
         .collect()
 }
+
+/// The programs at TC ingress of `dev` in `ns`, whichever way they are attached: the TCX
+/// chain in order, then the cls_bpf filters of its clsact qdisc (drain's on kernels
+/// without TCX) in the order the kernel runs them: (id, program name).
+pub fn tc_ingress(pair: &NetNsPair, ns: &str, dev: &str) -> Vec<(u32, String)> {
+    let mut out = tcx_ingress(pair, ns, dev);
+    out.extend(
+        clsact_ingress(pair, ns, dev)
+            .into_iter()
+            .filter_map(|f| f.prog_id)
+            .map(|id| (id, drain_user::sys::prog_name(id).unwrap_or_default())),
+    );
+    out
+}
+
+/// The filters on the clsact ingress of `dev` in `ns` as the kernel dumps them
+/// (RTM_GETTFILTER, asked from a thread inside the namespace); empty without a clsact
+/// qdisc.
+pub fn clsact_ingress(pair: &NetNsPair, ns: &str, dev: &str) -> Vec<drain_user::clsact::Filter> {
+    let ifindex = pair.ifindex(ns, dev);
+    let mut filters = pair
+        .in_ns(ns, || drain_user::clsact::ingress_filters(ifindex))
+        .unwrap_or_else(|e| panic!("dumping the clsact ingress filters of {dev} in {ns}: {e:#}"));
+    // The kernel dumps priorities in order; within one, the list order is the run order.
+    filters.sort_by_key(|f| f.priority);
+    filters
+}
+
+/// The kind of the qdisc at ingress of `dev` in `ns` ("clsact", "ingress"), if any.
+pub fn ingress_qdisc(pair: &NetNsPair, ns: &str, dev: &str) -> Option<String> {
+    let ifindex = pair.ifindex(ns, dev);
+    pair.in_ns(ns, drain_user::clsact::ingress_qdiscs)
+        .unwrap_or_else(|e| panic!("dumping the qdiscs in {ns}: {e:#}"))
+        .into_iter()
+        .find(|(i, _)| *i == ifindex)
+        .map(|(_, k)| k)
+}
+
+/// A TC program that is not drain's (`r0 = TC_ACT_UNSPEC; exit`: lets every packet go on
+/// to the next filter), named `foreign_tc`, pinned so that `tc filter add ... bpf
+/// object-pinned` attaches it the way other tools do.
+pub struct ForeignTc {
+    _fd: OwnedFd,
+    pub id: u32,
+    pub pin: PathBuf,
+}
+
+impl ForeignTc {
+    pub const NAME: &'static str = "foreign_tc";
+
+    pub fn load_pinned(pins: &PinDir) -> Self {
+        let pin = pins.path().join("foreign_tc");
+        let fd = load_trivial(BPF_PROG_TYPE_SCHED_CLS, 0, -1, Self::NAME)
+            .unwrap_or_else(|e| panic!("loading the foreign TC program: {e}"));
+        pin_fd(&fd, &pin)
+            .unwrap_or_else(|e| panic!("pinning the foreign program at {}: {e}", pin.display()));
+        let id = ProgramInfo::from_pin(&pin)
+            .unwrap_or_else(|e| panic!("info of the foreign program: {e}"))
+            .id();
+        Self { _fd: fd, id, pin }
+    }
+
+    /// `tc filter add dev DEV ingress pref PREF handle HANDLE bpf object-pinned PIN da` in
+    /// `ns` (the interface needs a clsact qdisc).
+    pub fn add_filter(&self, pair: &NetNsPair, ns: &str, dev: &str, pref: u16, handle: u32) {
+        let (pref, handle) = (pref.to_string(), format!("{handle:#x}"));
+        let pin = self.pin.to_string_lossy();
+        pair.sh(
+            ns,
+            "tc",
+            &[
+                "filter",
+                "add",
+                "dev",
+                dev,
+                "ingress",
+                "pref",
+                &pref,
+                "handle",
+                &handle,
+                "bpf",
+                "object-pinned",
+                &pin,
+                "da",
+            ],
+        );
+    }
+}

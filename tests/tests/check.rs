@@ -80,13 +80,17 @@ fn check_passes_here_and_says_what_it_probed() {
         assert_eq!(c["status"], "ok", "this kernel (6.x) has {name}: {r}");
     }
     // TCX (6.6): present on a current kernel; on the matrix's 5.10 and 6.1 `check`
-    // must report it missing (not needed for the default attach) rather than claim it.
+    // must report it missing rather than claim it, and say that --attach tc takes the
+    // clsact path there. The clsact path itself is probed (attached in a private
+    // namespace) everywhere.
     let tcx = check_named(&r, "TCX");
     if drain_tests::kernel::has(drain_tests::kernel::Feature::Tcx) {
         assert_eq!(tcx["status"], "ok", "this kernel has TCX: {r}");
     } else {
-        assert_ne!(tcx["status"], "ok", "this kernel has no TCX: {r}");
+        assert_eq!(tcx["status"], "missing", "this kernel has no TCX: {r}");
+        assert!(tcx["detail"].str().contains("clsact"), "{r}");
     }
+    assert_eq!(check_named(&r, "clsact")["status"], "ok", "{r}");
     assert_eq!(check_named(&r, "kernel")["min_kernel"], "5.10");
     assert_eq!(check_named(&r, "TCX")["min_kernel"], "6.6");
     // The namespace's interfaces: veth has native XDP, lo only generic.
@@ -122,9 +126,7 @@ fn check_passes_here_and_says_what_it_probed() {
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn check_reports_a_foreign_xdp_program_and_blocks_attach_xdp_only() {
-    // It attaches (or checks) --attach tc, which is TCX-only in this version: no classic
-    // clsact path below 6.6 yet.
-    drain_tests::require!(drain_tests::kernel::Feature::Tcx);
+    // tc and auto pass with TCX and, without it, through the clsact path.
     let pair = NetNsPair::new();
     let drain = Drain::new(&pair, &pair.a);
     // Negative run first: the free interface passes.
@@ -191,4 +193,59 @@ fn check_without_privileges_blocks_and_says_why() {
     assert_eq!(check_named(&r, "privileges")["status"], "missing", "{r}");
     assert!(r["problem"].str().contains("needs root"), "{r}");
     assert_nothing_left(&drain);
+}
+
+/// On a kernel without TCX (here: behaving as one, `DRAIN_NO_TCX`), `check --attach tc`
+/// passes: the TCX row says missing and that the classic clsact path is used instead, the
+/// clsact row is needed and ok, each interface's note names clsact; and `--attach auto`
+/// beside a foreign XDP program too. With TCX, the same check names TCX (the negative run).
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn check_without_tcx_says_tc_takes_the_clsact_path() {
+    let pair = NetNsPair::new();
+    let classic = Drain::classic(&pair, &pair.a);
+    let out = classic.run(&["check", "--attach", "tc", "--json"]);
+    out.expect_ok();
+    let r = json(&out);
+    assert_eq!(r["ok"], true, "{r}");
+    let tcx = check_named(&r, "TCX");
+    assert_eq!(tcx["status"], "missing", "{r}");
+    assert_eq!(tcx["needed"], false, "{r}");
+    assert!(tcx["detail"].str().contains("clsact"), "{r}");
+    let clsact = check_named(&r, "clsact");
+    assert_eq!(
+        (clsact["status"].str(), &clsact["needed"]),
+        ("ok", &Json::Bool(true)),
+        "{r}"
+    );
+    let note = iface(&r, &pair.veth_a)["note"].str();
+    assert!(note.contains("clsact"), "{r}");
+    let pins = PinDir::new();
+    let _foreign = ForeignXdp::attach_with_ip(&pair, &pair.a, &pair.veth_a, &pins);
+    let out = classic.run(&[
+        "check",
+        "--attach",
+        "auto",
+        "--iface",
+        &pair.veth_a,
+        "--json",
+    ]);
+    out.expect_ok();
+    let r = json(&out);
+    let veth = iface(&r, &pair.veth_a);
+    assert_eq!(veth["attach"], "tc", "{r}");
+    assert!(veth["note"].str().contains("clsact"), "{r}");
+    assert_nothing_left(&classic);
+    // Where the kernel has TCX, the same check without the override names TCX.
+    if drain_tests::kernel::has(drain_tests::kernel::Feature::Tcx) {
+        let drain = Drain::new(&pair, &pair.a);
+        let r = json(
+            drain
+                .run(&["check", "--attach", "tc", "--json"])
+                .expect_ok(),
+        );
+        assert_eq!(check_named(&r, "TCX")["status"], "ok", "{r}");
+        assert_eq!(check_named(&r, "clsact")["needed"], false, "{r}");
+        assert!(iface(&r, &pair.veth_a)["note"].str().contains("TCX"), "{r}");
+    }
 }

@@ -18,8 +18,8 @@ use drain_tests::{
     cli::{gate_links, gated_ports, iface_status, port_status, CliOutput, Drain, Json, NOBODY},
     netns::NetNsPair,
     object::{
-        bpf_link_exists, bpftool, link_xdp, open_pinned_link, pinned_link_id, tcx_ingress,
-        ForeignXdp, PinDir,
+        bpf_link_exists, bpftool, clsact_ingress, ingress_qdisc, link_xdp, open_pinned_link,
+        pinned_link_id, tc_ingress, tcx_ingress, ForeignTc, ForeignXdp, PinDir,
     },
     traffic::{
         bind, connect, exchange, probe_all, round_trip, tcp_pair, transfer, Connect, EchoServer,
@@ -495,7 +495,7 @@ fn gate_off_leaves_no_pins_links_or_programs() {
         assert!(xdp_lines(&net).is_empty(), "bpftool net show: {net}");
     }
     for dev in ["lo", pair.veth_a.as_str()] {
-        assert!(tcx_ingress(&pair, &pair.a, dev).is_empty(), "TCX on {dev}");
+        assert!(tc_ingress(&pair, &pair.a, dev).is_empty(), "TC on {dev}");
     }
     // The link objects themselves may outlive the call briefly: bpffs drops its reference
     // after an RCU grace period (bpf_free_inode), and the tracker's tracing link cannot be
@@ -527,9 +527,8 @@ fn gate_off_leaves_no_pins_links_or_programs() {
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn gate_off_detaches_even_while_another_process_holds_the_links() {
-    // It attaches (or checks) --attach tc, which is TCX-only in this version: no classic
-    // clsact path below 6.6 yet.
-    drain_tests::require!(drain_tests::kernel::Feature::Tcx);
+    // --attach tc: a TCX link where the kernel has TCX (the case this test is about), the
+    // clsact filter elsewhere, which is no link: the same "hooks free at once" holds.
     let pair = NetNsPair::new();
     let drain = Drain::new(&pair, &pair.a);
     let port = P.to_string();
@@ -540,9 +539,14 @@ fn gate_off_detaches_even_while_another_process_holds_the_links() {
             .iter()
             .map(|l| open_pinned_link(&drain.state_dir().join(l)))
             .collect();
+        let iface_links = if attach == "tc" && drain.tc_is_clsact() {
+            0
+        } else {
+            2
+        };
         assert_eq!(
             held.len(),
-            2 + gate_links().len(),
+            iface_links + gate_links().len(),
             "{:?}",
             drain.link_pins()
         );
@@ -554,16 +558,16 @@ fn gate_off_detaches_even_while_another_process_holds_the_links() {
                 None,
                 "--attach {attach}: gate off returned with XDP still on {dev}"
             );
-            let chain = tcx_ingress(&pair, &pair.a, dev);
+            let chain = tc_ingress(&pair, &pair.a, dev);
             assert!(
                 chain.is_empty(),
-                "--attach {attach}: gate off returned with TCX still on {dev}: {chain:?}"
+                "--attach {attach}: gate off returned with TC still on {dev}: {chain:?}"
             );
         }
         // What a deploy script does next: gate on again, at once.
         drain.on(&["--port", &port, "--attach", attach]);
         for dev in ["lo", pair.veth_a.as_str()] {
-            let chain = tcx_ingress(&pair, &pair.a, dev);
+            let chain = tc_ingress(&pair, &pair.a, dev);
             assert!(chain.len() <= 1, "two gates on {dev}: {chain:?}");
         }
         drain.off();
@@ -613,54 +617,85 @@ fn without_privileges_exits_1_and_changes_nothing() {
 // 8. --attach tc
 // ---------------------------------------------------------------------------------------
 
-/// The same gate at TC ingress (TCX): established connections flow, new ones to P are
-/// dropped, Q stays open; status says "tc" (mode null); the kernel's TCX chains hold one
-/// drain_tc each and there is no XDP; gate off removes them.
+/// The same gate at TC ingress, both ways drain attaches there: TCX where the kernel has
+/// it, and the classic clsact qdisc with drain's cls_bpf filter (forced here with
+/// `DRAIN_NO_TCX`, as on kernels before 6.6). Established connections flow, new ones to P
+/// are dropped, Q stays open; status says "tc" (mode null) and which TC mode; the kernel
+/// holds one drain_tc per interface and no XDP; gate off removes them.
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn attach_tc_gates_the_same_way() {
-    // --attach tc (and auto beside a foreign XDP program) is TCX-only in this version:
-    // no classic clsact path below 6.6 yet.
-    drain_tests::require!(drain_tests::kernel::Feature::Tcx);
     let pair = NetNsPair::new();
-    let drain = Drain::new(&pair, &pair.a);
+    tc_contract(&pair, &Drain::new(&pair, &pair.a));
+    tc_contract(&pair, &Drain::classic(&pair, &pair.a));
+}
+
+fn tc_contract(pair: &NetNsPair, drain: &Drain) {
+    let clsact = drain.tc_is_clsact();
     let gated = [sa(pair.a_v4, P), sa(pair.a_v6, P)];
     let open = [sa(pair.a_v4, Q), sa(pair.a_v6, Q)];
     let _servers: Vec<EchoServer> = gated
         .iter()
         .chain(&open)
-        .map(|&a| EchoServer::start(&pair, &pair.a, a))
+        .map(|&a| EchoServer::start(pair, &pair.a, a))
         .collect();
-    let held = bind(&pair, &pair.a, sa(pair.a_v4, P + 1));
-    let (client, server) = tcp_pair(&pair, &held, &pair.b);
+    let held = bind(pair, &pair.a, sa(pair.a_v4, P + 1));
+    let (client, server) = tcp_pair(pair, &held, &pair.b);
 
     let out = drain.on(&["--port", &format!("{P},{}", P + 1), "--attach", "tc"]);
     assert!(out.stdout.contains("tc"), "{out}");
+    assert_eq!(out.stdout.contains("tc clsact"), clsact, "{out}");
     let st = drain.status();
     let ifaces = st["interfaces"].as_array().unwrap();
     assert_eq!(ifaces.len(), 2, "lo and the veth: {st}");
+    let mode = if clsact { "clsact" } else { "tcx" };
     for i in ifaces {
         assert_eq!(i["attach"].as_str(), Some("tc"), "{st}");
+        assert_eq!(i["tc_mode"].as_str(), Some(mode), "{st}");
+        assert_eq!(i["state"].as_str(), Some("attached"), "{st}");
         assert!(i["mode"].is_null(), "mode is for xdp only: {st}");
         assert_eq!(i["others"].as_array().map(Vec::len), Some(0), "{st}");
     }
-    let mut want = vec![
+    let mut want = gate_links();
+    let tc_pins = [
         format!("link-tc-{}", drain.ifindex("lo")),
         format!("link-tc-{}", drain.ifindex(&pair.veth_a)),
     ];
-    want.extend(gate_links().into_iter().map(String::from));
-    want.sort();
+    if !clsact {
+        want.extend(tc_pins.iter().map(String::as_str));
+        want.sort();
+    }
     assert_eq!(drain.link_pins(), want);
-    assert_eq!(link_xdp(&pair, &pair.a, &pair.veth_a), None, "tc, not xdp");
+    assert_eq!(
+        drain
+            .pins()
+            .contains(&drain_user::clsact::RECORDS.to_string()),
+        clsact,
+        "the clsact records: {:?}",
+        drain.pins()
+    );
+    assert_eq!(link_xdp(pair, &pair.a, &pair.veth_a), None, "tc, not xdp");
     for dev in ["lo", pair.veth_a.as_str()] {
-        let chain = tcx_ingress(&pair, &pair.a, dev);
-        assert_eq!(chain.len(), 1, "one TCX program on {dev}: {chain:?}");
+        let chain = tc_ingress(pair, &pair.a, dev);
+        assert_eq!(chain.len(), 1, "one TC program on {dev}: {chain:?}");
         assert_eq!(chain[0].1, drain_common::prog::TC, "{dev}: {chain:?}");
+        if clsact {
+            // The documented slot: pref 1, handle 0xd7a1, protocol all, direct action.
+            let f = &clsact_ingress(pair, &pair.a, dev)[0];
+            assert_eq!(
+                (f.priority, f.handle, f.kind.as_str()),
+                (1, 0xd7a1, "bpf"),
+                "{dev}: {f:?}"
+            );
+            assert!(tcx_ingress(pair, &pair.a, dev).is_empty(), "{dev}");
+        } else {
+            assert!(clsact_ingress(pair, &pair.a, dev).is_empty(), "{dev}");
+        }
     }
 
     std::thread::scope(|s| {
-        let dropped = s.spawn(|| assert_gated(&pair, &pair.b, &gated));
-        assert_open(&pair, &pair.b, &open);
+        let dropped = s.spawn(|| assert_gated(pair, &pair.b, &gated));
+        assert_open(pair, &pair.b, &open);
         s.spawn(|| transfer(&client, &server, 1 << 20, 5));
         transfer(&server, &client, 1 << 20, 6);
         dropped.join().unwrap();
@@ -677,11 +712,172 @@ fn attach_tc_gates_the_same_way() {
     drain.off();
     assert!(!drain.state_dir().exists());
     for dev in ["lo", pair.veth_a.as_str()] {
-        let chain = tcx_ingress(&pair, &pair.a, dev);
-        assert!(chain.is_empty(), "TCX programs left on {dev}: {chain:?}");
+        let chain = tc_ingress(pair, &pair.a, dev);
+        assert!(chain.is_empty(), "TC programs left on {dev}: {chain:?}");
+        assert_eq!(
+            ingress_qdisc(pair, &pair.a, dev),
+            None,
+            "the clsact qdisc drain made on {dev} was left"
+        );
     }
-    assert_open(&pair, &pair.b, &gated);
+    assert_open(pair, &pair.b, &gated);
     transfer(&client, &server, 1000, 9);
+}
+
+/// The classic path's state is the kernel's: drain's clsact filter deleted behind its back
+/// (`tc filter del`, `tc qdisc del`) makes status say so, and the port really is open
+/// there; `gate on` repairs it. Another tool's filters stay where they are, in another
+/// slot or in drain's own (taken while drain's was gone: status says so, `gate off` leaves
+/// it, `gate on` refuses to replace it), and so does a clsact qdisc drain did not make or
+/// that still holds another filter; the qdisc drain made and left empty goes.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn clsact_filters_are_judged_by_the_kernel_and_repaired() {
+    let pair = NetNsPair::new();
+    let drain = Drain::classic(&pair, &pair.a);
+    let pins = PinDir::new();
+    let foreign = ForeignTc::load_pinned(&pins);
+    let veth = pair.veth_a.as_str();
+    // The veth already has a clsact qdisc and another tool's filter at pref 2; lo has none.
+    drain.sh("tc", &["qdisc", "add", "dev", veth, "clsact"]);
+    foreign.add_filter(&pair, &pair.a, veth, 2, 0x2);
+    let gated = [sa(pair.a_v4, P)];
+    let open = [sa(pair.a_v4, Q)];
+    let _servers: Vec<EchoServer> = gated
+        .iter()
+        .chain(&open)
+        .map(|&a| EchoServer::start(&pair, &pair.a, a))
+        .collect();
+    let theirs = |f: &drain_user::clsact::Filter| f.prog_id == Some(foreign.id);
+    let iface_state = |st: &Json, dev: &str| {
+        iface_status(st, dev).unwrap_or_else(|| panic!("{dev}: {st}"))["state"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+
+    let port = P.to_string();
+    drain.on(&["--port", &port, "--attach", "tc"]);
+    // Drain's filter runs first, theirs after it, untouched.
+    let filters = clsact_ingress(&pair, &pair.a, veth);
+    assert_eq!(filters.len(), 2, "{filters:?}");
+    assert_eq!(filters[0].name.as_deref(), Some("drain_tc"), "{filters:?}");
+    assert!(
+        theirs(&filters[1]) && filters[1].priority == 2,
+        "{filters:?}"
+    );
+    let st = drain.status();
+    let others = iface_status(&st, veth).unwrap()["others"].to_string();
+    assert!(
+        others.contains(ForeignTc::NAME),
+        "status lists theirs: {st}"
+    );
+    std::thread::scope(|s| {
+        let t = s.spawn(|| assert_gated(&pair, &pair.b, &gated));
+        // Their filter passes Q on (TC_ACT_UNSPEC), and so does drain's.
+        assert_open(&pair, &pair.b, &open);
+        t.join().unwrap();
+    });
+
+    // Behind drain's back: its filter deleted from the veth. Status says detached, the
+    // gate is still on (lo), and a new connection through the veth is accepted: status
+    // told the truth.
+    drain.sh(
+        "tc",
+        &[
+            "filter", "del", "dev", veth, "ingress", "pref", "1", "handle", "0xd7a1", "bpf",
+        ],
+    );
+    let st = drain.status();
+    assert_eq!(iface_state(&st, veth), "detached", "{st}");
+    assert_eq!(iface_state(&st, "lo"), "attached", "{st}");
+    assert!(
+        st["warnings"].to_string().contains("clsact filter on"),
+        "a warning names it: {st}"
+    );
+    assert_open(&pair, &pair.b, &gated);
+    // lo's whole qdisc deleted: nothing of drain's is attached anywhere, and status does
+    // not claim the gate is on.
+    drain.sh("tc", &["qdisc", "del", "dev", "lo", "clsact"]);
+    let st = drain.status();
+    assert_eq!(iface_state(&st, "lo"), "detached", "{st}");
+    assert_eq!(gate_state(&st), "off", "nothing attached: {st}");
+
+    // gate on repairs both; their filter is still second, and still theirs.
+    let out = drain.on(&["--port", &port, "--attach", "tc"]);
+    assert!(out.stdout.contains("re-attached"), "{out}");
+    let st = drain.status();
+    assert_eq!(gate_state(&st), "on", "{st}");
+    for dev in ["lo", veth] {
+        assert_eq!(iface_state(&st, dev), "attached", "{dev}: {st}");
+    }
+    let filters = clsact_ingress(&pair, &pair.a, veth);
+    assert_eq!(filters.len(), 2, "{filters:?}");
+    assert!(theirs(&filters[1]), "{filters:?}");
+    assert_gated(&pair, &pair.b, &gated);
+
+    // Another tool takes drain's very slot while drain's filter is gone: status says the
+    // slot holds another program, gate off deletes nothing of theirs (matched by program
+    // id, not by slot), and a new gate on refuses to replace it.
+    drain.sh(
+        "tc",
+        &[
+            "filter", "del", "dev", veth, "ingress", "pref", "1", "handle", "0xd7a1", "bpf",
+        ],
+    );
+    foreign.add_filter(&pair, &pair.a, veth, 1, 0xd7a1);
+    // Also a filter of theirs on lo, whose qdisc drain made: it stays, so does the qdisc.
+    foreign.add_filter(&pair, &pair.a, "lo", 3, 0x3);
+    let st = drain.status();
+    assert_eq!(iface_state(&st, veth), "foreign", "{st}");
+    drain.off();
+    let left = clsact_ingress(&pair, &pair.a, veth);
+    assert_eq!(left.len(), 2, "both of theirs stay: {left:?}");
+    assert!(left.iter().all(theirs), "{left:?}");
+    let left = clsact_ingress(&pair, &pair.a, "lo");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(theirs(&left[0]), "{left:?}");
+    assert_eq!(
+        ingress_qdisc(&pair, &pair.a, "lo").as_deref(),
+        Some("clsact")
+    );
+    let out = drain.run(&[
+        "gate", "on", "--port", &port, "--attach", "tc", "--iface", veth,
+    ]);
+    out.expect_code(1);
+    assert_eq!(out.stderr_lines().len(), 1, "{out}");
+    assert!(
+        out.stderr.contains("0xd7a1") && out.stderr.contains(veth),
+        "names the slot: {out}"
+    );
+    assert!(!drain.state_dir().exists(), "a refused gate on left state");
+    assert_eq!(clsact_ingress(&pair, &pair.a, veth).len(), 2);
+
+    // Their filters gone, lo's qdisc (made by drain, whose record went with gate off) and
+    // the veth's (theirs) are theirs to remove; a fresh gate on and off over the veth's
+    // pre-existing qdisc leaves it in place, empty.
+    for (dev, pref, handle) in [
+        (veth, "1", "0xd7a1"),
+        (veth, "2", "0x2"),
+        ("lo", "3", "0x3"),
+    ] {
+        drain.sh(
+            "tc",
+            &[
+                "filter", "del", "dev", dev, "ingress", "pref", pref, "handle", handle, "bpf",
+            ],
+        );
+    }
+    drain.on(&["--port", &port, "--attach", "tc"]);
+    assert_gated(&pair, &pair.b, &gated);
+    drain.off();
+    assert_eq!(
+        ingress_qdisc(&pair, &pair.a, veth).as_deref(),
+        Some("clsact"),
+        "a qdisc drain did not make is left"
+    );
+    assert!(clsact_ingress(&pair, &pair.a, veth).is_empty());
+    assert_open(&pair, &pair.b, &gated);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -694,9 +890,7 @@ fn attach_tc_gates_the_same_way() {
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn foreign_xdp_program_is_left_alone() {
-    // --attach tc (and auto beside a foreign XDP program) is TCX-only in this version:
-    // no classic clsact path below 6.6 yet.
-    drain_tests::require!(drain_tests::kernel::Feature::Tcx);
+    // auto beside a foreign XDP program attaches at TC: TCX, or clsact without it.
     let pair = NetNsPair::new();
     let drain = Drain::new(&pair, &pair.a);
     let pins = PinDir::new();
@@ -762,7 +956,7 @@ fn foreign_xdp_program_is_left_alone() {
         ForeignXdp::NAME,
         theirs.0
     );
-    let chain = tcx_ingress(&pair, &pair.a, &pair.veth_a);
+    let chain = tc_ingress(&pair, &pair.a, &pair.veth_a);
     assert_eq!(chain.len(), 1, "{chain:?}");
     assert_eq!(chain[0].1, drain_common::prog::TC, "{chain:?}");
     // Behind the foreign XDP_PASS, TC still drops the SYN.
@@ -910,27 +1104,46 @@ fn concurrent_gate_on_calls_end_consistent() {
 
 /// A namespace deleted with its gate still on (a container removed mid-deploy) leaves its
 /// pins behind; the next `gate on` in any namespace reaps them (once the kernel has
-/// detached its links), and leaves the gates of live namespaces alone.
+/// detached its links), and leaves the gates of live namespaces alone. The same for gates
+/// made through the clsact qdisc (`--attach tc` without TCX), which have no link to ask:
+/// reaped once the kernel no longer has their program, kept while their namespace lives.
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
 fn state_of_a_deleted_namespace_is_reaped_by_the_next_gate_on() {
-    let (p1, p2, p3) = (NetNsPair::new(), NetNsPair::new(), NetNsPair::new());
-    let (d1, d2, d3) = (
+    let (p1, p2, p3, p4) = (
+        NetNsPair::new(),
+        NetNsPair::new(),
+        NetNsPair::new(),
+        NetNsPair::new(),
+    );
+    let (d1, d2, d3, d4) = (
         Drain::new(&p1, &p1.a),
         Drain::new(&p2, &p2.a),
-        Drain::new(&p3, &p3.a),
+        Drain::classic(&p3, &p3.a),
+        Drain::classic(&p4, &p4.a),
     );
     d1.on(&["--port", &P.to_string()]);
-    d3.on(&["--port", &P.to_string()]);
+    d3.on(&["--port", &P.to_string(), "--attach", "tc"]);
+    d4.on(&["--port", &P.to_string(), "--attach", "tc"]);
     let dead_dir = d1.state_dir();
+    let dead_classic = d4.state_dir();
     assert!(dead_dir.exists());
+    let classic_progs: Vec<u32> = drain_user::clsact::records(&dead_classic)
+        .expect("the clsact records")
+        .iter()
+        .map(|r| r.prog_id)
+        .collect();
+    assert_eq!(classic_progs.len(), 2, "lo and the veth");
 
-    let out = std::process::Command::new("ip")
-        .args(["netns", "del", &p1.a])
-        .output()
-        .expect("run ip netns del");
-    assert!(out.status.success(), "ip netns del: {out:?}");
+    for ns in [&p1.a, &p4.a] {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "del", ns])
+            .output()
+            .expect("run ip netns del");
+        assert!(out.status.success(), "ip netns del: {out:?}");
+    }
     assert!(dead_dir.exists(), "pins vanished before any drain call");
+    assert!(dead_classic.exists(), "pins vanished before any drain call");
     // The reaper acts on the kernel's word that the namespace's links are detached, which
     // comes once its (asynchronous) teardown has unregistered the devices.
     // (Tests running in parallel call `gate on` too: one of them may reap it first.)
@@ -951,18 +1164,37 @@ fn state_of_a_deleted_namespace_is_reaped_by_the_next_gate_on() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The clsact gate's filters go with the namespace's devices, and its program with them.
+    while classic_progs
+        .iter()
+        .any(|&id| drain_user::sys::prog_name(id).is_some())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted namespace's clsact program stayed loaded"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     d2.on(&["--port", &P.to_string()]);
-    assert!(
-        !dead_dir.exists(),
-        "the deleted namespace's pins were not reaped: {}",
-        dead_dir.display()
-    );
+    for dir in [&dead_dir, &dead_classic] {
+        assert!(
+            !dir.exists(),
+            "the deleted namespace's pins were not reaped: {}",
+            dir.display()
+        );
+    }
     assert!(
         d3.state_dir().exists(),
         "a live namespace's gate was reaped"
     );
-    assert_eq!(gate_state(&d3.status()), "on");
+    let st = d3.status();
+    assert_eq!(gate_state(&st), "on", "{st}");
+    assert_eq!(
+        iface_status(&st, "lo").unwrap()["tc_mode"].as_str(),
+        Some("clsact"),
+        "{st}"
+    );
     assert_eq!(gate_state(&d2.status()), "on");
 }
 
