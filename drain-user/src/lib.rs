@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`cli`] | the command line (clap): its definition, the values it parses (TTL, durations, prefixes), their mapping onto [`domain`]'s types; the only module that knows clap |
 //! | [`domain`] | the domain's types: attach choice, policy, container runtime, exit codes, usage errors (no clap) |
+//! | [`present`] | one file per subcommand: its arguments onto the domain's types, the operation, the output (text, JSON) |
 //! | [`output`] | stdout/stderr lines that end the command quietly on EPIPE |
 //! | [`object`] | the embedded eBPF object and loading it |
 //! | [`netns`] | network-namespace identity (inode + cookie), the state directory name, liveness and orphaned state |
@@ -53,6 +54,7 @@ pub mod object;
 pub mod output;
 pub mod pins;
 pub mod plan;
+pub mod present;
 pub mod state;
 pub mod status;
 pub mod sys;
@@ -61,17 +63,17 @@ pub mod track;
 pub mod wait;
 pub mod watch;
 
-use std::collections::BTreeSet;
-
 use anyhow::{bail, Result};
 
 use crate::{
-    cli::{Cli, Command, GateAction, Placement, StatusFormat},
+    cli::{Cli, Command, GateAction, Placement},
     domain::Exit,
 };
 
-/// Runs one command. Errors carry their whole context; a [`domain::UsageError`] among them
-/// means exit 2, an [`output::Closed`] a quiet exit 0 (never from `wait`, which keeps going).
+/// Runs one command: privileges, the target namespace, then the subcommand's own
+/// [`present`] module, which prints. Errors carry their whole context; a
+/// [`domain::UsageError`] among them means exit 2, an [`output::Closed`] a quiet exit 0
+/// (never from `wait`, which keeps going).
 pub fn run(cli: Cli) -> Result<Exit> {
     // `gate on` and `wait` load the tracker, a tracing program: CAP_PERFMON too.
     let tracing = match &cli.command {
@@ -94,23 +96,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             place: Placement { ifaces, attach },
             policy,
             json,
-        } => {
-            limits::check_port_count(ports.len())?;
-            let want = check::Wanted {
-                attach: attach.into(),
-                policy: policy.into(),
-            };
-            let report = check::decide(&check::probe(&ifaces)?, &want);
-            if json {
-                outln!("{}", serde_json::to_string(&report)?)?;
-            } else {
-                output::out(format_args!("{}", check::human(&report).trim_end()))?;
-            }
-            if let Some(problem) = &report.problem {
-                errln!("drain-user: error: {problem}")?;
-                return Ok(Exit::Failure);
-            }
-        }
+        } => present::check::run(&ports, &ifaces, attach, policy, json),
         Command::Gate {
             action:
                 GateAction::On {
@@ -123,139 +109,38 @@ pub fn run(cli: Cli) -> Result<Exit> {
                     announce,
                     plan,
                 },
-        } => {
-            let args = gate::OnArgs {
-                ports: ports.into_iter().collect::<BTreeSet<_>>(),
-                ifaces,
-                attach: attach.into(),
-                ttl: ttl.0,
-                allow,
-                policy: policy.into(),
-                rst_rate,
-                announce: agent::Announce::from(announce),
-            };
-            args.validate()?;
-            follow::check_policy(&args.ports, args.policy)?;
-            let targets = iface::resolve(&args.ifaces)?;
-            if targets.is_empty() {
-                bail!("no interface is up in this network namespace: name one with --iface");
-            }
-            if plan.dry_run {
-                return print_plan(&plan::on(&args, &targets, status::collect()?)?, plan.json);
-            }
-            let report = gate::on(&args, &targets)?;
-            // A published port: its connections live where a DNAT sends them.
-            for line in follow::after_gate_on(&pins::gate_dir()?, &args.ports)? {
-                errln!("{line}")?;
-            }
-            if let Some(w) = gate::ungated_warning(&gate::ungated(&pins::gate_dir()?)?, args.policy)
-            {
-                errln!("{w}")?;
-            }
-            let ports: Vec<String> = args.ports.iter().map(u16::to_string).collect();
-            let ttl = match args.ttl {
-                Some(t) => format!("the TTL ({}) runs out", humantime::format_duration(t)),
-                None => "forever (no TTL)".into(),
-            };
-            match args.announce.delay {
-                Some(d) => outln!(
-                    "gate on: announced: `drain-user agent` answers drain now; new connections to port {} are refused on {} in {}, or once `drain-user wait` sees none for {}; until `drain-user gate off` or {ttl}",
-                    ports.join(","),
-                    report.join(", "),
-                    humantime::format_duration(d),
-                    humantime::format_duration(args.announce.quiet),
-                )?,
-                None => outln!(
-                    "gate on: new connections to port {} are refused on {}; until `drain-user gate off` or {ttl}",
-                    ports.join(","),
-                    report.join(", ")
-                )?,
-            }
-        }
+        } => present::gate::on(present::gate::On {
+            ports,
+            ifaces,
+            attach,
+            ttl,
+            allow,
+            policy,
+            rst_rate,
+            announce,
+            plan,
+        }),
         Command::Gate {
             action: GateAction::Off { plan },
-        } => {
-            if plan.dry_run {
-                return print_plan(&plan::off(status::collect()?), plan.json);
-            }
-            if gate::off()? {
-                outln!("gate off: detached and unpinned; new connections are accepted")?;
-            } else {
-                outln!("gate off: no gate in this network namespace (already off)")?;
-            }
-        }
-        Command::Agent { args } => {
-            return agent::serve(&agent::Options {
-                weight: args.weight,
-                greeting: args.greeting,
-            })
-        }
+        } => present::gate::off(plan),
+        Command::Agent { args } => present::agent::run(&args),
         Command::Watch {
             json,
             rate,
             duration,
-        } => watch::watch(&watch::WatchArgs {
-            json,
-            rate,
-            duration,
-        })?,
+        } => present::watch::run(json, rate, duration),
         Command::Wait {
             ports,
             timeout,
             idle,
             json,
-        } => {
-            // Its exit code is its result: a reader that goes away does not end it.
-            output::keep_going_when_closed();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            return rt.block_on(wait::wait(wait::WaitArgs {
-                ports,
-                timeout,
-                idle,
-                format: wait::Format::pick(json),
-            }));
-        }
+        } => present::wait::run(ports, timeout, idle, json),
         Command::Status {
             json,
             format,
             textfile,
-        } => {
-            let st = status::collect()?;
-            if let Some(path) = textfile {
-                metrics::write_textfile(&path, &metrics::prometheus(&st)?)?;
-                return Ok(Exit::Success);
-            }
-            let format = match (json, format) {
-                (true, _) => StatusFormat::Json,
-                (false, f) => f.unwrap_or(StatusFormat::Text),
-            };
-            match format {
-                StatusFormat::Json => outln!("{}", serde_json::to_string(&st)?)?,
-                StatusFormat::Prometheus => {
-                    let text = metrics::prometheus(&st)?;
-                    output::out(format_args!("{}", text.trim_end_matches('\n')))?;
-                }
-                StatusFormat::Text => {
-                    let text = status::human(&st);
-                    output::out(format_args!("{}", text.trim_end_matches('\n')))?;
-                }
-            }
-        }
+        } => present::status::run(json, format, textfile.as_deref()),
     }
-    Ok(Exit::Success)
-}
-
-/// `gate on/off --dry-run`: the plan as JSON or text; exit 0 whether or not it changes
-/// anything (`changed` says).
-fn print_plan(p: &plan::Plan, json: bool) -> Result<Exit> {
-    if json {
-        outln!("{}", serde_json::to_string(p)?)?;
-    } else {
-        outln!("{}", plan::human(p))?;
-    }
-    Ok(Exit::Success)
 }
 
 /// One clear line instead of a cascade of EPERMs: loading BPF and attaching to interfaces
