@@ -86,12 +86,30 @@ pub mod map {
     /// read by `drain-user watch`.
     pub const EVENTS: &str = "DRAIN_EVENTS";
 
+    /// Array[65536] of u64 by local port, BPF_F_MMAPABLE: until when (CLOCK_BOOTTIME ns) a
+    /// `wait` wants to be woken when the port's live count changes. Raised by `wait` with
+    /// an atomic max through mmap and renewed while it waits, so a `wait` that died stops
+    /// costing within [`WAKE_LEASE_NS`](crate::WAKE_LEASE_NS). Read by the tracker.
+    pub const WAITERS: &str = "DRAIN_WAITERS";
+    /// Ring buffer of u32 local ports whose live count changed while a `wait` wanted it:
+    /// what wakes `wait` (its records only say "look again"). Written by the tracker, read
+    /// and emptied by `wait`. Not the `watch` ring: a ring buffer has one consumer position,
+    /// and `watch` and `wait` would take each other's records.
+    pub const WAKE: &str = "DRAIN_WAKE";
+
     /// Every map the object defines, for the test that checks each resolves.
     pub const ALL: &[&str] = &[
         CONFIG, PORTS, STATS, ALLOW4, ALLOW6, TRACK, SOCKS, LIVE, TSTATS, FOLLOW, RST_RL, REFUSED,
-        RSTCFG, WATCH, WATCH_RL, EVENTS,
+        RSTCFG, WATCH, WATCH_RL, EVENTS, WAITERS, WAKE,
     ];
 }
+
+/// Bytes of the wake ring ([`map::WAKE`]): one page, 256 records; `wait` empties it each
+/// time it is woken, so it only fills while nobody reads it (and a full ring costs the
+/// tracker a failed reserve).
+pub const WAKE_BYTES: u32 = 4096;
+/// How long one renewal of a `wait`'s interest in a port lasts ([`map::WAITERS`]).
+pub const WAKE_LEASE_NS: u64 = 2_000_000_000;
 
 /// How many distinct ports one gate can hold (slots 1..=MAX_GATED_PORTS in the stats map).
 pub const MAX_GATED_PORTS: u32 = 64;

@@ -11,14 +11,14 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    helpers::bpf_probe_read_kernel,
+    helpers::{bpf_ktime_get_boot_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use drain_common::{
     is_live, v4_mapped, ConnKey, FollowKey, TrackConfig, TrackStats, MAX_FOLLOWED,
-    MAX_TRACKED_SOCKS, TCP_ESTABLISHED, TCP_SYN_RECV,
+    MAX_TRACKED_SOCKS, TCP_ESTABLISHED, TCP_SYN_RECV, WAKE_BYTES,
 };
 
 /// Array[1] of TrackConfig; written by user space before attaching.
@@ -37,6 +37,15 @@ static LIVE: Array<i64> = Array::pinned(65536, BPF_F_MMAPABLE);
 /// port's DNAT target): (netns inode, local port) -> gated port. Written by user space.
 #[map(name = "DRAIN_FOLLOW")]
 static FOLLOW: HashMap<FollowKey, u32> = HashMap::pinned(MAX_FOLLOWED, 0);
+
+/// Per local port: until when (boot-time ns) a `wait` wants to be woken when its count
+/// changes. Raised and renewed by `wait` through mmap.
+#[map(name = "DRAIN_WAITERS")]
+static WAITERS: Array<u64> = Array::pinned(65536, BPF_F_MMAPABLE);
+
+/// The ports whose count changed while a `wait` wanted them: what wakes `wait`.
+#[map(name = "DRAIN_WAKE")]
+static WAKE: RingBuf = RingBuf::pinned(WAKE_BYTES, 0);
 
 /// Tracker counters.
 #[map(name = "DRAIN_TSTATS")]
@@ -94,6 +103,25 @@ fn add(port: u32, delta: i64) {
         // AtomicI64::fetch_add does not exist there; this intrinsic lowers to BPF's atomic
         // add (lock xadd), which the verifier accepts on map values.
         unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(p, delta) };
+        wake(port);
+    }
+}
+
+/// Wakes the `wait`s that want `port` (called after its count changed). While nobody
+/// waits this is one array load. `wait` raises its lease before it reads the counts, and
+/// the count changes before this reads the lease, so a change is either in what `wait`
+/// reads or wakes it (both sides use full-barrier atomics; `wait` also polls slowly).
+/// Flags 0: the kernel wakes the reader only when it had read everything before this
+/// record (adaptive wake-up); a burst of closes costs one wake-up.
+#[inline(always)]
+fn wake(port: u32) {
+    let Some(&until) = WAITERS.get(port) else {
+        return;
+    };
+    // SAFETY: a helper without preconditions.
+    if until != 0 && unsafe { bpf_ktime_get_boot_ns() } < until {
+        // A full ring means the reader has not caught up: it will see the counts anyway.
+        let _ = WAKE.output::<u32>(port, 0);
     }
 }
 

@@ -7,12 +7,12 @@ use std::{
     os::fd::{AsFd, AsRawFd},
     path::Path,
     ptr::NonNull,
-    sync::atomic::{AtomicI64, Ordering},
+    sync::atomic::{AtomicI64, AtomicU64, Ordering},
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::links::FdLink,
     Ebpf,
 };
@@ -67,26 +67,30 @@ struct Live {
 
 const PORTS: usize = 65536;
 
+/// Maps a BPF_F_MMAPABLE array of PORTS 8-byte values into this process.
+fn map_ports(map: &MapData, what: &str) -> Result<NonNull<u8>> {
+    // SAFETY: mapping a BPF_F_MMAPABLE array of exactly this size, shared with the kernel.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PORTS * 8,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            map.fd().as_fd().as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("mmap of {what}"));
+    }
+    NonNull::new(p.cast()).context("mmap returned null")
+}
+
 impl Live {
     fn open(dir: &Path) -> Result<Self> {
         let map = pins::open_map(dir, map::LIVE)?;
-        let len = PORTS * 8;
-        // SAFETY: mapping a BPF_F_MMAPABLE array of exactly this size, shared with the kernel.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("mmap of the live-connection map");
-        }
         Ok(Live {
-            base: NonNull::new(p.cast()).context("mmap returned null")?,
+            base: map_ports(&map, "the live-connection map")?.cast(),
             _map: map,
         })
     }
@@ -105,6 +109,69 @@ impl Drop for Live {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what open() mapped.
         unsafe { libc::munmap(self.base.as_ptr().cast(), PORTS * 8) };
+    }
+}
+
+/// What wakes `wait` when a port's count changes: its interest per port (a lease in
+/// [`map::WAITERS`], mapped into this process) and the ring the tracker writes to
+/// ([`map::WAKE`]). Its fd is the ring's: readable when the tracker has written.
+pub struct Wake {
+    waiters: NonNull<AtomicU64>,
+    _waiters_map: MapData,
+    ring: RingBuf<MapData>,
+}
+
+// SAFETY: the mapping is shared memory reached only through atomics.
+unsafe impl Send for Wake {}
+
+impl Wake {
+    /// None when the tracker's maps have no wake ring (a gate made by an older drain-user,
+    /// whose tracker never writes one): `wait` then polls.
+    pub fn open(dir: &Path) -> Result<Option<Self>> {
+        if !dir.join(map::WAKE).exists() || !dir.join(map::WAITERS).exists() {
+            return Ok(None);
+        }
+        let waiters = pins::open_map(dir, map::WAITERS)?;
+        Ok(Some(Wake {
+            waiters: map_ports(&waiters, "the wait interest map")?.cast(),
+            _waiters_map: waiters,
+            ring: RingBuf::try_from(Map::RingBuf(pins::open_map(dir, map::WAKE)?))?,
+        }))
+    }
+
+    /// Asks to be woken when the count of any of `ports` changes, until `until_ns`
+    /// (CLOCK_BOOTTIME). Sequentially consistent: call it before reading the counts, so a
+    /// change the read misses wakes this process (the tracker changes a count, then reads
+    /// the lease).
+    pub fn want(&self, ports: impl IntoIterator<Item = u16>, until_ns: u64) {
+        for p in ports {
+            // SAFETY: p < 65536 entries, each an 8-byte aligned u64 in the live mapping.
+            let lease = unsafe { &*self.waiters.as_ptr().add(p as usize) };
+            lease.fetch_max(until_ns, Ordering::SeqCst);
+        }
+    }
+
+    /// Empties the ring (its records only say "look again"); returns how many it held.
+    pub fn drain(&mut self) -> usize {
+        let mut n = 0;
+        while self.ring.next().is_some() {
+            n += 1;
+        }
+        n
+    }
+}
+
+impl AsRawFd for Wake {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
+impl Drop for Wake {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what open() mapped. The leases are left to run out:
+        // another `wait` may want the same ports.
+        unsafe { libc::munmap(self.waiters.as_ptr().cast(), PORTS * 8) };
     }
 }
 

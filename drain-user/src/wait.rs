@@ -1,9 +1,12 @@
 //! `wait`: block until the ports have drained (no live connections) or, with `--idle`,
 //! until every connection left has nothing in flight and has been quiet for a while.
 //!
-//! The counts come from the kernel tracker through an mmapped array, so polling them every
-//! few milliseconds costs a memory load: the last close is noticed within ~10 ms. The loop
-//! decides what happened ([`Progress`], then one [`Outcome`]); a [`report::Reporter`]
+//! The counts come from the kernel tracker through an mmapped array, and the tracker wakes
+//! `wait` when the count of a port it waits for changes (a ring buffer, [`track::Wake`]):
+//! the last close is noticed at once, and nothing runs while nothing changes but a slow
+//! safety poll ([`SAFETY_POLL`], which also paces the conntrack refresh and `--idle`'s
+//! checks run on their own period). A gate made by an older drain-user has no wake ring:
+//! then the counts are polled every [`POLL`]. The loop decides what happened ([`Progress`], then one [`Outcome`]); a [`report::Reporter`]
 //! prints it as JSON, plain text or a progress line.
 
 mod report;
@@ -14,9 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Result};
-use drain_common::GATE_ON;
+use anyhow::{bail, Context, Result};
+use drain_common::{GATE_ON, WAKE_LEASE_NS};
 use serde::Serialize;
+use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::{
     diag,
@@ -39,8 +43,13 @@ pub struct WaitArgs {
     pub format: Format,
 }
 
+/// Without a wake ring: how often the counts are read.
 const POLL: Duration = Duration::from_millis(5);
-/// inet_diag dumps (for --idle) are cheap but not free: this often at most.
+/// With one: how often the loop runs anyway, woken or not. A missed wake-up (see
+/// track::Wake) costs at most this.
+const SAFETY_POLL: Duration = Duration::from_millis(250);
+/// inet_diag dumps (for --idle) are cheap but not free: this often at most while bytes
+/// are in flight (otherwise the next check is when the connections could first be idle).
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// How often conntrack is read for connections forwarded elsewhere (a published port's
 /// DNAT): new ones (an allowlisted client) and new namespaces (a restarted container) are
@@ -245,31 +254,44 @@ fn leftovers(
     Ok(left)
 }
 
-/// True when every live connection on `ports` has no unread, unsent or unacknowledged
-/// bytes and has exchanged no data for `idle`.
-fn all_idle(
+/// None when every live connection on `ports` has no unread, unsent or unacknowledged
+/// bytes and has exchanged no data for `idle`; otherwise the soonest they all could be
+/// (the quiet time the most recently active one still lacks), or [`IDLE_POLL`] when that
+/// cannot be known (bytes in flight, no tcp_info, connections the dump missed). Sleeping
+/// that long misses nothing: traffic only pushes the moment later, and a connection that
+/// opens or closes changes a count, which wakes the loop.
+fn not_idle_for(
     tracker: &Tracker,
     ports: &BTreeSet<u16>,
     follower: &Follower,
     idle: Duration,
     live: i64,
-) -> Result<bool> {
+) -> Result<Option<Duration>> {
     if !follower.elsewhere.is_empty() {
-        return Ok(false); // nothing known of their traffic
+        return Ok(Some(IDLE_POLL)); // nothing known of their traffic
     }
     let idle_ms = idle.as_millis().min(u32::MAX as u128) as u32;
     let conns = tracked(tracker, ports, follower)?;
     if (conns.len() as i64) < live {
-        return Ok(false); // the dump missed some (opened since): not idle yet
+        return Ok(Some(IDLE_POLL)); // the dump missed some (opened since): not idle yet
     }
-    Ok(conns.iter().all(|(_, c)| {
-        let Some(i) = c.info else { return false };
-        c.rqueue == 0
-            && c.wqueue == 0
-            && i.unacked == 0
-            && i.notsent_bytes == 0
-            && i.last_data_recv_ms.min(i.last_data_sent_ms) >= idle_ms
-    }))
+    let mut lacking = Some(0u32);
+    for (_, c) in &conns {
+        let quiet = c
+            .info
+            .filter(|i| c.rqueue == 0 && c.wqueue == 0 && i.unacked == 0 && i.notsent_bytes == 0);
+        lacking = match (lacking, quiet) {
+            (Some(most), Some(i)) => {
+                Some(most.max(idle_ms.saturating_sub(i.last_data_recv_ms.min(i.last_data_sent_ms))))
+            }
+            _ => None,
+        };
+    }
+    Ok(match lacking {
+        Some(0) => None,
+        Some(ms) => Some(Duration::from_millis(u64::from(ms))),
+        None => Some(IDLE_POLL),
+    })
 }
 
 pub async fn wait(args: WaitArgs) -> Result<Exit> {
@@ -369,6 +391,52 @@ fn counts(tracker: &Tracker, ports: &BTreeSet<u16>, follower: &Follower) -> Vec<
         .collect()
 }
 
+/// The wake ring of the tracker in `dir` in tokio's reactor, and the safety poll; without
+/// a ring (an older gate), no ring and [`POLL`].
+///
+/// Test-only knobs, not options: `DRAIN_WAIT_POLL_MS` sets the safety poll (a test that
+/// makes it long shows an exit came from a wake-up), `DRAIN_WAIT_WAKE=0` leaves the ring
+/// unused (the same test's negative run).
+fn wake_setup(dir: &std::path::Path) -> Result<(Option<AsyncFd<track::Wake>>, Duration)> {
+    let safety = match std::env::var("DRAIN_WAIT_POLL_MS") {
+        Err(_) => SAFETY_POLL,
+        Ok(v) => Duration::from_millis(v.parse().map_err(|_| {
+            anyhow::anyhow!("DRAIN_WAIT_POLL_MS={v:?} is not a number of milliseconds")
+        })?),
+    };
+    if std::env::var("DRAIN_WAIT_WAKE").is_ok_and(|v| v == "0") {
+        return Ok((None, safety));
+    }
+    match track::Wake::open(dir)? {
+        Some(w) => Ok((
+            // SAFETY: the fd is the ring map's, owned by `w`, which the AsyncFd owns and
+            // never replaces: it stays open and the same for the AsyncFd's whole life.
+            Some(
+                unsafe { AsyncFd::register_with_interest(w, Interest::READABLE) }
+                    .map_err(|e| e.into_parts().1)
+                    .context("watching the tracker's wake ring")?,
+            ),
+            safety,
+        )),
+        None => Ok((None, POLL)),
+    }
+}
+
+/// Resolves when the tracker has written to the wake ring (never without one).
+async fn woken(wake: &mut Option<AsyncFd<track::Wake>>) -> Result<()> {
+    let Some(w) = wake else {
+        return std::future::pending().await;
+    };
+    let mut guard = w
+        .readable_mut()
+        .await
+        .context("waiting on the tracker's wake ring")?;
+    guard.get_inner_mut().drain();
+    // Readiness that arrived after the guard was taken survives this (tokio's tick check).
+    guard.clear_ready();
+    Ok(())
+}
+
 /// Reads conntrack and follows what it names; says so, once per server, on stderr.
 fn refresh(follower: &mut Follower, tracker: &mut Tracker, ports: &BTreeSet<u16>) -> Result<()> {
     let found = follower.refresh(tracker, ports)?;
@@ -394,15 +462,35 @@ async fn poll(
     let start = Instant::now();
     let deadline = args.timeout.map(|t| start + t);
     let mut last_live = None;
+    let mut next_idle_check: Option<Instant> = None;
     let mut last_idle_check: Option<Instant> = None;
     let mut next_renewal = start;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut follower = Follower::new(source.tracker_mut())?;
     let mut last_follow: Option<Instant> = None;
+    let dir = match &*source {
+        Source::Gate(g) => g.dir().to_path_buf(),
+        Source::Temp(t) => t.dir.clone(),
+    };
+    let (mut wake, safety) = wake_setup(&dir)?;
+    let mut lease_until = 0;
+    let mut wanted = BTreeSet::new();
     loop {
         if last_follow.is_none_or(|t| t.elapsed() >= FOLLOW_POLL) {
             refresh(&mut follower, source.tracker_mut(), ports)?;
             last_follow = Some(Instant::now());
+        }
+        // Interest first, then the counts: a change after this wakes the loop.
+        if let Some(w) = &mut wake {
+            // Renewed halfway through, and at once for a local port a DNAT newly leads to.
+            let now = boottime_ns();
+            let counted = counted_ports(ports, &follower);
+            if now + WAKE_LEASE_NS / 2 >= lease_until || counted != wanted {
+                lease_until = now + WAKE_LEASE_NS;
+                w.get_ref().want(counted.iter().copied(), lease_until);
+                wanted = counted;
+            }
+            w.get_mut().drain();
         }
         let mut counts = counts(source.tracker(), ports, &follower);
         if counts.iter().all(|(_, n)| *n == 0) && last_follow.is_some_and(|t| t.elapsed() > POLL) {
@@ -421,18 +509,28 @@ async fn poll(
             ports: counts,
             timeout_in: deadline.map(|d| d.saturating_duration_since(Instant::now())),
         };
-        reporter.progress(&progress, last_live != Some(live))?;
+        let live_changed = last_live != Some(live);
+        reporter.progress(&progress, live_changed)?;
         last_live = Some(live);
         if live == 0 {
             tracker.check_exact()?;
             return Ok(Outcome::Drained { elapsed });
         }
         if let Some(idle) = args.idle {
-            if last_idle_check.is_none_or(|t| t.elapsed() >= IDLE_POLL) {
+            // Checked when due, and soon after the count changed (a close may leave only
+            // quiet connections), at most every IDLE_POLL.
+            if live_changed {
+                let soon = last_idle_check.map_or(Instant::now(), |t| t + IDLE_POLL);
+                next_idle_check = Some(next_idle_check.map_or(soon, |t| t.min(soon)));
+            }
+            if next_idle_check.is_none_or(|t| Instant::now() >= t) {
                 last_idle_check = Some(Instant::now());
-                if all_idle(tracker, ports, &follower, idle, live)? {
-                    tracker.check_exact()?;
-                    return Ok(Outcome::Idle { elapsed, live });
+                match not_idle_for(tracker, ports, &follower, idle, live)? {
+                    None => {
+                        tracker.check_exact()?;
+                        return Ok(Outcome::Idle { elapsed, live });
+                    }
+                    Some(d) => next_idle_check = Some(Instant::now() + d),
                 }
             }
         }
@@ -453,8 +551,30 @@ async fn poll(
                 warn_ungated(g, warned)?;
             }
         }
+        // Until woken, or until the next thing that runs on a clock.
+        let now = Instant::now();
+        let mut nap = safety;
+        if let Some(t) = next_idle_check {
+            nap = nap.min(t.saturating_duration_since(now));
+        }
+        if let Some(d) = deadline {
+            nap = nap.min(d.saturating_duration_since(now));
+        }
+        if matches!(source, Source::Gate(_)) {
+            nap = nap.min(next_renewal.saturating_duration_since(now));
+        }
+        // Forwarded connections: those that end outside this host change no count, and a
+        // followed server's new namespace must be found; nothing forwarded, nothing to do
+        // (a zero count always reads conntrack afresh before it counts).
+        let following = !follower.followed().is_empty()
+            || !follower.local.is_empty()
+            || !follower.elsewhere.is_empty();
+        if let (true, Some(t)) = (following, last_follow) {
+            nap = nap.min(FOLLOW_POLL.saturating_sub(t.elapsed()));
+        }
         tokio::select! {
-            _ = tokio::time::sleep(POLL) => {}
+            _ = tokio::time::sleep(nap) => {}
+            r = woken(&mut wake) => r?,
             _ = tokio::signal::ctrl_c() => return Ok(Outcome::Interrupted),
             _ = sigterm.recv() => return Ok(Outcome::Terminated),
         }
