@@ -17,9 +17,37 @@ use anyhow::{anyhow, Context, Result};
 pub const BPF_OBJ_GET: u32 = 7;
 pub const BPF_LINK_DETACH: u32 = 34;
 
+/// Lifts RLIMIT_MEMLOCK (once per process), as aya does for its own calls: kernels before
+/// 5.11 charge BPF maps and programs to it (memcg accounting came in 5.11), and with a
+/// small limit (64 KiB was the kernel's default before 5.16) the raw calls here fail with
+/// EPERM once the user's other BPF objects have used it up. A failure (no privilege to
+/// raise it) leaves the limit as it was.
+pub fn raise_memlock() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: a valid rlimit; setrlimit has no other preconditions.
+        let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    });
+}
+
 /// bpf(cmd, attr) with a zero-padded `union bpf_attr` (128 bytes hold every command's form
-/// that drain uses); returns the syscall's non-negative result.
+/// that drain uses); returns the syscall's non-negative result. On EPERM it retries once
+/// with RLIMIT_MEMLOCK lifted ([`raise_memlock`]).
 pub fn bpf(cmd: u32, attr: &mut [u64; 16]) -> io::Result<i64> {
+    match bpf_once(cmd, attr) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            raise_memlock();
+            bpf_once(cmd, attr)
+        }
+        r => r,
+    }
+}
+
+fn bpf_once(cmd: u32, attr: &mut [u64; 16]) -> io::Result<i64> {
     // SAFETY: attr is a zero-padded bpf_attr of the size passed; the kernel writes only
     // within it, and pointers stored in it outlive the call.
     let rc = unsafe {
