@@ -12,7 +12,8 @@
 //! | [`object`] | the embedded eBPF object and loading it |
 //! | [`netns`] | network-namespace identity (inode + cookie), the state directory name, liveness and orphaned state |
 //! | [`pins`] | every pin path in bpffs, mounting bpffs, trusting what is there (owner, mode, no symlink), the lock |
-//! | [`sys`] | the raw bpf(2) commands aya lacks (link detach) |
+//! | [`sys`] | the raw bpf(2) commands aya lacks (link detach, link info, program names) and `check`'s tiny probe programs, links and maps |
+//! | [`caps`] | the effective capabilities that matter to drain (what `check` reports, what every command requires) |
 //! | [`gate`] | `gate on` / `gate off`: attach, pin, tear down |
 //! | [`state`] | [`state::OpenGate`]: one gate's pinned maps, opened once (switch, TTL, ports, counters, allowlists) |
 //! | [`track`] | the connection tracker: attach, seed, and [`track::Tracker`] (live counts, its set, its counters) |
@@ -28,14 +29,15 @@
 //! | [`diag`] | sock_diag (inet_diag) dumps of TCP connections |
 //! | [`conntrack`] | ctnetlink dumps: connections to a local port destination-NATed elsewhere (published ports) |
 //! | [`follow`] | following a gated port's forwarded connections into the namespace they end in ([`follow::Follower`]) |
-//! | [`netlink`] | netlink dump requests, shared by `iface` and `diag` |
+//! | [`netlink`] | netlink requests (dumps and acknowledged changes) for `iface`, `clsact` and `diag`, and the generic-netlink query of the netdev family `check` reads native XDP from |
 //! | [`btf`] | struct member offsets from the kernel's BTF |
-//! | [`check`] | `check`: the preflight (probes, and the decision made from them) |
+//! | [`check`] | `check`: the preflight: the decision (pure, unit-tested) in check.rs, the probes in check/probe.rs, the text in check/render.rs |
 //! | [`agent`] | `agent`: the balancer's agent-check / HTTP endpoint (no daemon), and `gate on --announce` |
 //! | [`target`] | `--netns`, `--pid`, `--container`: the network namespace a command acts on, entered first |
 
 pub mod agent;
 pub mod btf;
+pub mod caps;
 pub mod check;
 pub mod cli;
 pub mod clsact;
@@ -148,7 +150,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
 /// (kernel/bpf/syscall.c, bpf_prog_load: tracing types need perfmon_capable()).
 /// CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON.
 fn require_privileges(tracing: bool) -> Result<()> {
-    let caps = check::Caps::current();
+    let caps = caps::Caps::current();
     if !(caps.can_gate() && (caps.can_trace() || !tracing)) {
         bail!(
             "drain-user needs root (or CAP_BPF, CAP_NET_ADMIN and, for `gate on` and `wait`, \
