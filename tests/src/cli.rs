@@ -38,14 +38,18 @@ pub const NOBODY: &[&str] = &[
 /// Longest a single CLI call may take before the test fails (it takes the per-namespace
 /// lock, so a hung call would otherwise hang every later one).
 pub fn cli_deadline() -> Duration {
-    // Under emulation (`cargo xtask vmtest` with TCG) everything runs 10-30x slower: the
-    // kernel matrix's runner scales the deadline with DRAIN_TEST_SLOWDOWN.
-    let scale = std::env::var("DRAIN_TEST_SLOWDOWN")
+    Duration::from_secs(30) * slowdown()
+}
+
+/// How much slower than the host this run is: under emulation (`cargo xtask vmtest` with
+/// TCG) everything runs 10-30x slower, and the kernel matrix's runner sets
+/// DRAIN_TEST_SLOWDOWN to scale the harness's waits; 1 elsewhere.
+pub fn slowdown() -> u32 {
+    std::env::var("DRAIN_TEST_SLOWDOWN")
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
         .unwrap_or(1)
-        .max(1);
-    Duration::from_secs(30) * scale
+        .max(1)
 }
 
 // ---------------------------------------------------------------------------------------

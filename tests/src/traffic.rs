@@ -277,14 +277,41 @@ pub fn bind(pair: &NetNsPair, ns: &str, addr: SocketAddr) -> TcpListener {
     })
 }
 
-/// Accepts (and closes) whatever is queued on `l` without waiting; returns how many.
-pub fn accept_queued(l: &TcpListener) -> usize {
+/// Accepts (and closes) whatever is queued on `l` without waiting; returns how many. For
+/// emptying a queue; to count what a connect delivered, use [`accept_queued`].
+pub fn accept_pending(l: &TcpListener) -> usize {
     l.set_nonblocking(true).expect("nonblocking listener");
     let mut n = 0;
     loop {
         match l.accept() {
             Ok(_) => n += 1,
             Err(e) if e.kind() == ErrorKind::WouldBlock => return n,
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// Accepts (and closes) whatever is queued on `l`, until nothing more has arrived for a
+/// quiet spell (100 ms, scaled under emulation); returns how many. A connect completes on
+/// the client at the SYN-ACK, but the server's side joins the accept queue only once the
+/// final ACK has been processed: under TCG that came after a count that did not wait.
+pub fn accept_queued(l: &TcpListener) -> usize {
+    l.set_nonblocking(true).expect("nonblocking listener");
+    let quiet = Duration::from_millis(100) * crate::cli::slowdown();
+    let mut n = 0;
+    let mut last = Instant::now();
+    loop {
+        match l.accept() {
+            Ok(_) => {
+                n += 1;
+                last = Instant::now();
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if last.elapsed() >= quiet {
+                    return n;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
             Err(e) => panic!("accept: {e}"),
         }
     }

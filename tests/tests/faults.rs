@@ -31,7 +31,7 @@ use drain_tests::{
     cli::{gate_links, Drain},
     netns::NetNsPair,
     object::{bpf_link_exists, link_xdp, pinned_link_id, tcx_ingress},
-    traffic::{accept_queued, bind, connect},
+    traffic::{accept_pending, bind, connect},
 };
 
 /// The gated port, and the one an existing gate holds when `gate on` changes it.
@@ -172,7 +172,7 @@ impl<'p> Fixture<'p> {
             }
         }
         let c = connect(self.pair, &self.pair.b, self.target, Duration::from_secs(3));
-        accept_queued(&self.listener);
+        accept_pending(&self.listener);
         if !c.is_ok() {
             return Err(format!(
                 "after gate off, a new connection to {} was not accepted: {c:?}",

@@ -25,7 +25,7 @@ pub fn run(
     if json {
         outln!("{}", serde_json::to_string(&report)?)?;
     } else {
-        output::out(format_args!("{}", check::human(&report).trim_end()))?;
+        output::out(format_args!("{}", check::render::human(&report).trim_end()))?;
     }
     if let Some(problem) = &report.problem {
         errln!("drain-user: error: {problem}")?;
