@@ -31,7 +31,7 @@
 //! | [`track`] | the connection tracker: attach, seed, and [`track::Tracker`] (live counts, its set, its counters) |
 //! | **ops/** | operations, one per subcommand |
 //! | [`agent`] | `agent`: the balancer's agent-check / HTTP endpoint (no daemon), and `gate on --announce` |
-//! | [`check`] | `check`: the preflight: the decision (pure, unit-tested) in check.rs, the probes in check/probe.rs, the text in check/render.rs |
+//! | [`check`] | `check`: the preflight: the decision (pure, unit-tested) in check.rs, the probes in check/probe.rs (its text: present/check.rs) |
 //! | [`follow`] | following a gated port's forwarded connections into the namespace they end in ([`follow::Follower`]) |
 //! | [`gate`] | `gate on` / `gate off`: attach, pin, tear down |
 //! | [`plan`] | `gate on/off --dry-run`: the difference between the wanted gate and the kernel's |

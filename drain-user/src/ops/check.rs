@@ -7,7 +7,7 @@
 //! - [`probe()`] (check/probe.rs) finds what the host has: a [`Probe`];
 //! - [`decide`] (here) turns a [`Probe`] into a [`Report`]: a pure function, so its decisions
 //!   are unit-tested on synthetic probes (an old kernel cannot be faked here);
-//! - [`render`] (check/render.rs) prints a [`Report`] as text (`--json` serializes it).
+//! - `present/check.rs` prints a [`Report`] as text (`--json` serializes it).
 
 use serde::Serialize;
 
@@ -18,7 +18,6 @@ use crate::{
 };
 
 pub mod probe;
-pub mod render;
 
 /// A kernel version, as (major, minor).
 pub type Version = (u32, u32);
