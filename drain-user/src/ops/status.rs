@@ -337,7 +337,9 @@ pub fn collect() -> Result<Status> {
         ));
     }
     let followed = gate.tracker().followed();
-    let gated: std::collections::BTreeSet<u16> = gate.ports()?.iter().map(|p| p.port).collect();
+    // One read of the 64 stats slots (one lookup each), used twice.
+    let gated_ports = gate.ports()?;
+    let gated: std::collections::BTreeSet<u16> = gated_ports.iter().map(|p| p.port).collect();
     let forwarded = match crate::conntrack::forwarded(&gated) {
         Ok(f) => f,
         Err(e) => {
@@ -348,8 +350,7 @@ pub fn collect() -> Result<Status> {
             Vec::new()
         }
     };
-    st.ports = gate
-        .ports()?
+    st.ports = gated_ports
         .into_iter()
         .map(|p| {
             let mut counted_in = vec![CountedIn::Local { port: p.port }];
