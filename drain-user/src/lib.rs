@@ -34,8 +34,8 @@
 //! | [`check`] | `check`: the preflight: the decision (pure, unit-tested) in check.rs, the probes in check/probe.rs (its text: present/check.rs) |
 //! | [`follow`] | following a gated port's forwarded connections into the namespace they end in ([`follow::Follower`]) |
 //! | [`gate`] | `gate on` / `gate off`: attach, pin, tear down |
-//! | [`plan`] | `gate on/off --dry-run`: the difference between the wanted gate and the kernel's |
-//! | [`status`] | `status`: collecting and printing it |
+//! | [`plan`] | `gate on/off --dry-run`: the difference between the wanted gate and the kernel's (its text: present/gate.rs) |
+//! | [`status`] | `status`: collecting it (its text: present/status.rs) |
 //! | [`wait`] | `wait`: the poll loop and its outcome; `wait/report.rs` prints it (JSON, text, progress line) |
 //! | [`watch`] | `watch`: the live view (kernel events from a ring buffer) |
 //! | **present/** | presentation: the command line and what is printed |

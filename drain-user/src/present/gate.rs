@@ -1,7 +1,7 @@
 //! `drain-user gate on` / `gate off`: the command line's arguments onto [`gate::OnArgs`],
 //! the change (or with `--dry-run` the plan of it) and the lines that report it.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, fmt::Write as _};
 
 use anyhow::{bail, Result};
 
@@ -99,7 +99,27 @@ fn print_plan(p: &plan::Plan, json: bool) -> Result<Exit> {
     if json {
         outln!("{}", serde_json::to_string(p)?)?;
     } else {
-        outln!("{}", plan::human(p))?;
+        outln!("{}", human(p))?;
     }
     Ok(Exit::Success)
+}
+
+/// The text `--dry-run` prints without --json.
+fn human(plan: &plan::Plan) -> String {
+    let mut s = String::new();
+    let cmd = format!("gate {} --dry-run", plan.action);
+    if !plan.changed {
+        let why = match (plan.action, plan.ttl_renewed) {
+            ("off", _) => "no gate in this network namespace",
+            (_, true) => "the gate is on with these settings; its TTL would be renewed",
+            _ => "the gate is on with these settings",
+        };
+        let _ = write!(s, "{cmd}: no change: {why}");
+        return s;
+    }
+    let _ = write!(s, "{cmd}: would change (nothing was changed):");
+    for d in &plan.differences {
+        let _ = write!(s, "\n  {}: {} -> {}", d.field, d.before, d.after);
+    }
+    s
 }
