@@ -93,32 +93,7 @@ pub fn run(cli: Cli) -> Result<Exit> {
             policy,
             json,
         } => present::check::run(&ports, &ifaces, attach, policy, json),
-        Command::Gate {
-            action:
-                GateAction::On {
-                    ports,
-                    place: Placement { ifaces, attach },
-                    ttl,
-                    allow,
-                    policy,
-                    rst_rate,
-                    announce,
-                    plan,
-                },
-        } => present::gate::on(present::gate::On {
-            ports,
-            ifaces,
-            attach,
-            ttl,
-            allow,
-            policy,
-            rst_rate,
-            announce,
-            plan,
-        }),
-        Command::Gate {
-            action: GateAction::Off { plan },
-        } => present::gate::off(plan),
+        Command::Gate { action } => present::gate::run(action),
         Command::Agent { args } => present::agent::run(&args),
         Command::Watch {
             json,

@@ -11,11 +11,11 @@ use netlink_packet_core::{
 };
 use netlink_sys::{Socket, SocketAddr};
 
-/// Sends `request` as a dump on a new socket of `protocol` and calls `each` with every
-/// message of the answer. `what` names the request in errors ("RTM_GETLINK").
-pub fn dump<T>(protocol: isize, request: T, what: &str, mut each: impl FnMut(T)) -> Result<()>
+/// Opens a socket of `protocol` and sends `request` on it with `flags`; the answer is the
+/// caller's to read.
+fn send<T>(protocol: isize, request: T, flags: u16, what: &str) -> Result<Socket>
 where
-    T: NetlinkSerializable + NetlinkDeserializable + Debug,
+    T: NetlinkSerializable + Debug,
 {
     let mut socket =
         Socket::new(protocol).with_context(|| format!("opening a socket for {what}"))?;
@@ -24,7 +24,7 @@ where
         .with_context(|| format!("binding the socket for {what}"))?;
     socket.connect(&SocketAddr::new(0, 0))?;
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.flags = flags;
     header.sequence_number = 1;
     let mut req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(request));
     req.finalize();
@@ -33,6 +33,16 @@ where
     socket
         .send(&buf, 0)
         .with_context(|| format!("sending {what}"))?;
+    Ok(socket)
+}
+
+/// Sends `request` as a dump on a new socket of `protocol` and calls `each` with every
+/// message of the answer. `what` names the request in errors ("RTM_GETLINK").
+pub fn dump<T>(protocol: isize, request: T, what: &str, mut each: impl FnMut(T)) -> Result<()>
+where
+    T: NetlinkSerializable + NetlinkDeserializable + Debug,
+{
+    let socket = send(protocol, request, NLM_F_REQUEST | NLM_F_DUMP, what)?;
     let mut rx = vec![0u8; 1 << 16];
     loop {
         let n = socket
@@ -51,22 +61,7 @@ pub fn request<T>(protocol: isize, request: T, flags: u16, what: &str) -> Result
 where
     T: NetlinkSerializable + NetlinkDeserializable + Debug,
 {
-    let mut socket =
-        Socket::new(protocol).with_context(|| format!("opening a socket for {what}"))?;
-    socket
-        .bind_auto()
-        .with_context(|| format!("binding the socket for {what}"))?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
-    header.sequence_number = 1;
-    let mut req = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(request));
-    req.finalize();
-    let mut buf = vec![0; req.buffer_len()];
-    req.serialize(&mut buf);
-    socket
-        .send(&buf, 0)
-        .with_context(|| format!("sending {what}"))?;
+    let socket = send(protocol, request, NLM_F_REQUEST | NLM_F_ACK | flags, what)?;
     let mut rx = vec![0u8; 1 << 16];
     loop {
         let n = socket
