@@ -3,6 +3,8 @@
 //! clap here: the command line ([`crate::cli`]) maps its arguments onto these, and every
 //! layer below it speaks only these.
 
+pub mod limits;
+
 use std::{fmt, process::ExitCode};
 
 use drain_common::{POLICY_DROP, POLICY_RESET};

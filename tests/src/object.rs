@@ -227,6 +227,7 @@ pub fn sum_track_stats(per_cpu: &PerCpuValues<TrackStats>) -> TrackStats {
 /// `attr` must be a valid `bpf_attr` prefix for `cmd`, and every pointer in it must be
 /// valid (for the kernel to read or write as `cmd` says) for the duration of the call.
 pub unsafe fn sys_bpf<A>(cmd: u32, attr: &mut A) -> io::Result<i64> {
+    drain_user::sys::raise_memlock();
     // SAFETY: the caller's contract; the size passed is attr's own.
     let rc = unsafe {
         libc::syscall(

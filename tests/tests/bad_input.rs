@@ -131,7 +131,8 @@ fn table() -> Vec<Row> {
         gate_on(&["--port", "80", "--allow", "10.0.0.0/8,bad"], "bad"),
         // Arguments that do not exist, or do not belong.
         gate_on(&["--port", "80", "--bogus"], "--bogus"),
-        gate_on(&["--port", "80", "--json"], "--json"),
+        // --json belongs to --dry-run (the plan): without it clap names what is missing.
+        gate_on(&["--port", "80", "--json"], "--dry-run"),
         gate_on(&["--port", "80", "extra"], "extra"),
         row(&["gate", "bogus"], "bogus"),
         row(&["gate", "off", "--port", "80"], "--port"),

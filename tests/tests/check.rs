@@ -2,7 +2,7 @@
 //! documented JSON field), reports a foreign XDP program and blocks `--attach xdp` on it
 //! while `tc` and `auto` pass, blocks without privileges, and changes nothing on the host.
 //! (The decisions for other kernels — too old, no TCX — are unit tests on
-//! synthetic probes in drain-user/src/check.rs.)
+//! synthetic probes in drain-user/src/ops/check.rs.)
 
 use drain_tests::{
     cli::{CliOutput, Drain, Json, JsonExt, NOBODY},

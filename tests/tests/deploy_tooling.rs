@@ -3,6 +3,9 @@
 //!   the `gate` module with its assertions (changed, check mode, TTL renewal, waits, bad
 //!   parameters) and the `rolling_deploy` role's success and failure paths (a rescue that
 //!   ends in `fail`, the rollout stopping at the failed batch), in a namespace of its own;
+//! - the collection's own tests (`ansible/test.sh`): `ansible-test units` (the module's plan,
+//!   changed and error logic against recorded drain-user output) and `ansible-test
+//!   integration` (the module against the real drain-user in a namespace the target makes);
 //! - the systemd drop-in (`examples/systemd/verify.sh`): `systemd-analyze verify` of
 //!   Debian's nginx.service with `drain.conf`, and the order and timeouts verify cannot see.
 //!
@@ -49,6 +52,17 @@ fn ansible_collection_smoke_scenarios_pass() {
         .arg(drain_user())
         .env("ANSIBLE_VENV", &venv);
     run_script(cmd, "ansible/smoke/run.sh");
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn ansible_collection_unit_and_integration_tests_pass() {
+    let venv = drain_tests::fleet::ansible_venv();
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo().join("ansible/test.sh"))
+        .arg(drain_user())
+        .env("ANSIBLE_VENV", &venv);
+    run_script(cmd, "ansible/test.sh");
 }
 
 #[test]

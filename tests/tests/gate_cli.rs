@@ -852,6 +852,36 @@ fn clsact_filters_are_judged_by_the_kernel_and_repaired() {
     );
     assert!(!drain.state_dir().exists(), "a refused gate on left state");
     assert_eq!(clsact_ingress(&pair, &pair.a, veth).len(), 2);
+    // The same refusal over a gate that exists (on lo), after attaching a new interface
+    // first (a veth of its own, which gets a clsact qdisc from drain): that attachment is rolled
+    // back, qdisc included, and lo's filter is the same one as before.
+    drain.on(&["--port", &port, "--attach", "tc", "--iface", "lo"]);
+    let lo_prog =
+        |st: &Json| iface_status(st, "lo").unwrap_or_else(|| panic!("{st}"))["state"] == "attached";
+    assert!(lo_prog(&drain.status()));
+    let lo_before: Vec<_> = clsact_ingress(&pair, &pair.a, "lo");
+    drain.sh(
+        "ip",
+        &[
+            "link", "add", "extra9", "type", "veth", "peer", "name", "extra9p",
+        ],
+    );
+    drain.sh("ip", &["link", "set", "extra9", "up"]);
+    let out = drain.run(&[
+        "gate", "on", "--port", &port, "--attach", "tc", "--iface", "extra9", "--iface", veth,
+    ]);
+    out.expect_code(1);
+    assert!(out.stderr.contains("0xd7a1"), "{out}");
+    assert_eq!(
+        ingress_qdisc(&pair, &pair.a, "extra9"),
+        None,
+        "extra9's attachment was not rolled back"
+    );
+    assert_eq!(clsact_ingress(&pair, &pair.a, "lo"), lo_before);
+    let st = drain.status();
+    assert!(lo_prog(&st), "{st}");
+    assert_eq!(st["interfaces"].as_array().unwrap().len(), 1, "{st}");
+    drain.off();
 
     // Their filters gone, lo's qdisc (made by drain, whose record went with gate off) and
     // the veth's (theirs) are theirs to remove; a fresh gate on and off over the veth's

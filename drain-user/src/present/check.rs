@@ -1,4 +1,5 @@
-//! `drain-user check`: the preflight's report, as text or JSON; exit 1 when it is blocked.
+//! `drain-user check`: the preflight's report ([`check::Report`]), as text or JSON; exit 1
+//! when it is blocked.
 
 use anyhow::Result;
 
@@ -25,11 +26,56 @@ pub fn run(
     if json {
         outln!("{}", serde_json::to_string(&report)?)?;
     } else {
-        output::out(format_args!("{}", check::human(&report).trim_end()))?;
+        output::out(format_args!("{}", human(&report).trim_end()))?;
     }
     if let Some(problem) = &report.problem {
         errln!("drain-user: error: {problem}")?;
         return Ok(Exit::Failure);
     }
     Ok(Exit::Success)
+}
+
+/// The text `check` prints without --json.
+pub fn human(r: &check::Report) -> String {
+    let mut s = String::new();
+    for c in &r.checks {
+        let min = c
+            .min_kernel
+            .as_ref()
+            .map(|m| format!(" (Linux {m})"))
+            .unwrap_or_default();
+        let detail = if c.detail.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", c.detail)
+        };
+        let unneeded = if c.needed {
+            ""
+        } else {
+            " [not needed with these options]"
+        };
+        s.push_str(&format!(
+            "{:<8} {}{min}{unneeded}{detail}\n",
+            c.status, c.name
+        ));
+    }
+    s.push_str("interfaces:\n");
+    for i in &r.interfaces {
+        let mut extra = Vec::new();
+        if !i.probe.tcx_others.is_empty() {
+            extra.push(format!("tcx ingress: {}", i.probe.tcx_others.join("; ")));
+        }
+        s.push_str(&format!(
+            "  {:<16} {:<4} {}{}\n",
+            i.probe.name,
+            i.attach.unwrap_or("-"),
+            i.note,
+            extra.iter().map(|e| format!("; {e}")).collect::<String>()
+        ));
+    }
+    match &r.problem {
+        None => s.push_str("result: a gate can work here with these options\n"),
+        Some(p) => s.push_str(&format!("result: blocked: {p}\n")),
+    }
+    s
 }

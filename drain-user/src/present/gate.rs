@@ -1,52 +1,47 @@
 //! `drain-user gate on` / `gate off`: the command line's arguments onto [`gate::OnArgs`],
 //! the change (or with `--dry-run` the plan of it) and the lines that report it.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, fmt::Write as _};
 
 use anyhow::{bail, Result};
 
 use crate::{
     agent,
-    cli::{AnnounceArgs, AttachArg, PlanArgs, PolicyArg, Ttl},
+    cli::{GateAction, Placement, PlanArgs},
     domain::Exit,
     errln, follow, gate, iface, outln, pins, plan, status,
 };
 
-/// The arguments of `gate on`, as parsed.
-pub struct On {
-    pub ports: Vec<u16>,
-    pub ifaces: Vec<String>,
-    pub attach: AttachArg,
-    pub ttl: Ttl,
-    pub allow: Vec<ipnet::IpNet>,
-    pub policy: PolicyArg,
-    pub rst_rate: u32,
-    pub announce: AnnounceArgs,
-    pub plan: PlanArgs,
+/// `gate on` or `gate off`, as parsed.
+pub fn run(action: GateAction) -> Result<Exit> {
+    match action {
+        GateAction::On {
+            ports,
+            place: Placement { ifaces, attach },
+            ttl,
+            allow,
+            policy,
+            rst_rate,
+            announce,
+            plan,
+        } => on(
+            &gate::OnArgs {
+                ports: ports.into_iter().collect::<BTreeSet<_>>(),
+                ifaces,
+                attach: attach.into(),
+                ttl: ttl.0,
+                allow,
+                policy: policy.into(),
+                rst_rate,
+                announce: agent::Announce::from(announce),
+            },
+            &plan,
+        ),
+        GateAction::Off { plan } => off(&plan),
+    }
 }
 
-pub fn on(a: On) -> Result<Exit> {
-    let On {
-        ports,
-        ifaces,
-        attach,
-        ttl,
-        allow,
-        policy,
-        rst_rate,
-        announce,
-        plan,
-    } = a;
-    let args = gate::OnArgs {
-        ports: ports.into_iter().collect::<BTreeSet<_>>(),
-        ifaces,
-        attach: attach.into(),
-        ttl: ttl.0,
-        allow,
-        policy: policy.into(),
-        rst_rate,
-        announce: agent::Announce::from(announce),
-    };
+fn on(args: &gate::OnArgs, plan: &PlanArgs) -> Result<Exit> {
     args.validate()?;
     follow::check_policy(&args.ports, args.policy)?;
     let targets = iface::resolve(&args.ifaces)?;
@@ -54,9 +49,9 @@ pub fn on(a: On) -> Result<Exit> {
         bail!("no interface is up in this network namespace: name one with --iface");
     }
     if plan.dry_run {
-        return print_plan(&plan::on(&args, &targets, status::collect()?)?, plan.json);
+        return print_plan(&plan::on(args, &targets, status::collect()?)?, plan.json);
     }
-    let report = gate::on(&args, &targets)?;
+    let report = gate::on(args, &targets)?;
     // A published port: its connections live where a DNAT sends them.
     for line in follow::after_gate_on(&pins::gate_dir()?, &args.ports)? {
         errln!("{line}")?;
@@ -86,7 +81,7 @@ pub fn on(a: On) -> Result<Exit> {
     Ok(Exit::Success)
 }
 
-pub fn off(plan: PlanArgs) -> Result<Exit> {
+fn off(plan: &PlanArgs) -> Result<Exit> {
     if plan.dry_run {
         return print_plan(&plan::off(status::collect()?), plan.json);
     }
@@ -104,7 +99,27 @@ fn print_plan(p: &plan::Plan, json: bool) -> Result<Exit> {
     if json {
         outln!("{}", serde_json::to_string(p)?)?;
     } else {
-        outln!("{}", plan::human(p))?;
+        outln!("{}", human(p))?;
     }
     Ok(Exit::Success)
+}
+
+/// The text `--dry-run` prints without --json.
+fn human(plan: &plan::Plan) -> String {
+    let mut s = String::new();
+    let cmd = format!("gate {} --dry-run", plan.action);
+    if !plan.changed {
+        let why = match (plan.action, plan.ttl_renewed) {
+            ("off", _) => "no gate in this network namespace",
+            (_, true) => "the gate is on with these settings; its TTL would be renewed",
+            _ => "the gate is on with these settings",
+        };
+        let _ = write!(s, "{cmd}: no change: {why}");
+        return s;
+    }
+    let _ = write!(s, "{cmd}: would change (nothing was changed):");
+    for d in &plan.differences {
+        let _ = write!(s, "\n  {}: {} -> {}", d.field, d.before, d.after);
+    }
+    s
 }

@@ -12,8 +12,9 @@ use super::{
 };
 
 /// The folk rule, for both families.
-fn iptables_pair(ns: &str, op: &str) -> Result<f64> {
-    let mut ms = 0.0;
+/// Returns (wall, CPU) in ms, both commands summed.
+fn iptables_pair(ns: &str, op: &str) -> Result<(f64, f64)> {
+    let (mut ms, mut cpu) = (0.0, 0.0);
     for bin in ["iptables", "ip6tables"] {
         let t = timed(
             ns_cmd(ns, bin)?
@@ -21,8 +22,9 @@ fn iptables_pair(ns: &str, op: &str) -> Result<f64> {
                 .args(["-m", "multiport", "--dports", "80,443", "-j", "DROP"]),
         )?;
         ms += t.ms();
+        cpu += t.cpu_ms();
     }
-    Ok(ms)
+    Ok((ms, cpu))
 }
 
 pub fn section(ctx: &Ctx) -> Result<Section> {
@@ -40,12 +42,15 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
         "iptables + ip6tables `-D` (again)",
     ];
     let mut ms: Vec<Vec<f64>> = names.iter().map(|_| Vec::new()).collect();
+    let mut cpu: Vec<Vec<f64>> = names.iter().map(|_| Vec::new()).collect();
     for _ in 0..rounds {
         // A fresh namespace each round: nothing of drain's or iptables' exists in it yet.
         let pair = NetNsPair::new();
         let a = &pair.a;
         let mut run = |i: usize, args: &[&str]| -> Result<()> {
-            ms[i].push(timed(ctx.drain(a)?.args(args))?.ms());
+            let t = timed(ctx.drain(a)?.args(args))?;
+            ms[i].push(t.ms());
+            cpu[i].push(t.cpu_ms());
             Ok(())
         };
         run(0, &on)?;
@@ -53,10 +58,11 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
         run(2, &["gate", "off"])?;
         run(3, &on)?;
         run(4, &["gate", "off"])?;
-        ms[5].push(iptables_pair(a, "-I")?);
-        ms[6].push(iptables_pair(a, "-D")?);
-        ms[7].push(iptables_pair(a, "-I")?);
-        ms[8].push(iptables_pair(a, "-D")?);
+        for (i, op) in [(5, "-I"), (6, "-D"), (7, "-I"), (8, "-D")] {
+            let (w, c) = iptables_pair(a, op)?;
+            ms[i].push(w);
+            cpu[i].push(c);
+        }
     }
     // Where a cold `gate on` spends its time.
     let pair = NetNsPair::new();
@@ -70,21 +76,25 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
     let _ = timed(ctx.drain(&pair.a)?.args(["gate", "off"]));
     let text = std::fs::read_to_string(&out)?;
     // The same, tracing only the calls that mark its phases (seccomp-filtered, so the
-    // rest runs at full speed): a timeline.
-    timed(
-        ns_cmd(&pair.a, "strace")?
-            .args([
-                "-f",
-                "--seccomp-bpf",
-                "-ttt",
-                "-e",
-                "trace=execve,openat,bpf,exit_group",
-            ])
-            .args(["-o", &out, bin])
-            .args(on),
-    )?;
-    let _ = timed(ctx.drain(&pair.a)?.args(["gate", "off"]));
-    let timeline = phases(&std::fs::read_to_string(&out)?);
+    // rest runs at full speed): a timeline of each command.
+    let timeline = |args: &[&str]| -> Result<String> {
+        timed(
+            ns_cmd(&pair.a, "strace")?
+                .args([
+                    "-f",
+                    "--seccomp-bpf",
+                    "-ttt",
+                    "-e",
+                    "trace=execve,openat,bpf,exit_group",
+                ])
+                .args(["-o", &out, bin])
+                .args(args),
+        )?;
+        Ok(phases(&std::fs::read_to_string(&out)?))
+    };
+    let cold = timeline(&on)?;
+    let warm = timeline(&on)?;
+    let off_line = timeline(&["gate", "off"])?;
     let _ = std::fs::remove_file(&out);
     drop(pair);
 
@@ -96,15 +106,24 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
              (lo + one veth; `gate on --port 80,443 --ttl 10m` on both interfaces). The \
              iptables figures are the two commands an operator runs for the same job, \
              `iptables` and `ip6tables -I INPUT -p tcp --syn -m multiport --dports 80,443 -j \
-             DROP`, summed."
+             DROP`, summed. The CPU column (getrusage of the child) is what the command itself \
+             ran, which other tenants of a shared machine barely change; the wall time also \
+             holds the waits for the CPU and for the kernel (RCU grace periods when links \
+             attach and detach)."
         ),
     );
-    s.columns(&["command", "median (ms)", "max (ms)"]);
+    s.columns(&[
+        "command",
+        "median (ms)",
+        "max (ms)",
+        "CPU, user + sys (median ms)",
+    ]);
     for (i, n) in names.iter().enumerate() {
         s.row(vec![
             n.to_string(),
             f(median(&ms[i]), 1),
             f(quantile(&ms[i], 1.0), 1),
+            f(median(&cpu[i]), 1),
         ]);
     }
     s.note(format!(
@@ -114,12 +133,31 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
     ));
     s.note(format!(
         "Timeline of a cold `gate on` (`strace --seccomp-bpf -e trace=execve,openat,bpf`, \
-         ms from exec): {timeline}"
+         ms from exec; strace adds its own stops): {cold}"
+    ));
+    s.note(format!(
+        "Timeline of `gate on` over the gate already on (nothing to load): {warm}"
+    ));
+    s.note(format!("Timeline of `gate off`: {off_line}"));
+    // A host's cycle: what drain adds to it, next to the rule pair's.
+    let cycle = |m: &[Vec<f64>], a: usize, b: usize| {
+        let v: Vec<f64> = m[a].iter().zip(&m[b]).map(|(x, y)| x + y).collect();
+        median(&v)
+    };
+    let (drain_cycle, ipt_cycle) = (cycle(&ms, 0, 2), cycle(&ms, 5, 6));
+    s.note(format!(
+        "One host's cycle, whole commands (median of the per-round sums): `gate on` (new \
+         gate) + `gate off` {} ms wall, {} ms CPU; iptables + ip6tables `-I` + `-D` {} ms \
+         wall, {} ms CPU.",
+        f(drain_cycle, 1),
+        f(cycle(&cpu, 0, 2), 1),
+        f(ipt_cycle, 1),
+        f(cycle(&cpu, 5, 6), 1)
     ));
     s.data = json!(names
         .iter()
-        .zip(&ms)
-        .map(|(n, v)| json!({"command": n, "ms": v}))
+        .zip(ms.iter().zip(&cpu))
+        .map(|(n, (v, c))| json!({"command": n, "ms": v, "cpu_ms": c}))
         .collect::<Vec<_>>());
     let (on_cold, on_warm, off) = (median(&ms[0]), median(&ms[1]), median(&ms[2]));
     s.target(
@@ -130,15 +168,25 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
     );
     s.target(
         "`gate on`, gate already on",
-        "≤ 50 ms",
+        "≤ 20 ms",
         format!("{} ms", f(on_warm, 1)),
-        on_warm <= 50.0,
+        on_warm <= 20.0,
     );
     s.target(
         "`gate off`",
-        "≤ 20 ms",
+        "≤ 10 ms",
         format!("{} ms", f(off, 1)),
-        off <= 20.0,
+        off <= 10.0,
+    );
+    s.target(
+        "a host's cycle: `gate on` (new gate) + `gate off`",
+        "≤ 60 ms",
+        format!(
+            "{} ms (iptables + ip6tables `-I` + `-D`: {} ms)",
+            f(drain_cycle, 1),
+            f(ipt_cycle, 1)
+        ),
+        drain_cycle <= 60.0,
     );
     Ok(s)
 }
@@ -174,6 +222,10 @@ fn phases(trace: &str) -> String {
                 let took = next_ms.map_or(String::new(), |n| format!(" ({} ms)", f(n - ms, 1)));
                 out.push(format!("{} {ty} program loaded{took}", f(ms, 1)));
             }
+        } else if l.contains("BPF_LINK_CREATE") {
+            out.push(format!("{} link created", f(ms, 1)));
+        } else if l.contains("BPF_OBJ_GET") && l.contains("DRAIN_CONFIG") {
+            out.push(format!("{} gate's maps opened", f(ms, 1)));
         } else if l.contains("exit_group") {
             out.push(format!("{} exit", f(ms, 1)));
         }

@@ -42,6 +42,9 @@ pub struct Timed {
     pub wall: Duration,
     /// The child's peak resident set (getrusage ru_maxrss), KiB.
     pub maxrss_kib: u64,
+    /// The child's CPU time, user + system (getrusage): unlike the wall time, barely
+    /// changed by other tenants of a loaded machine.
+    pub cpu: Duration,
     pub status: ExitStatus,
     pub stdout: String,
 }
@@ -49,6 +52,10 @@ pub struct Timed {
 impl Timed {
     pub fn ms(&self) -> f64 {
         self.wall.as_secs_f64() * 1e3
+    }
+
+    pub fn cpu_ms(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e3
     }
 }
 
@@ -86,6 +93,10 @@ pub fn timed_any(cmd: &mut Command) -> Result<Timed> {
     Ok(Timed {
         wall,
         maxrss_kib: ru.ru_maxrss as u64,
+        cpu: [ru.ru_utime, ru.ru_stime]
+            .iter()
+            .map(|t| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000))
+            .sum(),
         status: ExitStatus::from_raw(status),
         stdout,
     })

@@ -7,10 +7,7 @@
 //! then attributes; the tuples are nested (IP addresses, then protocol and ports, ports in
 //! network order). No crate here covers ctnetlink, and drain reads five attributes of it.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::Path,
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::Result;
 use netlink_packet_core::{
@@ -237,10 +234,14 @@ fn parse_entry(attrs: &[u8]) -> Option<Entry> {
 
 /// Every conntrack entry of the caller's namespace. Empty, without asking, when connection
 /// tracking is not loaded there (then nothing can be NATed): asking would make the kernel
-/// load it.
+/// load it. Empty too when the namespace's table holds no entry (the count is per
+/// namespace): a dump walks the host's whole table, milliseconds on a busy host, and
+/// `wait` asks again each time a count reaches zero.
 pub fn dump() -> Result<Vec<Entry>> {
-    if !Path::new("/proc/sys/net/netfilter/nf_conntrack_count").exists() {
-        return Ok(Vec::new());
+    match std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count") {
+        Err(_) => return Ok(Vec::new()),
+        Ok(n) if n.trim() == "0" => return Ok(Vec::new()),
+        Ok(_) => {}
     }
     let mut out = Vec::new();
     netlink::dump(

@@ -1,6 +1,5 @@
-//! `status`: what the gate of this network namespace is doing, for people and for scripts.
-
-use std::{fmt::Write as _, time::Duration};
+//! `status`: what the gate of this network namespace is doing, collected into [`Status`]
+//! (`status --json` serializes it; `present/status.rs` prints its text).
 
 use anyhow::Result;
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -28,55 +27,55 @@ pub enum GateState {
 }
 
 /// The shape of `status --json`: field names and order are an interface. Read it through
-/// serde or [`human`].
+/// serde or `present/status.rs`'s text.
 #[derive(Serialize)]
 pub struct Status {
     /// On when the switch is on, the TTL has not run out, and the kernel says at least one
     /// of the gate's links is attached in this namespace.
-    gate: GateState,
+    pub(crate) gate: GateState,
     /// How refused connection requests are answered.
-    policy: Policy,
+    pub(crate) policy: Policy,
     /// True when the namespace-wide refusal (drain's sk_lookup link on this namespace) is
     /// attached, as the kernel says: policy reset refuses through it, on every interface.
     /// False under policy reset means refused SYNs within the RST budget reach the server
     /// (a warning says so; `gate on` re-attaches it).
-    sk_lookup: bool,
+    pub(crate) sk_lookup: bool,
     /// True when a gate is installed but its TTL has run out.
-    expired: bool,
+    pub(crate) expired: bool,
     /// Milliseconds until the TTL opens the gate; null when there is no deadline.
-    ttl_remaining_ms: Option<u64>,
-    interfaces: Vec<IfaceStatus>,
+    pub(crate) ttl_remaining_ms: Option<u64>,
+    pub(crate) interfaces: Vec<IfaceStatus>,
     /// Interfaces that are up with no gate link (created after `gate on`, or left out by
     /// `--iface`): policy reset still refuses through them (not rate-limited), policy drop
     /// does not refuse there at all.
-    ungated: Vec<Ungated>,
-    ports: Vec<PortStatus>,
-    allow: Vec<String>,
+    pub(crate) ungated: Vec<Ungated>,
+    pub(crate) ports: Vec<PortStatus>,
+    pub(crate) allow: Vec<String>,
     /// The connection tracker's own counters since `gate on`; null when there is no gate.
     /// Lost events (`insert_failed`, `read_failed`) mean live counts may be low, and `wait`
     /// will not report the ports drained.
-    tracker: Option<TrackStats>,
+    pub(crate) tracker: Option<TrackStats>,
     /// Where the pins and the kernel disagree, or the counts are not exact: one sentence
     /// each, saying what to do.
-    warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
     /// `gate on --announce`: true while the gate is on but still lets SYNs pass (the agent
     /// already answers drain); false once it refuses.
-    announced: bool,
+    pub(crate) announced: bool,
     /// While announced: milliseconds until the gate refuses by itself.
-    closes_in_ms: Option<u64>,
+    pub(crate) closes_in_ms: Option<u64>,
     /// `gate on --maint`: the agent answers maint.
-    maint: bool,
+    pub(crate) maint: bool,
     /// The TTL the gate was set with (`gate on --ttl`), in milliseconds; null with no TTL
     /// or no gate. `ttl_remaining_ms` is what is left of it.
-    ttl_ms: Option<u64>,
+    pub(crate) ttl_ms: Option<u64>,
     /// The RSTs per second `gate on --rst-rate` allowed (policy reset); null with no gate.
-    rst_rate: Option<u32>,
+    pub(crate) rst_rate: Option<u32>,
     /// `gate on --quiet` of an announced gate, in milliseconds; null otherwise.
-    quiet_ms: Option<u64>,
+    pub(crate) quiet_ms: Option<u64>,
     /// The config as read, and when (CLOCK_BOOTTIME ns): `gate on --dry-run` compares the
     /// config `gate on` would write with it.
     #[serde(skip)]
-    config: Option<(drain_common::GateConfig, u64)>,
+    pub(crate) config: Option<(drain_common::GateConfig, u64)>,
 }
 
 impl Status {
@@ -337,7 +336,9 @@ pub fn collect() -> Result<Status> {
         ));
     }
     let followed = gate.tracker().followed();
-    let gated: std::collections::BTreeSet<u16> = gate.ports()?.iter().map(|p| p.port).collect();
+    // One read of the 64 stats slots (one lookup each), used twice.
+    let gated_ports = gate.ports()?;
+    let gated: std::collections::BTreeSet<u16> = gated_ports.iter().map(|p| p.port).collect();
     let forwarded = match crate::conntrack::forwarded(&gated) {
         Ok(f) => f,
         Err(e) => {
@@ -348,8 +349,7 @@ pub fn collect() -> Result<Status> {
             Vec::new()
         }
     };
-    st.ports = gate
-        .ports()?
+    st.ports = gated_ports
         .into_iter()
         .map(|p| {
             let mut counted_in = vec![CountedIn::Local { port: p.port }];
@@ -499,147 +499,6 @@ fn stray_programs(all: &[Iface], ours: &[u32]) -> Vec<String> {
         }
     }
     out
-}
-
-/// The text `status` prints without --json.
-pub fn human(st: &Status) -> String {
-    let mut s = String::new();
-    // Writing to a String cannot fail.
-    let _ = write_human(&mut s, st);
-    s
-}
-
-fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
-    let set = st.ttl_ms.map_or(String::new(), |ms| {
-        format!(" {}", humantime::format_duration(Duration::from_millis(ms)))
-    });
-    let ttl = match (st.expired, st.ttl_remaining_ms) {
-        (true, _) => format!(" (TTL{set} ran out: the kernel lets every connection through)"),
-        (false, Some(ms)) => format!(
-            " (TTL{set}: opens by itself in {})",
-            humantime::format_duration(Duration::from_secs(ms / 1000))
-        ),
-        (false, None) => String::new(),
-    };
-    let gate = match st.gate {
-        GateState::On => "on",
-        GateState::Off => "off",
-    };
-    writeln!(s, "gate: {gate}{ttl}")?;
-    if let (GateState::On, Some(ms)) = (st.gate, st.closes_in_ms) {
-        writeln!(
-            s,
-            "announced: the agent answers {}; new connections are still accepted, refused in {:.1}s",
-            if st.maint { "maint" } else { "drain" },
-            ms as f64 / 1000.0
-        )?;
-    }
-    if st.gate == GateState::On {
-        let policy = match st.policy {
-            Policy::Drop => "drop",
-            Policy::Reset => "reset",
-        };
-        writeln!(s, "policy: {policy}")?;
-        if let (Policy::Reset, Some(rate)) = (st.policy, st.rst_rate) {
-            writeln!(s, "rst rate: at most {rate} RSTs/s")?;
-        }
-    }
-    for w in &st.warnings {
-        writeln!(s, "warning: {w}")?;
-    }
-    if st.interfaces.is_empty() && st.ports.is_empty() {
-        return Ok(());
-    }
-    writeln!(s, "interfaces:")?;
-    for i in &st.interfaces {
-        let how = match (i.mode, i.tc_mode) {
-            (Some(m), _) => format!("{} {}", i.attach.as_str(), m.as_str()),
-            (None, Some(t)) => format!("{} {}", i.attach.as_str(), t.as_str()),
-            (None, None) => i.attach.as_str().to_string(),
-        };
-        write!(s, "  {:<16} {how}", i.name)?;
-        if i.state != LinkState::Attached {
-            write!(s, " ({}: gates nothing here)", i.state.as_str())?;
-        }
-        if !i.others.is_empty() {
-            write!(s, "   also attached: {}", i.others.join("; "))?;
-        }
-        writeln!(s)?;
-    }
-    if !st.ungated.is_empty() {
-        let names: Vec<String> = st
-            .ungated
-            .iter()
-            .map(|u| format!("{} (ifindex {})", u.name, u.ifindex))
-            .collect();
-        let what = match st.policy {
-            Policy::Reset => "refused there by the namespace-wide refusal only (no RST rate limit)",
-            Policy::Drop => "NOT refused there: new connections through them are accepted",
-        };
-        writeln!(s, "not gated: {}: {what}", names.join(", "))?;
-    }
-    writeln!(s, "ports:")?;
-    writeln!(
-        s,
-        "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
-        "PORT", "LIVE", "REFUSED", "RST-SENT", "RST-LIMITED", "PASSED", "ALLOWED", "AFTER-TTL"
-    )?;
-    for p in &st.ports {
-        let c = &p.counters;
-        // A count that may be low is shown as what it is: at least this many.
-        let live = if p.live_connections_exact {
-            p.live_connections.to_string()
-        } else {
-            format!(">= {}", p.live_connections)
-        };
-        writeln!(
-            s,
-            "  {:>5}  {:>8}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}",
-            p.port,
-            live,
-            c.syns_refused,
-            c.rst_sent,
-            c.rst_limited,
-            c.syns_passed,
-            c.syns_allowed,
-            c.syns_expired
-        )?;
-    }
-    for p in &st.ports {
-        let elsewhere: Vec<String> = p
-            .counted_in
-            .iter()
-            .filter_map(|c| match c {
-                CountedIn::Netns { netns_inode, port } => {
-                    Some(format!("network namespace {netns_inode} port {port}"))
-                }
-                CountedIn::Local { .. } => None,
-            })
-            .collect();
-        if !elsewhere.is_empty() || p.forwarded_connections > 0 {
-            writeln!(
-                s,
-                "  {}: counted here{}; conntrack: {} forwarded (DNAT)",
-                p.port,
-                elsewhere
-                    .iter()
-                    .map(|e| format!(" and in {e}"))
-                    .collect::<String>(),
-                p.forwarded_connections
-            )?;
-        }
-    }
-    if let Some(t) = &st.tracker {
-        writeln!(
-            s,
-            "tracker: {} added, {} removed, {} insert failed, {} read failed",
-            t.added, t.removed, t.insert_failed, t.read_failed
-        )?;
-    }
-    if !st.allow.is_empty() {
-        writeln!(s, "allow: {}", st.allow.join(", "))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -160,7 +160,19 @@ fn on_locked(
     }
     // The RST counter before the refusal, so no RST of it goes uncounted. A pin whose link
     // is no longer attached (the kernel says so) is replaced.
-    let counter = RstCounter::current(&kernel)?;
+    // Which counter this kernel needs takes its BTF to decide; a gate that has either kind
+    // fully attached keeps it without asking.
+    let attached = [RstCounter::Tracepoint, RstCounter::Fentry]
+        .into_iter()
+        .find(|c| {
+            c.links()
+                .iter()
+                .all(|&(pin, name, _)| links::tracing_attached(&pin.path(dir), name))
+        });
+    let counter = match attached {
+        Some(c) => c,
+        None => RstCounter::current(&kernel)?,
+    };
     let mut configured = false;
     for &(pin, name, function) in counter.links() {
         let path = pin.path(dir);

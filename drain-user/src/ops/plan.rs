@@ -3,7 +3,7 @@
 //! would make of its arguments, by the same functions ([`gate::config_for`],
 //! [`gate::hook_for`]). Nothing is written: no bpffs mount, no lock, no pins, links or maps.
 
-use std::{collections::BTreeSet, fmt::Write as _};
+use std::collections::BTreeSet;
 
 use anyhow::Result;
 use drain_common::GateConfig;
@@ -23,17 +23,17 @@ use crate::{
 #[derive(Serialize)]
 pub struct Plan {
     /// "on" or "off": the command planned.
-    action: &'static str,
+    pub(crate) action: &'static str,
     /// True when the command would change the gate (some difference).
-    changed: bool,
+    pub(crate) changed: bool,
     /// Each setting that differs, in a fixed order: gate, ports, policy, allow, interfaces,
     /// ttl_ms, rst_rate, announce_ms, quiet_ms, maint.
-    differences: Vec<Difference>,
+    pub(crate) differences: Vec<Difference>,
     /// `gate on` over a gate that is on with the same settings and a TTL: its deadline
     /// would move to a full TTL from now (not a change).
-    ttl_renewed: bool,
+    pub(crate) ttl_renewed: bool,
     /// The gate as it is: `status --json`'s object.
-    status: Status,
+    pub(crate) status: Status,
 }
 
 /// One setting: its value now and after the command (null: not set, or no gate).
@@ -221,26 +221,6 @@ pub fn off(st: Status) -> Plan {
         ttl_renewed: false,
         status: st,
     }
-}
-
-/// The text `--dry-run` prints without --json.
-pub fn human(plan: &Plan) -> String {
-    let mut s = String::new();
-    let cmd = format!("gate {} --dry-run", plan.action);
-    if !plan.changed {
-        let why = match (plan.action, plan.ttl_renewed) {
-            ("off", _) => "no gate in this network namespace",
-            (_, true) => "the gate is on with these settings; its TTL would be renewed",
-            _ => "the gate is on with these settings",
-        };
-        let _ = write!(s, "{cmd}: no change: {why}");
-        return s;
-    }
-    let _ = write!(s, "{cmd}: would change (nothing was changed):");
-    for d in &plan.differences {
-        let _ = write!(s, "\n  {}: {} -> {}", d.field, d.before, d.after);
-    }
-    s
 }
 
 #[cfg(test)]

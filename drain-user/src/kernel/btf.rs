@@ -22,6 +22,19 @@ const KIND_TYPE_TAG: u8 = 18;
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
+const KIND_FWD: u8 = 7;
+const KIND_FUNC: u8 = 12;
+
+/// The kernel types drain's tracing programs attach to, as aya looks them up: a tp_btf
+/// program's `btf_trace_<tracepoint>` typedef, an fentry program's function. One missing
+/// from this kernel is left out, and its load fails as it would with the full BTF.
+const ATTACH_TYPES: &[(u8, &str)] = &[
+    (KIND_TYPEDEF, "btf_trace_inet_sock_set_state"),
+    (KIND_TYPEDEF, "btf_trace_tcp_send_reset"),
+    (KIND_FUNC, "tcp_v4_send_reset"),
+    (KIND_FUNC, "tcp_v6_send_reset"),
+];
+
 /// One type's header; a struct's or union's members stay in `data` and are read when
 /// looked up (the kernel's BTF holds ~150k types: no allocation per type).
 struct Type {
@@ -79,13 +92,17 @@ impl Kernel {
         Ok(self.drain.get_or_init(|| b))
     }
 
-    /// aya's reader, for loading tracing programs (tp_btf, fentry).
+    /// aya's reader, for loading tracing programs (tp_btf, fentry): all aya takes from it
+    /// is the id of one type by name ([`ATTACH_TYPES`]), so it gets a BTF holding only
+    /// those, at the kernel's ids, built from drain's index ([`Btf::ids_only`]) rather
+    /// than a second parse of every type.
     pub fn aya(&self) -> Result<&aya::Btf> {
         if let Some(b) = self.aya.get() {
             return Ok(b);
         }
-        let b = aya::Btf::parse(self.bytes()?, aya::Endianness::default())
-            .with_context(|| format!("parsing {VMLINUX}"))?;
+        let blob = self.drain()?.ids_only(ATTACH_TYPES)?;
+        let b = aya::Btf::parse(&blob, aya::Endianness::default())
+            .context("parsing the attach types of the kernel's BTF")?;
         Ok(self.aya.get_or_init(|| b))
     }
 }
@@ -151,6 +168,50 @@ impl Btf {
             str_start: hdr_len + str_off,
             types,
         })
+    }
+
+    /// BTF data holding the `wanted` types that exist here, each at its id in this BTF,
+    /// with a nameless forward declaration at every other id (12 bytes, no references):
+    /// what a reader that only looks ids up by name needs.
+    pub fn ids_only(&self, wanted: &[(u8, &str)]) -> Result<Vec<u8>> {
+        let mut strings = vec![0u8];
+        let mut at = std::collections::BTreeMap::new();
+        for &(kind, name) in wanted {
+            if let Some(id) = self.named(kind, name) {
+                at.insert(id, (kind, strings.len() as u32, self.types[id as usize].ty));
+                strings.extend_from_slice(name.as_bytes());
+                strings.push(0);
+            }
+        }
+        let last = at.keys().next_back().copied().unwrap_or(0);
+        let mut types = Vec::with_capacity(last as usize * 12);
+        for id in 1..=last {
+            let (kind, name, ty) = at.get(&id).copied().unwrap_or((KIND_FWD, 0, 0));
+            // A function's linkage is in vlen; keep it (global = 1).
+            let vlen = if kind == KIND_FUNC {
+                u32::from(self.types[id as usize].vlen)
+            } else {
+                0
+            };
+            for w in [name, u32::from(kind) << 24 | vlen, ty] {
+                types.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        let mut out = Vec::with_capacity(24 + types.len() + strings.len());
+        out.extend_from_slice(&BTF_MAGIC.to_le_bytes());
+        out.extend_from_slice(&[1, 0]); // version, flags
+        for w in [
+            24,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
+            out.extend_from_slice(&u32::to_le_bytes(w));
+        }
+        out.extend_from_slice(&types);
+        out.extend_from_slice(&strings);
+        Ok(out)
     }
 
     /// True when the kernel's BTF has an enum named `name` (a feature marker: e.g.
@@ -374,6 +435,47 @@ mod tests {
         assert!(!btf.has_enum("colou"));
         assert!(!btf.has_enum("colours"));
         assert!(!btf.has_enum("outer"));
+    }
+
+    /// aya finds each wanted type in the ids-only BTF at the id it has in the full one,
+    /// and nothing else.
+    #[test]
+    fn ids_only_keeps_the_ids() {
+        let btf = sample();
+        let blob = btf
+            .ids_only(&[(KIND_TYPEDEF, "inner_t"), (KIND_STRUCT, "absent")])
+            .unwrap();
+        let aya = aya::Btf::parse(&blob, aya::Endianness::default()).unwrap();
+        use aya_obj::btf::BtfKind;
+        assert_eq!(
+            aya.id_by_type_name_kind("inner_t", BtfKind::Typedef)
+                .unwrap(),
+            3
+        );
+        assert!(aya.id_by_type_name_kind("outer", BtfKind::Struct).is_err());
+    }
+
+    /// The same against this machine's kernel, for the types drain attaches to: the ids
+    /// match a full parse by aya. (drain needs the kernel's BTF: no skip without it.)
+    #[test]
+    fn ids_only_matches_the_kernels_btf() {
+        let data = std::fs::read(VMLINUX).expect("the kernel's BTF (CONFIG_DEBUG_INFO_BTF)");
+        let full = aya::Btf::parse(&data, aya::Endianness::default()).unwrap();
+        let k = Kernel::default();
+        let stub = k.aya().unwrap();
+        use aya_obj::btf::BtfKind;
+        let mut found = 0;
+        for &(kind, name) in ATTACH_TYPES {
+            let kind = if kind == KIND_FUNC {
+                BtfKind::Func
+            } else {
+                BtfKind::Typedef
+            };
+            let want = full.id_by_type_name_kind(name, kind).ok();
+            assert_eq!(stub.id_by_type_name_kind(name, kind).ok(), want, "{name}");
+            found += usize::from(want.is_some());
+        }
+        assert!(found >= 2, "the tracker's and an RST counter's types exist");
     }
 
     #[test]

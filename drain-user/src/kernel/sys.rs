@@ -1,5 +1,6 @@
 //! The bpf(2) commands aya 0.14 lacks, made raw (link detach, link info, a program's name by
-//! id). Nothing else in drain calls bpf(2) itself.
+//! id), and the tiny programs, links and maps `check` probes the kernel with. Nothing else in
+//! drain calls bpf(2) itself.
 
 use std::{
     ffi::CString,
@@ -16,9 +17,37 @@ use anyhow::{anyhow, Context, Result};
 pub const BPF_OBJ_GET: u32 = 7;
 pub const BPF_LINK_DETACH: u32 = 34;
 
+/// Lifts RLIMIT_MEMLOCK (once per process), as aya does for its own calls: kernels before
+/// 5.11 charge BPF maps and programs to it (memcg accounting came in 5.11), and with a
+/// small limit (64 KiB was the kernel's default before 5.16) the raw calls here fail with
+/// EPERM once the user's other BPF objects have used it up. A failure (no privilege to
+/// raise it) leaves the limit as it was.
+pub fn raise_memlock() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: a valid rlimit; setrlimit has no other preconditions.
+        let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    });
+}
+
 /// bpf(cmd, attr) with a zero-padded `union bpf_attr` (128 bytes hold every command's form
-/// that drain uses); returns the syscall's non-negative result.
+/// that drain uses); returns the syscall's non-negative result. On EPERM it retries once
+/// with RLIMIT_MEMLOCK lifted ([`raise_memlock`]).
 pub fn bpf(cmd: u32, attr: &mut [u64; 16]) -> io::Result<i64> {
+    match bpf_once(cmd, attr) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            raise_memlock();
+            bpf_once(cmd, attr)
+        }
+        r => r,
+    }
+}
+
+fn bpf_once(cmd: u32, attr: &mut [u64; 16]) -> io::Result<i64> {
     // SAFETY: attr is a zero-padded bpf_attr of the size passed; the kernel writes only
     // within it, and pointers stored in it outlive the call.
     let rc = unsafe {
@@ -130,4 +159,78 @@ pub fn prog_name(id: u32) -> Option<String> {
     let name = &info[64..80];
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     Some(String::from_utf8_lossy(&name[..end]).into_owned())
+}
+
+// ---------------------------------------------------------------------------------------
+// Probes for `check`: tiny programs, links and maps, closed at once
+// ---------------------------------------------------------------------------------------
+
+pub const BPF_MAP_CREATE: u32 = 0;
+pub const BPF_PROG_LOAD: u32 = 5;
+pub const BPF_LINK_CREATE: u32 = 28;
+pub const BPF_MAP_TYPE_ARRAY: u64 = 2;
+pub const BPF_F_MMAPABLE: u64 = 1 << 10;
+pub const BPF_PROG_TYPE_SCHED_CLS: u64 = 3;
+pub const BPF_PROG_TYPE_XDP: u64 = 6;
+pub const BPF_XDP: u64 = 37;
+pub const BPF_TCX_INGRESS: u64 = 46;
+pub const XDP_FLAGS_SKB_MODE: u64 = 2;
+
+/// The fd a bpf(2) command returned, owned.
+fn fd(rc: i64) -> OwnedFd {
+    // SAFETY: a new fd returned by bpf(2), owned by nobody else.
+    unsafe { OwnedFd::from_raw_fd(rc as i32) }
+}
+
+/// Loads `r0 = ret; exit` as a program of `prog_type`.
+pub fn load_trivial(prog_type: u64, ret: i32) -> io::Result<OwnedFd> {
+    // BPF_ALU64 | BPF_MOV | BPF_K into r0, then BPF_JMP | BPF_EXIT.
+    let insns: [u64; 2] = [0xb7 | (u64::from(ret as u32) << 32), 0x95];
+    let license = c"GPL";
+    // union bpf_attr, BPF_PROG_LOAD: { u32 prog_type; u32 insn_cnt; u64 insns; u64 license; ... }
+    let mut attr = [0u64; 16];
+    attr[0] = prog_type | (2 << 32);
+    attr[1] = insns.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    bpf(BPF_PROG_LOAD, &mut attr).map(fd)
+}
+
+/// BPF_LINK_CREATE of `prog` on `ifindex` at `attach_type`.
+pub fn link_create(
+    prog: &OwnedFd,
+    ifindex: u32,
+    attach_type: u64,
+    flags: u64,
+) -> io::Result<OwnedFd> {
+    // union bpf_attr, BPF_LINK_CREATE: { u32 prog_fd; u32 target_ifindex; u32 attach_type; u32 flags; }
+    let mut attr = [0u64; 16];
+    attr[0] = prog.as_raw_fd() as u64 | (u64::from(ifindex) << 32);
+    attr[1] = attach_type | (flags << 32);
+    bpf(BPF_LINK_CREATE, &mut attr).map(fd)
+}
+
+/// Whether the kernel has TCX, told apart without attaching anything: a TCX link to no
+/// interface fails with ENODEV where TCX exists, EINVAL where the attach type is unknown
+/// (`link_create`). Any other error (no privileges) says nothing: returned as is.
+pub fn tcx_link_probe() -> io::Result<bool> {
+    match load_trivial(BPF_PROG_TYPE_SCHED_CLS, -1)
+        .and_then(|p| link_create(&p, 0, BPF_TCX_INGRESS, 0))
+    {
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+        Ok(_) => Err(io::Error::other("a TCX link to no interface was accepted")),
+    }
+}
+
+/// BPF_MAP_CREATE of an array of `max_entries` values of `value_size` bytes (u32 keys) with
+/// `flags` (BPF_F_MMAPABLE, ...).
+pub fn array_map_create(value_size: u32, max_entries: u32, flags: u64) -> io::Result<OwnedFd> {
+    // union bpf_attr, BPF_MAP_CREATE: { u32 map_type; u32 key_size; u32 value_size;
+    // u32 max_entries; u32 map_flags; ... }
+    let mut attr = [0u64; 16];
+    attr[0] = BPF_MAP_TYPE_ARRAY | (4 << 32);
+    attr[1] = u64::from(value_size) | (u64::from(max_entries) << 32);
+    attr[2] = flags;
+    bpf(BPF_MAP_CREATE, &mut attr).map(fd)
 }

@@ -124,7 +124,7 @@ pub fn tcx_available() -> Result<bool> {
     if std::env::var_os(NO_TCX_ENV).is_some() {
         return Ok(false);
     }
-    match crate::check::tcx_link_probe() {
+    match crate::sys::tcx_link_probe() {
         Ok(v) => Ok(v),
         Err(e) => Err(anyhow!(e)
             .context("probing for TCX (BPF_LINK_CREATE of a trivial program for tcx_ingress)")),
