@@ -27,9 +27,52 @@ pub fn load(dir: &Path) -> Result<Ebpf> {
     if let Some(n) = max_connections()? {
         loader.map_max_entries(map::SOCKS, n);
     }
-    loader
-        .load(OBJECT)
-        .context("loading the drain eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")
+    loader.load(OBJECT).map_err(|e| {
+        let e = anyhow::Error::from(e);
+        match memlock_hint(&e) {
+            Some(hint) => e.context(hint),
+            None => {
+                e.context("loading the drain eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")
+            }
+        }
+    })
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (memcg accounting came in 5.11):
+/// with a small limit that the process may not raise (no CAP_SYS_RESOURCE: a service
+/// account given CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON only) creating a map fails with
+/// EPERM although the capabilities are all there. Names that cause instead of the
+/// capabilities.
+fn memlock_hint(e: &anyhow::Error) -> Option<String> {
+    if !format!("{e:#}").contains("Operation not permitted") {
+        return None;
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut v = release.trim().split(['.', '-']).map(|p| p.parse::<u32>());
+    let (Some(Ok(major)), Some(Ok(minor))) = (v.next(), v.next()) else {
+        return None;
+    };
+    if (major, minor) >= (5, 11) {
+        return None;
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    Some(format!(
+        "loading the drain eBPF object: this kernel ({}) charges BPF maps to RLIMIT_MEMLOCK \
+         (before 5.11), which is {} KiB here and could not be raised: give drain-user \
+         CAP_SYS_RESOURCE or an unlimited memlock limit (systemd: LimitMEMLOCK=infinity; \
+         `ulimit -l unlimited`)",
+        release.trim(),
+        lim.rlim_cur / 1024
+    ))
 }
 
 /// `DRAIN_MAX_CONNECTIONS`: the size of the live-connection set of a gate (or `wait`
