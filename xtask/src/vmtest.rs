@@ -88,6 +88,14 @@ const HOST_ONLY: &[(&str, &str)] = &[
         "docker",
         "a real dockerd (docker.io from apt) and the role's ansible-core from PyPI: host only",
     ),
+    (
+        "systemd",
+        "boots a debootstrapped systemd under systemd-nspawn (apt, a cached root): host only",
+    ),
+    (
+        "agent",
+        "drives the agent through systemd-socket-activate and systemd-analyze (systemd from apt, which the guest cannot reach): host only",
+    ),
 ];
 
 pub fn run_matrix(a: Args) -> Result<()> {
