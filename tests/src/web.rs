@@ -347,6 +347,52 @@ pub const CHECK_INTER_MS: u32 = 300;
 pub const CHECK_FALL: u32 = 2;
 pub const CHECK_RISE: u32 = 2;
 
+/// The `global` and `defaults` sections every balancer of the tests starts with: an admin
+/// socket at `sock` (`show stat`), HTTP mode, short connect and check timeouts.
+pub fn haproxy_head(sock: &Path, check_timeout: &str) -> String {
+    format!(
+        "global
+    maxconn 4000
+    stats socket {sock} mode 600 level admin
+    log stdout format raw daemon
+defaults
+    mode http
+    log global
+    option httplog
+    option dontlog-normal
+    timeout connect 500ms
+    timeout client 60s
+    timeout server 60s
+    timeout check {check_timeout}
+    retries 3
+    option redispatch 1
+",
+        sock = sock.display()
+    )
+}
+
+/// Writes `cfg` to `dir/haproxy.cfg`, has HAProxy check it, runs it in namespace `ns` in
+/// the foreground (its own process group, killed on drop) and returns once its admin socket
+/// `sock` answers.
+pub fn haproxy_spawn(ns: &str, dir: &Path, cfg: &str, sock: &Path) -> Daemon {
+    let path = dir.join("haproxy.cfg");
+    fs::write(&path, cfg).unwrap();
+    run_ok(
+        Command::new("/usr/sbin/haproxy")
+            .arg("-c")
+            .arg("-f")
+            .arg(&path),
+    );
+    let mut cmd = ns_cmd(ns, "/usr/sbin/haproxy");
+    cmd.arg("-db").arg("-f").arg(&path);
+    let mut daemon = Daemon::spawn("haproxy", cmd, &dir.join("haproxy.log"));
+    wait_until("haproxy's admin socket", Duration::from_secs(10), || {
+        daemon.assert_running();
+        UnixStream::connect(sock).is_ok()
+    });
+    daemon
+}
+
 /// Debian's HAProxy in the foreground (`-db`) in namespace `ns`, balancing `bind` over the
 /// backends round-robin, with:
 /// - `option httpchk GET /healthz` every [`CHECK_INTER_MS`], DOWN after [`CHECK_FALL`]
@@ -375,23 +421,9 @@ impl HaProxy {
     ) -> Self {
         fs::create_dir_all(dir).unwrap();
         let sock = dir.join("admin.sock");
-        let mut cfg = format!(
-            "global
-    maxconn 4000
-    stats socket {sock} mode 600 level admin
-    log stdout format raw daemon
-defaults
-    mode http
-    log global
-    option httplog
-    option dontlog-normal
-    timeout connect 500ms
-    timeout client 60s
-    timeout server 60s
-    timeout check {CHECK_INTER_MS}ms
-    retries 3
-    option redispatch 1
-    option http-keep-alive
+        let mut cfg = haproxy_head(&sock, &format!("{CHECK_INTER_MS}ms"));
+        cfg.push_str(&format!(
+            "    option http-keep-alive
 frontend web
     bind {bind}
     default_backend fleet
@@ -401,9 +433,8 @@ backend fleet
     option httpchk GET /healthz
     http-check expect status 200
     default-server inter {CHECK_INTER_MS}ms fastinter {CHECK_INTER_MS}ms downinter {CHECK_INTER_MS}ms fall {CHECK_FALL} rise {CHECK_RISE} pool-purge-delay 60s
-",
-            sock = sock.display()
-        );
+"
+        ));
         for b in backends {
             cfg.push_str(&format!("    server {} {} check\n", b.name, b.addr));
         }
@@ -412,21 +443,7 @@ backend fleet
                 "frontend stats\n    bind {s}\n    stats enable\n    stats uri /stats\n    stats refresh 1s\n"
             ));
         }
-        let path = dir.join("haproxy.cfg");
-        fs::write(&path, cfg).unwrap();
-        run_ok(
-            Command::new("/usr/sbin/haproxy")
-                .arg("-c")
-                .arg("-f")
-                .arg(&path),
-        );
-        let mut cmd = ns_cmd(ns, "/usr/sbin/haproxy");
-        cmd.arg("-db").arg("-f").arg(&path);
-        let mut daemon = Daemon::spawn("haproxy", cmd, &dir.join("haproxy.log"));
-        wait_until("haproxy's admin socket", Duration::from_secs(10), || {
-            daemon.assert_running();
-            UnixStream::connect(&sock).is_ok()
-        });
+        let daemon = haproxy_spawn(ns, dir, &cfg, &sock);
         let lb = HaProxy { daemon, sock };
         let names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
         wait_until(

@@ -23,7 +23,6 @@ use std::{
     fs,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Command, Output},
     sync::{
@@ -40,8 +39,8 @@ use drain_tests::{
     netns::ip,
     require_root,
     web::{
-        connects, kill_group, ns_cmd, run_ok, show_stat, wait_until, Daemon, Mix, Nginx, Pick,
-        TempDir, Wrk, WrkResult,
+        connects, haproxy_head, haproxy_spawn, kill_group, ns_cmd, run_ok, show_stat, wait_until,
+        Daemon, Mix, Nginx, Pick, TempDir, Wrk, WrkResult,
     },
 };
 
@@ -340,23 +339,9 @@ impl Balancer {
                 "    option httpchk GET /healthz\n    http-check expect status 200\n    default-server inter {INTER_MS}ms fall 2 rise 2\n"
             ),
         };
-        let mut cfg = format!(
-            "global
-    maxconn 4000
-    stats socket {sock} mode 600 level admin
-    log stdout format raw daemon
-defaults
-    mode http
-    log global
-    option httplog
-    option dontlog-normal
-    timeout connect 500ms
-    timeout client 60s
-    timeout server 60s
-    timeout check 1s
-    retries 3
-    option redispatch 1
-frontend web
+        let mut cfg = haproxy_head(&sock, "1s");
+        cfg.push_str(&format!(
+            "frontend web
     bind {lb}:{LB}
     default_backend fleet
 backend fleet
@@ -365,9 +350,8 @@ backend fleet
     option http-server-close
     http-reuse never
 {check}",
-            sock = sock.display(),
             lb = d.lb_addr,
-        );
+        ));
         for h in &d.hosts {
             let server = match checks {
                 Checks::Agent => format!(
@@ -381,21 +365,7 @@ backend fleet
                 h.name, h.addr
             ));
         }
-        let path = dir.join("haproxy.cfg");
-        fs::write(&path, cfg).unwrap();
-        run_ok(
-            Command::new("/usr/sbin/haproxy")
-                .arg("-c")
-                .arg("-f")
-                .arg(&path),
-        );
-        let mut cmd = ns_cmd(&d.lb_ns, "/usr/sbin/haproxy");
-        cmd.arg("-db").arg("-f").arg(&path);
-        let mut daemon = Daemon::spawn("haproxy", cmd, &dir.join("haproxy.log"));
-        wait_until("haproxy's admin socket", Duration::from_secs(10), || {
-            daemon.assert_running();
-            UnixStream::connect(&sock).is_ok()
-        });
+        let daemon = haproxy_spawn(&d.lb_ns, &dir, &cfg, &sock);
         wait_until("every host UP in haproxy", Duration::from_secs(15), || {
             let st = show_stat(&sock);
             d.hosts
