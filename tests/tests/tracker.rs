@@ -558,10 +558,12 @@ fn live_counts_equal_ss_through_churn_v4_v6_dual_stack() {
                  segment(s) retransmitted by the server's namespace",
                 c.connections
             );
+            // Not an equation: a SYN that meets a server TIME-WAIT of its 4-tuple (a port
+            // the client reused) is answered without a cookie (tcp_conn_request, isn != 0),
+            // and an ACK whose child could not be queued is validated again when resent.
             assert!(
-                recv >= c.connections + 100 + phantoms,
-                "only {recv} SYN cookies came back for {} connections and {phantoms} \
-                 phantoms",
+                recv >= c.connections,
+                "only {recv} SYN cookies came back for {} connections",
                 c.connections
             );
         }
