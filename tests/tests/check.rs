@@ -182,7 +182,8 @@ fn check_reports_a_foreign_xdp_program_and_blocks_attach_xdp_only() {
     ] {
         let out = drain.run(&args(attach));
         out.expect_ok();
-        let veth = iface(&json(&out), &pair.veth_a);
+        let r = json(&out);
+        let veth = iface(&r, &pair.veth_a);
         assert_eq!(veth["attach"], "tc", "{out}");
         assert_eq!(veth["reason"], why, "{out}");
     }

@@ -91,6 +91,12 @@ def test_close_applies_and_returns_the_status_after(monkeypatch):
     assert r["previous_status"]["gate"] == "off"
     assert r["status"]["gate"] == "on" and r["status"]["ttl_ms"] == 120000
     assert fake.changing_calls() == [CALLS["gate_on"]["args"]]
+    # No attach option: no --attach, so drain-user's own default (auto) decides, and the status
+    # says which hook it chose on each interface and why.
+    assert "--attach" not in CALLS["gate_on"]["args"]
+    lo = r["status"]["interfaces"][0]
+    assert (lo["attach"], lo["requested"]) == ("tc", "auto")
+    assert lo["reason"].startswith("virtual device (loopback)")
 
 
 def test_the_same_settings_renew_the_ttl_without_a_change(monkeypatch):
