@@ -66,7 +66,7 @@ options:
       - C(--attach) for V(closed). Hook for interfaces not attached yet.
       - Unset, the module passes no C(--attach) and drain-user's own default applies (V(auto), which takes TC on
         virtual devices and native XDP on a NIC whose driver has it); the status says per interface which hook
-        and why (RV(status.interfaces[].reason)).
+        and why (each interface's C(reason) in RV(status)).
     type: str
     choices: [xdp, tc, auto]
   timeout:
