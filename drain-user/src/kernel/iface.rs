@@ -2,7 +2,7 @@
 //! one has. (Not /sys/class/net: sysfs shows the namespace it was mounted in, which is not
 //! the caller's under `nsenter --net`.)
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use netlink_packet_route::{
     link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
     RouteNetlinkMessage,
@@ -252,5 +252,44 @@ fn iface(link: &LinkMessage) -> Iface {
         kind,
         loopback: link.header.flags.contains(LinkFlags::Loopback),
         parent,
+    }
+}
+
+/// Whether this namespace's interfaces changed: a netlink socket in rtnetlink's link group
+/// (RTMGRP_LINK: an interface added, removed, brought up or down), read without blocking.
+/// What `wait` checks before it lists the interfaces again: one recv that finds nothing
+/// instead of a dump every second.
+pub struct LinkEvents {
+    socket: netlink_sys::Socket,
+    buf: Vec<u8>,
+}
+
+impl LinkEvents {
+    /// Subscribes; changes from now on are seen (list the interfaces after this, not before).
+    pub fn open() -> Result<Self> {
+        const RTMGRP_LINK: u32 = 1;
+        let mut socket = netlink_sys::Socket::new(NETLINK_ROUTE)
+            .context("opening a netlink socket for interface changes")?;
+        socket
+            .bind(&netlink_sys::SocketAddr::new(0, RTMGRP_LINK))
+            .context("subscribing to interface changes (RTMGRP_LINK)")?;
+        socket.set_non_blocking(true)?;
+        Ok(LinkEvents {
+            socket,
+            buf: vec![0; 1 << 16],
+        })
+    }
+
+    /// True when an interface changed since the last call (or notifications were lost:
+    /// the socket overflowed, ENOBUFS), so the caller lists them again.
+    pub fn changed(&mut self) -> bool {
+        let mut any = false;
+        loop {
+            match self.socket.recv(&mut &mut self.buf[..], 0) {
+                Ok(_) => any = true,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return any,
+                Err(_) => return true,
+            }
+        }
     }
 }

@@ -27,7 +27,7 @@ use crate::{
     domain::{usage, Exit, Policy},
     errln,
     follow::Follower,
-    gate,
+    gate, iface,
     netns::{self, NetnsId, StateDir},
     object, pins,
     state::{boottime_ns, OpenGate},
@@ -45,9 +45,14 @@ pub struct WaitArgs {
 
 /// Without a wake ring: how often the counts are read.
 const POLL: Duration = Duration::from_millis(5);
-/// With one: how often the loop runs anyway, woken or not. A missed wake-up (see
-/// track::Wake) costs at most this.
-const SAFETY_POLL: Duration = Duration::from_millis(250);
+/// With one: how often the loop runs anyway, woken or not. A wake-up is not missed by
+/// design (track::Wake::want: the interest is raised before the counts are read, and the
+/// tracker changes a count before it reads the interest, both with full barriers; the ring
+/// is emptied before the read, so its next record wakes this process), so this only
+/// bounds what a broken wake would cost: the loop runs once a second, as often as the
+/// gate's TTL renewal makes it run anyway, and no more (the interest's lease,
+/// WAKE_LEASE_NS, is two of these, renewed every one).
+const SAFETY_POLL: Duration = Duration::from_secs(1);
 /// inet_diag dumps (for --idle) are cheap but not free: this often at most while bytes
 /// are in flight (otherwise the next check is when the connections could first be idle).
 const IDLE_POLL: Duration = Duration::from_millis(100);
@@ -317,8 +322,11 @@ pub async fn wait(args: WaitArgs) -> Result<Exit> {
         None => None,
     };
     let mut warned = BTreeSet::new();
+    // Subscribed before the first listing, so no change between the two goes unseen.
+    let mut links = Ungated::default();
     if let Some(g) = &gate {
-        warn_ungated(g, &mut warned)?;
+        links.events = iface::LinkEvents::open().ok();
+        links.check(g, &mut warned)?;
     }
     let expired = cfg.is_some_and(|c| c.deadline_ns != 0 && boottime_ns() >= c.deadline_ns);
     if expired && cfg.is_some_and(|c| c.enabled == GATE_ON) {
@@ -346,16 +354,59 @@ pub async fn wait(args: WaitArgs) -> Result<Exit> {
         }
     }
     let mut reporter = report::new(args.format, &ports);
-    let outcome = poll(&mut source, &ports, &args, reporter.as_mut(), &mut warned).await?;
+    let outcome = poll(
+        &mut source,
+        &ports,
+        &args,
+        reporter.as_mut(),
+        &mut warned,
+        &mut links,
+    )
+    .await?;
+    // The outcome is printed (and flushed) before anything is taken down: whoever waits
+    // on the line or on the exit learns it now.
     reporter.finish(&outcome)?;
+    match source {
+        // A temporary tracker's pins must go (its Drop), whatever the outcome.
+        Source::Temp(t) => drop(t),
+        // The gate's maps and the wake ring stay pinned; unmapping and closing them one by
+        // one would only delay the exit, which releases them all at once.
+        Source::Gate(g) => std::mem::forget(g),
+    }
     Ok(outcome.exit())
+}
+
+/// When the interfaces are listed again for [`warn_ungated`]: when one changed (link
+/// notifications) or the gate's state or policy did; every time without notifications.
+#[derive(Default)]
+struct Ungated {
+    events: Option<iface::LinkEvents>,
+    /// (enabled, policy) at the last listing.
+    seen: Option<(u32, u32)>,
+}
+
+impl Ungated {
+    fn check(&mut self, gate: &OpenGate, warned: &mut BTreeSet<u32>) -> Result<()> {
+        let cfg = gate.config()?;
+        let now = (cfg.enabled, cfg.policy);
+        // Both evaluated: changed() also empties the socket.
+        let links_changed = self.events.as_mut().is_none_or(|e| e.changed());
+        if links_changed || self.seen != Some(now) {
+            self.seen = Some(now);
+            warn_ungated(gate, &cfg, warned)?;
+        }
+        Ok(())
+    }
 }
 
 /// Warns once about each interface that is up and not gated while the gate drops (an
 /// interface a container brought up during the drain, say): connections through it are
 /// accepted. `warned` holds the ifindexes already warned about.
-fn warn_ungated(gate: &OpenGate, warned: &mut BTreeSet<u32>) -> Result<()> {
-    let cfg = gate.config()?;
+fn warn_ungated(
+    gate: &OpenGate,
+    cfg: &drain_common::GateConfig,
+    warned: &mut BTreeSet<u32>,
+) -> Result<()> {
     if cfg.enabled != GATE_ON {
         return Ok(());
     }
@@ -458,6 +509,7 @@ async fn poll(
     args: &WaitArgs,
     reporter: &mut dyn report::Reporter,
     warned: &mut BTreeSet<u32>,
+    links: &mut Ungated,
 ) -> Result<Outcome> {
     let start = Instant::now();
     let deadline = args.timeout.map(|t| start + t);
@@ -509,13 +561,14 @@ async fn poll(
             ports: counts,
             timeout_in: deadline.map(|d| d.saturating_duration_since(Instant::now())),
         };
-        let live_changed = last_live != Some(live);
-        reporter.progress(&progress, live_changed)?;
-        last_live = Some(live);
         if live == 0 {
+            // Straight to the outcome: its line says the count is 0, no progress line first.
             tracker.check_exact()?;
             return Ok(Outcome::Drained { elapsed });
         }
+        let live_changed = last_live != Some(live);
+        reporter.progress(&progress, live_changed)?;
+        last_live = Some(live);
         if let Some(idle) = args.idle {
             // Checked when due, and soon after the count changed (a close may leave only
             // quiet connections), at most every IDLE_POLL.
@@ -548,7 +601,7 @@ async fn poll(
                     bail!("the gate was turned off (`drain-user gate off`) while waiting");
                 }
                 next_renewal = Instant::now() + g.renew_ttl()?;
-                warn_ungated(g, warned)?;
+                links.check(g, warned)?;
             }
         }
         // Until woken, or until the next thing that runs on a clock.

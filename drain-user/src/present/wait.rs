@@ -18,10 +18,14 @@ pub fn run(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(wait::wait(wait::WaitArgs {
+    let exit = rt.block_on(wait::wait(wait::WaitArgs {
         ports,
         timeout,
         idle,
         format: wait::Format::pick(json),
-    }))
+    }))?;
+    // The outcome is printed and flushed (every line is), and nothing is left to clean up:
+    // exit now rather than take the runtime down first (its driver, timers and fds go
+    // with the process). Errors still return to main, which prints them.
+    std::process::exit(exit.code().into())
 }

@@ -89,6 +89,8 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
          do sleep 1; done"
     );
     let (mut wait_ms, mut line_ms, mut ss_ms) = (Vec::new(), Vec::new(), Vec::new());
+    // From the last close's return (the last count change) rather than the first close.
+    let (mut last_wait_ms, mut last_line_ms) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let conns = open(&pair, &listener)?;
         let (wait, mut out) = start_wait(ctx, &pair)?;
@@ -110,6 +112,7 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
         let (w, s) = (exit_time(wait), exit_time(ss));
         let t0 = Instant::now();
         drop(conns);
+        let t_last = Instant::now();
         let (tw, _) = w.join().map_err(|_| anyhow::anyhow!("wait thread"))??;
         let (ts, _) = s.join().map_err(|_| anyhow::anyhow!("ss thread"))??;
         let (said, at) = rest.join().unwrap_or_default();
@@ -118,6 +121,8 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
         };
         line_ms.push((at - t0).as_secs_f64() * 1e3);
         wait_ms.push((tw - t0).as_secs_f64() * 1e3);
+        last_line_ms.push(at.saturating_duration_since(t_last).as_secs_f64() * 1e3);
+        last_wait_ms.push(tw.saturating_duration_since(t_last).as_secs_f64() * 1e3);
         ss_ms.push((ts - t0).as_secs_f64() * 1e3);
     }
 
@@ -126,6 +131,9 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
     let conns = open(&pair, &listener)?;
     let (mut wait, out) = start_wait(ctx, &pair)?;
     let pid = wait.id();
+    // Past its start: the first loop's TTL renewal and interface listing run just after
+    // the first line.
+    thread::sleep(Duration::from_millis(200));
     let c0 = process_cpu_ns(pid)?;
     let t0 = Instant::now();
     thread::sleep(window);
@@ -144,8 +152,8 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
         "detect",
         "5. Noticing the end of a drain",
         format!(
-            "{CONNS} connections closed at once; the time from the close to the exit of \
-             `drain-user wait` and of the folk loop `while [ -n \"$(ss ...)\" ]; do sleep 1; \
+            "{CONNS} connections closed at once (both ends, 2×{CONNS} close calls); the time \
+             from the first close to the exit of `drain-user wait` and of the folk loop `while [ -n \"$(ss ...)\" ]; do sleep 1; \
              done` watching the same port (each watcher's exit seen by a thread blocked in \
              waitpid). {rounds} rounds; the loop's phase is staggered across rounds, as in \
              real life."
@@ -177,6 +185,20 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
         "".into(),
     ]);
     s.row(vec![
+        "`drain-user wait`, from the last close".into(),
+        f(median(&last_wait_ms), 2),
+        f(quantile(&last_wait_ms, 0.99), 2),
+        f(quantile(&last_wait_ms, 1.0), 2),
+        "".into(),
+    ]);
+    s.row(vec![
+        "`drain-user wait`: its `drained` line read, from the last close".into(),
+        f(median(&last_line_ms), 2),
+        f(quantile(&last_line_ms, 0.99), 2),
+        f(quantile(&last_line_ms, 1.0), 2),
+        "".into(),
+    ]);
+    s.row(vec![
         "`ss` every 1 s".into(),
         f(median(&ss_ms), 1),
         f(quantile(&ss_ms, 0.99), 1),
@@ -187,24 +209,31 @@ pub fn section(ctx: &Ctx) -> Result<Section> {
         "CPU while waiting: every thread of one `wait` process, from /proc/PID/task/*/schedstat \
          (exact runtimes), over {:.1} s with one connection open. `wait` sleeps until the \
          tracker wakes it (a ring buffer written when a waited port's count changes), with a \
-         250 ms safety poll; over a gate it also runs once a second to renew the gate's TTL.",
+         1 s safety poll; over a gate it runs once a second anyway to renew the gate's TTL. \
+         \"From the last close\": from the return of the last of the close calls, when the \
+         count has reached 0.",
         window.as_secs_f64()
     ));
     s.data = json!({
         "wait_exit_ms": wait_ms,
         "wait_drained_line_ms": line_ms,
+        "wait_exit_after_last_close_ms": last_wait_ms,
+        "wait_drained_line_after_last_close_ms": last_line_ms,
         "ss_loop_ms": ss_ms,
         "wait_cpu_s_per_s": cpu_per_s,
     });
-    let p99 = quantile(&wait_ms, 0.99);
+    let p99 = quantile(&last_wait_ms, 0.99);
     s.target(
         "drain noticed, p99 (last close to wait's exit)",
         "≤ 1 ms",
         format!(
-            "{} ms (median {} ms, max {} ms; ss loop median {} ms)",
+            "{} ms (median {} ms, max {} ms; from the first close: median {} ms, p99 {} ms; \
+             ss loop median {} ms)",
             f(p99, 2),
+            f(median(&last_wait_ms), 2),
+            f(quantile(&last_wait_ms, 1.0), 2),
             f(median(&wait_ms), 2),
-            f(quantile(&wait_ms, 1.0), 2),
+            f(quantile(&wait_ms, 0.99), 2),
             f(median(&ss_ms), 0)
         ),
         p99 <= 1.0,
