@@ -8,8 +8,8 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
-    clsact,
-    domain::Policy,
+    choices, clsact,
+    domain::{AttachChoice, Policy},
     gate,
     iface::{self, Iface, XdpMode},
     links::{self, LinkState, TcMode},
@@ -180,6 +180,24 @@ pub struct IfaceStatus {
     /// "xdp: NAME, id N", "tcx ingress: NAME, id N" or "clsact ingress: NAME, id N (bpf,
     /// pref P handle H)" / "clsact ingress: KIND filter (pref P)".
     pub others: Vec<String>,
+    /// What `gate on --attach` asked for when it attached this interface: "auto", "xdp"
+    /// or "tc"; null when the gate has no record of it (made by an older drain).
+    pub requested: Option<AttachChoice>,
+    /// Why the interface got its hook, in one phrase, as `gate on` decided it (auto: "virtual
+    /// device (veth): TC keeps the peer's TSO"; otherwise "--attach xdp"); null with no
+    /// record, or a record of another hook than the one the kernel has.
+    pub reason: Option<String>,
+}
+
+impl IfaceStatus {
+    /// The reason as `gate on` prints it: "auto: ..." for auto's choices.
+    pub fn why(&self) -> Option<String> {
+        let reason = self.reason.as_ref()?;
+        Some(match self.requested {
+            Some(AttachChoice::Auto) => format!("auto: {reason}"),
+            _ => reason.clone(),
+        })
+    }
 }
 
 pub fn collect() -> Result<Status> {
@@ -416,6 +434,7 @@ fn interfaces(
     let mut out = Vec::new();
     let mut ours_all = Vec::new();
     let qdiscs = clsact::ingress_qdiscs().unwrap_or_default();
+    let decided = choices::records(gate.dir()).unwrap_or_default();
     for a in links::attachments(gate.dir())? {
         let seen = a.inspect(all);
         let ours = seen.prog_id;
@@ -449,6 +468,12 @@ fn interfaces(
             }
         }
         let hook = a.hook();
+        // The record says why; the hook is the kernel's (the pin's): a record of another hook
+        // explains nothing here.
+        let decision = decided
+            .iter()
+            .find(|(i, d)| *i == ifindex && d.hook == hook)
+            .map(|(_, d)| d);
         out.push(IfaceStatus {
             name,
             ifindex,
@@ -462,6 +487,8 @@ fn interfaces(
             tc_mode: a.tc_mode(),
             refusal: policy,
             others,
+            requested: decision.map(|d| d.asked),
+            reason: decision.map(|d| d.to_string()),
         });
     }
     Ok((out, ours_all))
@@ -523,6 +550,8 @@ mod tests {
                 tc_mode: None,
                 refusal: Policy::Reset,
                 others: vec![],
+                requested: Some(AttachChoice::Auto),
+                reason: Some("physical device (driver ixgbe) with native XDP".into()),
             }],
             ungated: vec![Ungated {
                 name: "veth9".into(),
@@ -574,7 +603,8 @@ mod tests {
                 r#"{"gate":"on","policy":"reset","sk_lookup":true,"expired":false,"#,
                 r#""ttl_remaining_ms":598123,"#,
                 r#""interfaces":[{"name":"eth0","ifindex":2,"attach":"xdp","state":"attached","#,
-                r#""mode":"native","tc_mode":null,"refusal":"reset","others":[]}],"#,
+                r#""mode":"native","tc_mode":null,"refusal":"reset","others":[],"requested":"auto","#,
+                r#""reason":"physical device (driver ixgbe) with native XDP"}],"#,
                 r#""ungated":[{"name":"veth9","ifindex":9}],"#,
                 r#""ports":[{"port":80,"live_connections":12,"live_connections_exact":false,"#,
                 r#""counted_in":[{"where":"local","port":80},"#,
