@@ -17,7 +17,7 @@ REPO = os.path.dirname(HERE)
 BIN = sys.argv[1] if len(sys.argv) > 1 else os.path.join(REPO, "target/debug/drain-user")
 OUT = os.path.join(HERE, "ansible_collections/drain/host/tests/unit/plugins/modules/fixtures/drain_user.json")
 NS = f"drain-fixtures-{os.getpid()}"
-ON = ["gate", "on", "--port", "8080", "--ttl", "2m", "--policy", "drop", "--rst-rate", "1000", "--attach", "xdp"]
+ON = ["gate", "on", "--port", "8080", "--ttl", "2m", "--policy", "drop", "--rst-rate", "1000"]
 PLAN = ["--dry-run", "--json"]
 HOLD = ("import socket,time; s=socket.socket(); s.setsockopt(1,2,1); s.bind(('127.0.0.1',8080)); s.listen();"
         "c=socket.create_connection(('127.0.0.1',8080)); a,_=s.accept(); c.send(b'x'); a.recv(1); time.sleep(300)")
@@ -39,7 +39,7 @@ def main():
         record("status_none", ["status", "--json"], 0)
         record("plan_on_none", ON + PLAN, 0)
         record("plan_off_none", ["gate", "off"] + PLAN, 0)
-        record("check_ok", ["check", "--json", "--port", "8080", "--attach", "xdp", "--policy", "drop"], 0)
+        record("check_ok", ["check", "--json", "--port", "8080", "--policy", "drop"], 0)
         bad_ttl = ON[:5] + ["0s"] + ON[6:]
         record("usage_ttl_zero", bad_ttl + PLAN, 2)
         record("usage_port_zero", ["gate", "on", "--port", "0"] + ON[4:] + PLAN, 2)

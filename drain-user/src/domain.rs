@@ -3,22 +3,47 @@
 //! clap here: the command line ([`crate::cli`]) maps its arguments onto these, and every
 //! layer below it speaks only these.
 
+pub mod attach;
 pub mod limits;
 
 use std::{fmt, process::ExitCode};
 
 use drain_common::{POLICY_DROP, POLICY_RESET};
 
-/// How `gate on` may attach where it has to attach anew.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How `gate on` may attach where it has to attach anew ([`attach::decide`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttachChoice {
     /// XDP (native where the driver supports it, generic otherwise); refuse interfaces
     /// where another XDP program is attached.
     Xdp,
-    /// TC ingress via TCX (kernel >= 6.6): runs first, alongside other TC programs.
+    /// TC ingress: TCX (kernel >= 6.6), first, alongside other TC programs; the clsact
+    /// qdisc's cls_bpf filter on kernels without TCX.
     Tc,
-    /// XDP where the XDP hook is free, TC where another XDP program holds it.
+    /// Per device (the default): TC on virtual devices, native XDP on a physical device
+    /// whose driver has it, TC otherwise and where another XDP program holds the hook.
     Auto,
+}
+
+impl AttachChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachChoice::Xdp => "xdp",
+            AttachChoice::Tc => "tc",
+            AttachChoice::Auto => "auto",
+        }
+    }
+
+    /// One byte for the gate's record of a choice.
+    pub fn to_raw(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_raw(raw: u8) -> Option<Self> {
+        [AttachChoice::Xdp, AttachChoice::Tc, AttachChoice::Auto]
+            .into_iter()
+            .find(|c| c.to_raw() == raw)
+    }
 }
 
 /// How refused connection requests are answered.

@@ -3,6 +3,7 @@
 
 pub mod btf;
 pub mod caps;
+pub mod choices;
 pub mod clsact;
 pub mod conntrack;
 pub mod diag;

@@ -12,10 +12,12 @@
 //! |---|---|
 //! | **domain/** | the domain's types and rules; no clap, no kernel |
 //! | [`domain`] | the domain's types: attach choice, policy, container runtime, exit codes, usage errors (no clap) |
+//! | [`attach`] | which hook an interface gets and why: `--attach auto`'s per-device decision (pure, unit-tested) |
 //! | [`limits`] | the limits a gate's input is held to (ports per gate, rate -> per-CPU limiter), each written once |
 //! | **kernel/** | kernel access: pins, links, maps, raw syscalls, netlink |
 //! | [`btf`] | struct member offsets from the kernel's BTF |
 //! | [`caps`] | the effective capabilities that matter to drain (what `check` reports, what every command requires) |
+//! | [`choices`] | the gate's record of each interface's attach decision, which `status` reports |
 //! | [`clsact`] | `--attach tc` without TCX: the clsact qdisc, drain's cls_bpf filter, its record, the kernel's view of it |
 //! | [`conntrack`] | ctnetlink dumps: connections to a local port destination-NATed elsewhere (published ports) |
 //! | [`diag`] | sock_diag (inet_diag) dumps of TCP connections |
@@ -51,10 +53,10 @@ pub mod present;
 
 // Every module is named at the crate root too, so a path names the concept (`crate::gate`,
 // `crate::sys`) whichever layer holds it.
-pub use domain::limits;
+pub use domain::{attach, limits};
 pub use kernel::{
-    btf, caps, clsact, conntrack, diag, iface, links, netlink, netns, object, pins, state, sys,
-    target, track,
+    btf, caps, choices, clsact, conntrack, diag, iface, links, netlink, netns, object, pins, state,
+    sys, target, track,
 };
 pub use ops::{agent, check, follow, gate, plan, status, wait, watch};
 pub use present::{cli, metrics, output};

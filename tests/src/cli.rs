@@ -649,6 +649,20 @@ pub fn assert_status_schema(st: &Json) {
             panic!("interface others must be an array: {}", ctx());
         });
         assert!(others.iter().all(|o| o.as_str().is_some()), "{}", ctx());
+        // Why the hook: what --attach asked and the reason, both or neither (a gate with
+        // no record of it).
+        assert!(
+            i["requested"].is_null()
+                || matches!(i["requested"].as_str(), Some("auto" | "xdp" | "tc")),
+            "interface requested: {}",
+            ctx()
+        );
+        assert_eq!(
+            i["requested"].is_null(),
+            i["reason"].as_str().is_none(),
+            "interface requested and reason: {}",
+            ctx()
+        );
     }
     assert!(st["sk_lookup"].as_bool().is_some(), "sk_lookup: {}", ctx());
     let ungated = st["ungated"].as_array().unwrap_or_else(|| {

@@ -109,7 +109,12 @@ fn check_passes_here_and_says_what_it_probed() {
     };
     let veth = iface(&r, &pair.veth_a);
     assert_ne!(native(&pair.veth_a), Some(false), "{r}");
-    assert_eq!(veth["attach"], "xdp", "{r}");
+    // The default, auto: TC on a veth, and why.
+    assert_eq!(veth["attach"], "tc", "{r}");
+    assert_eq!(
+        veth["reason"], "auto: virtual device (veth): TC keeps the peer's TSO",
+        "{r}"
+    );
     assert!(veth["xdp_other"].is_null(), "{r}");
     assert_ne!(native("lo"), Some(true), "{r}");
     assert_nothing_left(&drain);
@@ -168,10 +173,19 @@ fn check_reports_a_foreign_xdp_program_and_blocks_attach_xdp_only() {
     assert_eq!(out.stderr_lines().len(), 1, "{out}");
     assert!(out.stderr.contains(ForeignXdp::NAME), "{out}");
 
-    for attach in ["tc", "auto"] {
+    for (attach, why) in [
+        ("tc", "--attach tc"),
+        (
+            "auto",
+            "auto: another program holds the XDP hook: TC runs beside it",
+        ),
+    ] {
         let out = drain.run(&args(attach));
         out.expect_ok();
-        assert_eq!(iface(&json(&out), &pair.veth_a)["attach"], "tc", "{out}");
+        let r = json(&out);
+        let veth = iface(&r, &pair.veth_a);
+        assert_eq!(veth["attach"], "tc", "{out}");
+        assert_eq!(veth["reason"], why, "{out}");
     }
     // The foreign program was not touched.
     assert_eq!(

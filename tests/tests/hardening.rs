@@ -91,11 +91,15 @@ fn veth_pin(drain: &Drain, pair: &NetNsPair) -> std::path::PathBuf {
     drain.state_dir().join(format!("link-xdp-{idx}"))
 }
 
-/// `gate on --port P --iface <a's veth> extra...`, which must exit 0.
+/// `gate on --port P --iface <a's veth> extra...`, which must exit 0; `--attach xdp`
+/// unless `extra` names a hook (these tests judge XDP links, [`veth_pin`]).
 #[track_caller]
 fn on_veth(drain: &Drain, pair: &NetNsPair, extra: &[&str]) -> CliOutput {
     let port = P.to_string();
     let mut args = vec!["--port", port.as_str(), "--iface", pair.veth_a.as_str()];
+    if !extra.contains(&"--attach") {
+        args.extend(["--attach", "xdp"]);
+    }
     args.extend_from_slice(extra);
     drain.on(&args)
 }
@@ -456,7 +460,7 @@ fn an_interface_recreated_with_the_same_ifindex_is_not_taken_for_gated() {
     };
     make(&[]);
     let idx = drain.ifindex(dev);
-    drain.on(&["--port", &P.to_string(), "--iface", dev]);
+    drain.on(&["--port", &P.to_string(), "--iface", dev, "--attach", "xdp"]);
     assert!(link_xdp(&pair, &pair.a, dev).is_some());
     ipa(&["link", "del", dev]);
     let idx_s = idx.to_string();
@@ -470,7 +474,7 @@ fn an_interface_recreated_with_the_same_ifindex_is_not_taken_for_gated() {
     let st = drain.status();
     assert_eq!(iface_state(&st, dev), "detached", "{st}");
     assert_eq!(st["gate"].str(), "off", "{st}");
-    let out = drain.on(&["--port", &P.to_string(), "--iface", dev]);
+    let out = drain.on(&["--port", &P.to_string(), "--iface", dev, "--attach", "xdp"]);
     assert!(out.stdout.contains("re-attached"), "{out}");
     assert_eq!(
         link_xdp(&pair, &pair.a, dev).map(|(_, n)| n).as_deref(),
@@ -548,7 +552,7 @@ fn the_reaper_leaves_a_gate_held_by_a_bind_mount_in_another_mount_namespace() {
     let (p1, p2) = (NetNsPair::new(), NetNsPair::new());
     let d1 = Drain::new(&p1, &p1.a);
     let d2 = Drain::new(&p2, &p2.a);
-    d1.on(&["--port", &P.to_string()]);
+    d1.on(&["--port", &P.to_string(), "--attach", "xdp"]);
     let dir = d1.state_dir();
     let pin = veth_pin(&d1, &p1);
     let hold = std::env::temp_dir().join(format!("drain-hold-{}", p1.a));

@@ -109,6 +109,11 @@ fn dry_run_lists_every_difference_and_changes_nothing() {
     let gate = Drain::new(&pair, &pair.a);
     let veth = pair.veth_a.as_str();
     let port = P.to_string();
+    // The default, auto, on the veth and lo: TC, and why.
+    let on_veth = serde_json::json!({
+        "name": veth, "attach": "tc",
+        "reason": "auto: virtual device (veth): TC keeps the peer's TSO",
+    });
     // `gate on` for P on the veth, with a TTL of 2m unless `extra` gives one.
     let on = |extra: &[&str]| {
         let mut args = vec!["on", "--port", &port, "--iface", veth];
@@ -134,7 +139,7 @@ fn dry_run_lists_every_difference_and_changes_nothing() {
             d(
                 "interfaces",
                 serde_json::json!([]),
-                serde_json::json!([{"name": veth, "attach": "xdp"}])
+                serde_json::json!([on_veth])
             ),
             d("ttl_ms", Json::Null, 120_000.into()),
             d("rst_rate", Json::Null, 1000.into()),
@@ -215,15 +220,18 @@ fn dry_run_lists_every_difference_and_changes_nothing() {
         )
     );
     let mut after = vec![
-        serde_json::json!({"name": "lo", "attach": "xdp"}),
-        serde_json::json!({"name": veth, "attach": "xdp"}),
+        serde_json::json!({
+            "name": "lo", "attach": "tc",
+            "reason": "auto: virtual device (loopback): TC, as XDP there gains nothing",
+        }),
+        on_veth.clone(),
     ];
     after.sort_by_key(|v| v["name"].as_str().unwrap().to_owned());
     assert_eq!(
         got[3],
         d(
             "interfaces",
-            serde_json::json!([{"name": veth, "attach": "xdp"}]),
+            serde_json::json!([on_veth]),
             Json::Array(after)
         )
     );
@@ -274,7 +282,7 @@ fn dry_run_lists_every_difference_and_changes_nothing() {
             d("ports", serde_json::json!([P]), serde_json::json!([])),
             d(
                 "interfaces",
-                serde_json::json!([{"name": veth, "attach": "xdp"}]),
+                serde_json::json!([on_veth]),
                 serde_json::json!([])
             ),
         ],

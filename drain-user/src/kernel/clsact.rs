@@ -30,7 +30,7 @@
 
 use std::{
     ffi::CStr,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, BorrowedFd},
     path::Path,
 };
 
@@ -159,27 +159,8 @@ fn open(dir: &Path) -> Result<BpfHashMap<MapData, u32, Record>> {
 fn open_or_create(dir: &Path) -> Result<BpfHashMap<MapData, u32, Record>> {
     let path = dir.join(RECORDS);
     if !path.exists() {
-        // union bpf_attr, BPF_MAP_CREATE: { u32 map_type; u32 key_size; u32 value_size;
-        // u32 max_entries; u32 map_flags; u32 inner_map_fd; u32 numa_node;
-        // char map_name[16]; ... }
-        const BPF_MAP_CREATE: u32 = 0;
-        const BPF_MAP_TYPE_HASH: u64 = 1;
-        const BPF_F_NO_PREALLOC: u64 = 1;
-        let mut attr = [0u64; 16];
-        attr[0] = BPF_MAP_TYPE_HASH | (4 << 32);
-        attr[1] = std::mem::size_of::<Record>() as u64 | (u64::from(MAX_RECORDS) << 32);
-        attr[2] = BPF_F_NO_PREALLOC;
-        // map_name at byte 28: the upper half of attr[3] and attr[4..6].
-        let mut name = [0u8; 16];
-        name[..RECORDS.len()].copy_from_slice(RECORDS.as_bytes());
-        let mut bytes: Vec<u8> = attr.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        bytes[28..44].copy_from_slice(&name);
-        for (w, chunk) in attr.iter_mut().zip(bytes.chunks(8)) {
-            *w = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
-        }
-        let fd = sys::bpf(BPF_MAP_CREATE, &mut attr).context("creating the clsact record map")?;
-        // SAFETY: BPF_MAP_CREATE returned a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let fd = sys::hash_map_create(RECORDS, std::mem::size_of::<Record>() as u32, MAX_RECORDS)
+            .context("creating the clsact record map")?;
         let data = MapData::from_fd(fd).context("opening the new clsact record map")?;
         data.pin(&path)
             .with_context(|| format!("pinning the clsact record map at {}", path.display()))?;

@@ -55,22 +55,7 @@ pub fn open_map(dir: &Path, name: &str) -> Result<aya::maps::MapData> {
     })
 }
 
-/// The hook a link is attached to, as encoded in its pin name and shown by `status`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Hook {
-    Xdp,
-    Tc,
-}
-
-impl Hook {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Hook::Xdp => "xdp",
-            Hook::Tc => "tc",
-        }
-    }
-}
+pub use crate::domain::attach::Hook;
 
 /// The name of a link pin in a state directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

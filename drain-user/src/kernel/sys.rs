@@ -235,3 +235,26 @@ pub fn array_map_create(value_size: u32, max_entries: u32, flags: u64) -> io::Re
     attr[2] = flags;
     bpf(BPF_MAP_CREATE, &mut attr).map(fd)
 }
+
+/// BPF_MAP_CREATE of a hash map named `name` (at most 15 bytes) with u32 keys and values of
+/// `value_size` bytes, allocated on use (BPF_F_NO_PREALLOC): the records drain-user keeps
+/// beside a gate's maps (clsact filters, attach choices).
+pub fn hash_map_create(name: &str, value_size: u32, max_entries: u32) -> io::Result<OwnedFd> {
+    // union bpf_attr, BPF_MAP_CREATE: { u32 map_type; u32 key_size; u32 value_size;
+    // u32 max_entries; u32 map_flags; u32 inner_map_fd; u32 numa_node;
+    // char map_name[16]; ... }
+    const BPF_MAP_TYPE_HASH: u64 = 1;
+    const BPF_F_NO_PREALLOC: u64 = 1;
+    let mut attr = [0u64; 16];
+    attr[0] = BPF_MAP_TYPE_HASH | (4 << 32);
+    attr[1] = u64::from(value_size) | (u64::from(max_entries) << 32);
+    attr[2] = BPF_F_NO_PREALLOC;
+    // map_name at byte 28: the upper half of attr[3] and attr[4..6].
+    let mut bytes: Vec<u8> = attr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let n = name.len().min(15);
+    bytes[28..28 + n].copy_from_slice(&name.as_bytes()[..n]);
+    for (w, chunk) in attr.iter_mut().zip(bytes.chunks(8)) {
+        *w = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+    }
+    bpf(BPF_MAP_CREATE, &mut attr).map(fd)
+}

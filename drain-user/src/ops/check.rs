@@ -14,7 +14,10 @@ use serde::Serialize;
 pub use self::probe::probe;
 use crate::{
     caps::Caps,
-    domain::{AttachChoice, Policy},
+    domain::{
+        attach::{self, Device, Hook},
+        AttachChoice, Policy,
+    },
 };
 
 pub mod probe;
@@ -131,6 +134,10 @@ pub struct IfaceProbe {
     pub xdp_other: Option<String>,
     /// Programs on the TCX ingress hook other than drain's.
     pub tcx_others: Vec<String>,
+    /// What the device is ([`crate::iface::Iface::device`]): auto decides by it (its kind
+    /// or driver is in `reason`).
+    #[serde(skip)]
+    pub device: Option<Device>,
 }
 
 /// What `check` found: the shape of `check --json`.
@@ -163,6 +170,9 @@ pub struct IfaceReport {
     pub probe: IfaceProbe,
     /// The hook `gate on` would use here: "xdp", "tc", or null when it could not attach.
     pub attach: Option<&'static str>,
+    /// Why that hook, in one phrase, as `gate on` would decide it ("auto: virtual device
+    /// (veth): TC keeps the peer's TSO"); null when it could not attach.
+    pub reason: Option<String>,
     pub note: String,
 }
 
@@ -287,15 +297,26 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
             })
     };
     let tcx = feature(Feature::Tcx);
-    // A TC attachment is made with --attach tc, and with auto where XDP is taken.
-    let tc_used = want.attach == AttachChoice::Tc
-        || (want.attach == AttachChoice::Auto && p.ifaces.iter().any(|i| i.xdp_other.is_some()));
+    // Each interface's hook, as `gate on` decides it (None: --attach xdp on a taken hook).
+    let decisions: Vec<Option<attach::Decision>> = p
+        .ifaces
+        .iter()
+        .map(|i| {
+            let device = i
+                .device
+                .clone()
+                .unwrap_or_else(|| Device::Virtual("unknown".into()));
+            attach::decide(want.attach, device, i.xdp_native, i.xdp_other.is_some())
+        })
+        .collect();
+    let uses = |hook: Hook| decisions.iter().flatten().any(|d| d.hook == hook);
+    let tc_used = want.attach == AttachChoice::Tc || uses(Hook::Tc);
     for f in Feature::ALL {
         let needed = match f {
             // Where TCX is missing, `--attach tc` takes the clsact path instead.
             Feature::Tcx => false,
             Feature::Clsact => tc_used && tcx == Some(false),
-            Feature::XdpLink => want.attach != AttachChoice::Tc,
+            Feature::XdpLink => want.attach == AttachChoice::Xdp || uses(Hook::Xdp),
             // Policy reset's refusal: the sk_lookup program refuses the listener lookup so
             // the kernel's TCP answers with the RST, whichever hook (XDP or TC) let it pass.
             Feature::SkLookup => want.policy == Policy::Reset,
@@ -340,7 +361,7 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
     }
 
     let mut interfaces = Vec::new();
-    for i in &p.ifaces {
+    for (i, decision) in p.ifaces.iter().zip(&decisions) {
         let tc_note = if tcx == Some(false) {
             format!(
                 "clsact ingress (no TCX): drain's cls_bpf filter at pref {}, first",
@@ -349,9 +370,9 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
         } else {
             "TCX ingress, first in the chain".to_string()
         };
-        let (attach, note) = match (want.attach, &i.xdp_other) {
-            (AttachChoice::Tc, _) => (Some("tc"), tc_note),
-            (AttachChoice::Xdp, Some(other)) => {
+        let (attach, note) = match (decision, &i.xdp_other) {
+            (None, other) => {
+                let other = other.clone().unwrap_or_default();
                 problems.push(format!(
                     "another XDP program ({other}) holds {}: drain will not replace it; use \
                      --attach tc (or auto)",
@@ -359,13 +380,15 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
                 ));
                 (None, format!("XDP hook taken by {other}"))
             }
-            (AttachChoice::Auto, Some(other)) => (
+            (Some(d), Some(other)) if d.hook == Hook::Tc => (
                 Some("tc"),
                 format!("XDP hook taken by {other}: TC instead, {tc_note}"),
             ),
-            (_, None) => (
+            (Some(d), _) if d.hook == Hook::Tc => (Some("tc"), tc_note),
+            (Some(d), _) => (
                 Some("xdp"),
                 match i.xdp_native {
+                    _ if d.native_only() => "native XDP".into(),
                     Some(true) => "native XDP".into(),
                     Some(false) => "generic XDP (the driver has no native XDP)".into(),
                     None => "XDP (native if the driver has it, else generic)".into(),
@@ -382,6 +405,7 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
         interfaces.push(IfaceReport {
             probe: i.clone(),
             attach,
+            reason: decision.as_ref().map(crate::gate::reason),
             note,
         });
     }
@@ -425,6 +449,7 @@ mod tests {
                 name: "eth0".into(),
                 ifindex: 2,
                 xdp_native: Some(true),
+                device: Some(Device::Physical("ixgbe".into())),
                 ..Default::default()
             }],
         }
@@ -449,6 +474,45 @@ mod tests {
         assert!(r.ok, "{r:?}");
         assert_eq!(r.interfaces[0].attach, Some("xdp"));
         assert!(r.checks.iter().all(|c| c.status == "ok"), "{r:?}");
+    }
+
+    /// auto, the default, as `gate on` decides it: native XDP on a NIC that has it, TC on a
+    /// veth (XDP link not needed then; on a kernel without TCX, clsact is).
+    #[test]
+    fn auto_reports_each_interface_s_hook_and_why() {
+        let r = decide(&host(), &want(AttachChoice::Auto));
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.interfaces[0].attach, Some("xdp"));
+        assert_eq!(
+            r.interfaces[0].reason.as_deref(),
+            Some("auto: physical device (driver ixgbe) with native XDP")
+        );
+        let mut p = host();
+        p.ifaces[0].device = Some(Device::Virtual("veth".into()));
+        let r = decide(&p, &want(AttachChoice::Auto));
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.interfaces[0].attach, Some("tc"));
+        assert_eq!(
+            r.interfaces[0].reason.as_deref(),
+            Some("auto: virtual device (veth): TC keeps the peer's TSO")
+        );
+        let needed = |r: &Report, name: &str| {
+            r.checks
+                .iter()
+                .find(|c| c.name.starts_with(name))
+                .unwrap()
+                .needed
+        };
+        assert!(!needed(&r, "bpf_link for XDP"), "{r:?}");
+        let old = with(p, Feature::Tcx, Some(false));
+        let r = decide(&old, &want(AttachChoice::Auto));
+        assert!(needed(&r, "clsact"), "{r:?}");
+        assert!(r.interfaces[0].note.contains("clsact"), "{r:?}");
+        assert!(!needed(&r, "bpf_link for XDP"), "{r:?}");
+        // --attach xdp keeps XDP whatever the device, and says so.
+        let r = decide(&old, &want(AttachChoice::Xdp));
+        assert_eq!(r.interfaces[0].attach, Some("xdp"));
+        assert_eq!(r.interfaces[0].reason.as_deref(), Some("--attach xdp"));
     }
 
     #[test]

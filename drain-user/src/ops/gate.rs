@@ -34,12 +34,16 @@ use drain_common::{
 use ipnet::IpNet;
 
 use crate::{
-    btf, clsact,
-    domain::{usage, AttachChoice, Policy},
+    btf, choices, clsact,
+    domain::{
+        attach::{self, Decision},
+        usage, AttachChoice, Policy,
+    },
     errln,
     iface::{self, Iface},
     limits,
     links::{self, Attachment, LinkState},
+    netlink,
     netns::{self, NetnsId, StateDir},
     object,
     pins::{self, Hook, LinkPin},
@@ -108,6 +112,9 @@ pub fn on(args: &OnArgs, targets: &[Iface]) -> Result<Vec<String>> {
                     Made::Clsact(rec) => {
                         let _ = Attachment::Clsact(*rec).remove(&dir);
                     }
+                    Made::Choice(ifindex) => {
+                        let _ = choices::forget(&dir, *ifindex);
+                    }
                 }
             }
         }
@@ -121,6 +128,8 @@ enum Made {
     Pin(PathBuf),
     /// A clsact filter (and maybe its qdisc), recorded in the gate's record map.
     Clsact(clsact::Record),
+    /// The record of an interface's attach decision ([`choices`]).
+    Choice(u32),
 }
 
 /// Removes the state namespaces and `wait`s left behind ([`netns::orphans`]). Call with
@@ -257,6 +266,7 @@ fn on_locked(
     }
     // Whether TC goes through TCX or clsact: asked once, when a TC attachment is made.
     let mut tcx: Option<bool> = None;
+    let mut native = NativeXdp::default();
     let mut report = Vec::new();
     // Interfaces enslaved to another (bridge or bond ports) first: the kernel refuses XDP
     // on a device whose upper device already has an XDP program (dev_xdp_attach), not the
@@ -272,7 +282,8 @@ fn on_locked(
             ));
             continue;
         }
-        let hook = hook_for(args.attach, iface)?;
+        let decision = decision_for(args.attach, iface, &mut native)?;
+        let hook = decision.hook;
         let classic = hook == Hook::Tc
             && !match tcx {
                 Some(t) => t,
@@ -285,7 +296,7 @@ fn on_locked(
         } else {
             let pin = LinkPin::Iface(hook, iface.index).path(dir);
             let link = match hook {
-                Hook::Xdp => attach_xdp(bpf.get()?, iface)?,
+                Hook::Xdp => attach_xdp(bpf.get()?, iface, decision.native_only())?,
                 Hook::Tc => attach_tc(bpf.get()?, iface)?,
             };
             link.pin(&pin)
@@ -293,13 +304,19 @@ fn on_locked(
             created.push(Made::Pin(pin));
             describe(hook, iface.index)
         };
+        choices::save(dir, iface.index, &decision)?;
+        created.push(Made::Choice(iface.index));
         let was = repaired
             .iter()
             .find(|(i, _, _)| *i == iface.index)
             .map_or(String::new(), |(_, what, s)| {
                 format!(", re-attached: the old {what} was {}", s.as_str())
             });
-        report.push(format!("{} ({how}{was})", iface.name));
+        report.push(format!(
+            "{} ({how}{was}; {})",
+            iface.name,
+            reason(&decision)
+        ));
     }
     // Ports, allowlists, then the single config write that turns the gate on; all of it,
     // or (on a failed map write) the previous gate restored.
@@ -336,20 +353,57 @@ pub fn config_for(args: &OnArgs, old: &GateConfig, now: u64) -> GateConfig {
     args.announce.apply(cfg, old, now)
 }
 
-/// The hook `gate on` attaches `iface` with, when it is not attached yet (`gate on
-/// --dry-run` asks the same).
-pub fn hook_for(attach: AttachChoice, iface: &Iface) -> Result<Hook> {
-    Ok(match (attach, iface.xdp) {
-        (AttachChoice::Tc, _) => Hook::Tc,
-        (AttachChoice::Auto, Some(_)) => Hook::Tc,
-        (AttachChoice::Xdp | AttachChoice::Auto, None) => Hook::Xdp,
-        (AttachChoice::Xdp, Some((id, _))) => bail!(
-            "another XDP program ({}) is attached to {}: drain does not replace it; \
-             rerun with --attach tc (or --attach auto) to gate at TC ingress beside it",
-            iface::program_name(id),
-            iface.name
-        ),
-    })
+/// The hook `gate on` attaches `iface` with, and why, when it is not attached yet (`gate
+/// on --dry-run` asks the same): [`attach::decide`] on what the kernel says of the device.
+/// Fails for `--attach xdp` where another XDP program holds the hook.
+pub fn decision_for(
+    attach: AttachChoice,
+    iface: &Iface,
+    native: &mut NativeXdp,
+) -> Result<Decision> {
+    let device = iface.device();
+    // The netdev family is asked only when its answer decides: auto on a physical device.
+    let native_xdp = match (&device, attach, iface.xdp) {
+        (attach::Device::Physical(_), AttachChoice::Auto, None) => native.of(iface.index),
+        _ => None,
+    };
+    match attach::decide(attach, device, native_xdp, iface.xdp.is_some()) {
+        Some(d) => Ok(d),
+        None => {
+            let id = iface.xdp.map_or(0, |(id, _)| id);
+            bail!(
+                "another XDP program ({}) is attached to {}: drain does not replace it; \
+                 rerun with --attach tc (or --attach auto) to gate at TC ingress beside it",
+                iface::program_name(id),
+                iface.name
+            )
+        }
+    }
+}
+
+/// A decision's reason as `gate on` and its plan print it: "auto: ..." for auto's own.
+pub fn reason(d: &Decision) -> String {
+    match d.reason {
+        attach::Reason::Asked => d.to_string(),
+        _ => format!("auto: {d}"),
+    }
+}
+
+/// The kernel's native-XDP flag per interface (the netdev family's xdp-features, Linux
+/// 6.3), read once per command, on first use.
+#[derive(Default)]
+pub struct NativeXdp(Option<Option<Vec<(u32, bool)>>>);
+
+impl NativeXdp {
+    /// Whether the driver of `ifindex` has native XDP; None where the kernel does not say.
+    pub fn of(&mut self, ifindex: u32) -> Option<bool> {
+        self.0
+            .get_or_insert_with(netlink::xdp_features)
+            .as_ref()?
+            .iter()
+            .find(|(i, _)| *i == ifindex)
+            .map(|(_, native)| *native)
+    }
 }
 
 /// drain's eBPF object, loaded on first use.
@@ -397,12 +451,19 @@ macro_rules! loaded {
     }};
 }
 
-fn attach_xdp(bpf: &mut Ebpf, iface: &Iface) -> Result<FdLink> {
+fn attach_xdp(bpf: &mut Ebpf, iface: &Iface, native_only: bool) -> Result<FdLink> {
     let prog = loaded!(bpf, Xdp, prog::XDP, "XDP");
-    // Flags 0: the kernel picks native mode where the driver has it, generic elsewhere (lo).
+    // `--attach xdp`: flags 0, the kernel picks native mode where the driver has it,
+    // generic elsewhere (lo), and status says which. auto chose XDP for the driver's native
+    // mode: XDP_FLAGS_DRV_MODE, so the kernel refuses rather than fall back to generic.
+    let (mode, what) = if native_only {
+        (AyaXdpMode::Driver, "native XDP")
+    } else {
+        (AyaXdpMode::Default, "XDP")
+    };
     let id = prog
-        .attach_to_if_index(iface.index, AyaXdpMode::Default)
-        .with_context(|| format!("attaching XDP to {}", iface.name))?;
+        .attach_to_if_index(iface.index, mode)
+        .with_context(|| format!("attaching {what} to {}", iface.name))?;
     let link = prog.take_link(id)?;
     // A netlink attach (kernels without XDP bpf_link) cannot be pinned: it would vanish with
     // this process. Refuse it rather than pretend the gate persists.

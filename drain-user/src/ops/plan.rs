@@ -1,7 +1,7 @@
 //! `gate on --dry-run` and `gate off --dry-run`: what the command would change. The actual
 //! gate is the one `status` reads ([`status::collect`]); the wanted one is what `gate on`
 //! would make of its arguments, by the same functions ([`gate::config_for`],
-//! [`gate::hook_for`]). Nothing is written: no bpffs mount, no lock, no pins, links or maps.
+//! [`gate::decision_for`]). Nothing is written: no bpffs mount, no lock, no pins, links or maps.
 
 use std::collections::BTreeSet;
 
@@ -58,21 +58,22 @@ fn gate_value(st: &Status) -> &'static str {
     }
 }
 
-/// The gate's interfaces that the kernel says are attached here, by name.
-fn attached(st: &Status) -> Vec<(String, u32, Value)> {
+/// The gate's interfaces that the kernel says are attached here, by name: (name, ifindex,
+/// hook, reason).
+fn attached(st: &Status) -> Vec<(String, u32, Value, Value)> {
     let mut out: Vec<_> = st
         .interfaces()
         .iter()
         .filter(|i| i.state == LinkState::Attached)
-        .map(|i| (i.name.clone(), i.ifindex, json!(i.attach)))
+        .map(|i| (i.name.clone(), i.ifindex, json!(i.attach), json!(i.why())))
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
 
-fn ifaces_value(list: &[(String, u32, Value)]) -> Value {
+fn ifaces_value(list: &[(String, u32, Value, Value)]) -> Value {
     list.iter()
-        .map(|(name, _, hook)| json!({"name": name, "attach": hook}))
+        .map(|(name, _, hook, why)| json!({"name": name, "attach": hook, "reason": why}))
         .collect()
 }
 
@@ -138,10 +139,16 @@ pub fn on(args: &OnArgs, targets: &[Iface], st: Status) -> Result<Plan> {
     );
     let before = attached(&st);
     let mut after = before.clone();
+    let mut native = gate::NativeXdp::default();
     for iface in targets {
-        if !before.iter().any(|(_, index, _)| *index == iface.index) {
-            let hook = gate::hook_for(args.attach, iface)?;
-            after.push((iface.name.clone(), iface.index, json!(hook)));
+        if !before.iter().any(|(_, index, _, _)| *index == iface.index) {
+            let d = gate::decision_for(args.attach, iface, &mut native)?;
+            after.push((
+                iface.name.clone(),
+                iface.index,
+                json!(d.hook),
+                json!(gate::reason(&d)),
+            ));
         }
     }
     after.sort_by(|a, b| a.0.cmp(&b.0));
@@ -209,7 +216,7 @@ pub fn off(st: Status) -> Plan {
         let ifaces: Vec<Value> = st
             .interfaces()
             .iter()
-            .map(|i| json!({"name": i.name, "attach": i.attach}))
+            .map(|i| json!({"name": i.name, "attach": i.attach, "reason": i.why()}))
             .collect();
         push(&mut d, "interfaces", json!(ifaces), json!([]));
     }

@@ -1,6 +1,8 @@
 //! `status`: what the gate of this network namespace is doing, collected into [`Status`]
 //! (`status --json` serializes it; `present/status.rs` prints its text).
 
+use std::path::Path;
+
 use anyhow::Result;
 use aya::programs::{SchedClassifier, TcAttachType};
 use drain_common::{prog, PortStats, TrackStats, GATE_ON};
@@ -8,8 +10,8 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
-    clsact,
-    domain::Policy,
+    choices, clsact,
+    domain::{AttachChoice, Policy},
     gate,
     iface::{self, Iface, XdpMode},
     links::{self, LinkState, TcMode},
@@ -180,6 +182,24 @@ pub struct IfaceStatus {
     /// "xdp: NAME, id N", "tcx ingress: NAME, id N" or "clsact ingress: NAME, id N (bpf,
     /// pref P handle H)" / "clsact ingress: KIND filter (pref P)".
     pub others: Vec<String>,
+    /// What `gate on --attach` asked for when it attached this interface: "auto", "xdp"
+    /// or "tc"; null when the gate has no record of it (made by an older drain).
+    pub requested: Option<AttachChoice>,
+    /// Why the interface got its hook, in one phrase, as `gate on` decided it (auto: "virtual
+    /// device (veth): TC keeps the peer's TSO"; otherwise "--attach xdp"); null with no
+    /// record, or a record of another hook than the one the kernel has.
+    pub reason: Option<String>,
+}
+
+impl IfaceStatus {
+    /// The reason as `gate on` prints it: "auto: ..." for auto's choices.
+    pub fn why(&self) -> Option<String> {
+        let reason = self.reason.as_ref()?;
+        Some(match self.requested {
+            Some(AttachChoice::Auto) => format!("auto: {reason}"),
+            _ => reason.clone(),
+        })
+    }
 }
 
 pub fn collect() -> Result<Status> {
@@ -229,7 +249,7 @@ pub fn collect() -> Result<Status> {
     // Read once, for the gate's interfaces, the ungated ones and the stray programs.
     let attachments = links::attachments(&dir)?;
     let seen = Seen::read(&all);
-    let (interfaces, ours) = interfaces(&attachments, &all, &seen, st.policy);
+    let (interfaces, ours) = interfaces(&dir, &attachments, &all, &seen, st.policy);
     st.interfaces = interfaces;
     st.sk_lookup = links::lookup_attached(&LinkPin::Lookup.path(&dir));
     st.ungated = gate::ungated_among(&all, &attachments)
@@ -428,7 +448,8 @@ impl Seen {
         };
         for i in all {
             if let Ok((_, progs)) = SchedClassifier::query_tcx(&i.name, TcAttachType::Ingress) {
-                seen.tcx.push((i.index, progs.iter().map(|p| p.id()).collect()));
+                seen.tcx
+                    .push((i.index, progs.iter().map(|p| p.id()).collect()));
             }
             if qdiscs.iter().any(|(q, _)| *q == i.index) {
                 seen.clsact.push((
@@ -457,6 +478,7 @@ impl Seen {
 
 /// The interfaces the gate has links for, and the ids of the programs those links run.
 fn interfaces(
+    dir: &Path,
     attachments: &[links::Attachment],
     all: &[Iface],
     tc: &Seen,
@@ -464,6 +486,7 @@ fn interfaces(
 ) -> (Vec<IfaceStatus>, Vec<u32>) {
     let mut out = Vec::new();
     let mut ours_all = Vec::new();
+    let decided = choices::records(dir).unwrap_or_default();
     for a in attachments {
         let seen = a.inspect(all);
         let ours = seen.prog_id;
@@ -493,6 +516,12 @@ fn interfaces(
             }
         }
         let hook = a.hook();
+        // The record says why; the hook is the kernel's (the pin's): a record of another hook
+        // explains nothing here.
+        let decision = decided
+            .iter()
+            .find(|(i, d)| *i == ifindex && d.hook == hook)
+            .map(|(_, d)| d);
         out.push(IfaceStatus {
             name,
             ifindex,
@@ -506,6 +535,8 @@ fn interfaces(
             tc_mode: a.tc_mode(),
             refusal: policy,
             others,
+            requested: decision.map(|d| d.asked),
+            reason: decision.map(|d| d.to_string()),
         });
     }
     (out, ours_all)
@@ -561,6 +592,8 @@ mod tests {
                 tc_mode: None,
                 refusal: Policy::Reset,
                 others: vec![],
+                requested: Some(AttachChoice::Auto),
+                reason: Some("physical device (driver ixgbe) with native XDP".into()),
             }],
             ungated: vec![Ungated {
                 name: "veth9".into(),
@@ -612,7 +645,8 @@ mod tests {
                 r#"{"gate":"on","policy":"reset","sk_lookup":true,"expired":false,"#,
                 r#""ttl_remaining_ms":598123,"#,
                 r#""interfaces":[{"name":"eth0","ifindex":2,"attach":"xdp","state":"attached","#,
-                r#""mode":"native","tc_mode":null,"refusal":"reset","others":[]}],"#,
+                r#""mode":"native","tc_mode":null,"refusal":"reset","others":[],"requested":"auto","#,
+                r#""reason":"physical device (driver ixgbe) with native XDP"}],"#,
                 r#""ungated":[{"name":"veth9","ifindex":9}],"#,
                 r#""ports":[{"port":80,"live_connections":12,"live_connections_exact":false,"#,
                 r#""counted_in":[{"where":"local","port":80},"#,

@@ -66,9 +66,12 @@ pub fn human(r: &check::Report) -> String {
             extra.push(format!("tcx ingress: {}", i.probe.tcx_others.join("; ")));
         }
         s.push_str(&format!(
-            "  {:<16} {:<4} {}{}\n",
+            "  {:<16} {:<4} {}{}{}\n",
             i.probe.name,
             i.attach.unwrap_or("-"),
+            i.reason
+                .as_ref()
+                .map_or(String::new(), |why| format!("{why}; ")),
             i.note,
             extra.iter().map(|e| format!("; {e}")).collect::<String>()
         ));

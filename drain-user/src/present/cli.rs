@@ -107,7 +107,7 @@ pub enum Command {
     /// here, 1 with the first blocking problem and what to do. Runs without privileges too
     /// (and then says they are missing).
     ///
-    /// Example: drain-user check --port 80,443 --attach xdp --json
+    /// Example: drain-user check --port 80,443 --json
     Check {
         /// Ports the gate would hold (repeatable or comma-separated; at most 64).
         #[arg(long = "port", short = 'p', value_delimiter = ',',
@@ -265,9 +265,12 @@ pub struct Placement {
     /// Interface to gate (repeatable). Default: every interface that is up, lo included.
     #[arg(long = "iface", short = 'i')]
     pub ifaces: Vec<String>,
-    /// Hook: xdp (fastest; refuses if another XDP program holds the interface), tc
-    /// (TCX ingress, alongside other programs), auto (xdp where free, tc elsewhere).
-    #[arg(long, value_enum, default_value_t = AttachArg::Xdp)]
+    /// Hook: auto (the default: per device, TC on virtual devices such as veth, bridge and
+    /// lo, native XDP on a NIC whose driver has it, TC otherwise and where another XDP program
+    /// holds the hook; `status` says which and why), xdp (native where the driver has it,
+    /// generic elsewhere; refuses if another XDP program holds the interface), tc (TCX
+    /// ingress, first, alongside other programs; the clsact qdisc on kernels without TCX).
+    #[arg(long, value_enum, default_value_t = AttachArg::Auto)]
     pub attach: AttachArg,
 }
 
@@ -348,9 +351,11 @@ pub enum AttachArg {
     /// XDP (native where the driver supports it, generic otherwise); refuse interfaces
     /// where another XDP program is attached.
     Xdp,
-    /// TC ingress via TCX (kernel >= 6.6): runs first, alongside other TC programs.
+    /// TC ingress: TCX (kernel >= 6.6), first, alongside other TC programs; the clsact
+    /// qdisc's filter on kernels without TCX.
     Tc,
-    /// XDP where the XDP hook is free, TC where another XDP program holds it.
+    /// Per device: TC on virtual devices, native XDP on a physical device whose driver has
+    /// it, TC otherwise and where another XDP program holds the hook.
     Auto,
 }
 
@@ -556,7 +561,7 @@ mod tests {
         };
         assert_eq!(ports, [80, 443, 8080]);
         assert_eq!(ttl, Ttl(Some(Duration::from_secs(600))));
-        assert_eq!(attach, AttachArg::Xdp);
+        assert_eq!(attach, AttachArg::Auto);
         assert_eq!(policy, PolicyArg::Drop);
         assert_eq!(rst_rate, 1000);
     }

@@ -97,6 +97,9 @@ fn write_human(s: &mut String, st: &Status) -> std::fmt::Result {
         if i.state != LinkState::Attached {
             write!(s, " ({}: gates nothing here)", i.state.as_str())?;
         }
+        if let Some(why) = i.why() {
+            write!(s, " ({why})")?;
+        }
         if !i.others.is_empty() {
             write!(s, "   also attached: {}", i.others.join("; "))?;
         }

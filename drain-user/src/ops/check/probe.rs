@@ -107,6 +107,7 @@ fn iface_probe(i: &Iface, native: &Option<Vec<(u32, bool)>>) -> IfaceProbe {
             .map(|n| n.iter().any(|(idx, basic)| *idx == i.index && *basic)),
         xdp_other,
         tcx_others,
+        device: Some(i.device()),
     }
 }
 

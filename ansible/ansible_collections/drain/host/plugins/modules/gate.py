@@ -62,10 +62,13 @@ options:
     elements: str
     default: []
   attach:
-    description: C(--attach) for V(closed). Hook for interfaces not attached yet.
+    description:
+      - C(--attach) for V(closed). Hook for interfaces not attached yet.
+      - Unset, the module passes no C(--attach) and drain-user's own default applies (V(auto), which takes TC on
+        virtual devices and native XDP on a NIC whose driver has it); the status says per interface which hook
+        and why (each interface's C(reason) in RV(status)).
     type: str
     choices: [xdp, tc, auto]
-    default: xdp
   timeout:
     description: C(--timeout) for V(drained) and V(idle); V(none) waits without a deadline.
     type: str
@@ -238,7 +241,9 @@ class DrainUser:
 
 def gate_on_args(p):
     args = ["gate", "on", "--port", ",".join(str(x) for x in p["ports"] or []), "--ttl", p["ttl"],
-            "--policy", p["policy"], "--rst-rate", str(p["rst_rate"]), "--attach", p["attach"]]
+            "--policy", p["policy"], "--rst-rate", str(p["rst_rate"])]
+    if p["attach"] is not None:
+        args += ["--attach", p["attach"]]
     if p["announce"] is not None:
         args += ["--announce", p["announce"], "--quiet", p["quiet"]]
     if p["maint"]:
@@ -260,7 +265,9 @@ def change(module, cli, args):
     if module.check_mode:
         if args[1] == "on":
             p = module.params
-            check = ["check", "--json", "--port", args[3], "--attach", p["attach"], "--policy", p["policy"]]
+            check = ["check", "--json", "--port", args[3], "--policy", p["policy"]]
+            if p["attach"] is not None:
+                check += ["--attach", p["attach"]]
             for name in p["interfaces"]:
                 check += ["--iface", name]
             ret["preflight"] = cli.json(check, ok=(0, 1))
@@ -320,7 +327,7 @@ def main():
             rst_rate=dict(type="int", default=1000),
             allow=dict(type="list", elements="str", default=[]),
             interfaces=dict(type="list", elements="str", default=[]),
-            attach=dict(type="str", choices=["xdp", "tc", "auto"], default="xdp"),
+            attach=dict(type="str", choices=["xdp", "tc", "auto"]),
             timeout=dict(type="str", default="5m"),
             idle=dict(type="str"),
             announce=dict(type="str"),

@@ -91,6 +91,12 @@ def test_close_applies_and_returns_the_status_after(monkeypatch):
     assert r["previous_status"]["gate"] == "off"
     assert r["status"]["gate"] == "on" and r["status"]["ttl_ms"] == 120000
     assert fake.changing_calls() == [CALLS["gate_on"]["args"]]
+    # No attach option: no --attach, so drain-user's own default (auto) decides, and the status
+    # says which hook it chose on each interface and why.
+    assert "--attach" not in CALLS["gate_on"]["args"]
+    lo = r["status"]["interfaces"][0]
+    assert (lo["attach"], lo["requested"]) == ("tc", "auto")
+    assert lo["reason"].startswith("virtual device (loopback)")
 
 
 def test_the_same_settings_renew_the_ttl_without_a_change(monkeypatch):
@@ -164,7 +170,9 @@ def test_wait_timeout_fails_listing_the_leftovers(monkeypatch):
     assert (r["wait_result"], r["live"], r["changed"], r["rc"]) == ("timeout", 1, False, 3)
     assert len(r["leftovers"]) == 1 and r["leftovers"][0]["state"] == "ESTABLISHED"
     assert r["msg"].startswith("timed out after 1s with 1 live connection(s): 127.0.0.1:")
-    assert r["waited"] == 1.004
+    # What drain-user measured, in seconds (the recording's own figure, not a constant).
+    last = json.loads(CALLS["wait_timeout"]["stdout"].splitlines()[-1])
+    assert r["waited"] == last["elapsed_ms"] / 1000.0 and r["waited"] >= 1.0
 
 
 def test_wait_idle(monkeypatch):
