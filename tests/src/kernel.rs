@@ -35,6 +35,55 @@ impl Feature {
     }
 }
 
+/// Whether the running kernel charges BPF maps to RLIMIT_MEMLOCK (kernels before 5.11 do;
+/// later ones charge the memory cgroup), found by trying, not from the version: a child
+/// process lowers its memlock limit to 0 and creates a one-entry array map, which fails
+/// with EPERM only where maps are charged to the limit. Needs root (CAP_BPF).
+pub fn maps_charged_to_memlock() -> bool {
+    // SAFETY: the child makes raw system calls only (no allocation, no lock: the test
+    // process has other threads) and ends with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+    if pid == 0 {
+        let zero = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // union bpf_attr for BPF_MAP_CREATE: map_type ARRAY (2), key 4, value 8, 1 entry.
+        let attr: [u32; 32] = {
+            let mut a = [0u32; 32];
+            a[0] = 2;
+            a[1] = 4;
+            a[2] = 8;
+            a[3] = 1;
+            a
+        };
+        // SAFETY: a valid rlimit, then bpf(BPF_MAP_CREATE) with an attr of the size given.
+        let code = unsafe {
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &zero) != 0 {
+                3
+            } else if libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), 128) >= 0 {
+                0
+            } else if *libc::__errno_location() == libc::EPERM {
+                1
+            } else {
+                2
+            }
+        };
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child made above.
+    let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(rc, pid, "waitpid: {}", io::Error::last_os_error());
+    match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
+        (true, 0) => false,
+        (true, 1) => true,
+        other => panic!("the memlock probe (a map under a limit of 0) ended with {other:?}"),
+    }
+}
+
 /// The environment variable the guest runner of `cargo xtask vmtest` sets.
 pub const MISSING_FEATURE_ENV: &str = "DRAIN_TEST_MISSING_FEATURE";
 

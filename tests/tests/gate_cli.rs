@@ -1023,6 +1023,136 @@ fn clsact_filters_are_judged_by_the_kernel_and_repaired() {
     assert_open(&pair, &pair.b, &gated);
 }
 
+/// The classic path never clobbers what another tool put where drain's filter would go:
+/// (a) a filter of another kind at priority 1 of the clsact ingress (u32, for every
+/// protocol and for IPv4 only), which drain's cannot share and must not run after; (b) a
+/// plain `ingress` qdisc, which the clsact qdisc cannot coexist with. Each `gate on` is
+/// refused with one line naming the interface, what is there and the fix, before anything
+/// changes: no state, their filters and qdisc as they were, the port still open, and a gate
+/// that exists (on lo) untouched. Done as each line says (theirs moved to pref 2, the
+/// ingress qdisc replaced by clsact), the gate works: the negative runs.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn clsact_refuses_to_clobber_a_foreign_filter_or_ingress_qdisc() {
+    let pair = NetNsPair::new();
+    let drain = Drain::classic(&pair, &pair.a);
+    let veth = pair.veth_a.as_str();
+    let gated = [sa(pair.a_v4, P)];
+    let _server = EchoServer::start(&pair, &pair.a, gated[0]);
+    let port = P.to_string();
+    let on_veth = || {
+        drain.run(&[
+            "gate", "on", "--port", &port, "--attach", "tc", "--iface", veth,
+        ])
+    };
+    let tc = |args: &[&str]| drain.sh("tc", args);
+    let filters = || tc(&["filter", "show", "dev", veth, "ingress"]);
+    let u32_at = |parent: &str, pref: &str, proto: &str| {
+        tc(&[
+            "filter", "add", "dev", veth, "parent", parent, "pref", pref, "protocol", proto, "u32",
+            "match", "u32", "0", "0", "classid", "1:1",
+        ]);
+    };
+    #[track_caller]
+    fn refused(drain: &Drain, out: &CliOutput, words: &[&str]) {
+        out.expect_code(1);
+        assert_eq!(out.stderr_lines().len(), 1, "one line: {out}");
+        for w in words {
+            assert!(out.stderr.contains(w), "names {w:?}: {out}");
+        }
+        assert!(
+            !drain.state_dir().exists(),
+            "a refused gate on left state: {out}"
+        );
+    }
+
+    // (a) Their u32 filter at priority 1 of the clsact ingress.
+    tc(&["qdisc", "add", "dev", veth, "clsact"]);
+    for proto in ["all", "ip"] {
+        u32_at("ffff:fff2", "1", proto);
+        let before = filters();
+        refused(
+            &drain,
+            &on_veth(),
+            &[
+                veth,
+                "priority 1",
+                "u32 filter",
+                "another priority",
+                "--attach xdp",
+            ],
+        );
+        assert_eq!(filters(), before, "their filter was touched");
+        assert_open(&pair, &pair.b, &gated);
+        tc(&["filter", "del", "dev", veth, "ingress", "pref", "1"]);
+    }
+    // Moved to priority 2, as the line says: drain's goes first, theirs stays after it.
+    u32_at("ffff:fff2", "2", "all");
+    on_veth().expect_ok();
+    // (priority, kind) of each filter: u32 dumps its hash table and its key apart.
+    let slots = || {
+        let mut v: Vec<(u16, String)> = clsact_ingress(&pair, &pair.a, veth)
+            .into_iter()
+            .map(|f| (f.priority, f.kind))
+            .collect();
+        v.dedup();
+        v
+    };
+    assert_eq!(slots(), [(1, "bpf".into()), (2, "u32".into())]);
+    assert_gated(&pair, &pair.b, &gated);
+    drain.off();
+    assert_eq!(slots(), [(2, "u32".into())], "theirs stays");
+    tc(&["qdisc", "del", "dev", veth, "clsact"]);
+
+    // (b) A plain ingress qdisc with a filter of theirs, on the veth alone and beside a
+    // gate on lo.
+    tc(&["qdisc", "add", "dev", veth, "ingress"]);
+    u32_at("ffff:", "5", "all");
+    let before = filters();
+    let words = [
+        veth,
+        "plain ingress qdisc",
+        "clsact",
+        &format!("tc qdisc del dev {veth} ingress"),
+        "--attach xdp",
+    ];
+    refused(&drain, &on_veth(), &words);
+    drain.on(&["--port", &port, "--attach", "tc", "--iface", "lo"]);
+    let lo_before = clsact_ingress(&pair, &pair.a, "lo");
+    let out = drain.run(&[
+        "gate", "on", "--port", &port, "--attach", "tc", "--iface", "lo", "--iface", veth,
+    ]);
+    out.expect_code(1);
+    assert_eq!(out.stderr_lines().len(), 1, "one line: {out}");
+    assert!(out.stderr.contains("plain ingress qdisc"), "{out}");
+    assert_eq!(clsact_ingress(&pair, &pair.a, "lo"), lo_before);
+    let st = drain.status();
+    assert_eq!(st["interfaces"].as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(
+        iface_status(&st, "lo").unwrap()["state"],
+        "attached",
+        "{st}"
+    );
+    drain.off();
+    assert_eq!(
+        ingress_qdisc(&pair, &pair.a, veth).as_deref(),
+        Some("ingress")
+    );
+    assert_eq!(
+        filters(),
+        before,
+        "their ingress qdisc's filter was touched"
+    );
+    assert_open(&pair, &pair.b, &gated);
+    // Replaced by clsact, as the line says: the gate works.
+    tc(&["qdisc", "del", "dev", veth, "ingress"]);
+    tc(&["qdisc", "add", "dev", veth, "clsact"]);
+    on_veth().expect_ok();
+    assert_gated(&pair, &pair.b, &gated);
+    drain.off();
+    assert_open(&pair, &pair.b, &gated);
+}
+
 // ---------------------------------------------------------------------------------------
 // 9. Another tool's XDP program
 // ---------------------------------------------------------------------------------------

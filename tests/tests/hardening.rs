@@ -760,9 +760,10 @@ fn gate_on_needs_cap_perfmon_and_says_so() {
     assert!(out.stderr.contains("CAP_PERFMON"), "{out}");
     assert!(!drain.state_dir().exists());
     let mut with = caps("+bpf,+net_admin,+perfmon");
-    // Before 5.11 the kernel charges BPF maps to RLIMIT_MEMLOCK, which a process without
-    // CAP_SYS_RESOURCE cannot raise: with a small limit (the kernel matrix's guests have
-    // 64 KiB) the three capabilities are not enough, and drain-user must say why.
+    // Before 5.11 the kernel charges BPF maps to RLIMIT_MEMLOCK (probed: distributions
+    // backport), which a process without CAP_SYS_RESOURCE cannot raise: with a small limit
+    // (the kernel matrix's guests have 64 KiB) the three capabilities are not enough, and
+    // drain-user must say why.
     if memlock_charged() {
         let w: Vec<&str> = with.iter().map(String::as_str).collect();
         let out = drain.run_via(
@@ -789,20 +790,15 @@ fn gate_on_needs_cap_perfmon_and_says_so() {
     assert_eq!(drain.status()["gate"].str(), "on");
 }
 
-/// Whether this kernel charges BPF maps to RLIMIT_MEMLOCK (before 5.11) and this process's
-/// limit is finite.
+/// Whether this kernel charges BPF maps to RLIMIT_MEMLOCK (probed: kernels before 5.11 do)
+/// and this process's limit is finite.
 fn memlock_charged() -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut v = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let old = (v.next().unwrap_or(0), v.next().unwrap_or(0)) < (5, 11);
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: a valid out pointer.
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
-    old && rc == 0 && lim.rlim_cur != libc::RLIM_INFINITY
+    assert_eq!(rc, 0, "getrlimit(RLIMIT_MEMLOCK)");
+    drain_tests::kernel::maps_charged_to_memlock() && lim.rlim_cur != libc::RLIM_INFINITY
 }

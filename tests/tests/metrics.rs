@@ -146,13 +146,65 @@ fn assert_matches(f: &Families, st: &Json) {
         );
     }
     for i in st["interfaces"].arr() {
-        let mode = i["mode"].as_str().unwrap_or("");
         let l = [
             ("interface", i["name"].str()),
             ("attach", i["attach"].str()),
-            ("mode", mode),
+            ("mode", i["mode"].as_str().unwrap_or("")),
+            ("tc_mode", i["tc_mode"].as_str().unwrap_or("")),
         ];
         assert_eq!(sample(f, "drain_interface_attached", &l), 1.0);
+    }
+}
+
+/// `--attach tc`: the interface's sample carries the TC mode `status --json` reports,
+/// `tcx` (a TCX link) or `clsact` (drain's filter on the clsact qdisc, forced here with
+/// DRAIN_NO_TCX as on a kernel without TCX), and an XDP attachment's label is empty.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn prometheus_metrics_name_the_tc_mode() {
+    let pair = NetNsPair::new();
+    let tcx = Drain::new(&pair, &pair.a);
+    let classic = Drain::classic(&pair, &pair.a);
+    let mut runs = vec![(&classic, "tc", "clsact")];
+    if drain_tests::kernel::has(drain_tests::kernel::Feature::Tcx) {
+        runs.push((&tcx, "tc", "tcx"));
+    }
+    runs.push((&tcx, "xdp", ""));
+    for (drain, attach, tc_mode) in runs {
+        drain.on(&[
+            "--port",
+            "8080",
+            "--iface",
+            &pair.veth_a,
+            "--attach",
+            attach,
+        ]);
+        let st = drain.status();
+        assert_eq!(
+            st["interfaces"][0]["tc_mode"].as_str().unwrap_or(""),
+            tc_mode,
+            "{st}"
+        );
+        let f = parse(
+            &drain
+                .run(&["status", "--format", "prometheus"])
+                .expect_ok()
+                .stdout,
+        );
+        assert_matches(&f, &st);
+        let mode = if attach == "xdp" {
+            st["interfaces"][0]["mode"].str()
+        } else {
+            ""
+        };
+        let l = [
+            ("interface", pair.veth_a.as_str()),
+            ("attach", attach),
+            ("mode", mode),
+            ("tc_mode", tc_mode),
+        ];
+        assert_eq!(sample(&f, "drain_interface_attached", &l), 1.0, "{f:?}");
+        drain.off();
     }
 }
 

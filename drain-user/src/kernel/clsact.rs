@@ -319,7 +319,18 @@ pub fn attach(
     inherited: bool,
 ) -> Result<Record> {
     let need_qdisc = match ingress_qdisc(iface.index)? {
-        Some(kind) if kind == "clsact" || kind == "ingress" => false,
+        Some(kind) if kind == "clsact" => false,
+        // The kernel would take drain's filter on the ingress qdisc's block too, but then
+        // the gate would hang on another tool's qdisc of another kind, which that tool may
+        // replace or delete as its own (and `status` would call it clsact): refused, as
+        // a qdisc of any other kind is, before anything is changed.
+        Some(kind) if kind == "ingress" => bail!(
+            "{0} has a plain ingress qdisc, and drain's --attach tc on a kernel without TCX \
+             needs the clsact qdisc there, which cannot coexist with it: replace it (`tc \
+             qdisc del dev {0} ingress; tc qdisc add dev {0} clsact`, then re-add its filters \
+             with `tc filter add dev {0} ingress ...`), or use --attach xdp",
+            iface.name
+        ),
         Some(kind) => bail!(
             "{} has a {kind} qdisc at ingress, not clsact: drain cannot attach there; \
              use --attach xdp",

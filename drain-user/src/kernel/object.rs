@@ -48,11 +48,12 @@ fn memlock_hint(e: &anyhow::Error) -> Option<String> {
         return None;
     }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-    let mut v = release.trim().split(['.', '-']).map(|p| p.parse::<u32>());
-    let (Some(Ok(major)), Some(Ok(minor))) = (v.next(), v.next()) else {
-        return None;
-    };
-    if (major, minor) >= (5, 11) {
+    // Probed (a map under a limit of 0); where the probe cannot tell, the version does.
+    let charged = crate::sys::maps_charged_to_memlock().unwrap_or_else(|_| {
+        let mut v = release.trim().split(['.', '-']).map(|p| p.parse::<u32>());
+        matches!((v.next(), v.next()), (Some(Ok(major)), Some(Ok(minor))) if (major, minor) < (5, 11))
+    });
+    if !charged {
         return None;
     }
     let mut lim = libc::rlimit {

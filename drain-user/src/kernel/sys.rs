@@ -16,6 +16,7 @@ use anyhow::{anyhow, Context, Result};
 
 pub const BPF_OBJ_GET: u32 = 7;
 pub const BPF_LINK_DETACH: u32 = 34;
+pub const BPF_MAP_LOOKUP_BATCH: u32 = 24;
 
 /// Lifts RLIMIT_MEMLOCK (once per process), as aya does for its own calls: kernels before
 /// 5.11 charge BPF maps and programs to it (memcg accounting came in 5.11), and with a
@@ -32,6 +33,102 @@ pub fn raise_memlock() {
         // SAFETY: a valid rlimit; setrlimit has no other preconditions.
         let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     });
+}
+
+/// RLIMIT_MEMLOCK of this process as (soft, hard), in bytes; `libc::RLIM_INFINITY` is
+/// unlimited.
+pub fn memlock_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// Whether this kernel charges BPF maps to RLIMIT_MEMLOCK (kernels before 5.11 do; later
+/// ones charge the memory cgroup), found by trying: a child process with a memlock limit
+/// of 0 creates a one-entry array map, which fails with EPERM only where maps are charged
+/// to the limit. Needs the privilege to create maps (CAP_BPF or CAP_SYS_ADMIN): without it
+/// every map fails with EPERM and the answer means nothing.
+pub fn maps_charged_to_memlock() -> io::Result<bool> {
+    let code = in_child(|| {
+        let zero = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a valid rlimit; lowering a limit needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &zero) } != 0 {
+            return 3;
+        }
+        let mut attr = [0u64; 16];
+        attr[0] = BPF_MAP_TYPE_ARRAY | (4 << 32);
+        attr[1] = 8 | (1 << 32);
+        // bpf_once, not bpf: its retry would lift the limit under test.
+        match bpf_once(BPF_MAP_CREATE, &mut attr) {
+            Ok(_) => 0,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => 1,
+            Err(_) => 2,
+        }
+    })?;
+    match code {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(io::Error::other(format!(
+            "probing whether maps are charged to RLIMIT_MEMLOCK: the probe exited with {code}"
+        ))),
+    }
+}
+
+/// Whether this process may lift RLIMIT_MEMLOCK to unlimited, as drain-user does at the
+/// first EPERM ([`raise_memlock`], and aya for its own calls): tried in a child process,
+/// so this one keeps its limit.
+pub fn memlock_raisable() -> io::Result<bool> {
+    let code = in_child(|| {
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: a valid rlimit.
+        i32::from(unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0)
+    })?;
+    Ok(code == 0)
+}
+
+/// Runs `f` in a forked child and returns its exit code: a probe that changes a
+/// per-process setting (a resource limit) leaves this process's as it was. `f` must make
+/// raw system calls only (the child of a threaded process must not allocate or lock).
+fn in_child(f: impl FnOnce() -> i32) -> io::Result<i32> {
+    // SAFETY: the child runs only `f`, raw system calls, and _exit.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            let code = f();
+            // SAFETY: ends the child without running this process's exit handlers.
+            unsafe { libc::_exit(code) }
+        }
+        pid => {
+            let mut status = 0;
+            loop {
+                // SAFETY: waits for the child made above.
+                if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
+                    break;
+                }
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            if libc::WIFEXITED(status) {
+                Ok(libc::WEXITSTATUS(status))
+            } else {
+                Err(io::Error::other("a probe process died"))
+            }
+        }
+    }
 }
 
 /// bpf(cmd, attr) with a zero-padded `union bpf_attr` (128 bytes hold every command's form

@@ -110,6 +110,25 @@ pub struct Probe {
     pub caps: Caps,
     pub features: Vec<(Feature, Option<bool>, String)>,
     pub ifaces: Vec<IfaceProbe>,
+    pub memlock: Memlock,
+}
+
+/// RLIMIT_MEMLOCK, which kernels before 5.11 charge BPF maps and programs to: what `gate
+/// on` will meet.
+#[derive(Clone, Debug, Default)]
+pub struct Memlock {
+    /// This process's limit, (soft, hard) in bytes (`u64::MAX`: unlimited); `None` when
+    /// it could not be read.
+    pub limit: Option<(u64, u64)>,
+    /// Whether the kernel charges BPF maps to it, as probed (a map created under a limit
+    /// of 0); `None`: not probed (no privilege to create maps).
+    pub charged: Option<bool>,
+    /// Whether this process may lift it to unlimited, as `gate on` does at the first
+    /// EPERM (a hard limit of unlimited, or CAP_SYS_RESOURCE), as tried.
+    pub raisable: bool,
+    /// Where it is charged and cannot be raised: whether drain's maps and programs loaded
+    /// under it (the programs probe); `None` when that did not tell.
+    pub fits: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -284,6 +303,19 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
         _ => {}
     }
 
+    // Before the features: where it blocks, the programs probe fails too, for this reason.
+    let (memlock_ok, memlock_needed, memlock_detail) = memlock(p);
+    push(
+        "locked memory (RLIMIT_MEMLOCK)",
+        memlock_ok,
+        memlock_needed,
+        None,
+        memlock_detail.clone(),
+    );
+    if memlock_ok == Some(false) && kernel_ok && privileged {
+        problems.push(memlock_detail);
+    }
+
     let feature = |f: Feature| -> Option<bool> {
         p.features
             .iter()
@@ -418,6 +450,93 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
     }
 }
 
+/// The memlock row: (ok, needed, detail). Where it is missing, the detail is the problem
+/// line, fix included.
+fn memlock(p: &Probe) -> (Option<bool>, bool, String) {
+    let m = &p.memlock;
+    let kib = |b: u64| {
+        if b == libc::RLIM_INFINITY {
+            "unlimited".to_string()
+        } else {
+            format!("{} KiB", b / 1024)
+        }
+    };
+    // Not probed: the kernel version tells (memory-cgroup accounting came in 5.11).
+    let charged = m.charged.or_else(|| p.kernel.map(|k| k < (5, 11)));
+    let Some((soft, hard)) = m.limit else {
+        return (
+            None,
+            charged != Some(false),
+            "could not read RLIMIT_MEMLOCK".into(),
+        );
+    };
+    let how = if m.charged.is_some() {
+        "probed"
+    } else {
+        "from the kernel version"
+    };
+    match charged {
+        Some(false) => (
+            Some(true),
+            false,
+            format!(
+                "this kernel charges BPF memory to the memory cgroup, not to RLIMIT_MEMLOCK \
+                 ({}; {how})",
+                kib(soft)
+            ),
+        ),
+        None => (
+            None,
+            true,
+            "could not tell whether this kernel charges BPF maps to RLIMIT_MEMLOCK".into(),
+        ),
+        Some(true) if soft == libc::RLIM_INFINITY => (
+            Some(true),
+            true,
+            format!("unlimited (this kernel charges BPF maps to it; {how})"),
+        ),
+        Some(true) if m.raisable => (
+            Some(true),
+            true,
+            format!(
+                "{} (hard limit {}): this kernel charges BPF maps to it ({how}), and drain-user \
+                 raises it to unlimited when a map needs more",
+                kib(soft),
+                kib(hard)
+            ),
+        ),
+        Some(true) => {
+            let line = format!(
+                "this kernel charges BPF maps to RLIMIT_MEMLOCK ({how}), which is {} here \
+                 (hard limit {}) and cannot be raised without CAP_SYS_RESOURCE",
+                kib(soft),
+                kib(hard)
+            );
+            match m.fits {
+                Some(true) => (
+                    Some(true),
+                    true,
+                    format!("{line}; drain's maps and programs fit in it (loaded by this check)"),
+                ),
+                Some(false) => (
+                    Some(false),
+                    true,
+                    format!(
+                        "{line}, and drain's maps and programs do not fit: run drain-user with an \
+                         unlimited limit (`ulimit -l unlimited`; systemd: LimitMEMLOCK=infinity) \
+                         or give it CAP_SYS_RESOURCE"
+                    ),
+                ),
+                None => (
+                    None,
+                    true,
+                    format!("{line}; whether drain's maps fit was not probed"),
+                ),
+            }
+        }
+    }
+}
+
 /// "6.18.0-1-amd64" -> (6, 18).
 pub fn parse_release(release: &str) -> Option<Version> {
     let mut it = release.split(|c: char| !c.is_ascii_digit());
@@ -452,6 +571,12 @@ mod tests {
                 device: Some(Device::Physical("ixgbe".into())),
                 ..Default::default()
             }],
+            memlock: Memlock {
+                limit: Some((8 << 20, 8 << 20)),
+                charged: Some(false),
+                raisable: false,
+                fits: None,
+            },
         }
     }
 
@@ -684,5 +809,87 @@ mod tests {
         assert_eq!(parse_release("6.18.0-1-amd64"), Some((6, 18)));
         assert_eq!(parse_release("5.4.0"), Some((5, 4)));
         assert_eq!(parse_release("weird"), None);
+    }
+
+    fn memlock_row(r: &Report) -> &Item {
+        r.checks
+            .iter()
+            .find(|c| c.name.starts_with("locked memory"))
+            .expect("a memlock row")
+    }
+
+    /// 5.10 (maps charged to RLIMIT_MEMLOCK) with 64 KiB and a hard limit of 64 KiB.
+    fn old_small() -> Probe {
+        let mut p = host();
+        p.release = "5.10.0-46-cloud-amd64".into();
+        p.kernel = Some((5, 10));
+        p.memlock = Memlock {
+            limit: Some((64 << 10, 64 << 10)),
+            charged: Some(true),
+            raisable: false,
+            fits: Some(false),
+        };
+        p
+    }
+
+    #[test]
+    fn memlock_is_not_needed_where_the_memory_cgroup_is_charged() {
+        let r = decide(&host(), &want(AttachChoice::Auto));
+        let m = memlock_row(&r);
+        assert_eq!((m.status, m.needed), ("ok", false));
+        assert!(m.detail.contains("memory cgroup"), "{m:?}");
+        assert!(r.ok);
+    }
+
+    #[test]
+    fn a_small_memlock_that_cannot_be_raised_blocks_with_the_fix() {
+        let r = decide(&old_small(), &want(AttachChoice::Auto));
+        let m = memlock_row(&r);
+        assert_eq!((m.status, m.needed), ("missing", true));
+        assert!(!r.ok);
+        let problem = r.problem.unwrap();
+        for w in [
+            "RLIMIT_MEMLOCK",
+            "64 KiB",
+            "ulimit -l unlimited",
+            "CAP_SYS_RESOURCE",
+        ] {
+            assert!(problem.contains(w), "{w}: {problem}");
+        }
+        assert!(!problem.contains('\n'), "one line: {problem}");
+    }
+
+    #[test]
+    fn memlock_that_can_be_raised_or_fits_passes() {
+        let mut p = old_small();
+        p.memlock.raisable = true;
+        let r = decide(&p, &want(AttachChoice::Auto));
+        assert_eq!(memlock_row(&r).status, "ok");
+        assert!(memlock_row(&r).detail.contains("raises it"), "{r:?}");
+        assert!(r.ok, "{r:?}");
+        let mut p = old_small();
+        p.memlock.fits = Some(true);
+        let r = decide(&p, &want(AttachChoice::Auto));
+        assert_eq!(memlock_row(&r).status, "ok");
+        assert!(r.ok, "{r:?}");
+        let mut p = old_small();
+        p.memlock.limit = Some((libc::RLIM_INFINITY, libc::RLIM_INFINITY));
+        assert!(decide(&p, &want(AttachChoice::Auto)).ok);
+    }
+
+    #[test]
+    fn memlock_not_probed_is_judged_by_the_kernel_version() {
+        let mut p = old_small();
+        p.memlock.charged = None;
+        p.memlock.fits = None;
+        let r = decide(&p, &want(AttachChoice::Auto));
+        assert_eq!(memlock_row(&r).status, "unknown");
+        assert!(memlock_row(&r).needed);
+        let mut p = host();
+        p.memlock.charged = None;
+        assert_eq!(
+            memlock_row(&decide(&p, &want(AttachChoice::Auto))).status,
+            "ok"
+        );
     }
 }

@@ -581,11 +581,18 @@ fn configure_rst(bpf: &mut Ebpf, kernel: &btf::Kernel) -> Result<()> {
 /// The interfaces that are up and have no gate link: connections through them meet only
 /// the namespace-wide refusal (policy reset), or nothing at all (policy drop).
 pub fn ungated(dir: &Path) -> Result<Vec<Iface>> {
-    let attached = links::attachments(dir)?;
-    Ok(iface::interfaces()?
-        .into_iter()
+    Ok(ungated_among(
+        &iface::interfaces()?,
+        &links::attachments(dir)?,
+    ))
+}
+
+/// [`ungated`] from interfaces and attachments already read (`status` has both).
+pub fn ungated_among(all: &[Iface], attached: &[links::Attachment]) -> Vec<Iface> {
+    all.iter()
         .filter(|i| i.up && !attached.iter().any(|a| a.ifindex() == i.index))
-        .collect())
+        .cloned()
+        .collect()
 }
 
 /// The one-line warning `gate on` and `wait` print when interfaces are up but not gated

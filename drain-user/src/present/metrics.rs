@@ -82,15 +82,18 @@ pub fn prometheus(st: &Status) -> Result<String> {
             &mut out,
             "drain_interface_attached",
             "gauge",
-            "Interfaces the gate is attached to, with the hook and XDP mode.",
+            "Interfaces the gate is attached to, with the hook, the XDP mode (xdp) and the TC \
+             mode (tc: tcx, or clsact on kernels without TCX).",
         );
         for i in &ifaces {
             let _ = writeln!(
                 out,
-                "drain_interface_attached{{interface=\"{}\",attach=\"{}\",mode=\"{}\"}} 1",
+                "drain_interface_attached{{interface=\"{}\",attach=\"{}\",mode=\"{}\",\
+                 tc_mode=\"{}\"}} 1",
                 label(i["name"].as_str().unwrap_or("")),
                 label(i["attach"].as_str().unwrap_or("")),
-                label(i["mode"].as_str().unwrap_or(""))
+                label(i["mode"].as_str().unwrap_or("")),
+                label(i["tc_mode"].as_str().unwrap_or(""))
             );
         }
     }

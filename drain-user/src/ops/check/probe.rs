@@ -43,6 +43,12 @@ pub fn probe(names: &[String]) -> Result<Probe> {
     } else {
         Bpffs::Missing
     };
+    // First: the probes below may lift the limit (at an EPERM), as `gate on` would.
+    p.memlock.limit = sys::memlock_limit().ok();
+    if p.caps.cap_bpf || p.caps.cap_sys_admin {
+        p.memlock.charged = sys::maps_charged_to_memlock().ok();
+    }
+    p.memlock.raisable = sys::memlock_raisable().unwrap_or(false);
     let (xdp_link, tcx, clsact) = probe_links(p.caps);
     p.features.push((Feature::XdpLink, xdp_link.0, xdp_link.1));
     p.features.push((Feature::Tcx, tcx.0, tcx.1));
@@ -68,6 +74,23 @@ pub fn probe(names: &[String]) -> Result<Probe> {
         let why = "not probed: bpffs is not mounted".to_string();
         ((None, why.clone()), (None, why))
     };
+    // Charged, finite and not raisable: the programs probe loaded drain's maps and
+    // programs under the limit `gate on` will have, or failed for it.
+    let finite = p
+        .memlock
+        .limit
+        .is_some_and(|(soft, _)| soft != libc::RLIM_INFINITY);
+    if p.memlock.charged == Some(true) && !p.memlock.raisable && finite {
+        p.memlock.fits = match &programs {
+            (Some(true), _) => Some(true),
+            (Some(false), why)
+                if why.contains("RLIMIT_MEMLOCK") || why.contains("Operation not permitted") =>
+            {
+                Some(false)
+            }
+            _ => None,
+        };
+    }
     p.features.push((Feature::TpBtf, tp_btf.0, tp_btf.1));
     p.features.push((Feature::Programs, programs.0, programs.1));
     let sock_diag = match crate::diag::dump(crate::diag::States::LISTEN, false) {
