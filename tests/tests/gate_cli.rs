@@ -1578,6 +1578,10 @@ fn a_namespace_given_a_dead_ones_inode_has_no_gate() {
     let dead_dir = root.join(format!("{}-0", ns_inode(&old)));
     assert!(dead_dir.exists(), "{} missing", dead_dir.display());
     let heir_dir = root.join(format!("{}-0", ns_inode(&new)));
+    // drain's lock, held from the deletion to the rename: a `gate on` of a test running
+    // beside this one reaps dead state (under the lock), and would take the dead gate
+    // before it has the heir's name.
+    let lock = drain_user::pins::lock().expect("drain's lock");
     ip_netns(&["del", &old]);
     let lookup = dead_dir.join("link-sklookup");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -1586,6 +1590,7 @@ fn a_namespace_given_a_dead_ones_inode_has_no_gate() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::fs::rename(&dead_dir, &heir_dir).expect("renaming the dead gate's directory");
+    drop(lock);
     let out = drain_in(&new, &["status", "--json"]);
     let st: Json = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("status --json: {e}: {out:?}"));

@@ -16,6 +16,7 @@ use anyhow::{anyhow, Context, Result};
 
 pub const BPF_OBJ_GET: u32 = 7;
 pub const BPF_LINK_DETACH: u32 = 34;
+pub const BPF_MAP_LOOKUP_BATCH: u32 = 24;
 
 /// Lifts RLIMIT_MEMLOCK (once per process), as aya does for its own calls: kernels before
 /// 5.11 charge BPF maps and programs to it (memcg accounting came in 5.11), and with a

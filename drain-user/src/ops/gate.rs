@@ -149,10 +149,26 @@ fn on_locked(
     // Loading the object creates the maps, or reuses the pinned ones of an existing gate.
     // It is loaded only when something is missing: over a gate whose maps are pinned and
     // whose links are attached, `gate on` rewrites the config and loads nothing.
-    let kernel = btf::Kernel::default();
+    let mut kernel = btf::Kernel::default();
     let mut bpf = Lazy { dir, bpf: None };
     if map::ALL.iter().any(|m| !dir.join(m).exists()) {
-        bpf.get()?;
+        // A new gate. aya's loader reads and parses the kernel's BTF on its own
+        // (EbpfLoader::new, ~16 ms here), and the tracker and the RST counter need drain's
+        // readings of it (member offsets; the attach types' ids): both are made on a
+        // second thread meanwhile. A failed reading is left for its first use to report,
+        // in that use's context.
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let k = btf::Kernel::default();
+                let _ = k.aya();
+                k
+            });
+            let loaded = bpf.get().map(drop);
+            if let Ok(k) = reader.join() {
+                kernel = k;
+            }
+            loaded
+        })?;
     }
     let mut gate = OpenGate::open(dir)?;
     // The tracker first, so connections opened from here on are counted; then the seed
@@ -581,11 +597,18 @@ fn configure_rst(bpf: &mut Ebpf, kernel: &btf::Kernel) -> Result<()> {
 /// The interfaces that are up and have no gate link: connections through them meet only
 /// the namespace-wide refusal (policy reset), or nothing at all (policy drop).
 pub fn ungated(dir: &Path) -> Result<Vec<Iface>> {
-    let attached = links::attachments(dir)?;
-    Ok(iface::interfaces()?
-        .into_iter()
+    Ok(ungated_among(
+        &iface::interfaces()?,
+        &links::attachments(dir)?,
+    ))
+}
+
+/// [`ungated`] from interfaces and attachments already read (`status` has both).
+pub fn ungated_among(all: &[Iface], attached: &[links::Attachment]) -> Vec<Iface> {
+    all.iter()
         .filter(|i| i.up && !attached.iter().any(|a| a.ifindex() == i.index))
-        .collect())
+        .cloned()
+        .collect()
 }
 
 /// The one-line warning `gate on` and `wait` print when interfaces are up but not gated

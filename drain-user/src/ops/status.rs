@@ -1,6 +1,8 @@
 //! `status`: what the gate of this network namespace is doing, collected into [`Status`]
 //! (`status --json` serializes it; `present/status.rs` prints its text).
 
+use std::path::Path;
+
 use anyhow::Result;
 use aya::programs::{SchedClassifier, TcAttachType};
 use drain_common::{prog, PortStats, TrackStats, GATE_ON};
@@ -224,7 +226,7 @@ pub fn collect() -> Result<Status> {
     let all = iface::interfaces()?;
     let dir = pins::gate_dir()?;
     if !pins::state_exists(&dir)? {
-        st.warnings = stray_programs(&all, &[]);
+        st.warnings = stray_programs(&all, &Seen::read(&all), &[]);
         return Ok(st);
     }
     let gate = OpenGate::open(&dir)?;
@@ -244,10 +246,13 @@ pub fn collect() -> Result<Status> {
     st.rst_rate = Some(rst_rate(&cfg));
     st.quiet_ms = st.announced.then_some(cfg.quiet_ns / 1_000_000);
     st.config = Some((cfg, now));
-    let (interfaces, ours) = interfaces(&gate, &all, st.policy)?;
+    // Read once, for the gate's interfaces, the ungated ones and the stray programs.
+    let attachments = links::attachments(&dir)?;
+    let seen = Seen::read(&all);
+    let (interfaces, ours) = interfaces(&dir, &attachments, &all, &seen, st.policy);
     st.interfaces = interfaces;
     st.sk_lookup = links::lookup_attached(&LinkPin::Lookup.path(&dir));
-    st.ungated = gate::ungated(&dir)?
+    st.ungated = gate::ungated_among(&all, &attachments)
         .into_iter()
         .map(|i| Ungated {
             name: i.name,
@@ -332,7 +337,7 @@ pub fn collect() -> Result<Status> {
             i.ifindex
         ));
     }
-    st.warnings.extend(stray_programs(&all, &ours));
+    st.warnings.extend(stray_programs(&all, &seen, &ours));
     let tracker = gate.tracker().stats()?;
     let tracking = links::tracker_attached(&LinkPin::Track.path(&dir));
     if !tracking {
@@ -425,17 +430,64 @@ fn rst_rate(cfg: &drain_common::GateConfig) -> u32 {
     }
 }
 
+/// The TC programs on every interface's ingress (tcx, and clsact where the interface has
+/// that qdisc), asked once for both [`interfaces`] and [`stray_programs`].
+struct Seen {
+    /// (ifindex, tcx ingress program ids).
+    tcx: Vec<(u32, Vec<u32>)>,
+    /// (ifindex, clsact ingress filters).
+    clsact: Vec<(u32, Vec<clsact::Filter>)>,
+}
+
+impl Seen {
+    fn read(all: &[Iface]) -> Self {
+        let qdiscs = clsact::ingress_qdiscs().unwrap_or_default();
+        let mut seen = Seen {
+            tcx: Vec::new(),
+            clsact: Vec::new(),
+        };
+        for i in all {
+            if let Ok((_, progs)) = SchedClassifier::query_tcx(&i.name, TcAttachType::Ingress) {
+                seen.tcx
+                    .push((i.index, progs.iter().map(|p| p.id()).collect()));
+            }
+            if qdiscs.iter().any(|(q, _)| *q == i.index) {
+                seen.clsact.push((
+                    i.index,
+                    clsact::ingress_filters(i.index).unwrap_or_default(),
+                ));
+            }
+        }
+        seen
+    }
+
+    fn tcx(&self, ifindex: u32) -> &[u32] {
+        self.tcx
+            .iter()
+            .find(|(i, _)| *i == ifindex)
+            .map_or(&[], |(_, p)| p)
+    }
+
+    fn clsact(&self, ifindex: u32) -> &[clsact::Filter] {
+        self.clsact
+            .iter()
+            .find(|(i, _)| *i == ifindex)
+            .map_or(&[], |(_, f)| f)
+    }
+}
+
 /// The interfaces the gate has links for, and the ids of the programs those links run.
 fn interfaces(
-    gate: &OpenGate,
+    dir: &Path,
+    attachments: &[links::Attachment],
     all: &[Iface],
+    tc: &Seen,
     policy: Policy,
-) -> Result<(Vec<IfaceStatus>, Vec<u32>)> {
+) -> (Vec<IfaceStatus>, Vec<u32>) {
     let mut out = Vec::new();
     let mut ours_all = Vec::new();
-    let qdiscs = clsact::ingress_qdiscs().unwrap_or_default();
-    let decided = choices::records(gate.dir()).unwrap_or_default();
-    for a in links::attachments(gate.dir())? {
+    let decided = choices::records(dir).unwrap_or_default();
+    for a in attachments {
         let seen = a.inspect(all);
         let ours = seen.prog_id;
         ours_all.extend(ours);
@@ -451,19 +503,15 @@ fn interfaces(
                 others.push(format!("xdp: {}", iface::program_name(id)));
             }
         }
-        if let Some(i) = iface {
-            if let Ok((_, progs)) = SchedClassifier::query_tcx(&i.name, TcAttachType::Ingress) {
-                for p in progs {
-                    if Some(p.id()) != ours {
-                        others.push(format!("tcx ingress: {}", iface::program_name(p.id())));
-                    }
+        if iface.is_some() {
+            for &id in tc.tcx(ifindex) {
+                if Some(id) != ours {
+                    others.push(format!("tcx ingress: {}", iface::program_name(id)));
                 }
             }
-            if qdiscs.iter().any(|(q, _)| *q == ifindex) {
-                for f in clsact::ingress_filters(ifindex).unwrap_or_default() {
-                    if f.prog_id.is_none() || f.prog_id != ours {
-                        others.push(format!("clsact ingress: {}", f.describe()));
-                    }
+            for f in tc.clsact(ifindex) {
+                if f.prog_id.is_none() || f.prog_id != ours {
+                    others.push(format!("clsact ingress: {}", f.describe()));
                 }
             }
         }
@@ -491,29 +539,23 @@ fn interfaces(
             reason: decision.map(|d| d.to_string()),
         });
     }
-    Ok((out, ours_all))
+    (out, ours_all)
 }
 
 /// Warnings for drain's gate programs attached to interfaces of this namespace that no
 /// link of this namespace's gate accounts for (`ours`): an interface moved here from a
 /// gated namespace keeps refusing connections, though this namespace has no gate.
-fn stray_programs(all: &[Iface], ours: &[u32]) -> Vec<String> {
+fn stray_programs(all: &[Iface], seen: &Seen, ours: &[u32]) -> Vec<String> {
     let mut out = Vec::new();
-    let qdiscs = clsact::ingress_qdiscs().unwrap_or_default();
     for i in all {
         let mut ids: Vec<(u32, &str)> = i.xdp.map(|(id, _)| (id, prog::XDP)).into_iter().collect();
-        if let Ok((_, progs)) = SchedClassifier::query_tcx(&i.name, TcAttachType::Ingress) {
-            ids.extend(progs.iter().map(|p| (p.id(), prog::TC)));
-        }
-        if qdiscs.iter().any(|(q, _)| *q == i.index) {
-            ids.extend(
-                clsact::ingress_filters(i.index)
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|f| f.prog_id)
-                    .map(|id| (id, prog::TC)),
-            );
-        }
+        ids.extend(seen.tcx(i.index).iter().map(|&id| (id, prog::TC)));
+        ids.extend(
+            seen.clsact(i.index)
+                .iter()
+                .filter_map(|f| f.prog_id)
+                .map(|id| (id, prog::TC)),
+        );
         for (id, name) in ids {
             if !ours.contains(&id) && links::program_is(id, name) {
                 out.push(format!(
