@@ -1029,7 +1029,8 @@ fn clsact_filters_are_judged_by_the_kernel_and_repaired() {
 /// plain `ingress` qdisc, which the clsact qdisc cannot coexist with. Each `gate on` is
 /// refused with one line naming the interface, what is there and the fix, before anything
 /// changes: no state, their filters and qdisc as they were, the port still open, and a gate
-/// that exists (on lo) untouched. Done as each line says (theirs moved to pref 2, the
+/// that exists (on lo) untouched; `check --attach tc` stops with the same line first. Done
+/// as each line says (theirs moved to pref 2, the
 /// ingress qdisc replaced by clsact), the gate works: the negative runs.
 #[test]
 #[ignore = "needs root: run `cargo xtask test`"]
@@ -1045,6 +1046,8 @@ fn clsact_refuses_to_clobber_a_foreign_filter_or_ingress_qdisc() {
             "gate", "on", "--port", &port, "--attach", "tc", "--iface", veth,
         ])
     };
+    // `check` says what `gate on` will say, before it is tried.
+    let check = || drain.run(&["check", "--attach", "tc", "--iface", veth]);
     let tc = |args: &[&str]| drain.sh("tc", args);
     let filters = || tc(&["filter", "show", "dev", veth, "ingress"]);
     let u32_at = |parent: &str, pref: &str, proto: &str| {
@@ -1073,6 +1076,17 @@ fn clsact_refuses_to_clobber_a_foreign_filter_or_ingress_qdisc() {
         let before = filters();
         refused(
             &drain,
+            &check(),
+            &[
+                veth,
+                "priority 1",
+                "u32 filter",
+                "another priority",
+                "--attach xdp",
+            ],
+        );
+        refused(
+            &drain,
             &on_veth(),
             &[
                 veth,
@@ -1088,6 +1102,7 @@ fn clsact_refuses_to_clobber_a_foreign_filter_or_ingress_qdisc() {
     }
     // Moved to priority 2, as the line says: drain's goes first, theirs stays after it.
     u32_at("ffff:fff2", "2", "all");
+    check().expect_ok();
     on_veth().expect_ok();
     // (priority, kind) of each filter: u32 dumps its hash table and its key apart.
     let slots = || {
@@ -1116,6 +1131,7 @@ fn clsact_refuses_to_clobber_a_foreign_filter_or_ingress_qdisc() {
         &format!("tc qdisc del dev {veth} ingress"),
         "--attach xdp",
     ];
+    refused(&drain, &check(), &words);
     refused(&drain, &on_veth(), &words);
     drain.on(&["--port", &port, "--attach", "tc", "--iface", "lo"]);
     let lo_before = clsact_ingress(&pair, &pair.a, "lo");
@@ -1147,6 +1163,7 @@ fn clsact_refuses_to_clobber_a_foreign_filter_or_ingress_qdisc() {
     // Replaced by clsact, as the line says: the gate works.
     tc(&["qdisc", "del", "dev", veth, "ingress"]);
     tc(&["qdisc", "add", "dev", veth, "clsact"]);
+    check().expect_ok();
     on_veth().expect_ok();
     assert_gated(&pair, &pair.b, &gated);
     drain.off();
@@ -1561,6 +1578,10 @@ fn a_namespace_given_a_dead_ones_inode_has_no_gate() {
     let dead_dir = root.join(format!("{}-0", ns_inode(&old)));
     assert!(dead_dir.exists(), "{} missing", dead_dir.display());
     let heir_dir = root.join(format!("{}-0", ns_inode(&new)));
+    // drain's lock, held from the deletion to the rename: a `gate on` of a test running
+    // beside this one reaps dead state (under the lock), and would take the dead gate
+    // before it has the heir's name.
+    let lock = drain_user::pins::lock().expect("drain's lock");
     ip_netns(&["del", &old]);
     let lookup = dead_dir.join("link-sklookup");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -1569,6 +1590,7 @@ fn a_namespace_given_a_dead_ones_inode_has_no_gate() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::fs::rename(&dead_dir, &heir_dir).expect("renaming the dead gate's directory");
+    drop(lock);
     let out = drain_in(&new, &["status", "--json"]);
     let st: Json = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("status --json: {e}: {out:?}"));

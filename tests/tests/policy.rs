@@ -760,9 +760,17 @@ fn reset_contract(attach: &str) {
         ungated(&st).is_empty(),
         "every interface that is up is gated: {st}"
     );
-    let hook = if attach == "tc" { "tc" } else { "xdp" };
+    // auto: TC on every one of these, all virtual (lo, veths, a VXLAN, a bridge), each
+    // saying so with its kind.
+    let hook = if attach == "xdp" { "xdp" } else { "tc" };
     for i in st["interfaces"].arr() {
         assert_eq!(i["attach"].str(), hook, "{attach}: {st}");
+        if attach == "auto" {
+            assert!(
+                i["reason"].str().starts_with("virtual device ("),
+                "{attach}: {st}"
+            );
+        }
     }
     // One at a time: each latency is that connect's own.
     for (what, ns, to, opts) in &probes {

@@ -318,26 +318,10 @@ pub fn attach(
     prog_id: u32,
     inherited: bool,
 ) -> Result<Record> {
-    let need_qdisc = match ingress_qdisc(iface.index)? {
-        Some(kind) if kind == "clsact" => false,
-        // The kernel would take drain's filter on the ingress qdisc's block too, but then
-        // the gate would hang on another tool's qdisc of another kind, which that tool may
-        // replace or delete as its own (and `status` would call it clsact): refused, as
-        // a qdisc of any other kind is, before anything is changed.
-        Some(kind) if kind == "ingress" => bail!(
-            "{0} has a plain ingress qdisc, and drain's --attach tc on a kernel without TCX \
-             needs the clsact qdisc there, which cannot coexist with it: replace it (`tc \
-             qdisc del dev {0} ingress; tc qdisc add dev {0} clsact`, then re-add its filters \
-             with `tc filter add dev {0} ingress ...`), or use --attach xdp",
-            iface.name
-        ),
-        Some(kind) => bail!(
-            "{} has a {kind} qdisc at ingress, not clsact: drain cannot attach there; \
-             use --attach xdp",
-            iface.name
-        ),
-        None => true,
-    };
+    if let Some(why) = blocker(iface)? {
+        bail!("{why}");
+    }
+    let need_qdisc = ingress_qdisc(iface.index)?.is_none();
     let mut ifname = [0u8; 16];
     let n = iface.name.len().min(15);
     ifname[..n].copy_from_slice(&iface.name.as_bytes()[..n]);
@@ -382,8 +366,57 @@ pub fn attach(
     result
 }
 
-/// Refuses a priority 1 that drain cannot share: a filter of another kind or protocol
-/// there (the kernel would say EINVAL without naming it). A filter in drain's own slot
+/// What keeps drain's filter off `iface`'s ingress, as the one line `gate on` stops with
+/// before it changes anything (and `check` reports): a qdisc at ingress other than clsact,
+/// or a filter at priority 1 that drain's cannot share ([`unshareable`]). `None`: nothing.
+pub fn blocker(iface: &Iface) -> Result<Option<String>> {
+    Ok(match ingress_qdisc(iface.index)? {
+        None => None,
+        Some(kind) if kind == "clsact" => {
+            unshareable(iface, &dump_filters(iface.index, PARENT_INGRESS)?)
+        }
+        // The kernel would take drain's filter on the ingress qdisc's block too, but then
+        // the gate would hang on another tool's qdisc of another kind, which that tool may
+        // replace or delete as its own (and `status` would call it clsact): refused, as a
+        // qdisc of any other kind is.
+        Some(kind) if kind == "ingress" => Some(format!(
+            "{0} has a plain ingress qdisc, and drain's --attach tc on a kernel without TCX \
+             needs the clsact qdisc there, which cannot coexist with it: replace it (`tc \
+             qdisc del dev {0} ingress; tc qdisc add dev {0} clsact`, then re-add its filters \
+             with `tc filter add dev {0} ingress ...`), or use --attach xdp",
+            iface.name
+        )),
+        Some(kind) => Some(format!(
+            "{} has a {kind} qdisc at ingress, not clsact: drain cannot attach there; use \
+             --attach xdp",
+            iface.name
+        )),
+    })
+}
+
+/// A filter at priority 1 of another kind or protocol, which drain's cannot share (the
+/// kernel would say EINVAL without naming it) and must not run after: the line that says
+/// so.
+fn unshareable(iface: &Iface, filters: &[Filter]) -> Option<String> {
+    filters
+        .iter()
+        .find(|f| {
+            f.priority == PRIORITY && f.chain == 0 && (f.kind != "bpf" || f.protocol != PROTO_ALL)
+        })
+        .map(|f| {
+            format!(
+                "priority {PRIORITY} of {}'s clsact ingress holds a {} filter (protocol \
+                 {:#06x}) that drain's cannot share, and drain's filter must run first: move \
+                 that filter to another priority, or use --attach xdp",
+                iface.name,
+                f.kind,
+                u16::from_be(f.protocol)
+            )
+        })
+}
+
+/// Refuses a priority 1 that drain cannot share ([`unshareable`]; asked again here, after
+/// the qdisc is there: another tool may have added such a filter since). A filter in drain's own slot
 /// that runs drain's program and that no record knows (left by a call killed before this
 /// version wrote its record first) is drain's and goes; anyone else's stays, and
 /// [`add_filter`] then refuses.
@@ -399,17 +432,8 @@ fn check_slot(iface: &Iface) -> Result<()> {
         del_filter(iface.index)
             .with_context(|| format!("deleting a stray filter of drain's from {}", iface.name))?;
     }
-    if let Some(f) = filters.iter().find(|f| {
-        f.priority == PRIORITY && f.chain == 0 && (f.kind != "bpf" || f.protocol != PROTO_ALL)
-    }) {
-        bail!(
-            "priority {PRIORITY} of {}'s clsact ingress holds a {} filter (protocol {:#06x}) \
-             that drain's cannot share, and drain's filter must run first: move that filter \
-             to another priority, or use --attach xdp",
-            iface.name,
-            f.kind,
-            u16::from_be(f.protocol)
-        );
+    if let Some(why) = unshareable(iface, &filters) {
+        bail!("{why}");
     }
     Ok(())
 }

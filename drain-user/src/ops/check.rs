@@ -157,6 +157,11 @@ pub struct IfaceProbe {
     /// or driver is in `reason`).
     #[serde(skip)]
     pub device: Option<Device>,
+    /// What keeps drain's clsact filter off this interface (a plain ingress qdisc, a
+    /// filter at priority 1 drain's cannot share): the line `gate on` would stop with
+    /// where TC goes through clsact ([`crate::clsact::blocker`]).
+    #[serde(skip)]
+    pub clsact_blocker: Option<String>,
 }
 
 /// What `check` found: the shape of `check --json`.
@@ -402,6 +407,20 @@ pub fn decide(p: &Probe, want: &Wanted) -> Report {
         } else {
             "TCX ingress, first in the chain".to_string()
         };
+        // Without TCX a TC attachment is drain's clsact filter, which gate on would refuse
+        // to put here.
+        if let (Some(d), Some(why), Some(false)) = (decision, &i.clsact_blocker, tcx) {
+            if d.hook == Hook::Tc {
+                problems.push(why.clone());
+                interfaces.push(IfaceReport {
+                    probe: i.clone(),
+                    attach: None,
+                    reason: Some(crate::gate::reason(d)),
+                    note: format!("TC through clsact is blocked: {why}"),
+                });
+                continue;
+            }
+        }
         let (attach, note) = match (decision, &i.xdp_other) {
             (None, other) => {
                 let other = other.clone().unwrap_or_default();

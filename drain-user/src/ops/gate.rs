@@ -149,10 +149,26 @@ fn on_locked(
     // Loading the object creates the maps, or reuses the pinned ones of an existing gate.
     // It is loaded only when something is missing: over a gate whose maps are pinned and
     // whose links are attached, `gate on` rewrites the config and loads nothing.
-    let kernel = btf::Kernel::default();
+    let mut kernel = btf::Kernel::default();
     let mut bpf = Lazy { dir, bpf: None };
     if map::ALL.iter().any(|m| !dir.join(m).exists()) {
-        bpf.get()?;
+        // A new gate. aya's loader reads and parses the kernel's BTF on its own
+        // (EbpfLoader::new, ~16 ms here), and the tracker and the RST counter need drain's
+        // readings of it (member offsets; the attach types' ids): both are made on a
+        // second thread meanwhile. A failed reading is left for its first use to report,
+        // in that use's context.
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let k = btf::Kernel::default();
+                let _ = k.aya();
+                k
+            });
+            let loaded = bpf.get().map(drop);
+            if let Ok(k) = reader.join() {
+                kernel = k;
+            }
+            loaded
+        })?;
     }
     let mut gate = OpenGate::open(dir)?;
     // The tracker first, so connections opened from here on are counted; then the seed

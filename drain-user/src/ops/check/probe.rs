@@ -131,6 +131,7 @@ fn iface_probe(i: &Iface, native: &Option<Vec<(u32, bool)>>) -> IfaceProbe {
         xdp_other,
         tcx_others,
         device: Some(i.device()),
+        clsact_blocker: crate::clsact::blocker(i).ok().flatten(),
     }
 }
 
