@@ -38,7 +38,7 @@
 //! | [`gate`] | `gate on` / `gate off`: attach, pin, tear down |
 //! | [`plan`] | `gate on/off --dry-run`: the difference between the wanted gate and the kernel's (its text: present/gate.rs) |
 //! | [`status`] | `status`: collecting it (its text: present/status.rs) |
-//! | [`wait`] | `wait`: the poll loop and its outcome; `wait/report.rs` prints it (JSON, text, progress line) |
+//! | [`wait`] | `wait`: the poll loop and its outcome, told to a [`wait::Reporter`] (its text and JSON: present/wait.rs) |
 //! | [`watch`] | `watch`: the live view (kernel events from a ring buffer) |
 //! | **present/** | presentation: the command line and what is printed |
 //! | [`present`] | one file per subcommand: its arguments onto the domain's types, the operation, the output (text, JSON) |

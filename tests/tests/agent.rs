@@ -586,13 +586,17 @@ fn cycle(lb: &Balancer, load: &mut Load, h: &Host, announce: bool) -> Cycle {
     );
     load.assert_running("after the cycle");
     // The poller's own record of it, which the figures are computed from.
-    wait_until("the poller saw the host UP", Duration::from_secs(5), || {
-        lb.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(t, s, st)| *t >= t_off && *s == h.name && st == "UP")
-    });
+    wait_until(
+        "the poller saw the host UP",
+        Duration::from_secs(20),
+        || {
+            lb.seen
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(t, s, st)| *t >= t_off && *s == h.name && st == "UP")
+        },
+    );
     let (out, to_out, states) = lb.out_of_service(&h.name, t_start);
     let to_out = to_out.map(|t| t.saturating_sub(t0.duration_since(t_start)));
     let back = lb

@@ -63,6 +63,9 @@ enum Task {
         to: std::net::SocketAddr,
         #[arg(long)]
         count: usize,
+        /// The IPv4 source address to connect from (default: the kernel's choice).
+        #[arg(long)]
+        from: Option<std::net::Ipv4Addr>,
     },
     /// The Debian package (target/debian/*.deb): release binary, man pages, shell
     /// completions, examples, README and licences. Installs cargo-deb if missing.
@@ -179,7 +182,12 @@ fn run_task(task: Task) -> Result<()> {
             })
         }
         #[cfg(feature = "harness")]
-        Task::BenchHold { ns, to, count } => bench::hold(&ns, to, count),
+        Task::BenchHold {
+            ns,
+            to,
+            count,
+            from,
+        } => bench::hold(&ns, to, count, from),
         #[cfg(feature = "harness")]
         Task::Demo => {
             build(false)?;

@@ -41,10 +41,9 @@ use serde::Serialize;
 
 use crate::{
     domain::{usage, Exit},
-    errln, outln, pins,
+    errln, pins,
     state::{boottime_ns, OpenGate},
     sys,
-    wait::Format,
 };
 
 /// `gate on`'s announcement and agent options, checked.
@@ -533,12 +532,24 @@ pub enum Closed {
     Delay,
 }
 
-#[derive(Serialize)]
-struct ClosedEvent {
-    elapsed_ms: u64,
-    event: &'static str,
-    reason: Closed,
-    syns_during_announce: u64,
+/// How an announcement ended, for `wait` to report.
+pub struct Settled {
+    pub elapsed: Duration,
+    pub reason: Closed,
+    /// New connection requests the gated ports let through meanwhile.
+    pub syns: u64,
+    /// The quiet window the balancer was given.
+    pub quiet: Duration,
+}
+
+/// What the first part of `wait` on a gate came to.
+pub enum Settle {
+    /// The gate was not announced: nothing to wait for first.
+    NotAnnounced,
+    /// The announcement ended and the gate refuses now.
+    Closed(Settled),
+    /// A signal came first: end `wait` with this exit.
+    Signal(Exit),
 }
 
 /// SYNs the gate let through on `gate`'s ports, not counting allowlisted sources: during an
@@ -555,13 +566,12 @@ const SETTLE_POLL: Duration = Duration::from_millis(20);
 
 /// The first part of `wait` on an announced gate: until it closes, by its delay or because
 /// the gated ports saw no new connection request for the gate's quiet window, in which
-/// case this closes it (one config write under the lock). Prints a `closed` event. Returns
-/// the exit to end `wait` with when a signal came first.
-pub async fn settle(gate: &mut OpenGate, format: Format) -> Result<Option<Exit>> {
+/// case this closes it (one config write under the lock).
+pub async fn settle(gate: &mut OpenGate) -> Result<Settle> {
     let start = Instant::now();
     let cfg = gate.config()?;
     if !matches!(Phase::of(&cfg, boottime_ns()), Phase::Announced { .. }) {
-        return Ok(None);
+        return Ok(Settle::NotAnnounced);
     }
     let quiet = Duration::from_nanos(cfg.quiet_ns.max(MIN_QUIET.as_nanos() as u64));
     let first = passed(gate)?;
@@ -590,35 +600,16 @@ pub async fn settle(gate: &mut OpenGate, format: Format) -> Result<Option<Exit>>
         }
         tokio::select! {
             _ = tokio::time::sleep(SETTLE_POLL) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(Some(Exit::Interrupted)),
-            _ = sigterm.recv() => return Ok(Some(Exit::Terminated)),
+            _ = tokio::signal::ctrl_c() => return Ok(Settle::Signal(Exit::Interrupted)),
+            _ = sigterm.recv() => return Ok(Settle::Signal(Exit::Terminated)),
         }
     };
-    let elapsed = start.elapsed();
-    let syns = passed(gate)?.saturating_sub(first);
-    match format {
-        Format::Json => outln!(
-            "{}",
-            serde_json::to_string(&ClosedEvent {
-                elapsed_ms: elapsed.as_millis() as u64,
-                event: "closed",
-                reason,
-                syns_during_announce: syns,
-            })?
-        )?,
-        Format::Plain | Format::Terminal => match reason {
-            Closed::Quiet => errln!(
-                "drain: the balancer went quiet (no new connection for {}): gate closed after {:.2}s",
-                humantime::format_duration(quiet),
-                elapsed.as_secs_f64()
-            )?,
-            Closed::Delay => errln!(
-                "drain: the announcement's delay ran out: gate closed after {:.2}s ({syns} new connection(s) meanwhile)",
-                elapsed.as_secs_f64()
-            )?,
-        },
-    }
-    Ok(None)
+    Ok(Settle::Closed(Settled {
+        elapsed: start.elapsed(),
+        reason,
+        syns: passed(gate)?.saturating_sub(first),
+        quiet,
+    }))
 }
 
 /// Ends the announcement now, unless the gate changed meanwhile (another `gate on`, a

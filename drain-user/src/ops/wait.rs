@@ -6,10 +6,8 @@
 //! the last close is noticed at once, and nothing runs while nothing changes but a slow
 //! safety poll ([`SAFETY_POLL`], which also paces the conntrack refresh and `--idle`'s
 //! checks run on their own period). A gate made by an older drain-user has no wake ring:
-//! then the counts are polled every [`POLL`]. The loop decides what happened ([`Progress`], then one [`Outcome`]); a [`report::Reporter`]
-//! prints it as JSON, plain text or a progress line.
-
-mod report;
+//! then the counts are polled every [`POLL`]. The loop decides what happened ([`Progress`], then one [`Outcome`]); a
+//! [`Reporter`] from the presentation layer prints it.
 
 use std::{
     collections::BTreeSet,
@@ -34,13 +32,23 @@ use crate::{
     track::{self, Tracker},
 };
 
-pub use report::Format;
-
 pub struct WaitArgs {
     pub ports: Vec<u16>,
     pub timeout: Option<Duration>,
     pub idle: Option<Duration>,
-    pub format: Format,
+}
+
+/// What `wait` tells as it goes; the presentation layer renders it (JSON, text, a
+/// progress line).
+pub trait Reporter {
+    /// The ports waited for, known once the gate is read; before anything else.
+    fn start(&mut self, ports: &BTreeSet<u16>);
+    /// An announced gate closed (`gate on --announce`), before the counts are waited on.
+    fn closed(&mut self, settled: &crate::agent::Settled) -> Result<()>;
+    /// Every poll; `changed` when the live count differs from the last poll's (or is the
+    /// first).
+    fn progress(&mut self, p: &Progress, changed: bool) -> Result<()>;
+    fn finish(&mut self, outcome: &Outcome) -> Result<()>;
 }
 
 /// Without a wake ring: how often the counts are read.
@@ -299,7 +307,7 @@ fn not_idle_for(
     })
 }
 
-pub async fn wait(args: WaitArgs) -> Result<Exit> {
+pub async fn wait(args: WaitArgs, reporter: &mut dyn Reporter) -> Result<Exit> {
     let gate_dir = pins::gate_dir()?;
     let gate = if pins::state_exists(&gate_dir)? {
         Some(OpenGate::open(&gate_dir)?)
@@ -347,18 +355,20 @@ pub async fn wait(args: WaitArgs) -> Result<Exit> {
             Source::Temp(TempTracker::new()?)
         }
     };
+    reporter.start(&ports);
     // `gate on --announce`: first until the gate refuses (delay, or the balancer quiet).
     if let Source::Gate(g) = &mut source {
-        if let Some(exit) = crate::agent::settle(g, args.format).await? {
-            return Ok(exit);
+        match crate::agent::settle(g).await? {
+            crate::agent::Settle::NotAnnounced => {}
+            crate::agent::Settle::Closed(settled) => reporter.closed(&settled)?,
+            crate::agent::Settle::Signal(exit) => return Ok(exit),
         }
     }
-    let mut reporter = report::new(args.format, &ports);
     let outcome = poll(
         &mut source,
         &ports,
         &args,
-        reporter.as_mut(),
+        reporter,
         &mut warned,
         &mut links,
     )
@@ -507,7 +517,7 @@ async fn poll(
     source: &mut Source,
     ports: &BTreeSet<u16>,
     args: &WaitArgs,
-    reporter: &mut dyn report::Reporter,
+    reporter: &mut dyn Reporter,
     warned: &mut BTreeSet<u32>,
     links: &mut Ungated,
 ) -> Result<Outcome> {

@@ -9,7 +9,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -49,16 +49,17 @@ struct Row {
 /// Connections per holder process (under the 20,000-descriptor limit).
 const PER_HOLDER: usize = 15_000;
 
-/// `cargo xtask bench-hold`: connects `count` times from namespace `ns` to `to`, prints
-/// `ready`, and holds every connection until stdin closes.
-pub fn hold(ns: &str, to: SocketAddr, count: usize) -> Result<()> {
+/// `cargo xtask bench-hold`: connects `count` times from namespace `ns` to `to` (from
+/// `from` when given), prints `ready`, and holds every connection until stdin closes.
+pub fn hold(ns: &str, to: SocketAddr, count: usize, from: Option<Ipv4Addr>) -> Result<()> {
     drain_tests::netns::enter_netns(ns);
     let mut held = Vec::with_capacity(count);
     for i in 0..count {
-        held.push(
-            TcpStream::connect_timeout(&to, Duration::from_secs(10))
-                .with_context(|| format!("connection {i} of {count} to {to}"))?,
-        );
+        let c = match from {
+            None => TcpStream::connect_timeout(&to, Duration::from_secs(10)),
+            Some(ip) => connect_from(ip, to),
+        };
+        held.push(c.with_context(|| format!("connection {i} of {count} to {to}"))?);
     }
     println!("ready");
     std::io::stdout().flush()?;
@@ -67,27 +68,68 @@ pub fn hold(ns: &str, to: SocketAddr, count: usize) -> Result<()> {
     Ok(())
 }
 
+/// A connection from `from` (port chosen by the kernel) to `to`, an IPv4 address.
+fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = to else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    let sin = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a new socket, owned by the TcpStream from here on (closed by it on the error
+    // paths too); the addresses are valid sockaddr_in of the length given.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let s = TcpStream::from_raw_fd(fd);
+        let (a, b) = (sin(from, 0), sin(*to.ip(), to.port()));
+        if libc::bind(fd, std::ptr::from_ref(&a).cast(), len) != 0
+            || libc::connect(fd, std::ptr::from_ref(&b).cast(), len) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(s)
+    }
+}
+
 /// Holder processes; dropping them closes their stdin, and they exit.
 struct Holders(Vec<Child>);
 
 impl Holders {
     /// Adds holders until `total` connections are held in all; holder i connects to
-    /// `targets[i % targets.len()]` (at most four holders' worth each, under the ~64k
-    /// source ports of one address pair).
+    /// `targets[i % targets.len()]` (at most four holders' worth each, under the 65535 of
+    /// one accept queue), from `sources[i]` when there are sources (the kernel picks a
+    /// connection's port by walking the ports its source address already uses, which
+    /// turns slow past ~50,000 on one address).
     fn grow(
         &mut self,
         ns: &str,
         targets: &[SocketAddr],
+        sources: &[Ipv4Addr],
         mut have: usize,
         total: usize,
     ) -> Result<()> {
         let exe = std::env::current_exe()?;
         let mut started = Vec::new();
         while have < total {
-            let to = targets[self.0.len() % targets.len()];
+            let i = self.0.len();
+            let to = targets[i % targets.len()];
             let n = (total - have).min(PER_HOLDER);
-            let child = Command::new(&exe)
-                .args(["bench-hold", "--ns", ns, "--to", &to.to_string()])
+            let mut cmd = Command::new(&exe);
+            cmd.args(["bench-hold", "--ns", ns, "--to", &to.to_string()]);
+            if let Some(from) = sources.get(i) {
+                cmd.args(["--from", &from.to_string()]);
+            }
+            let child = cmd
                 .args(["--count", &n.to_string()])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -146,7 +188,21 @@ pub fn section(ctx: &Ctx) -> Result<(Section, MemlockBySize)> {
     // more addresses (198.19.254.1-3, which exist only in these namespaces), each with its
     // own listener on the same port, and the holders spread over them.
     let mut targets = vec![SocketAddr::new(pair.a_v4.into(), PORT)];
+    let mut sources = Vec::new();
     if sizes.iter().any(|&n| n > 50_000) {
+        // And each holder its own client address (198.19.253.x, the same way).
+        let holders = sizes.iter().max().unwrap_or(&0).div_ceil(PER_HOLDER) + sizes.len();
+        for i in 1..=holders as u8 {
+            sh(
+                &pair.b,
+                &format!("ip addr add 198.19.253.{i}/32 dev {}", pair.veth_b),
+            )?;
+            sources.push(Ipv4Addr::new(198, 19, 253, i));
+        }
+        sh(
+            &pair.a,
+            &format!("ip route add 198.19.253.0/24 dev {}", pair.veth_a),
+        )?;
         for i in 1..=3 {
             sh(
                 &pair.a,
@@ -169,7 +225,11 @@ pub fn section(ctx: &Ctx) -> Result<(Section, MemlockBySize)> {
         }
         listeners.push(listener);
     }
-    let allow = format!("{}/32", pair.b_v4);
+    // The holders' own addresses too: the connections are made with the gate on.
+    let mut allow = format!("{}/32", pair.b_v4);
+    if !sources.is_empty() {
+        allow.push_str(",198.19.253.0/24");
+    }
     let p = PORT.to_string();
     let gate: Gate = ctx.gate_on(&pair.a, &["--port", &p, "--ttl", "30m", "--allow", &allow])?;
     let ss_script = format!("ss -Htn state established '( sport = :{PORT} )' | wc -l");
@@ -178,7 +238,7 @@ pub fn section(ctx: &Ctx) -> Result<(Section, MemlockBySize)> {
     let mut memlock = Vec::new();
     let mut have = 0;
     for &n in &sizes {
-        holders.grow(&pair.b, &targets, have, n)?;
+        holders.grow(&pair.b, &targets, &sources, have, n)?;
         have = n;
         // Connections complete in the kernel a moment after connect() returns on the client.
         let t0 = Instant::now();
