@@ -62,11 +62,8 @@ options:
     elements: str
     default: []
   attach:
-    description:
-      - C(--attach) for V(closed). Hook for interfaces not attached yet.
-      - Unset, the module passes no C(--attach) and drain-user's own default applies (V(auto), which takes TC on
-        virtual devices and native XDP on a NIC whose driver has it); the status says per interface which hook
-        and why (each interface's C(reason) in RV(status)).
+    description: C(--attach) for V(closed). Hook for interfaces not attached yet. Unset, drain-user's own default V(auto)
+      applies (TC on virtual devices, native XDP on a NIC that has it); each interface's C(reason) in RV(status) says why.
     type: str
     choices: [xdp, tc, auto]
   timeout:
@@ -242,8 +239,7 @@ class DrainUser:
 def gate_on_args(p):
     args = ["gate", "on", "--port", ",".join(str(x) for x in p["ports"] or []), "--ttl", p["ttl"],
             "--policy", p["policy"], "--rst-rate", str(p["rst_rate"])]
-    if p["attach"] is not None:
-        args += ["--attach", p["attach"]]
+    args += ["--attach", p["attach"]] if p["attach"] is not None else []
     if p["announce"] is not None:
         args += ["--announce", p["announce"], "--quiet", p["quiet"]]
     if p["maint"]:
@@ -266,8 +262,7 @@ def change(module, cli, args):
         if args[1] == "on":
             p = module.params
             check = ["check", "--json", "--port", args[3], "--policy", p["policy"]]
-            if p["attach"] is not None:
-                check += ["--attach", p["attach"]]
+            check += ["--attach", p["attach"]] if p["attach"] is not None else []
             for name in p["interfaces"]:
                 check += ["--iface", name]
             ret["preflight"] = cli.json(check, ok=(0, 1))
