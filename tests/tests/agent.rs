@@ -577,8 +577,11 @@ fn cycle(lb: &Balancer, load: &mut Load, h: &Host, announce: bool) -> Cycle {
     h.nginx.start();
     let st = status(&h.ns);
     let refused = port_counter(&st, WEB, "syns_refused");
-    drain_ok(&h.ns, &["gate", "off"]);
+    // Taken before `gate off` runs: the agent answers "up" from the moment the gate's switch
+    // flips, which is before the command returns (it still detaches links), and HAProxy may
+    // ask in between.
     let t_off = Instant::now();
+    drain_ok(&h.ns, &["gate", "off"]);
     wait_until(
         "haproxy has the host UP again",
         Duration::from_secs(20),
