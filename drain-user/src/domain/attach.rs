@@ -61,17 +61,18 @@ impl Reason {
         self as u8
     }
 
+    /// Every reason, for decoding a recorded byte.
+    pub const ALL: [Reason; 6] = [
+        Reason::Asked,
+        Reason::XdpTaken,
+        Reason::Virtual,
+        Reason::NativeXdp,
+        Reason::NoNativeXdp,
+        Reason::NativeUnknown,
+    ];
+
     pub fn from_raw(raw: u8) -> Option<Self> {
-        [
-            Reason::Asked,
-            Reason::XdpTaken,
-            Reason::Virtual,
-            Reason::NativeXdp,
-            Reason::NoNativeXdp,
-            Reason::NativeUnknown,
-        ]
-        .into_iter()
-        .find(|r| r.to_raw() == raw)
+        Self::ALL.into_iter().find(|r| r.to_raw() == raw)
     }
 }
 
@@ -240,14 +241,7 @@ mod tests {
 
     #[test]
     fn reasons_round_trip_through_their_byte() {
-        for r in [
-            Reason::Asked,
-            Reason::XdpTaken,
-            Reason::Virtual,
-            Reason::NativeXdp,
-            Reason::NoNativeXdp,
-            Reason::NativeUnknown,
-        ] {
+        for r in Reason::ALL {
             assert_eq!(Reason::from_raw(r.to_raw()), Some(r));
         }
         assert_eq!(Reason::from_raw(200), None);
