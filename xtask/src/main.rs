@@ -106,6 +106,10 @@ enum Task {
         /// Guest CPUs.
         #[arg(long, default_value_t = 2)]
         cpus: u32,
+        /// Guests booted at a time (each kernel is one guest). Default: one per host CPU,
+        /// as many as the available memory holds (about 3 GiB each).
+        #[arg(long)]
+        jobs: Option<usize>,
         /// After `--`: `--test NAME` picks test binaries (repeatable); the rest goes to
         /// libtest (a name filter, --exact, --skip NAME).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -211,6 +215,7 @@ fn run_task(task: Task) -> Result<()> {
             timeout,
             test_timeout,
             cpus,
+            jobs,
             args,
         } => vmtest::run_matrix(vmtest::Args {
             kernels: kernel,
@@ -219,6 +224,7 @@ fn run_task(task: Task) -> Result<()> {
             timeout,
             test_timeout,
             cpus,
+            jobs: jobs.unwrap_or_else(vmtest::default_jobs),
             args,
         }),
     }

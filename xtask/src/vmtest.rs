@@ -25,6 +25,10 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -39,6 +43,7 @@ pub struct Args {
     pub timeout: u64,
     pub test_timeout: u64,
     pub cpus: u32,
+    pub jobs: usize,
     pub args: Vec<String>,
 }
 
@@ -98,6 +103,14 @@ const HOST_ONLY: &[(&str, &str)] = &[
     ),
 ];
 
+/// Single tests that cannot run in the guest though their binary does: (binary, test, why).
+/// The runner is told to skip them and the summary lists them.
+const HOST_ONLY_TESTS: &[(&str, &str, &str)] = &[(
+    "container",
+    "container_target_by_name",
+    "`--container NAME` asks a real dockerd (docker.io from apt, which the guest cannot reach): host only",
+)];
+
 pub fn run_matrix(a: Args) -> Result<()> {
     crate::require_root("the guest root is built with debootstrap and QEMU is installed with apt")?;
     let cache = target_dir().join("vmtest");
@@ -117,7 +130,7 @@ pub fn run_matrix(a: Args) -> Result<()> {
     let all = build_tests()?;
     let (picked, filter) = split_args(&a.args)?;
     let mut skipped_bins = Vec::new();
-    let bins: Vec<Selected> = if a.quick {
+    let mut bins: Vec<Selected> = if a.quick {
         ensure!(
             picked.is_empty() && filter.is_empty(),
             "--quick is a fixed subset: give either it or test arguments"
@@ -130,6 +143,7 @@ pub fn run_matrix(a: Args) -> Result<()> {
                     name: n.to_string(),
                     exe,
                     filter: f.iter().map(|s| s.to_string()).collect(),
+                    skip: Vec::new(),
                 })
             })
             .collect::<Result<_>>()?
@@ -146,6 +160,7 @@ pub fn run_matrix(a: Args) -> Result<()> {
                 name: n.clone(),
                 exe: e.clone(),
                 filter: filter.clone(),
+                skip: Vec::new(),
             })
             .collect()
     } else {
@@ -156,10 +171,17 @@ pub fn run_matrix(a: Args) -> Result<()> {
                     name: p.clone(),
                     exe: exe_of(&all, p)?,
                     filter: filter.clone(),
+                    skip: Vec::new(),
                 })
             })
             .collect::<Result<_>>()?
     };
+    for b in &mut bins {
+        for (bin, test, why) in HOST_ONLY_TESTS.iter().filter(|(bin, ..)| *bin == b.name) {
+            b.skip.push(test.to_string());
+            skipped_bins.push((format!("{bin}::{test}"), why.to_string()));
+        }
+    }
     // What each binary should run, listed on the host: the summary can then say which tests
     // a guest never reached.
     let mut expected = Vec::new();
@@ -167,7 +189,7 @@ pub fn run_matrix(a: Args) -> Result<()> {
         let out = crate::capture(
             Command::new(&b.exe)
                 .args(["--list", "--include-ignored"])
-                .args(&b.filter),
+                .args(b.list_args()),
         )?;
         let names: Vec<&str> = out
             .lines()
@@ -207,63 +229,77 @@ pub fn run_matrix(a: Args) -> Result<()> {
     let logs = cache.join("logs");
     fs::create_dir_all(&logs)?;
 
+    // The kernels first, one after the other (apt's private state is not shared safely),
+    // then the boots, `jobs` at a time.
+    let mut prepared = Vec::new();
+    for line in lines {
+        prepared.push((line, kernels::prepare(&cache, line.name)?));
+    }
+    let jobs = a.jobs.clamp(1, prepared.len());
+    if jobs > 1 {
+        eprintln!(
+            "vmtest: {} kernels, {jobs} guests at a time ({} vCPUs each)",
+            prepared.len(),
+            a.cpus
+        );
+    }
+    let ctx = BootCtx {
+        accel,
+        why: &why,
+        cpus: a.cpus,
+        timeout: a.timeout,
+        rootfs: &rootfs,
+        payload: &payload,
+        rundir: &rundir.0,
+        logs: &logs,
+        expected: &expected,
+    };
+
     // From here on a QEMU may run: SIGINT/SIGTERM end the run through the guards (before,
     // the default action is right: nothing needs cleaning that the next run does not).
     qemu::catch_signals();
-    let mut results = Vec::new();
-    for line in lines {
-        if qemu::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
-            bail!("interrupted");
-        }
-        let t = Instant::now();
-        let kernel = kernels::prepare(&cache, line.name)?;
-        let initrd = rundir.0.join(format!("initrd-{}", line.name));
-        concat(&[&rootfs, &kernel.modules_cpio, &payload], &initrd)?;
-        let initrd_mb = fs::metadata(&initrd)?.len() >> 20;
-        let console = logs.join(format!("{}.console.log", line.name));
-        let results_log = logs.join(format!("{}.results.log", line.name));
-        eprintln!(
-            "vmtest: booting {} ({}, {}) under {accel:?} ({why}); console: {}, results: {}",
-            line.name,
-            kernel.release,
-            line.about,
-            console.display(),
-            results_log.display()
-        );
-        let mut tail = report::Tail::new(&results_log, line.name);
-        let outcome = qemu::boot(
-            &qemu::Boot {
-                accel,
-                cpus: a.cpus,
-                // The initramfs is unpacked into RAM and stays there.
-                mem_mb: 1536 + 2 * initrd_mb as u32,
-                vmlinuz: &kernel.vmlinuz,
-                initrd: &initrd,
-                cmdline: "console=ttyS0 panic=-1 random.trust_cpu=on mitigations=off \
-                          net.ifnames=0 rdinit=/init",
-                console_log: &console,
-                results_log: &results_log,
-                deadline: Duration::from_secs(a.timeout),
-            },
-            || tail.poll(),
-        )?;
-        let _ = fs::remove_file(&initrd);
-        let ended = match outcome {
-            qemu::Outcome::Exited(s) => s,
-            qemu::Outcome::DeadlinePassed => {
-                format!("killed at the {} s deadline", a.timeout)
-            }
-        };
-        results.push(report::Kernel::from_log(
-            line.name,
-            &kernel.release,
-            &results_log,
-            &console,
-            &expected,
-            ended,
-            t.elapsed(),
-        )?);
+    let next = AtomicUsize::new(0);
+    let done: Mutex<Vec<(usize, report::Kernel)>> = Mutex::new(Vec::new());
+    let errors: Vec<anyhow::Error> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..jobs)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let Some((line, kernel)) = prepared.get(i) else {
+                            return Ok(());
+                        };
+                        if qemu::INTERRUPTED.load(Ordering::SeqCst) {
+                            bail!("interrupted");
+                        }
+                        match boot_one(&ctx, line, kernel) {
+                            Ok(k) => done.lock().unwrap_or_else(|e| e.into_inner()).push((i, k)),
+                            Err(e) => {
+                                // One guest's error ends the others too (their guards kill
+                                // QEMU): the run is not going to give a whole answer.
+                                qemu::INTERRUPTED.store(true, Ordering::SeqCst);
+                                return Err(e);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .filter_map(|w| match w.join() {
+                Ok(r) => r.err(),
+                Err(_) => Some(anyhow::anyhow!("a vmtest worker thread panicked")),
+            })
+            .collect()
+    });
+    // The first error is the cause; the others are "interrupted" because of it.
+    if let Some(e) = errors.into_iter().next() {
+        return Err(e);
     }
+    let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    done.sort_by_key(|(i, _)| *i);
+    let results: Vec<report::Kernel> = done.into_iter().map(|(_, k)| k).collect();
     let failed = report::summary(&results, &skipped_bins, prepared_at, started.elapsed());
     if failed {
         bail!("tests failed on at least one kernel (see above)");
@@ -271,11 +307,105 @@ pub fn run_matrix(a: Args) -> Result<()> {
     Ok(())
 }
 
+/// Guests at a time when `--jobs` is not given: one per host CPU, as many as the available
+/// memory holds (a guest takes about 2 GiB: 1.5 GiB and twice its initramfs). A guest runs
+/// its tests one after the other, so it keeps about one host CPU busy (measured under TCG
+/// with 2 vCPUs: 105-110% of one CPU).
+pub fn default_jobs() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let avail_gib = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(2, |kb| kb >> 20);
+    cpus.min((avail_gib / 3) as usize).max(1)
+}
+
+/// What every boot of one run shares.
+struct BootCtx<'a> {
+    accel: qemu::Accel,
+    why: &'a str,
+    cpus: u32,
+    timeout: u64,
+    rootfs: &'a Path,
+    payload: &'a Path,
+    rundir: &'a Path,
+    logs: &'a Path,
+    expected: &'a [(String, String)],
+}
+
+/// Boots one kernel with the run's payload and reads back its results.
+fn boot_one(c: &BootCtx, line: &kernels::Line, kernel: &kernels::Kernel) -> Result<report::Kernel> {
+    let t = Instant::now();
+    let initrd = c.rundir.join(format!("initrd-{}", line.name));
+    concat(&[c.rootfs, &kernel.modules_cpio, c.payload], &initrd)?;
+    let initrd_mb = fs::metadata(&initrd)?.len() >> 20;
+    let console = c.logs.join(format!("{}.console.log", line.name));
+    let results_log = c.logs.join(format!("{}.results.log", line.name));
+    eprintln!(
+        "vmtest: booting {} ({}, {}) under {:?} ({}); console: {}, results: {}",
+        line.name,
+        kernel.release,
+        line.about,
+        c.accel,
+        c.why,
+        console.display(),
+        results_log.display()
+    );
+    let mut tail = report::Tail::new(&results_log, line.name);
+    let outcome = qemu::boot(
+        &qemu::Boot {
+            accel: c.accel,
+            cpus: c.cpus,
+            // The initramfs is unpacked into RAM and stays there.
+            mem_mb: 1536 + 2 * initrd_mb as u32,
+            vmlinuz: &kernel.vmlinuz,
+            initrd: &initrd,
+            cmdline: "console=ttyS0 panic=-1 random.trust_cpu=on mitigations=off \
+                      net.ifnames=0 rdinit=/init",
+            console_log: &console,
+            results_log: &results_log,
+            deadline: Duration::from_secs(c.timeout),
+        },
+        || tail.poll(),
+    );
+    let _ = fs::remove_file(&initrd);
+    let ended = match outcome? {
+        qemu::Outcome::Exited(s) => s,
+        qemu::Outcome::DeadlinePassed => format!("killed at the {} s deadline", c.timeout),
+    };
+    report::Kernel::from_log(
+        line.name,
+        &kernel.release,
+        &results_log,
+        &console,
+        c.expected,
+        ended,
+        t.elapsed(),
+    )
+}
+
 /// A test binary to run in the guest, with the libtest arguments that select its tests.
 struct Selected {
     name: String,
     exe: PathBuf,
     filter: Vec<String>,
+    /// Tests of this binary the guest cannot run ([`HOST_ONLY_TESTS`]).
+    skip: Vec<String>,
+}
+
+impl Selected {
+    /// The libtest arguments that list this binary's tests: the filter and the skips.
+    fn list_args(&self) -> Vec<String> {
+        let mut v = self.filter.clone();
+        for t in &self.skip {
+            v.extend(["--skip".to_owned(), t.clone()]);
+        }
+        v
+    }
 }
 
 fn exe_of(all: &[(String, PathBuf)], name: &str) -> Result<PathBuf> {
@@ -462,7 +592,7 @@ fn write_payload(
         let s = strip(&b.exe, &b.name)?;
         c.file(&format!("vmtest/bin/{}", b.name), &s)?;
         fs::remove_file(s)?;
-        let f: String = b.filter.iter().map(|a| format!("{a}\n")).collect();
+        let f: String = b.list_args().iter().map(|a| format!("{a}\n")).collect();
         c.bytes(&format!("vmtest/filter/{}", b.name), 0o644, f.as_bytes())?;
     }
     let du = strip(&target_dir().join("release/drain-user"), "drain-user")?;
