@@ -214,6 +214,40 @@ fn quiescent_counting(
          {expect}{phantoms} (status says {live}); ss -tani:\n{}",
         gate.sh("ss", &["-tani"])
     );
+    if live != (est + cw) as i64 {
+        // What the counts are made of, to tell a missed close from a late one: the tracker's
+        // entries for this port, each with the state ss gives its socket now, and the count
+        // read again a little later.
+        let entries = tracked(gate, port);
+        let all = gate.sh(
+            "ss",
+            &["-tanH", "state", "all", &format!("sport = :{port}")],
+        );
+        let mut lines = Vec::new();
+        for (addr, rport) in &entries {
+            // ss prints a peer as a.b.c.d:port, [v6]:port or [::ffff:a.b.c.d]:port.
+            let st = all
+                .lines()
+                .find(|l| {
+                    l.split_whitespace().nth(4).is_some_and(|p| {
+                        p.ends_with(&format!(":{rport}")) && p.contains(addr.as_str())
+                    })
+                })
+                .map_or("not in ss", |l| l.split_whitespace().next().unwrap_or("?"));
+            if st != "ESTAB" && st != "CLOSE-WAIT" {
+                lines.push(format!("    tracked {addr} port {rport}: {st}"));
+            }
+        }
+        thread::sleep(Duration::from_secs(2));
+        eprintln!(
+            "  :{port} {what}: status {live} vs ss {}; {} tracked entries; those not \
+             ESTABLISHED or CLOSE-WAIT in ss:\n{}\n  status 2 s later: {}",
+            est + cw,
+            entries.len(),
+            lines.join("\n"),
+            status_live(gate, port)
+        );
+    }
     assert_eq!(
         live,
         (est + cw) as i64,
@@ -221,6 +255,25 @@ fn quiescent_counting(
          (the test holds {expect}{phantoms})"
     );
     ph
+}
+
+/// The tracker's entries (DRAIN_CONNS) for local `port`: (peer address, IPv4 for a mapped
+/// one, peer port).
+fn tracked(gate: &Drain, port: u16) -> Vec<(String, u16)> {
+    let m: aya::maps::HashMap<MapData, drain_common::ConnKey, u32> =
+        aya::maps::HashMap::try_from(Map::HashMap(gate.map(map::SOCKS)))
+            .expect("DRAIN_CONNS is a hash map of ConnKey");
+    m.iter()
+        .filter_map(Result::ok)
+        .filter(|(k, _)| k.lport == port)
+        .map(|(k, _)| {
+            let ip = std::net::Ipv6Addr::from(k.raddr);
+            let addr = ip
+                .to_ipv4_mapped()
+                .map_or(ip.to_string(), |v4| v4.to_string());
+            (addr, k.rport)
+        })
+        .collect()
 }
 
 /// The SYN-cookie phantoms on `port` in namespace `a`: ESTABLISHED sockets the listener
