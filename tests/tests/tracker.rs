@@ -239,13 +239,17 @@ fn quiescent_counting(
             }
         }
         thread::sleep(Duration::from_secs(2));
+        let st = gate.status();
         eprintln!(
             "  :{port} {what}: status {live} vs ss {}; {} tracked entries; those not \
-             ESTABLISHED or CLOSE-WAIT in ss:\n{}\n  status 2 s later: {}",
+             ESTABLISHED or CLOSE-WAIT in ss:\n{}\n  status 2 s later: {}, exact: {}, \
+             warnings: {}",
             est + cw,
             entries.len(),
             lines.join("\n"),
-            status_live(gate, port)
+            status_live(gate, port),
+            port_status(&st, port).map_or(Json::Null, |p| p["live_connections_exact"].clone()),
+            st["warnings"]
         );
     }
     assert_eq!(

@@ -59,7 +59,6 @@ const QUICK: &[(&str, &[&str])] = &[
             "connections_opened_before_gate_on_are_counted",
             "wait_exits_0_after_the_last_connection_closes",
             "wait_times_out_with_3_listing_leftovers",
-            "live_counts_equal_ss_through_churn_v4_v6_dual_stack",
         ],
     ),
     ("wait_wake", &[]),

@@ -217,6 +217,16 @@ pub fn tracing_attached(pin: &Path, name: &str) -> bool {
     })
 }
 
+/// How many events the kernel skipped running the program of the tracing link pinned at
+/// `pin` for (its `recursion_misses`); 0 when there is no such link or the kernel does not
+/// report it.
+pub fn tracing_misses(pin: &Path) -> u64 {
+    sys::link_info(pin)
+        .ok()
+        .and_then(|i| sys::prog_recursion_misses(i.prog_id))
+        .unwrap_or(0)
+}
+
 /// True when the link pinned at `pin` runs drain's sk_lookup program on the caller's
 /// network namespace (a netns link's `netns_ino` is 0 once detached).
 pub fn lookup_attached(pin: &Path) -> bool {

@@ -233,29 +233,44 @@ pub fn link_info(pin: &Path) -> Result<LinkInfo> {
 
 pub const BPF_PROG_GET_FD_BY_ID: u32 = 13;
 
-/// The name of the program with id `id` (BPF_PROG_GET_FD_BY_ID, then its `bpf_prog_info`);
-/// None when no such program exists. One program asked for by id: aya's
-/// `loaded_programs()` opens every program on the host to find one, and its name accessor
-/// probes kernel features by loading programs, which made `status` slower the more BPF
-/// programs other tools had loaded.
-pub fn prog_name(id: u32) -> Option<String> {
+/// The `bpf_prog_info` of the program with id `id` (BPF_PROG_GET_FD_BY_ID, then
+/// BPF_OBJ_GET_INFO_BY_FD); None when no such program exists. One program asked for by id:
+/// aya's `loaded_programs()` opens every program on the host to find one, and its name
+/// accessor probes kernel features by loading programs, which made `status` slower the more
+/// BPF programs other tools had loaded. The fields a kernel does not have stay zero, as the
+/// kernel requires of a longer buffer.
+fn prog_info(id: u32) -> Option<[u8; 256]> {
     // union bpf_attr, BPF_PROG_GET_FD_BY_ID: { __u32 prog_id; __u32 next_id; __u32 open_flags; }
     let mut attr = [0u64; 16];
     attr[0] = u64::from(id);
     let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).ok()?;
     // SAFETY: BPF_PROG_GET_FD_BY_ID returned a new fd that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // struct bpf_prog_info: char name[BPF_OBJ_NAME_LEN] at byte 64 (after type, id,
-    // tag[8], jited/xlated lengths and pointers, load_time, created_by_uid, nr_map_ids,
-    // map_ids); the rest of the buffer stays zero, as the kernel requires of a longer one.
     let mut info = [0u8; 256];
     let mut attr = [0u64; 16];
     attr[0] = fd.as_raw_fd() as u64 | ((info.len() as u64) << 32);
     attr[1] = info.as_mut_ptr() as u64;
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).ok()?;
+    Some(info)
+}
+
+/// The name of the program with id `id`; None when no such program exists.
+pub fn prog_name(id: u32) -> Option<String> {
+    let info = prog_info(id)?;
+    // struct bpf_prog_info: char name[BPF_OBJ_NAME_LEN] at byte 64 (after type, id,
+    // tag[8], jited/xlated lengths and pointers, load_time, created_by_uid, nr_map_ids,
+    // map_ids).
     let name = &info[64..80];
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     Some(String::from_utf8_lossy(&name[..end]).into_owned())
+}
+
+/// How many times the kernel skipped running program `id` because it was already running
+/// on that CPU (`bpf_prog_info.recursion_misses`, byte 208, Linux 5.12+; 0 before, where
+/// the kernel does not report it). None when no such program exists.
+pub fn prog_recursion_misses(id: u32) -> Option<u64> {
+    let info = prog_info(id)?;
+    Some(u64::from_ne_bytes(info[208..216].try_into().ok()?))
 }
 
 // ---------------------------------------------------------------------------------------

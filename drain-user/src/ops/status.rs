@@ -347,7 +347,16 @@ pub fn collect() -> Result<Status> {
                 .into(),
         );
     }
-    let exact = tracking && tracker.insert_failed == 0 && tracker.read_failed == 0;
+    let missed = gate.tracker().missed();
+    let exact = tracking && tracker.insert_failed == 0 && tracker.read_failed == 0 && missed == 0;
+    if missed != 0 {
+        st.warnings.push(format!(
+            "the kernel skipped the connection tracker for {} state changes (it was already \
+             running on that CPU: this kernel can preempt a tracepoint's programs): live counts \
+             may be wrong either way, and `wait` will not report the ports drained",
+            missed
+        ));
+    }
     if tracker.insert_failed != 0 || tracker.read_failed != 0 {
         st.warnings.push(format!(
             "the connection tracker lost events ({} failed inserts: its set of {} connections \
