@@ -283,6 +283,19 @@ pub fn collect() -> Result<Status> {
             counter.map_or("unknown: the kernel's BTF is unreadable", |c| c.describe())
         ));
     }
+    // Where the kernel can preempt a tracepoint's programs (Debian's 7.3), it skips the
+    // counter for a reset that comes while the counter runs on that CPU: a count that
+    // missed must not read as exact.
+    let rst_missed: u64 = [LinkPin::Rst, LinkPin::Rst6]
+        .iter()
+        .map(|p| links::tracing_misses(&p.path(&dir)))
+        .sum();
+    if rst_missed != 0 {
+        st.warnings.push(format!(
+            "the kernel skipped the RST counter for {rst_missed} resets (it was already running \
+             on that CPU): rst_sent and syns_refused may be low by as many"
+        ));
+    }
     let attached = st.interfaces.iter().any(|i| i.state == LinkState::Attached);
     if cfg.enabled == GATE_ON && !st.expired {
         if attached {
