@@ -638,11 +638,27 @@ fn live_counts_equal_ss_through_churn_v4_v6_dual_stack() {
         t_all.elapsed()
     );
     assert!(churned >= 10_000, "only {churned} connections churned");
-    assert_eq!(
-        st.added, passive_opens,
-        "every passive open enters the live set exactly once"
+    // A kernel that skips the tracker (its program's recursion_misses: a preemptible
+    // kernel's tracepoints) leaves as many adds or removes to the recheck `status` runs at
+    // each quiescent point, where the counts were equal to ss all the same.
+    let skipped = drain_user::links::tracing_misses(
+        &drain_user::pins::LinkPin::Track.path(&gate.state_dir()),
     );
-    assert_eq!(st.removed, passive_opens, "and leaves it exactly once");
+    eprintln!("the kernel skipped the tracker {skipped} times");
+    if skipped == 0 {
+        assert_eq!(
+            st.added, passive_opens,
+            "every passive open enters the live set exactly once"
+        );
+        assert_eq!(st.removed, passive_opens, "and leaves it exactly once");
+    } else {
+        let off = passive_opens.abs_diff(st.added) + passive_opens.abs_diff(st.removed);
+        assert!(
+            off <= skipped,
+            "{off} adds and removes the tracker did not make, but the kernel skipped it only \
+             {skipped} times: {st:?}, {passive_opens} passive opens"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1028,6 +1044,123 @@ fn wait_times_out_with_3_listing_leftovers() {
         "{cw_peer} not listed as CLOSE_WAIT: {err}"
     );
     drop((c4, c6, s4, s6));
+}
+
+/// `status --json`'s count for `port` and its exactness, and its warnings, with `env` set.
+fn status_env(gate: &Drain, env: &[&str]) -> (i64, bool, String) {
+    let mut wrapper = vec!["env"];
+    wrapper.extend_from_slice(env);
+    let out = gate.run_via(&wrapper, &["status", "--json"]);
+    out.expect_ok();
+    let st: Json = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("status --json printed invalid JSON ({e}): {out}"));
+    let p = port_status(&st, 8415).unwrap_or_else(|| panic!("port 8415 not in status: {st}"));
+    (
+        p["live_connections"].i64(),
+        p["live_connections_exact"] == Json::Bool(true),
+        st["warnings"].to_string(),
+    )
+}
+
+/// What a kernel that skips the tracker leaves behind (a preemptible kernel runs a
+/// tracepoint's programs preemptibly, and the kernel skips a program already running on
+/// that CPU: Debian's 7.3 does, `recursion_misses` in bpftool) is put right by a recheck
+/// against the kernel's sockets, which `status` and `wait` run when the kernel reports
+/// skips. This kernel may never skip, so the skips are injected: entries for closes the
+/// tracker never saw (connections that do not exist) and an open it never saw (a live
+/// connection taken out of the set and the count), and `DRAIN_TRACKER_MISSES=1` adds one
+/// to what the kernel reports. Without it (the negative runs), the wrong counts stand:
+/// `status` shows them and `wait` times out on a connection that closed long ago.
+#[test]
+#[ignore = "needs root: run `cargo xtask test`"]
+fn a_recheck_puts_right_what_the_kernel_skipped() {
+    require_root();
+    const P: u16 = 8415;
+    let pair = NetNsPair::new();
+    let (server, clients, gate) = three_held_behind_a_gate(&pair, P);
+    quiescent(&gate, P, 3, "before the skips");
+    let mut socks: aya::maps::HashMap<MapData, drain_common::ConnKey, u32> =
+        aya::maps::HashMap::try_from(Map::HashMap(gate.map(map::SOCKS)))
+            .expect("DRAIN_CONNS is a hash map of ConnKey");
+    let mut live = live_map(&gate);
+    let mut bump = |d: i64| {
+        let n = live.get(&u32::from(P), 0).unwrap();
+        live.set(u32::from(P), n + d, 0).unwrap();
+    };
+    let keys: Vec<drain_common::ConnKey> = socks
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.lport == P)
+        .collect();
+    assert_eq!(keys.len(), 3, "the set's entries for :{P}");
+    // Two closes never seen: peers on ports no client of this test has.
+    for rport in [1, 2] {
+        let stale = drain_common::ConnKey { rport, ..keys[0] };
+        socks.insert(stale, u32::from(P), 0).unwrap();
+        bump(1);
+    }
+    // An open never seen: a live connection neither in the set nor counted.
+    socks.remove(&keys[1]).unwrap();
+    bump(-1);
+
+    let skipped = ["DRAIN_TRACKER_MISSES=1"];
+    let (n, _, w) = status_env(&gate, &[]);
+    assert_eq!(n, 4, "the injected state, with no skip reported: {w}");
+    assert!(!w.contains("rechecked"), "{w}");
+    let (n, exact, w) = status_env(&gate, &skipped);
+    assert_eq!(n, 3, "after the recheck: {w}");
+    assert!(exact, "rechecked counts are exact: {w}");
+    assert!(
+        w.contains("2 closed connections taken out of the counts, 1 open ones added"),
+        "{w}"
+    );
+    // Put right in the kernel's maps, not only in what that status printed.
+    assert_eq!(status_env(&gate, &[]).0, 3);
+    quiescent(&gate, P, 3, "after the recheck");
+
+    // wait: a close the tracker never saw keeps a count above 0 for good; the recheck
+    // drains it. Every connection closes; one stale entry is left.
+    socks
+        .insert(
+            drain_common::ConnKey {
+                rport: 3,
+                ..keys[0]
+            },
+            u32::from(P),
+            0,
+        )
+        .unwrap();
+    bump(1);
+    server.close_held(3, Close::Fin);
+    let t0 = Instant::now();
+    while ss_live(&pair.a, P) != (0, 0) {
+        assert!(t0.elapsed() < SETTLE, "connections on :{P} did not close");
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(status_live(&gate, P), 1, "every connection closed, one stale entry");
+    let port = P.to_string();
+    let out = gate.run(&["wait", "--port", &port, "--timeout", "2s"]);
+    assert_eq!(
+        out.code,
+        Some(3),
+        "without a skip reported, the stale count stands: {out}"
+    );
+    let out = gate.run_via(
+        &["env", skipped[0]],
+        &["wait", "--port", &port, "--timeout", "20s"],
+    );
+    out.expect_ok();
+    assert!(
+        out.stdout.lines().any(|l| l.starts_with("drained:")),
+        "{out}"
+    );
+    assert!(
+        out.stderr
+            .contains("1 closed connections taken out of the counts"),
+        "{out}"
+    );
+    assert_eq!(status_env(&gate, &[]).0, 0);
+    drop(clients);
 }
 
 /// Without a gate, `wait` warns, loads a temporary tracker (seeded with what is open), times

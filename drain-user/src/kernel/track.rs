@@ -3,7 +3,7 @@
 //! tracked connections, the tracker's own counters).
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
     os::fd::{AsFd, AsRawFd},
     path::Path,
     ptr::NonNull,
@@ -22,6 +22,30 @@ use crate::{
     btf::{Btf, Kernel},
     diag, netns, pins,
 };
+
+/// What a [`Tracker::recheck`] found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recheck {
+    /// The state changes the kernel had skipped the tracker for when it started.
+    pub missed: u64,
+    /// Connections the set held that had closed: taken out, their counts lowered.
+    pub removed: u64,
+    /// Live connections the set lacked: added, their counts raised.
+    pub added: u64,
+    /// Entries of namespaces nothing on the host opens any more (no process, fd or bind
+    /// mount): left as they are, so the counts may be high by as many.
+    pub unchecked: u64,
+}
+
+/// Which connections of a namespace the tracker counts, and under which port.
+enum Counted {
+    /// Its own namespace: every passive connection (one on a port with a listener),
+    /// under its local port.
+    Listeners,
+    /// A followed namespace: server port -> the gated port its connections count under
+    /// (none for a namespace no longer followed, whose entries are only checked).
+    Ports(BTreeMap<u16, u16>),
+}
 
 /// Reads the kernel struct offsets from BTF and writes the tracker's config.
 fn configure(bpf: &mut Ebpf, btf: &Btf) -> Result<()> {
@@ -209,6 +233,12 @@ pub struct Tracker {
     follow: Option<HashMap<MapData, FollowKey, u32>>,
     /// The tracker's link pin (its program's recursion misses are read through it).
     link: std::path::PathBuf,
+    /// The program's id, for a tracker whose link is not pinned (`wait`'s own).
+    prog_id: Option<u32>,
+    /// [`Tracker::missed`] when this process last rechecked the set.
+    rechecked: u64,
+    /// Entries the last recheck could not judge ([`Recheck::unchecked`]).
+    unchecked: u64,
 }
 
 impl Tracker {
@@ -227,7 +257,16 @@ impl Tracker {
                 .ok()
                 .and_then(|m| HashMap::try_from(Map::HashMap(m)).ok()),
             link: pins::LinkPin::Track.path(dir),
+            prog_id: None,
+            rechecked: 0,
+            unchecked: 0,
         })
+    }
+
+    /// Reads the program's skips through its id rather than its link's pin (a tracker
+    /// whose link is held by this process only).
+    pub fn set_prog_id(&mut self, id: u32) {
+        self.prog_id = Some(id);
     }
 
     /// Live connections on `port` (never below zero: see the set rule in the kernel's
@@ -269,26 +308,115 @@ impl Tracker {
     /// already running on that CPU (the program's `recursion_misses`, Linux 5.12+: a task
     /// preempted inside it, or an interrupt, where the kernel can preempt a tracepoint's
     /// programs, as Debian's 7.3 does). Each is a connection counted that has closed, or
-    /// one open that is not counted.
+    /// one open that is not counted, until [`Tracker::recheck`] puts the set right.
+    ///
+    /// Test-only knob, not an option: `DRAIN_TRACKER_MISSES=N` adds N, so a test can show
+    /// the recheck on a kernel that never skips the tracker.
     pub fn missed(&self) -> u64 {
-        crate::links::tracing_misses(&self.link)
+        let kernel = match self.prog_id {
+            Some(id) => crate::sys::prog_recursion_misses(id).unwrap_or(0),
+            None => crate::links::tracing_misses(&self.link),
+        };
+        let injected = std::env::var("DRAIN_TRACKER_MISSES")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        kernel + injected
     }
 
-    /// Fails when the tracker has lost events: a count that may be low must not end a drain.
-    pub fn check_exact(&self) -> Result<()> {
+    /// True when the kernel has skipped the tracker since this process last rechecked the
+    /// set: the counts may be wrong either way until [`Tracker::recheck`] runs.
+    pub fn stale(&self) -> bool {
+        self.missed() > self.rechecked
+    }
+
+    /// Entries of the last recheck left unjudged (namespaces nothing opens any more).
+    pub fn unchecked(&self) -> u64 {
+        self.unchecked
+    }
+
+    /// Fails when the tracker has lost events for good (its set was full, a kernel read
+    /// failed): a count that may be low must not end a drain. `Ok(false)` when the kernel
+    /// has skipped it since the last [`Tracker::recheck`]: recheck, then read the counts
+    /// again.
+    pub fn check_exact(&self) -> Result<bool> {
         let s = self.stats()?;
-        let missed = self.missed();
-        if s.insert_failed != 0 || s.read_failed != 0 || missed != 0 {
+        if s.insert_failed != 0 || s.read_failed != 0 {
             bail!(
-                "the connection tracker lost events ({} failed inserts, {} failed kernel reads, \
-                 {} state changes the kernel skipped it for): live counts may be wrong, so \
-                 drain will not report the ports drained",
+                "the connection tracker lost events ({} failed inserts, {} failed kernel \
+                 reads): live counts may be low, so drain will not report the ports drained",
                 s.insert_failed,
                 s.read_failed,
-                missed
             );
         }
-        Ok(())
+        Ok(!self.stale())
+    }
+
+    /// Puts the set right after the kernel skipped the tracker: every namespace it counts
+    /// in is dumped (inet_diag) and compared with the set. An entry whose connection is no
+    /// longer ESTABLISHED or CLOSE_WAIT is taken out (its count lowered when this delete,
+    /// not the tracker's, removed it); a counted connection the set lacks is added (NOEXIST,
+    /// as the seed does). Only entries the set held before the first dump are judged, and
+    /// only by two dumps that both lack them: a dump is not atomic, and one that missed a
+    /// live connection must not take it out of the counts. Added connections a second
+    /// dump no longer has are taken out again (they closed in between, unseen). Safe beside
+    /// the tracker and beside another recheck: every change is a conditional insert or
+    /// delete, so each connection is counted once.
+    pub fn recheck(&mut self) -> Result<Recheck> {
+        let missed = self.missed();
+        let own = self.netns()?;
+        let here = netns::current_inode()?;
+        // The set as it is before the dumps: (namespace) -> entries.
+        let mut tracked: BTreeMap<u64, Vec<(ConnKey, u16)>> = BTreeMap::new();
+        for (k, port) in self.socks.iter().filter_map(Result::ok) {
+            tracked
+                .entry(u64::from(k.netns))
+                .or_default()
+                .push((k, port as u16));
+        }
+        let mut counted: BTreeMap<u64, Counted> = BTreeMap::new();
+        counted.insert(own, Counted::Listeners);
+        for (k, gated) in self.followed() {
+            if let Counted::Ports(m) = counted
+                .entry(u64::from(k.netns_inum))
+                .or_insert_with(|| Counted::Ports(BTreeMap::new()))
+            {
+                m.insert(k.port as u16, gated);
+            }
+        }
+        for ns in tracked.keys() {
+            counted
+                .entry(*ns)
+                .or_insert_with(|| Counted::Ports(BTreeMap::new()));
+        }
+        let mut out = Recheck {
+            missed,
+            ..Default::default()
+        };
+        let mut held: Option<StdHashMap<u64, std::path::PathBuf>> = None;
+        let mut failed = 0u32;
+        for (ns, what) in &counted {
+            let entries = tracked.get(ns).map_or(&[][..], Vec::as_slice);
+            let handle = if *ns == here {
+                None
+            } else {
+                match held.get_or_insert_with(netns::held_namespaces).get(ns) {
+                    Some(h) => Some(h.clone()),
+                    None => {
+                        out.unchecked += entries.len() as u64;
+                        continue;
+                    }
+                }
+            };
+            let (added, removed) =
+                self.recheck_in(*ns, handle.as_deref(), what, entries, &mut failed)?;
+            out.added += added;
+            out.removed += removed;
+        }
+        self.note_seed_failed(failed)?;
+        self.rechecked = missed;
+        self.unchecked = out.unchecked;
+        Ok(out)
     }
 
     /// Adds one connection found by a dump to the live set, counted under `port`; true when
@@ -321,33 +449,84 @@ impl Tracker {
         Ok(())
     }
 
+    /// One namespace's part of a recheck (and the whole of a seed, with no entries): the
+    /// connections `counted` names that the set lacks are added, and `entries` (the set's,
+    /// of this namespace) whose connection two dumps lack are taken out. Dumps in the
+    /// namespace `handle` opens (None: this process's). Returns (added, removed).
+    fn recheck_in(
+        &mut self,
+        ns: u64,
+        handle: Option<&Path>,
+        counted: &Counted,
+        entries: &[(ConnKey, u16)],
+        failed: &mut u32,
+    ) -> Result<(u64, u64)> {
+        let dump = |states: diag::States| -> Result<Vec<diag::Conn>> {
+            match handle {
+                None => diag::dump(states, false),
+                Some(h) => netns::run_in(h, || diag::dump(states, false))?,
+            }
+        };
+        let live = || diag::States::ESTABLISHED | diag::States::CLOSE_WAIT;
+        let keys =
+            |d: Vec<diag::Conn>| -> HashSet<ConnKey> { d.iter().map(|c| key(ns, c)).collect() };
+        let listening: HashSet<u16> = match counted {
+            Counted::Listeners => dump(diag::States::LISTEN)?
+                .iter()
+                .map(|c| c.local.port())
+                .collect(),
+            Counted::Ports(_) => HashSet::new(),
+        };
+        let first = dump(live())?;
+        let mut added = Vec::new();
+        for c in &first {
+            let lport = c.local.port();
+            let port = match counted {
+                Counted::Listeners => listening.contains(&lport).then_some(lport),
+                Counted::Ports(m) => m.get(&lport).copied(),
+            };
+            if let Some(port) = port {
+                let k = key(ns, c);
+                if self.seed_one(k, port, failed) {
+                    added.push((k, port));
+                }
+            }
+        }
+        let first = keys(first);
+        let gone: Vec<(ConnKey, u16)> = entries
+            .iter()
+            .filter(|(k, _)| !first.contains(k))
+            .copied()
+            .collect();
+        if added.is_empty() && gone.is_empty() {
+            return Ok((0, 0));
+        }
+        let second = keys(dump(live())?);
+        let mut take_out = |list: &[(ConnKey, u16)]| -> u64 {
+            let mut n = 0;
+            for (k, port) in list {
+                if !second.contains(k) && self.socks.remove(k).is_ok() {
+                    self.live.add(*port, -1);
+                    n += 1;
+                }
+            }
+            n
+        };
+        let undone = take_out(&added);
+        let removed = take_out(&gone);
+        Ok((added.len() as u64 - undone, removed))
+    }
+
     /// Adds the live passive connections that predate the tracker. Call after it is
     /// attached: a connection that opens in between is then seen by both, and the NOEXIST
     /// insert lets exactly one of them count it. One that closes between the dump and the
     /// insert would be counted forever; a second dump finds those and takes them out again.
     pub fn seed(&mut self) -> Result<usize> {
-        let mut seeded = Vec::new();
-        let mut failed = 0u32;
         let netns = self.netns()?;
-        for c in diag::passive_live(false)? {
-            let port = c.local.port();
-            let k = key(netns, &c);
-            if self.seed_one(k, port, &mut failed) {
-                seeded.push((k, port));
-            }
-        }
+        let mut failed = 0u32;
+        let (added, _) = self.recheck_in(netns, None, &Counted::Listeners, &[], &mut failed)?;
         self.note_seed_failed(failed)?;
-        let still: HashSet<ConnKey> =
-            diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, false)?
-                .iter()
-                .map(|c| key(netns, c))
-                .collect();
-        for (k, port) in &seeded {
-            if !still.contains(k) && self.socks.remove(k).is_ok() {
-                self.live.add(*port, -1);
-            }
-        }
-        Ok(seeded.len())
+        Ok(added as usize)
     }
 
     /// The servers followed in other namespaces: (key, gated port).
@@ -385,29 +564,11 @@ impl Tracker {
             cfg.follow = 1;
             self.config.set(0, cfg, 0)?;
         }
-        let port = key.port as u16;
         let there = u64::from(key.netns_inum);
-        let conns = netns::run_in(handle, || diag::passive_live(false))??;
-        let mut seeded = Vec::new();
+        let counted = Counted::Ports(BTreeMap::from([(key.port as u16, gated)]));
         let mut failed = 0u32;
-        for c in conns.iter().filter(|c| c.local.port() == port) {
-            let k = self::key(there, c);
-            if self.seed_one(k, gated, &mut failed) {
-                seeded.push(k);
-            }
-        }
+        let (added, _) = self.recheck_in(there, Some(handle), &counted, &[], &mut failed)?;
         self.note_seed_failed(failed)?;
-        let still: HashSet<ConnKey> = netns::run_in(handle, || {
-            diag::dump(diag::States::ESTABLISHED | diag::States::CLOSE_WAIT, false)
-        })??
-        .iter()
-        .map(|c| self::key(there, c))
-        .collect();
-        for k in &seeded {
-            if !still.contains(k) && self.socks.remove(k).is_ok() {
-                self.live.add(gated, -1);
-            }
-        }
-        Ok(seeded.len())
+        Ok(added as usize)
     }
 }

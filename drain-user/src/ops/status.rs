@@ -229,7 +229,7 @@ pub fn collect() -> Result<Status> {
         st.warnings = stray_programs(&all, &Seen::read(&all), &[]);
         return Ok(st);
     }
-    let gate = OpenGate::open(&dir)?;
+    let mut gate = OpenGate::open(&dir)?;
     let cfg = gate.config()?;
     let now = boottime_ns();
     st.expired = cfg.deadline_ns != 0 && now >= cfg.deadline_ns;
@@ -360,14 +360,31 @@ pub fn collect() -> Result<Status> {
                 .into(),
         );
     }
-    let missed = gate.tracker().missed();
-    let exact = tracking && tracker.insert_failed == 0 && tracker.read_failed == 0 && missed == 0;
-    if missed != 0 {
+    // The kernel skipped the tracker (a preemptible kernel's tracepoints): the set is put
+    // right against the kernel's sockets before anything is read from it.
+    let mut exact = tracking && tracker.insert_failed == 0 && tracker.read_failed == 0;
+    if gate.tracker().stale() {
+        let missed = gate.tracker().missed();
+        let what = match gate.tracker_mut().recheck() {
+            Ok(r) => {
+                exact &= r.unchecked == 0 && !gate.tracker().stale();
+                format!(
+                    "drain rechecked its set against the kernel's sockets: {} closed \
+                     connections taken out of the counts, {} open ones added{}",
+                    r.removed,
+                    r.added,
+                    crate::wait::unjudged(r.unchecked)
+                )
+            }
+            Err(e) => {
+                exact = false;
+                format!("rechecking its set against the kernel's sockets failed ({e:#}): live counts may be wrong either way")
+            }
+        };
         st.warnings.push(format!(
-            "the kernel skipped the connection tracker for {} state changes (it was already \
-             running on that CPU: this kernel can preempt a tracepoint's programs): live counts \
-             may be wrong either way, and `wait` will not report the ports drained",
-            missed
+            "the kernel skipped the connection tracker for {missed} state changes (its program \
+             was already running on that CPU: this kernel can preempt a tracepoint's \
+             programs); {what}"
         ));
     }
     if tracker.insert_failed != 0 || tracker.read_failed != 0 {

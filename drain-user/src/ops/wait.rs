@@ -157,6 +157,14 @@ impl TempTracker {
             let mut bpf = object::load(&dir)?;
             let link = track::attach(&mut bpf, &crate::btf::Kernel::default())?;
             let mut tracker = Tracker::open(&dir)?;
+            // Its link is not pinned: the kernel's skips are read through the program.
+            if let Some(id) = bpf
+                .program(drain_common::prog::TRACK)
+                .and_then(|p| p.info().ok())
+                .map(|i| i.id())
+            {
+                tracker.set_prog_id(id);
+            }
             tracker.seed()?;
             Ok::<_, anyhow::Error>((bpf, link, tracker))
         })();
@@ -498,6 +506,36 @@ async fn woken(wake: &mut Option<AsyncFd<track::Wake>>) -> Result<()> {
     Ok(())
 }
 
+/// Puts the tracker's set right after the kernel skipped it; says so on stderr when that
+/// changed a count or left entries unjudged.
+fn recheck(tracker: &mut Tracker) -> Result<()> {
+    let r = tracker.recheck()?;
+    if r.removed != 0 || r.added != 0 || r.unchecked != 0 {
+        errln!(
+            "drain-user: the kernel skipped the connection tracker {} times (its program was \
+             already running on that CPU): rechecked against the kernel's sockets, {} closed \
+             connections taken out of the counts, {} open ones added{}",
+            r.missed,
+            r.removed,
+            r.added,
+            unjudged(r.unchecked)
+        )?;
+    }
+    Ok(())
+}
+
+/// The tail of a recheck's line for entries it could not judge.
+pub fn unjudged(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(
+            ", {n} of namespaces nothing on this host opens any more left as they are (the \
+             counts may be high by as many)"
+        )
+    }
+}
+
 /// Reads conntrack and follows what it names; says so, once per server, on stderr.
 fn refresh(follower: &mut Follower, tracker: &mut Tracker, ports: &BTreeSet<u16>) -> Result<()> {
     let found = follower.refresh(tracker, ports)?;
@@ -542,6 +580,12 @@ async fn poll(
             refresh(&mut follower, source.tracker_mut(), ports)?;
             last_follow = Some(Instant::now());
         }
+        // The kernel skipped the tracker (a preemptible kernel's tracepoints): the set is
+        // put right before the counts are read. Checked every pass, so within the safety
+        // poll even when the skipped change was a count's last.
+        if source.tracker().stale() {
+            recheck(source.tracker_mut())?;
+        }
         // Interest first, then the counts: a change after this wakes the loop.
         if let Some(w) = &mut wake {
             // Renewed halfway through, and at once for a local port a DNAT newly leads to.
@@ -573,7 +617,11 @@ async fn poll(
         };
         if live == 0 {
             // Straight to the outcome: its line says the count is 0, no progress line first.
-            tracker.check_exact()?;
+            // Unless the kernel skipped the tracker since the counts were put right: then
+            // again from the top, which rechecks first.
+            if !tracker.check_exact()? {
+                continue;
+            }
             return Ok(Outcome::Drained { elapsed });
         }
         let live_changed = last_live != Some(live);
@@ -589,10 +637,8 @@ async fn poll(
             if next_idle_check.is_none_or(|t| Instant::now() >= t) {
                 last_idle_check = Some(Instant::now());
                 match not_idle_for(tracker, ports, &follower, idle, live)? {
-                    None => {
-                        tracker.check_exact()?;
-                        return Ok(Outcome::Idle { elapsed, live });
-                    }
+                    None if !tracker.check_exact()? => continue,
+                    None => return Ok(Outcome::Idle { elapsed, live }),
                     Some(d) => next_idle_check = Some(Instant::now() + d),
                 }
             }
