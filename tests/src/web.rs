@@ -482,6 +482,17 @@ backend fleet
         by
     }
 
+    /// HAProxy's log lines about a server changing state ("Server fleet/spare is DOWN,
+    /// reason: Layer4 timeout ..."): what a 503 with no server (`<NOSRV>`) followed.
+    pub fn server_events(&self) -> Vec<String> {
+        self.daemon
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("Server fleet/") || l.contains("has no server available"))
+            .map(str::to_string)
+            .collect()
+    }
+
     /// Status of each backend server (see [`show_stat`]).
     pub fn servers(&self) -> BTreeMap<String, String> {
         show_stat(&self.sock)

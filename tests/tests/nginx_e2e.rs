@@ -11,6 +11,7 @@
 //! stop began. Everything is the real program: Debian's nginx, HAProxy and wrk.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     thread,
     time::{Duration, Instant},
@@ -124,8 +125,9 @@ impl Stack {
     }
 
     /// Waits for HAProxy to have the web nginx UP again, lets the load go on for 2 s more,
-    /// then stops wrk and returns its report.
-    fn finish(mut self) -> WrkResult {
+    /// then stops wrk and returns its report, with what HAProxy logged: the requests it
+    /// retried or failed, and its servers' state changes.
+    fn finish(mut self) -> (WrkResult, BTreeMap<String, u64>, Vec<String>) {
         wait_until(
             "haproxy has the web nginx UP again",
             Duration::from_secs(20),
@@ -133,7 +135,8 @@ impl Stack {
         );
         thread::sleep(Duration::from_secs(2));
         self.assert_loaded("at the end");
-        self.load.stop()
+        let r = self.load.stop();
+        (r, self.lb.logged_requests(), self.lb.server_events())
     }
 }
 
@@ -145,10 +148,10 @@ fn nginx_restart_under_load_through_a_balancer_fails_no_request_with_drain_and_s
         let w = World::new("plain");
         let mut s = w.stack();
         let took = s.restart_under_load();
-        let logged = s.lb.logged_requests();
-        let r = s.finish();
+        let (r, logged, events) = s.finish();
         println!(
-            "without drain: restart took {took:?}; {r:?}; HAProxy retried or failed: {logged:?}"
+            "without drain: restart took {took:?}; {r:?}; HAProxy retried or failed: \
+             {logged:?}; server state changes: {events:#?}"
         );
         r
     };
@@ -211,10 +214,11 @@ fn nginx_restart_under_load_through_a_balancer_fails_no_request_with_drain_and_s
     let after = drain.status();
     assert_eq!(after["gate"], "off", "{after}");
     assert!(drain.pins().is_empty(), "pins left: {:?}", drain.pins());
-    let drained = s.finish();
+    let (drained, logged, events) = s.finish();
     println!(
         "with drain: wait ended {} after {wait_secs:?} ({live} pooled connections when the gate closed), \
-         restart took {took:?}; {drained:?}",
+         restart took {took:?}; {drained:?}; HAProxy retried or failed: {logged:?}; server \
+         state changes: {events:#?}",
         last["event"]
     );
     assert_eq!(
