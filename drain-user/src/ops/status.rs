@@ -365,7 +365,7 @@ pub fn collect() -> Result<Status> {
     let mut exact = tracking && tracker.insert_failed == 0 && tracker.read_failed == 0;
     if gate.tracker().stale() {
         let missed = gate.tracker().missed();
-        let what = match gate.tracker_mut().recheck() {
+        let what = match gate.tracker_mut().recheck(&[]) {
             Ok(r) => {
                 exact &= r.unchecked == 0 && !gate.tracker().stale();
                 format!(

@@ -68,6 +68,10 @@ const IDLE_POLL: Duration = Duration::from_millis(100);
 /// DNAT): new ones (an allowlisted client) and new namespaces (a restarted container) are
 /// followed within this; a zero count is always checked against a fresh read.
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
+/// While the kernel keeps skipping the tracker, how often `wait` rechecks its set at most
+/// (a recheck dumps every socket of the namespaces counted); before it reports drained or
+/// idle it always does.
+const RECHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// One reading of the live counts.
 pub struct Progress {
@@ -508,8 +512,13 @@ async fn woken(wake: &mut Option<AsyncFd<track::Wake>>) -> Result<()> {
 
 /// Puts the tracker's set right after the kernel skipped it; says so on stderr when that
 /// changed a count or left entries unjudged.
-fn recheck(tracker: &mut Tracker) -> Result<()> {
-    let r = tracker.recheck()?;
+fn recheck(tracker: &mut Tracker, follower: &Follower) -> Result<()> {
+    let known: Vec<(u64, &std::path::Path)> = follower
+        .followed()
+        .iter()
+        .map(|f| (f.netns_inode, f.handle.as_path()))
+        .collect();
+    let r = tracker.recheck(&known)?;
     if r.removed != 0 || r.added != 0 || r.unchecked != 0 {
         errln!(
             "drain-user: the kernel skipped the connection tracker {} times (its program was \
@@ -575,6 +584,8 @@ async fn poll(
     let (mut wake, safety) = wake_setup(&dir)?;
     let mut lease_until = 0;
     let mut wanted = BTreeSet::new();
+    let mut last_recheck: Option<Instant> = None;
+    let mut recheck_now = false;
     loop {
         if last_follow.is_none_or(|t| t.elapsed() >= FOLLOW_POLL) {
             refresh(&mut follower, source.tracker_mut(), ports)?;
@@ -582,10 +593,18 @@ async fn poll(
         }
         // The kernel skipped the tracker (a preemptible kernel's tracepoints): the set is
         // put right before the counts are read. Checked every pass, so within the safety
-        // poll even when the skipped change was a count's last.
-        if source.tracker().stale() {
-            recheck(source.tracker_mut())?;
+        // poll even when the skipped change was a count's last; at most every
+        // RECHECK_EVERY while skips keep coming (each recheck dumps every socket of the
+        // namespaces counted), and always before a conclusion.
+        let mut fresh = false;
+        if (recheck_now || last_recheck.is_none_or(|t| t.elapsed() >= RECHECK_EVERY))
+            && source.tracker().stale()
+        {
+            recheck(source.tracker_mut(), &follower)?;
+            last_recheck = Some(Instant::now());
+            fresh = true;
         }
+        recheck_now = false;
         // Interest first, then the counts: a change after this wakes the loop.
         if let Some(w) = &mut wake {
             // Renewed halfway through, and at once for a local port a DNAT newly leads to.
@@ -617,9 +636,13 @@ async fn poll(
         };
         if live == 0 {
             // Straight to the outcome: its line says the count is 0, no progress line first.
-            // Unless the kernel skipped the tracker since the counts were put right: then
-            // again from the top, which rechecks first.
-            if !tracker.check_exact()? {
+            // Unless the kernel skipped the tracker since the last recheck and none ran in
+            // this pass: then again from the top, which rechecks before it reads the counts
+            // (a zero read after a recheck is one to conclude from, even on a host whose
+            // other traffic keeps the kernel skipping the tracker).
+            tracker.check_exact()?;
+            if !fresh && tracker.stale() {
+                recheck_now = true;
                 continue;
             }
             return Ok(Outcome::Drained { elapsed });
@@ -637,8 +660,15 @@ async fn poll(
             if next_idle_check.is_none_or(|t| Instant::now() >= t) {
                 last_idle_check = Some(Instant::now());
                 match not_idle_for(tracker, ports, &follower, idle, live)? {
-                    None if !tracker.check_exact()? => continue,
-                    None => return Ok(Outcome::Idle { elapsed, live }),
+                    None => {
+                        tracker.check_exact()?;
+                        if !fresh && tracker.stale() {
+                            recheck_now = true;
+                            next_idle_check = None;
+                            continue;
+                        }
+                        return Ok(Outcome::Idle { elapsed, live });
+                    }
                     Some(d) => next_idle_check = Some(Instant::now() + d),
                 }
             }
