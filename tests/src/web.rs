@@ -421,7 +421,13 @@ impl HaProxy {
     ) -> Self {
         fs::create_dir_all(dir).unwrap();
         let sock = dir.join("admin.sock");
-        let mut cfg = haproxy_head(&sock, &format!("{CHECK_INTER_MS}ms"));
+        // The check's read timeout scales with the machine (DRAIN_TEST_SLOWDOWN, 5 under
+        // TCG): a guest whose vCPUs another guest starves answered a check on the spare
+        // nginx, which then carried all the load, in more than 300 ms, and HAProxy, with
+        // both servers DOWN, answered 503. Connect-time detection (the gate) is unchanged:
+        // for a check's connect HAProxy waits min(timeout connect, inter).
+        let check = CHECK_INTER_MS * crate::cli::slowdown();
+        let mut cfg = haproxy_head(&sock, &format!("{check}ms"));
         cfg.push_str(&format!(
             "    option http-keep-alive
 frontend web
