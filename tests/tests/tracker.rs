@@ -1059,14 +1059,14 @@ fn wait_times_out_with_3_listing_leftovers() {
 }
 
 /// `status --json`'s count for `port` and its exactness, and its warnings, with `env` set.
-fn status_env(gate: &Drain, env: &[&str]) -> (i64, bool, String) {
+fn status_env(gate: &Drain, port: u16, env: &[&str]) -> (i64, bool, String) {
     let mut wrapper = vec!["env"];
     wrapper.extend_from_slice(env);
     let out = gate.run_via(&wrapper, &["status", "--json"]);
     out.expect_ok();
     let st: Json = serde_json::from_str(out.stdout.trim())
         .unwrap_or_else(|e| panic!("status --json printed invalid JSON ({e}): {out}"));
-    let p = port_status(&st, 8415).unwrap_or_else(|| panic!("port 8415 not in status: {st}"));
+    let p = port_status(&st, port).unwrap_or_else(|| panic!("port {port} not in status: {st}"));
     (
         p["live_connections"].i64(),
         p["live_connections_exact"] == Json::Bool(true),
@@ -1118,10 +1118,10 @@ fn a_recheck_puts_right_what_the_kernel_skipped() {
     bump(-1);
 
     let skipped = ["DRAIN_TRACKER_MISSES=1"];
-    let (n, _, w) = status_env(&gate, &[]);
+    let (n, _, w) = status_env(&gate, P, &[]);
     assert_eq!(n, 4, "the injected state, with no skip reported: {w}");
     assert!(!w.contains("rechecked"), "{w}");
-    let (n, exact, w) = status_env(&gate, &skipped);
+    let (n, exact, w) = status_env(&gate, P, &skipped);
     assert_eq!(n, 3, "after the recheck: {w}");
     assert!(exact, "rechecked counts are exact: {w}");
     assert!(
@@ -1129,7 +1129,7 @@ fn a_recheck_puts_right_what_the_kernel_skipped() {
         "{w}"
     );
     // Put right in the kernel's maps, not only in what that status printed.
-    assert_eq!(status_env(&gate, &[]).0, 3);
+    assert_eq!(status_env(&gate, P, &[]).0, 3);
     quiescent(&gate, P, 3, "after the recheck");
 
     // wait: a close the tracker never saw keeps a count above 0 for good; the recheck
@@ -1177,7 +1177,7 @@ fn a_recheck_puts_right_what_the_kernel_skipped() {
             .contains("1 closed connections taken out of the counts"),
         "{out}"
     );
-    assert_eq!(status_env(&gate, &[]).0, 0);
+    assert_eq!(status_env(&gate, P, &[]).0, 0);
     // A host whose other traffic keeps the kernel skipping the tracker (the count is the
     // program's, for every socket of the host): a zero read after a recheck concludes, so
     // `wait` never spins rechecking until its timeout.
