@@ -362,7 +362,10 @@ fn probe_programs() -> (Probed, Probed) {
             ),
             (Some(true), "tp_btf/inet_sock_set_state loaded".into()),
         ),
-        Err((Some(true), e)) => ((Some(false), e.clone()), (Some(false), e)),
+        Err((Some(true), e)) => {
+            let tp_btf = tp_btf_after_tracker_failed(&e);
+            ((Some(false), e), tp_btf)
+        }
         Err((Some(false), e)) => (
             (Some(false), e),
             (
@@ -374,5 +377,42 @@ fn probe_programs() -> (Probed, Probed) {
             (None, format!("not probed: {e}")),
             (None, format!("not probed: {e}")),
         ),
+    }
+}
+
+/// Whether the kernel has tp_btf programs, judged from the tracker's failed load. A verifier
+/// that went through the program ("processed N insns") took it as a tp_btf program and
+/// rejected what it does (a helper or access this kernel does not allow there): that is
+/// drain's programs failing the verifier, not the kernel lacking tp_btf, and `check` must
+/// not send the operator after a kernel feature they already have.
+fn tp_btf_after_tracker_failed(e: &str) -> Probed {
+    if e.contains("processed ") && e.contains(" insns") {
+        (
+            Some(true),
+            "the verifier took the tracker as a tp_btf program and rejected it (see drain's \
+             programs)"
+                .into(),
+        )
+    } else {
+        (Some(false), e.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tp_btf_after_tracker_failed;
+
+    #[test]
+    fn a_verifier_rejection_of_the_tracker_is_not_a_missing_tp_btf() {
+        // 5.10's words for a tracker calling a helper tracing programs get only from 5.12.
+        let rejected = "tracker (tp_btf/inet_sock_set_state): the BPF_PROG_LOAD syscall \
+            returned Invalid argument (os error 22). Verifier output: 3: (bf) r1 = r6\n4: (85) \
+            call bpf_get_socket_cookie#46\nunknown func bpf_get_socket_cookie#46\nverification \
+            time 1553 usec\nstack depth 0\nprocessed 5 insns (limit 1000000) \
+            max_states_per_insn 0 total_states 0 peak_states 0 mark_read 0\n";
+        assert_eq!(tp_btf_after_tracker_failed(rejected).0, Some(true));
+        let no_type = "tracker (tp_btf/inet_sock_set_state): the BPF_PROG_LOAD syscall \
+            returned Invalid argument (os error 22)";
+        assert_eq!(tp_btf_after_tracker_failed(no_type).0, Some(false));
     }
 }
