@@ -182,7 +182,7 @@ fn quiescent_counting(
         (e, c, p)
     };
     let t0 = Instant::now();
-    let (est, cw, ph, live) = loop {
+    let (est, cw, ph, live, stable) = loop {
         let (e, c, p) = sample();
         let settled = e + c == expect + p.len();
         if !settled && t0.elapsed() <= SETTLE {
@@ -192,10 +192,11 @@ fn quiescent_counting(
         let live = status_live(gate, port);
         // A phantom ends on its own (the server gives up waiting for its op): the count is
         // compared only with an ss that reads the same before and after status.
-        if settled && clients.is_some() && sample() != (e, c, p.clone()) && t0.elapsed() <= SETTLE {
+        let stable = !(settled && clients.is_some()) || sample() == (e, c, p.clone());
+        if !stable && t0.elapsed() <= SETTLE {
             continue;
         }
-        break (e, c, p, live);
+        break (e, c, p, live, stable);
     };
     let phantoms = if ph.is_empty() {
         String::new()
@@ -238,18 +239,37 @@ fn quiescent_counting(
                 lines.push(format!("    tracked {addr} port {rport}: {st}"));
             }
         }
+        // The other way: live sockets in ss that the set lacks (an open the tracker never
+        // counted, or one whose insert met an entry already there).
+        for l in all.lines() {
+            let mut f = l.split_whitespace();
+            let (Some(st), Some(peer)) = (f.next(), f.nth(3)) else {
+                continue;
+            };
+            if st != "ESTAB" && st != "CLOSE-WAIT" {
+                continue;
+            }
+            let known = entries.iter().any(|(addr, rport)| {
+                peer.ends_with(&format!(":{rport}")) && peer.contains(addr.as_str())
+            });
+            if !known {
+                lines.push(format!("    in ss, not tracked: {st} {peer}"));
+            }
+        }
         thread::sleep(Duration::from_secs(2));
         let st = gate.status();
         eprintln!(
-            "  :{port} {what}: status {live} vs ss {}; {} tracked entries; those not \
-             ESTABLISHED or CLOSE-WAIT in ss:\n{}\n  status 2 s later: {}, exact: {}, \
-             warnings: {}",
+            "  :{port} {what}: status {live} vs ss {} (ss held still around the status \
+             read: {stable}); {} tracked entries; those not \
+             ESTABLISHED or CLOSE-WAIT in ss, and live ones in ss not tracked:\n{}\n  status \
+             2 s later: {}, exact: {}, warnings: {}, tracker: {}",
             est + cw,
             entries.len(),
             lines.join("\n"),
             status_live(gate, port),
             port_status(&st, port).map_or(Json::Null, |p| p["live_connections_exact"].clone()),
-            st["warnings"]
+            st["warnings"],
+            st["tracker"]
         );
     }
     assert_eq!(
