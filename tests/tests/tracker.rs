@@ -220,19 +220,22 @@ fn quiescent_counting(
         // entries for this port, each with the state ss gives its socket now, and the count
         // read again a little later.
         let entries = tracked(gate, port);
+        // ss prints a peer as a.b.c.d:port, [v6]:port or [::ffff:a.b.c.d]:port.
+        let same_peer = |peer: &str, addr: &str, rport: u16| {
+            peer.ends_with(&format!(":{rport}")) && peer.contains(addr)
+        };
         let all = gate.sh(
             "ss",
             &["-tanH", "state", "all", &format!("sport = :{port}")],
         );
         let mut lines = Vec::new();
         for (addr, rport) in &entries {
-            // ss prints a peer as a.b.c.d:port, [v6]:port or [::ffff:a.b.c.d]:port.
             let st = all
                 .lines()
                 .find(|l| {
-                    l.split_whitespace().nth(4).is_some_and(|p| {
-                        p.ends_with(&format!(":{rport}")) && p.contains(addr.as_str())
-                    })
+                    l.split_whitespace()
+                        .nth(4)
+                        .is_some_and(|p| same_peer(p, addr, *rport))
                 })
                 .map_or("not in ss", |l| l.split_whitespace().next().unwrap_or("?"));
             if st != "ESTAB" && st != "CLOSE-WAIT" {
@@ -249,9 +252,9 @@ fn quiescent_counting(
             if st != "ESTAB" && st != "CLOSE-WAIT" {
                 continue;
             }
-            let known = entries.iter().any(|(addr, rport)| {
-                peer.ends_with(&format!(":{rport}")) && peer.contains(addr.as_str())
-            });
+            let known = entries
+                .iter()
+                .any(|(addr, rport)| same_peer(peer, addr, *rport));
             if !known {
                 lines.push(format!("    in ss, not tracked: {st} {peer}"));
             }
