@@ -25,7 +25,7 @@ use std::{
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use drain_common::{map, TrackStats};
 use drain_tests::{
-    cli::{port_status, Drain, Json, JsonExt},
+    cli::{port_status, slowdown, Drain, Json, JsonExt},
     netns::{in_netns, nsenter, NetNsPair},
     object::sum_track_stats,
     require_root,
@@ -181,19 +181,22 @@ fn quiescent_counting(
         let p = clients.map_or_else(Vec::new, |b| phantoms(ns, b, port));
         (e, c, p)
     };
+    // Scaled: under emulation one `status` call alone can take seconds.
+    let settle = SETTLE * slowdown();
     let t0 = Instant::now();
     let (est, cw, ph, live, stable) = loop {
         let (e, c, p) = sample();
         let settled = e + c == expect + p.len();
-        if !settled && t0.elapsed() <= SETTLE {
+        if !settled && t0.elapsed() <= settle {
             thread::sleep(Duration::from_millis(10));
             continue;
         }
         let live = status_live(gate, port);
-        // A phantom ends on its own (the server gives up waiting for its op): the count is
-        // compared only with an ss that reads the same before and after status.
-        let stable = !(settled && clients.is_some()) || sample() == (e, c, p.clone());
-        if !stable && t0.elapsed() <= SETTLE {
+        // A phantom ends on its own (the server gives up waiting for its op, 20 s after it
+        // was accepted), and may do so between the ss sample and the status read: the
+        // count is compared only with an ss that reads the same before and after status.
+        let stable = !settled || sample() == (e, c, p.clone());
+        if !stable && t0.elapsed() <= settle {
             continue;
         }
         break (e, c, p, live, stable);
@@ -214,6 +217,12 @@ fn quiescent_counting(
         ":{port} {what}: ss shows {est} established + {cw} close-wait, the test holds \
          {expect}{phantoms} (status says {live}); ss -tani:\n{}",
         gate.sh("ss", &["-tani"])
+    );
+    assert!(
+        stable || live == (est + cw) as i64,
+        ":{port} {what}: ss never read the same before and after a status read in {settle:?} \
+         (status said {live}, ss {est} established + {cw} close-wait{phantoms}): the count \
+         cannot be judged against a moving ss"
     );
     if live != (est + cw) as i64 {
         // What the counts are made of, to tell a missed close from a late one: the tracker's
